@@ -1,0 +1,62 @@
+"""Configuration models shared by every stain: tissue detection, tiling, engine, outputs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from marrowseg.config._base import Strict as _Strict
+from marrowseg.config.ecad import ECadConfig
+from marrowseg.config.he import HEConfig
+from marrowseg.config.reticulin import ReticulinConfig
+
+
+class TissueConfig(_Strict):
+    """Low-resolution tissue detection (see :func:`marrowseg.tiling.tissue_mask`)."""
+
+    mpp: float = Field(gt=0, description="resolution of the mask, µm/px")
+    min_od: float = Field(ge=0, description="floor under the Otsu threshold on summed OD")
+    min_saturation: float = Field(ge=0, le=1, description="floor under the Otsu threshold on HSV saturation")
+    max_grey_od_spread: float = Field(ge=0, description="pixels whose RGB OD spread is below this and OD above pen_od are grey/black debris")
+    min_object_um2: float = Field(ge=0)
+    max_hole_um2: float = Field(ge=0)
+    margin_um: float = Field(ge=0, description="dilation of the mask so tiles reach the tissue edge")
+
+
+class TilingConfig(_Strict):
+    """Tile grid at the analyzer's resolution."""
+
+    tile_px: int = Field(ge=32, le=8192)
+    overlap_px: int = Field(ge=0)
+
+
+class EngineConfig(_Strict):
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    batch_size: int = Field(ge=1, le=1024)
+    workers: int | Literal["auto"] = "auto"
+    prefetch_batches: int = Field(ge=1, le=16)
+    amp: bool
+    seed: int = Field(ge=0)
+
+
+class OutputConfig(_Strict):
+    small_image_px: int = Field(ge=0, description="inputs at most this size get labels.png and overlay.png")
+    thumbnail_px: int = Field(ge=64)
+    zarr_chunk_px: int = Field(ge=64)
+
+
+class Config(_Strict):
+    """The whole resolved configuration of one analysis."""
+
+    tissue: TissueConfig
+    tiling: TilingConfig
+    engine: EngineConfig
+    output: OutputConfig
+    he: HEConfig
+    ecad: ECadConfig
+    reticulin: ReticulinConfig
+
+    def stain_section(self, stain: str) -> BaseModel:
+        """The analyzer settings for ``stain``."""
+        return getattr(self, stain)

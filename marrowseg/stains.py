@@ -1,0 +1,163 @@
+"""Optical density and colour deconvolution, in NumPy (pixels samples) and torch (batches).
+
+Beer-Lambert: a stain of concentration ``c`` and unit OD vector ``v`` attenuates light to
+``I = I0 * 10**(-c v)``; so ``OD = -log10(I / I0)`` is linear in the concentrations, and
+``concentrations = OD @ pinv(stain_matrix)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = [
+    "RUIFROK_H",
+    "RUIFROK_E",
+    "RUIFROK_DAB",
+    "normalize_rows",
+    "stain_matrix",
+    "od_from_rgb",
+    "od_from_rgb_torch",
+    "concentrations_torch",
+    "estimate_two_stains",
+]
+
+# Ruifrok A.C., Johnston D.A. "Quantification of histochemical staining by color
+# deconvolution." Anal Quant Cytol Histol 23(4):291-299, 2001 (Table 1, unit OD vectors, RGB).
+RUIFROK_H = (0.650, 0.704, 0.286)
+RUIFROK_E = (0.072, 0.990, 0.105)
+RUIFROK_DAB = (0.268, 0.570, 0.776)
+
+_MIN_INTENSITY = 1.0  # one grey level: keeps log finite for saturated black pixels
+
+
+def normalize_rows(m: np.ndarray) -> np.ndarray:
+    """Scale each row of ``m`` to unit Euclidean length."""
+    m = np.asarray(m, dtype=np.float64)
+    return m / np.linalg.norm(m, axis=-1, keepdims=True)
+
+
+def stain_matrix(*vectors: tuple[float, float, float] | np.ndarray) -> np.ndarray:
+    """Stack stain OD vectors into a (3, 3) matrix, completing it with an orthogonal residual.
+
+    Parameters
+    ----------
+    *vectors : (3,) array-like
+        Two or three stain vectors in RGB optical density.
+
+    Returns
+    -------
+    rgb_from_stains : (3, 3) float64 ndarray
+        Unit rows; with two stains the third row is their normalised cross product,
+        which collects what neither stain explains.
+    """
+    rows = normalize_rows(np.asarray(vectors, dtype=np.float64))
+    if rows.shape == (2, 3):
+        third = np.cross(rows[0], rows[1])
+        third = np.abs(third)  # keep the residual in the positive OD octant
+        rows = np.vstack([rows, third / np.linalg.norm(third)])
+    if rows.shape != (3, 3):
+        raise ValueError(f"expected 2 or 3 stain vectors of length 3, got shape {rows.shape}")
+    return rows
+
+
+def od_from_rgb(rgb: np.ndarray, background: float = 255.0) -> np.ndarray:
+    """Optical density of RGB pixels.
+
+    Parameters
+    ----------
+    rgb : (..., 3) uint8 or float ndarray
+        Transmitted intensity, 0..``background``.
+    background : float
+        Intensity of clear glass.
+
+    Returns
+    -------
+    od : (..., 3) float32 ndarray
+        ``-log10(I / I0)``, 0 on glass, about 2.4 for black.
+    """
+    x = np.asarray(rgb, dtype=np.float32)
+    np.maximum(x, _MIN_INTENSITY, out=x)
+    od = -np.log10(x / np.float32(background))
+    np.maximum(od, 0, out=od)
+    return od
+
+
+def od_from_rgb_torch(x: torch.Tensor, background: float = 255.0) -> torch.Tensor:
+    """Optical density of a ``(B, 3, H, W)`` float batch of intensities 0..255."""
+    od = -torch.log10(torch.clamp(x, min=_MIN_INTENSITY) / background)
+    return torch.clamp(od, min=0.0)
+
+
+def concentrations_torch(od: torch.Tensor, rgb_from_stains: np.ndarray) -> torch.Tensor:
+    """Deconvolve a ``(B, 3, H, W)`` OD batch into ``(B, 3, H, W)`` stain concentrations.
+
+    Parameters
+    ----------
+    od : (B, 3, H, W) float tensor
+    rgb_from_stains : (3, 3) ndarray
+        Rows are unit stain vectors (see :func:`stain_matrix`).
+    """
+    stains_from_rgb = np.linalg.inv(np.asarray(rgb_from_stains, dtype=np.float64))
+    m = torch.as_tensor(stains_from_rgb.T, dtype=od.dtype, device=od.device)  # (3 rgb, 3 stains)
+    return torch.einsum("bchw,cs->bshw", od, m)
+
+
+def estimate_two_stains(
+    od_pixels: np.ndarray,
+    *,
+    min_od: float = 0.15,
+    percentile: float = 1.0,
+    min_pixels: int = 500,
+) -> tuple[np.ndarray, dict]:
+    """Estimate two stain vectors from OD pixels (Macenko et al., ISBI 2009).
+
+    Pixels with summed OD below ``min_od`` are discarded; the rest are projected onto the
+    plane of their two main principal directions and the extreme angles (robust
+    ``percentile`` and ``100 - percentile``) give the two stain directions.
+
+    Parameters
+    ----------
+    od_pixels : (N, 3) float ndarray
+        Optical densities.
+    min_od : float
+        Minimum summed OD of a pixel used for the estimate.
+    percentile : float
+        Robust extreme of the angle distribution, percent.
+    min_pixels : int
+        Fewer usable pixels than this give ``None``.
+
+    Returns
+    -------
+    vectors : (2, 3) float64 ndarray or None
+        Unit stain vectors, ordered by increasing red/blue OD ratio (the bluer stain first:
+        haematoxylin before eosin or DAB). None when the estimate is impossible.
+    info : dict
+        ``n_pixels`` used and the angle spread in degrees.
+
+    References
+    ----------
+    Macenko M. et al. "A method for normalizing histology slides for quantitative
+    analysis." IEEE ISBI 2009, 1107-1110.
+    """
+    od = np.asarray(od_pixels, dtype=np.float64).reshape(-1, 3)
+    od = od[od.sum(axis=1) > min_od]
+    info = {"n_pixels": int(len(od))}
+    if len(od) < min_pixels:
+        return None, info
+    cov = np.cov(od, rowvar=False)
+    _, evecs = np.linalg.eigh(cov)
+    plane = evecs[:, [2, 1]]  # two largest
+    if plane[:, 0].sum() < 0:
+        plane[:, 0] *= -1
+    if plane[:, 1].sum() < 0:
+        plane[:, 1] *= -1
+    proj = od @ plane
+    angles = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(angles, [percentile, 100 - percentile])
+    info["angle_spread_deg"] = float(np.degrees(hi - lo))
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    vecs = normalize_rows(np.abs(np.vstack([v1, v2])))
+    order = np.argsort(vecs[:, 0] / np.maximum(vecs[:, 2], 1e-6))
+    return vecs[order], info
