@@ -1,0 +1,260 @@
+"""The ``marrowseg`` command line (typer). Thin: every command calls library functions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from marrowseg import __version__
+from marrowseg.errors import MarrowsegError
+
+app = typer.Typer(
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+    help="Quantify bone-marrow trephine biopsies: cellularity (H&E), erythroid left shift "
+    "(E-cadherin), reticulin fibrosis grade (Gomori).",
+)
+err = Console(stderr=True)
+out = Console()
+
+# Options shared by several commands are defined once.
+MppOpt = Annotated[float | None, typer.Option("--mpp", help="Pixel size override, µm/px (else read from the file).", min=0.01)]
+StainOpt = Annotated[str, typer.Option("--stain", "-s", help="he | ecad | reticulin")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set tiling.tile_px=1024 (repeatable).")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file overlaid on the packaged config.", exists=False)]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda[:i] | mps")]
+AgeOpt = Annotated[float | None, typer.Option("--age", help="Patient age in years, for the age-adjusted cellularity range.", min=0, max=120)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"marrowseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at DEBUG level.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _config(stain: str | None, config: Path | None, sets: list[str] | None, device: str | None = None):
+    from marrowseg.config import load_config
+
+    overrides = list(sets or [])
+    if device:
+        overrides.append(f"engine.device={device}")
+    return load_config(stain, path=config, overrides=overrides)
+
+
+@contextmanager
+def _progress(label: str, quiet: bool):
+    """A tile progress bar on stderr; yields a ``(done, total, megapixels)`` callback."""
+    if quiet:
+        yield None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("tiles  {task.fields[mp]:.0f} Mpx"), TimeElapsedColumn(),
+        console=err, transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None, mp=0.0)
+
+        def update(done: int, total: int, mp: float) -> None:
+            bar.update(task, completed=done, total=total, mp=mp)
+
+        yield update
+
+
+# ----------------------------------------------------------------------------- info
+@app.command()
+def info(
+    slide: Annotated[Path, typer.Argument(help="Slide or image file.")],
+    mpp: MppOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Levels, sizes, pixel size, vendor and tissue fraction of a slide."""
+    from marrowseg.config import load_config
+    from marrowseg.io import open_slide
+    from marrowseg.tiling import tissue_mask
+
+    cfg = load_config().tissue
+    with open_slide(slide, mpp=mpp) as reader:
+        side_um = max(reader.shape) * reader.mpp
+        mask_mpp = max(reader.mpp, min(cfg.mpp, side_um / 256))
+        mask = tissue_mask(reader.read_at_mpp(mask_mpp), mask_mpp, min_od=cfg.min_od,
+                           min_saturation=cfg.min_saturation, min_object_um2=cfg.min_object_um2,
+                           max_hole_um2=cfg.max_hole_um2, margin_um=0,
+                           keep_border_objects=max(reader.shape) <= 4096)
+        doc = {
+            "path": str(slide), "vendor": reader.vendor, "mpp": reader.mpp, "mpp_source": reader.mpp_source,
+            "width": reader.dimensions[0], "height": reader.dimensions[1],
+            "levels": [{"width": w, "height": h, "downsample": d}
+                       for (w, h), d in zip(reader.level_dimensions, reader.level_downsamples, strict=True)],
+            "tissue_frac": float(mask.mean()),
+            "tissue_area_mm2": float(mask.sum() * mask_mpp**2 / 1e6),
+        }
+    if as_json:
+        print(json.dumps(doc))
+        return
+    t = Table(title=f"{slide.name}", show_header=True)
+    t.add_column("level")
+    t.add_column("size (w x h)")
+    t.add_column("downsample")
+    for i, lv in enumerate(doc["levels"]):
+        t.add_row(str(i), f"{lv['width']} x {lv['height']}", f"{lv['downsample']:.3g}")
+    out.print(t)
+    out.print(f"mpp {doc['mpp']:.4g} µm/px ({doc['mpp_source']}), vendor {doc['vendor'] or '-'}, "
+              f"tissue {100 * doc['tissue_frac']:.1f}% of the slide ({doc['tissue_area_mm2']:.2f} mm²)")
+
+
+# ----------------------------------------------------------------------------- tiles
+@app.command()
+def tiles(
+    slide: Annotated[Path, typer.Argument(help="Slide or image file.")],
+    stain: StainOpt = "he",
+    mpp: MppOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write tiles.png (grid and tissue mask) here.")] = None,
+    sets: SetOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Tissue mask and tile grid of a slide at the analyzer's resolution."""
+    from marrowseg.analyzers import get_analyzer
+    from marrowseg.engine import plan_slide
+    from marrowseg.io import open_slide
+    from marrowseg.outputs.images import write_png
+    from marrowseg.report.figures import grid_thumbnail
+
+    cfg = _config(stain, config, sets)
+    with open_slide(slide, mpp=mpp) as reader:
+        layout = plan_slide(reader, get_analyzer(stain, cfg), cfg)
+        out.print(f"{len(layout.tiles)} tiles of {layout.tile_px} px (overlap {layout.overlap_px} px) "
+                  f"at {layout.mpp:g} µm/px; tissue {100 * layout.tissue['tissue_frac']:.1f}% of the slide")
+        if out_dir is not None:
+            thumb = reader.thumbnail(1024)
+            png = write_png(Path(out_dir) / "tiles.png", grid_thumbnail(thumb, layout))
+            out.print(f"wrote {png}")
+
+
+# ----------------------------------------------------------------------------- synth
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for <name>.tiff and <name>.truth.json.")],
+    stain: StainOpt = "he",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    size: Annotated[str, typer.Option(help="WIDTHxHEIGHT in pixels.")] = "4096x4096",
+    mpp: Annotated[float, typer.Option("--mpp", help="Pixel size, µm/px.", min=0.05)] = 0.25,
+    cellularity: Annotated[float | None, typer.Option("--cellularity", help="Cellularity, %.", min=0, max=100)] = None,
+    left_shift: Annotated[float | None, typer.Option("--left-shift", help="E-cad+ / erythroid precursors, 0..1.", min=0, max=1)] = None,
+    grade: Annotated[int | None, typer.Option("--grade", help="Reticulin MF grade 0-3.", min=0, max=3)] = None,
+    heterogeneous: Annotated[str | None, typer.Option("--heterogeneous", help="Heterogeneous reticulin layout, e.g. half-0-2.")] = None,
+    name: Annotated[str | None, typer.Option(help="File stem (default from stain and seed).")] = None,
+) -> None:
+    """Write a synthetic phantom slide with exact ground truth."""
+    from marrowseg.synth import write_phantom
+
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"--size {size!r}: expected WIDTHxHEIGHT, e.g. 4096x4096") from None
+    kw: dict[str, Any] = {"seed": seed, "size_px": (w, h), "mpp": mpp}
+    for key, val in (("cellularity_pct", cellularity), ("left_shift_ratio", left_shift),
+                     ("grade", grade), ("heterogeneous", heterogeneous)):
+        if val is not None:
+            kw[key] = val
+    tiff, truth = write_phantom(out_dir, stain, name=name, **kw)
+    out.print(f"wrote {tiff}\nwrote {truth}")
+
+
+# ----------------------------------------------------------------------------- analyze
+@app.command()
+def analyze(
+    slide: Annotated[Path, typer.Argument(help="Slide or image file.")],
+    stain: StainOpt,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    mpp: MppOpt = None,
+    age: AgeOpt = None,
+    sets: SetOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json's readouts as one JSON document.")] = False,
+) -> None:
+    """Analyse one slide: metrics.json, cells.csv, tiles.csv, labels.zarr (+ PNGs for small inputs)."""
+    from marrowseg.pipeline import analyze_slide
+
+    cfg = _config(stain, config, sets, device)
+    with _progress(f"{slide.name} [{stain}]", quiet or as_json) as cb:
+        metrics, _ = analyze_slide(slide, stain, out_dir, mpp=mpp, age=age, config=cfg, progress=cb,
+                                   command=sys.argv)
+    if as_json:
+        print(json.dumps({"readouts": metrics["readouts"], "out": str(out_dir)}))
+        return
+    t = Table(title=f"{slide.name} ({stain})", show_header=False)
+    for k, v in metrics["readouts"].items():
+        t.add_row(k, _fmt(v))
+    out.print(t)
+    out.print(f"outputs in {out_dir}")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return str(v)
+
+
+# ----------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the sample slides and their analyses.")] = Path("demo-out"),
+    size: Annotated[int, typer.Option(help="Side of each sample slide, pixels at 0.25 µm/px.")] = 4096,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write one sample slide per stain and analyse each (batch layout under OUT)."""
+    from marrowseg.demo import run_demo
+
+    rows = run_demo(out_dir, size_px=size, progress=not quiet, console=err)
+    t = Table(title="marrowseg demo", show_header=True)
+    for col in ("slide", "stain", "readout", "measured", "truth"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["slide"], r["stain"], r["readout"], _fmt(r["measured"]), _fmt(r["truth"]))
+    out.print(t)
+    out.print(f"outputs in {out_dir}")
+
+
+def main() -> None:
+    """Console entry point: our errors become one line on stderr and exit code 1."""
+    try:
+        app()
+    except MarrowsegError as exc:
+        print(f"marrowseg: error: {exc}", file=sys.stderr)
+        if os.environ.get("MARROWSEG_TRACEBACK"):
+            raise
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

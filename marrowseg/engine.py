@@ -1,0 +1,544 @@
+"""The batched inference core shared by every analyzer.
+
+One slide at a time: tissue detection on a coarse view, a tile grid at the analyzer's
+resolution over the tissue, tiles read and decoded by a torch ``DataLoader`` (worker
+processes overlap decode with compute), batches through the analyzer's torch module on
+the chosen device, per-tile post-processing on the CPU, and exact slide-level sums in
+tile order. Maps and cells go to a :class:`ResultSink` as tiles finish, so memory is
+bounded by the batch, not the slide.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from marrowseg import __version__
+from marrowseg.analyzers.base import Analyzer, TileContext, TileResult
+from marrowseg.config import Config, config_hash
+from marrowseg.errors import AnalysisError, ConfigError, MarrowsegError, NoTissueError
+from marrowseg.tiling import Tile, tiles_over_mask, tissue_mask
+
+__all__ = [
+    "SlideLayout",
+    "SlideResult",
+    "ResultSink",
+    "MemorySink",
+    "resolve_device",
+    "plan_slide",
+    "run_slide",
+    "analyze_array",
+    "versions",
+]
+
+log = logging.getLogger(__name__)
+
+#: Number of tissue pixels handed to ``Analyzer.prepare``.
+_SAMPLE_PIXELS = 250_000
+_SAMPLE_TILES = 8
+
+
+# ----------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class SlideLayout:
+    """Where everything of one analysis sits.
+
+    Attributes
+    ----------
+    shape_px : (int, int)
+        Slide size at the analysis resolution, (rows, cols).
+    mpp : float
+        Analysis resolution, µm/px.
+    level0_mpp : float
+        Pixel size of the input's level 0, µm/px.
+    level0_shape_px : (int, int)
+        Input size at level 0, (rows, cols).
+    tile_px, overlap_px : int
+        Grid geometry at ``mpp``.
+    map_downsample : int
+        Analysis pixels per map pixel.
+    tiles : list of Tile
+        Tiles over tissue, in grid order.
+    tissue : dict
+        How tissue was found (mask resolution, fraction, whether it was skipped).
+    """
+
+    shape_px: tuple[int, int]
+    mpp: float
+    level0_mpp: float
+    level0_shape_px: tuple[int, int]
+    tile_px: int
+    overlap_px: int
+    map_downsample: int
+    tiles: list[Tile]
+    tissue: dict[str, Any]
+    tissue_mask: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def map_shape_px(self) -> tuple[int, int]:
+        k = self.map_downsample
+        return (math.ceil(self.shape_px[0] / k), math.ceil(self.shape_px[1] / k))
+
+    @property
+    def map_mpp(self) -> float:
+        return self.mpp * self.map_downsample
+
+    def map_slice(self, tile: Tile) -> tuple[slice, slice]:
+        """The tile's core in map pixels."""
+        k = self.map_downsample
+        rs, cs = tile.core_slide
+        return (
+            slice(rs.start // k, math.ceil(rs.stop / k)),
+            slice(cs.start // k, math.ceil(cs.stop / k)),
+        )
+
+    def context(self, tile: Tile) -> TileContext:
+        r0, c0 = tile.origin_px
+        valid = (
+            max(0, min(tile.size_px, self.shape_px[0] - r0)),
+            max(0, min(tile.size_px, self.shape_px[1] - c0)),
+        )
+        return TileContext(index=tile.index, origin_px=tile.origin_px, core=tile.core,
+                           valid_px=valid, mpp=self.mpp)
+
+
+def _grid_geometry(config: Config, analyzer: Analyzer) -> tuple[int, int]:
+    """Tile and overlap in analysis pixels, aligned to the map downsample factor."""
+    k = analyzer.map_downsample
+    need = 2 * math.ceil(analyzer.halo_um / analyzer.mpp)
+    overlap = max(config.tiling.overlap_px, need)
+    half = math.ceil(overlap / 2 / k) * k
+    overlap = 2 * half
+    stride = ((config.tiling.tile_px - overlap) // k) * k
+    if stride < max(k, 16):
+        raise ConfigError(
+            f"tiling.tile_px={config.tiling.tile_px} leaves no core: the {analyzer.stain} analyzer "
+            f"needs an overlap of {overlap} px ({analyzer.halo_um} µm halo at {analyzer.mpp} µm/px); "
+            f"raise tiling.tile_px"
+        )
+    return stride + overlap, overlap
+
+
+def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
+    """Detect tissue and lay the tile grid for one slide.
+
+    Parameters
+    ----------
+    reader : SlideReader
+        Open slide (see :func:`marrowseg.io.open_slide`).
+    analyzer : Analyzer
+        Sets the analysis resolution, halo and map downsample.
+    config : Config
+        Tissue and tiling settings.
+
+    Returns
+    -------
+    SlideLayout
+
+    Raises
+    ------
+    NoTissueError
+        The tissue mask is empty.
+    """
+    mpp = analyzer.mpp
+    h0, w0 = reader.shape
+    shape = (max(1, round(h0 * reader.mpp / mpp)), max(1, round(w0 * reader.mpp / mpp)))
+    tile_px, overlap_px = _grid_geometry(config, analyzer)
+    tcfg = config.tissue
+    small = max(h0, w0) <= config.output.small_image_px
+    # A field of view or crop may be only a few hundred µm: look at it finely enough.
+    side_um = max(h0, w0) * reader.mpp
+    mask_mpp = max(reader.mpp, min(tcfg.mpp, side_um / 256))
+    view = reader.read_at_mpp(mask_mpp)
+    mask = tissue_mask(
+        view, mask_mpp, min_od=tcfg.min_od, min_saturation=tcfg.min_saturation,
+        min_object_um2=tcfg.min_object_um2, max_hole_um2=tcfg.max_hole_um2,
+        margin_um=tcfg.margin_um, keep_border_objects=small,
+    )
+    frac = float(mask.mean()) if mask.size else 0.0
+    if not mask.any():
+        raise NoTissueError(f"{reader.name}: no tissue found (tissue mask empty at {mask_mpp:.3g} µm/px)")
+    # Crops and photographed fields are tissue by intent: analyse all of them and let the
+    # analyzer's own classes exclude glass.
+    tiles = tiles_over_mask(shape, None if small else mask, tile_px=tile_px, overlap_px=overlap_px)
+    tissue = {"mask_mpp": mask_mpp, "tissue_frac": frac, "all_tiles": bool(small)}
+    return SlideLayout(shape_px=shape, mpp=mpp, level0_mpp=float(reader.mpp),
+                       level0_shape_px=(int(h0), int(w0)), tile_px=tile_px, overlap_px=overlap_px,
+                       map_downsample=analyzer.map_downsample, tiles=tiles, tissue=tissue,
+                       tissue_mask=mask)
+
+
+# ----------------------------------------------------------------------------- sinks
+class ResultSink(Protocol):
+    """Receives per-tile outputs as they finish (maps, cells)."""
+
+    def begin(self, layout: SlideLayout, analyzer: Analyzer) -> None: ...
+
+    def write_maps(self, tile: Tile, map_slice: tuple[slice, slice], maps: dict[str, np.ndarray]) -> None: ...
+
+    def write_cells(self, cells: dict[str, np.ndarray]) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class MemorySink:
+    """Keeps whole maps and all cells in memory: for crops, tests and notebooks."""
+
+    def __init__(self) -> None:
+        self.maps: dict[str, np.ndarray] = {}
+        self._cells: list[dict[str, np.ndarray]] = []
+        self.cells: dict[str, np.ndarray] = {}
+
+    def begin(self, layout: SlideLayout, analyzer: Analyzer) -> None:
+        self._shape = layout.map_shape_px
+
+    def write_maps(self, tile: Tile, map_slice: tuple[slice, slice], maps: dict[str, np.ndarray]) -> None:
+        for name, arr in maps.items():
+            if name not in self.maps:
+                self.maps[name] = np.zeros(self._shape, dtype=arr.dtype)
+            self.maps[name][map_slice] = arr
+
+    def write_cells(self, cells: dict[str, np.ndarray]) -> None:
+        self._cells.append(cells)
+
+    def end(self) -> None:
+        self.cells = concat_columns(self._cells)
+        self._cells = []
+
+
+def concat_columns(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate column dicts that share their keys (the first part's keys win)."""
+    parts = [p for p in parts if p and len(next(iter(p.values()))) > 0] or parts[:1]
+    if not parts:
+        return {}
+    keys = list(parts[0].keys())
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in keys}
+
+
+# ----------------------------------------------------------------------------- loading
+class _TileDataset(Dataset):
+    def __init__(self, reader: Any, layout: SlideLayout) -> None:
+        self.reader = reader
+        self.tiles = layout.tiles
+        self.mpp = layout.mpp
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        tile = self.tiles[i]
+        r0, c0 = tile.origin_px
+        n = tile.size_px
+        try:
+            rgb = self.reader.read_region(c0, r0, n, n, self.mpp)
+            err = ""
+        except MarrowsegError as exc:
+            rgb = np.full((n, n, 3), 255, np.uint8)
+            err = str(exc)
+        return {"index": i, "rgb": torch.from_numpy(np.ascontiguousarray(rgb)), "error": err}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Turn ``auto|cpu|cuda[:i]|mps`` into a torch device (auto prefers CUDA, then MPS)."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"engine.device={spec}: CUDA is not available on this machine")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"engine.device={spec}: MPS is not available on this machine")
+    return dev
+
+
+def _resolve_workers(workers: int | str, reader: Any) -> int:
+    if getattr(reader, "path", None) is None:
+        return 0  # an in-memory array would be copied into every worker
+    if workers == "auto":
+        return max(0, min(_available_cores() - 1, 4))
+    return int(workers)
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class SlideResult:
+    """Everything one analysis produced (maps and cells live in the sink)."""
+
+    stain: str
+    layout: SlideLayout
+    totals: dict[str, float]
+    windows: dict[tuple[int, int], dict[str, float]]
+    report: dict[str, Any]
+    tiles: list[dict[str, Any]]
+    provenance: dict[str, Any]
+    sink: Any = None
+
+    @property
+    def readouts(self) -> dict[str, Any]:
+        return self.report.get("readouts", {})
+
+    @property
+    def maps(self) -> dict[str, np.ndarray]:
+        return getattr(self.sink, "maps", {})
+
+    @property
+    def cells(self) -> dict[str, np.ndarray]:
+        return getattr(self.sink, "cells", {})
+
+
+def versions() -> dict[str, str]:
+    """Versions of marrowseg, Python and the libraries that shape its numbers."""
+    import importlib.metadata as md
+
+    out = {"marrowseg": __version__, "python": platform.python_version()}
+    for name in ("torch", "numpy", "scipy", "scikit-image", "opencv-python-headless", "tifffile",
+                 "zarr", "tiffslide", "imagecodecs", "pydantic"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _add(acc: dict[str, float], stats: dict[str, float]) -> None:
+    for k, v in stats.items():
+        acc[k] = acc.get(k, 0) + v
+
+
+def _cells_to_slide(cells: dict[str, np.ndarray], tile: Tile, layout: SlideLayout,
+                    ctx: TileContext) -> dict[str, np.ndarray]:
+    if not cells or "row" not in cells:
+        return {}
+    row = np.asarray(cells["row"], dtype=np.float64)
+    col = np.asarray(cells["col"], dtype=np.float64)
+    keep = ctx.in_core(row, col)
+    out = {k: np.asarray(v)[keep] for k, v in cells.items() if k not in ("row", "col")}
+    # Pixel (i, j) at the analysis resolution is centred at ((i + .5) mpp, (j + .5) mpp) µm.
+    y_um = (row[keep] + tile.origin_px[0] + 0.5) * layout.mpp
+    x_um = (col[keep] + tile.origin_px[1] + 0.5) * layout.mpp
+    head = {
+        "x": x_um / layout.level0_mpp - 0.5,
+        "y": y_um / layout.level0_mpp - 0.5,
+        "x_um": x_um,
+        "y_um": y_um,
+        "tile": np.full(len(x_um), tile.index, dtype=np.int64),
+    }
+    head.update(out)
+    return head
+
+
+def _prepare_sample(reader: Any, layout: SlideLayout, seed: int) -> np.ndarray:
+    tiles = layout.tiles
+    if not tiles:
+        return np.zeros((0, 3), np.uint8)
+    picks = np.unique(np.linspace(0, len(tiles) - 1, min(_SAMPLE_TILES, len(tiles))).round().astype(int))
+    per_tile = _SAMPLE_PIXELS // len(picks)
+    rng = np.random.default_rng(seed)
+    parts = []
+    for i in picks:
+        t = tiles[i]
+        try:
+            rgb = reader.read_region(t.origin_px[1], t.origin_px[0], t.size_px, t.size_px, layout.mpp)
+        except MarrowsegError:
+            continue
+        px = rgb.reshape(-1, 3)
+        take = rng.choice(len(px), size=min(per_tile, len(px)), replace=False)
+        parts.append(px[np.sort(take)])
+    return np.concatenate(parts) if parts else np.zeros((0, 3), np.uint8)
+
+
+def run_slide(
+    reader: Any,
+    analyzer: Analyzer,
+    config: Config,
+    *,
+    sink: ResultSink | None = None,
+    age: float | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    workers: int | str | None = None,
+) -> SlideResult:
+    """Analyse one slide with one analyzer.
+
+    Parameters
+    ----------
+    reader : SlideReader
+        Open slide.
+    analyzer : Analyzer
+        The stain's analyzer.
+    config : Config
+        Resolved configuration (engine, tiling, tissue sections are used here).
+    sink : ResultSink, optional
+        Receives maps and cells as tiles finish; default keeps them in memory.
+    age : float, optional
+        Patient age, years (passed to ``finalize``).
+    progress : callable, optional
+        ``progress(tiles_done, tiles_total, megapixels_done)`` after every batch.
+    device, batch_size, workers : optional
+        Override ``config.engine``.
+
+    Returns
+    -------
+    SlideResult
+
+    Raises
+    ------
+    NoTissueError
+        Nothing to analyse.
+    AnalysisError
+        Every tile failed to read.
+    """
+    t_start = time.perf_counter()
+    ecfg = config.engine
+    dev = resolve_device(device or ecfg.device)
+    bs = int(batch_size or ecfg.batch_size)
+    nw = _resolve_workers(ecfg.workers if workers is None else workers, reader)
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, _available_cores()))
+    layout = plan_slide(reader, analyzer, config)
+    t_plan = time.perf_counter()
+    prep = analyzer.prepare(_prepare_sample(reader, layout, ecfg.seed))
+    module = analyzer.module.to(dev).eval()
+    sink = sink if sink is not None else MemorySink()
+    sink.begin(layout, analyzer)
+
+    loader = DataLoader(
+        _TileDataset(reader, layout), batch_size=bs, shuffle=False, num_workers=nw,
+        pin_memory=dev.type == "cuda", worker_init_fn=_worker_init if nw else None,
+        prefetch_factor=ecfg.prefetch_batches if nw else None, persistent_workers=False,
+    )
+    amp = dev.type == "cuda" and ecfg.amp and analyzer.allow_amp
+    totals: dict[str, float] = {}
+    windows: dict[tuple[int, int], dict[str, float]] = {}
+    tile_rows: list[dict[str, Any]] = []
+    t_forward = t_post = 0.0
+    done = 0
+    mp_per_tile = layout.tile_px**2 / 1e6
+    missing = 0
+    with torch.inference_mode():
+        for batch in loader:
+            t0 = time.perf_counter()
+            x = batch["rgb"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
+            if dev.type == "cpu":
+                # One tile at a time on the CPU: results then cannot depend on the batch size
+                # (oneDNN picks kernels by batch shape), and nothing is lost in speed there.
+                outs = [module(x[i : i + 1]) for i in range(x.shape[0])]
+                dense_list = [{k: v[0].float().numpy() for k, v in o.items()} for o in outs]
+            else:
+                with torch.autocast(dev.type, enabled=amp):
+                    out = module(x)
+                out = {k: v.float().cpu().numpy() for k, v in out.items()}
+                dense_list = [{k: v[i] for k, v in out.items()} for i in range(x.shape[0])]
+            rgbs = batch["rgb"].numpy()
+            t1 = time.perf_counter()
+            t_forward += t1 - t0
+            for j, idx in enumerate(batch["index"].tolist()):
+                tile = layout.tiles[idx]
+                ctx = layout.context(tile)
+                row = {"tile": tile.index, "grid_row": tile.grid_rc[0], "grid_col": tile.grid_rc[1],
+                       "row_px": tile.core_slide[0].start, "col_px": tile.core_slide[1].start,
+                       "core_rows": ctx.core_shape[0], "core_cols": ctx.core_shape[1]}
+                err = batch["error"][j]
+                if err:
+                    missing += 1
+                    log.warning("%s: tile %d at (row %d, col %d) px unreadable, excluded: %s",
+                                reader.name, tile.index, *tile.origin_px, err)
+                    row.update(status="missing", error=err)
+                    tile_rows.append(row)
+                    continue
+                res: TileResult = analyzer.post(dense_list[j], rgbs[j], ctx)
+                _add(totals, res.stats)
+                for key, st in res.windows.items():
+                    _add(windows.setdefault(tuple(key), {}), st)
+                if res.maps:
+                    sink.write_maps(tile, layout.map_slice(tile), res.maps)
+                cells = _cells_to_slide(res.cells, tile, layout, ctx)
+                if cells:
+                    sink.write_cells(cells)
+                row.update(status="ok", error="", n_cells=len(cells.get("x", ())), **res.stats)
+                tile_rows.append(row)
+            t_post += time.perf_counter() - t1
+            done += len(batch["index"])
+            if progress is not None:
+                progress(done, len(layout.tiles), done * mp_per_tile)
+    if layout.tiles and missing == len(layout.tiles):
+        raise AnalysisError(f"{reader.name}: every tile failed to read ({missing} tiles)")
+    sink.end()
+    report = analyzer.finalize(totals, windows, age=age)
+    core_px = sum(r["core_rows"] * r["core_cols"] for r in tile_rows)
+    missing_px = sum(r["core_rows"] * r["core_cols"] for r in tile_rows if r["status"] == "missing")
+    report["tiles"] = {
+        "n": len(layout.tiles), "missing": missing,
+        "analysed_area_um2": float((core_px - missing_px) * layout.mpp**2),
+        "missing_area_um2": float(missing_px * layout.mpp**2),
+        "tile_px": layout.tile_px, "overlap_px": layout.overlap_px, "analysis_mpp": layout.mpp,
+        "map_mpp": layout.map_mpp,
+    }
+    t_end = time.perf_counter()
+    provenance = {
+        "config": config.model_dump(mode="json"),
+        "config_hash": config_hash(config),
+        "versions": versions(),
+        "device": {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+                   "threads": torch.get_num_threads(), "workers": nw, "batch_size": bs, "amp": amp},
+        "prepare": prep,
+        "tissue": layout.tissue,
+        "timings_s": {"plan": t_plan - t_start, "forward": t_forward, "post": t_post,
+                      "total": t_end - t_start},
+    }
+    return SlideResult(stain=analyzer.stain, layout=layout, totals=totals, windows=windows,
+                       report=report, tiles=tile_rows, provenance=provenance, sink=sink)
+
+
+def analyze_array(
+    rgb: np.ndarray,
+    mpp: float,
+    analyzer: Analyzer,
+    config: Config | None = None,
+    **kwargs: Any,
+) -> SlideResult:
+    """Run an in-memory RGB image through the same path as a slide file.
+
+    Parameters
+    ----------
+    rgb : (H, W, 3) uint8 ndarray
+        Image, bright background.
+    mpp : float
+        Its pixel size, µm/px.
+    analyzer : Analyzer
+    config : Config, optional
+        Defaults to the packaged config of the analyzer's stain.
+    **kwargs
+        Passed to :func:`run_slide`.
+    """
+    from marrowseg.config import load_config
+    from marrowseg.io import open_slide
+
+    config = config or load_config(analyzer.stain)
+    with open_slide(rgb, mpp=mpp) as reader:
+        return run_slide(reader, analyzer, config, **kwargs)

@@ -1,0 +1,80 @@
+"""The ``metrics.json`` document: readouts, areas, counts and full provenance."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+from typing import Any
+
+__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics"]
+
+SCHEMA = "marrowseg.metrics/1"
+
+#: Units of the stable readout keys (documented in the README).
+READOUT_UNITS: dict[str, str] = {
+    "cellularity_pct": "% of marrow space (haematopoietic + fat)",
+    "bone_area_frac": "fraction of core (bone / (bone + haematopoietic + fat))",
+    "marrow_area_mm2": "mm²",
+    "adipocyte_count": "count",
+    "adipocyte_area_um2_median": "µm²",
+    "nucleated_cells": "count",
+    "nucleated_cells_per_mm2": "per mm² of haematopoietic tissue",
+    "late_erythroid_per_100": "per 100 nucleated cells",
+    "megakaryocytes_per_mm2": "per mm² of haematopoietic tissue",
+    "cellularity_verdict": "hypocellular | normocellular | hypercellular",
+    "ecad_pos_cells": "count",
+    "ecad_pos_per_100_nucleated": "per 100 nucleated cells",
+    "ecad_pos_per_mm2": "per mm² of haematopoietic tissue",
+    "left_shift_ratio": "E-cad+ / (E-cad+ + late erythroid), 0..1",
+    "left_shift_ratio_ci95": "95% Wilson interval [low, high]",
+    "fibre_length_um_per_1e4um2": "µm of fibre per 10,000 µm² of haematopoietic tissue",
+    "intersections_per_mm2": "per mm² of haematopoietic tissue",
+    "thick_fibre_frac": "fraction of fibre length",
+    "collagen_area_frac": "fraction of haematopoietic area",
+    "mf_grade": "WHO/EUMNET MF-0..3",
+    "fibrosis_index": "continuous 0..3",
+}
+
+
+def build_metrics(
+    result: Any,
+    slide_identity: dict[str, Any],
+    *,
+    age: float | None = None,
+    command: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble the metrics document of one analysed slide.
+
+    Parameters
+    ----------
+    result : SlideResult
+        What :func:`marrowseg.engine.run_slide` returned.
+    slide_identity : dict
+        The reader's ``identity()`` (path, size, checksum, mpp, ...).
+    age : float, optional
+        Patient age given, years.
+    command : list of str, optional
+        The command line that produced it.
+    extra : dict, optional
+        Merged into the top level (e.g. the batch's manifest row).
+    """
+    report = dict(result.report)
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "slide": slide_identity,
+        "stain": result.stain,
+        "age": age,
+        "readouts": report.pop("readouts", {}),
+        "areas_um2": report.pop("areas_um2", {}),
+        "counts": report.pop("counts", {}),
+    }
+    doc.update(report)
+    doc["units"] = {k: READOUT_UNITS[k] for k in doc["readouts"] if k in READOUT_UNITS}
+    prov = dict(result.provenance)
+    prov["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    prov["command"] = command if command is not None else list(sys.argv)
+    doc["provenance"] = prov
+    if extra:
+        doc.update(extra)
+    return doc
