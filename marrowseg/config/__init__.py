@@ -118,7 +118,8 @@ def load_config(
     Parameters
     ----------
     stain : {'he', 'ecad', 'reticulin'} or None
-        Overlay ``configs/<stain>.yaml`` on the defaults.
+        Also apply the shared-section overrides of ``configs/<stain>.yaml`` (every stain
+        file's own section is always loaded).
     path : path-like, optional
         A user YAML file overlaid next (same keys as ``configs/default.yaml``).
     overrides : iterable of str or mapping
@@ -138,11 +139,16 @@ def load_config(
     root = config_dir()
     data = _read_yaml(root / "default.yaml")
     sources = [str(root / "default.yaml")]
-    if stain is not None:
-        if stain not in STAINS:
-            raise ConfigError(f"unknown stain {stain!r}; expected one of {', '.join(STAINS)}")
-        data = _merge(data, _read_yaml(root / f"{stain}.yaml"))
-        sources.append(str(root / f"{stain}.yaml"))
+    if stain is not None and stain not in STAINS:
+        raise ConfigError(f"unknown stain {stain!r}; expected one of {', '.join(STAINS)}")
+    # Each stain file holds its own section, always loaded (so every config is complete),
+    # and may override shared sections (e.g. ``tiling``) for analyses of that stain only.
+    for name in STAINS:
+        layer = _read_yaml(root / f"{name}.yaml")
+        if name != stain:
+            layer = {k: v for k, v in layer.items() if k == name}
+        data = _merge(data, layer)
+        sources.append(str(root / f"{name}.yaml"))
     if path is not None:
         data = _merge(data, _read_yaml(Path(path)))
         sources.append(str(path))
@@ -156,7 +162,7 @@ def load_config(
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, " + ".join(sources))) from None
+        raise ConfigError(_format_validation(exc, " + ".join(Path(x).name if x != "--set" else x for x in sources))) from None
 
 
 def config_hash(config: Config) -> str:
