@@ -1,0 +1,211 @@
+"""Tiled and pyramidal TIFF slides through tiffslide: SVS, generic TIFF, OME-TIFF, NDPI."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from marrowseg.errors import MarrowsegError, SlideError, UnsupportedFormatError
+from marrowseg.io._colour import ColourPlan, plan_colour, to_rgb_uint8
+from marrowseg.io._mpp import (
+    Candidate,
+    mpp_from_aperio,
+    mpp_from_ome,
+    mpp_from_resolution,
+    resolve_mpp,
+)
+from marrowseg.io.base import SlideReader
+
+__all__ = ["TiffReader", "tiff_resolution_candidate", "check_data_in_file", "MAX_CHUNK_SAMPLES"]
+
+MAX_CHUNK_SAMPLES = 2**29
+"""Largest tile or strip (samples) we agree to decode: a bigger one is a decompression bomb."""
+
+_UM_PER_RESUNIT = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}  # inch, cm, (tifffile) mm, µm
+
+
+def tiff_resolution_candidate(page: tifffile.TiffPage) -> Candidate:
+    """Pixel size from XResolution/YResolution/ResolutionUnit of ``page``.
+
+    Parameters
+    ----------
+    page : tifffile.TiffPage
+
+    Returns
+    -------
+    candidate : ('tiff-resolution', mpp_x_um, mpp_y_um) or None
+        None without tags, with unit NONE, or with placeholder densities.
+    """
+    tags = page.tags
+    if "XResolution" not in tags or "YResolution" not in tags:
+        return None
+    unit_tag = tags.get("ResolutionUnit")
+    unit = int(unit_tag.value) if unit_tag is not None else 2  # TIFF default: inch
+
+    def density(name: str) -> float | None:
+        value = tags[name].value
+        try:
+            return float(Fraction(*value)) if isinstance(value, tuple) else float(value)
+        except (ZeroDivisionError, TypeError, ValueError):
+            return None
+
+    return mpp_from_resolution(
+        density("XResolution"),
+        density("YResolution"),
+        _UM_PER_RESUNIT.get(unit),
+        source="tiff-resolution",
+    )
+
+
+def check_data_in_file(
+    label: str, pages: list[tifffile.TiffPage], size_bytes: int, *, check_chunks: bool = True
+) -> None:
+    """Refuse truncated files and decompression bombs before any pixel is decoded.
+
+    Parameters
+    ----------
+    label : str
+        Path for messages.
+    pages : list of tifffile.TiffPage
+        One page per level.
+    size_bytes : int
+        File size.
+    check_chunks : bool
+        Also refuse a tile/strip larger than MAX_CHUNK_SAMPLES.
+
+    Raises
+    ------
+    SlideError
+        A strip or tile ends past the end of the file, or is absurdly large.
+    """
+    for level, page in enumerate(pages):
+        ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=False) if c]
+        if ends and max(ends) > size_bytes:
+            raise SlideError(
+                f"{label}: truncated or corrupt TIFF: level {level} data ends at byte "
+                f"{max(ends)} but the file has {size_bytes} bytes"
+            )
+        if check_chunks and math.prod(page.chunks) > MAX_CHUNK_SAMPLES:
+            raise SlideError(
+                f"{label}: refusing to decode a {'x'.join(map(str, page.chunks))} tile/strip at "
+                f"level {level} (> {MAX_CHUNK_SAMPLES} samples; decompression bomb?)"
+            )
+
+
+class TiffReader(SlideReader):
+    """A TIFF slide read with tiffslide, one window of one level at a time.
+
+    Parameters
+    ----------
+    path : Path
+        The TIFF file.
+    mpp : float, optional
+        Level-0 pixel size override, µm per pixel.
+    """
+
+    backend = "tiffslide"
+
+    def __init__(self, path: Path, *, mpp: float | None = None) -> None:
+        super().__init__(path=path, name=path.name)
+        slide = self._open_handle()
+        try:
+            self._init_from(slide, mpp)
+        except BaseException:
+            slide.close()
+            raise
+        self._handle = slide
+        self._handle_pid = os.getpid()
+        self._log_conversion(self._plan.describe())
+
+    def _init_from(self, slide: Any, mpp: float | None) -> None:
+        label = str(self.path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tiffslide's "partially implemented" notes
+                props = dict(slide.properties)
+            tf: tifffile.TiffFile = slide.ts_tifffile
+            series = tf.series[int(props.get("tiffslide.series-index") or 0)]
+            axes = props["tiffslide.series-axes"]
+            level_dims = [tuple(map(int, d)) for d in slide.level_dimensions]
+            pages = [lvl.keyframe for lvl in series.levels]
+            page0 = pages[0]
+            description = page0.description or ""
+            ome_xml = tf.ome_metadata if tf.is_ome else None
+            is_ndpi = tf.is_ndpi
+            dtype = np.dtype(series.dtype)
+            smax = page0.tags.get("SMaxSampleValue")
+        except MarrowsegError:
+            raise
+        except NotImplementedError as exc:
+            raise UnsupportedFormatError(f"{label}: unsupported TIFF layout: {exc}") from exc
+        except Exception as exc:
+            raise SlideError(
+                f"{label}: cannot read TIFF structure: {type(exc).__name__}: {exc}"
+            ) from exc
+        if any(w <= 0 or h <= 0 for w, h in level_dims):
+            raise SlideError(f"{label}: zero-size image (levels {level_dims})")
+        check_data_in_file(label, pages, self.path.stat().st_size, check_chunks=not is_ndpi)
+        self._set_levels(level_dims)
+        self._axes = axes
+        if axes == "YXS":
+            n_channels = int(series.shape[-1])
+        elif axes == "CYX":
+            n_channels = int(series.shape[0])
+        elif axes == "YX":
+            n_channels = 1
+        else:
+            raise UnsupportedFormatError(f"{label}: unsupported TIFF axes {axes!r}")
+        value_max = None
+        if smax is not None and np.issubdtype(dtype, np.floating):
+            value_max = float(np.max(smax.value))
+        self._plan: ColourPlan = plan_colour(label, dtype, n_channels, value_max=value_max)
+        tiffslide_mpp: Candidate = None
+        if "tiff.XResolution" not in props:  # else tiffslide copied the resolution tags
+            mx, my = props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")
+            if mx is not None and my is not None:
+                tiffslide_mpp = ("tiffslide", float(mx), float(my))
+        self.mpp, self.mpp_source = resolve_mpp(
+            label,
+            mpp,
+            [
+                mpp_from_aperio(description),
+                mpp_from_ome(ome_xml),
+                tiff_resolution_candidate(page0),
+                tiffslide_mpp,
+            ],
+        )
+        self.vendor = props.get("tiffslide.vendor") or ("ome" if ome_xml else None)
+        self._props = props
+
+    def _open_handle(self) -> Any:
+        import tiffslide
+
+        try:
+            return tiffslide.TiffSlide(self.path)
+        except tifffile.TiffFileError as exc:
+            raise SlideError(f"{self.path}: corrupt or truncated TIFF: {exc}") from exc
+        except Exception as exc:
+            raise SlideError(f"{self.path}: cannot open TIFF: {type(exc).__name__}: {exc}") from exc
+
+    def _close_handle(self, handle: Any) -> None:
+        handle.close()
+
+    def _read_level(
+        self, handle: Any, level: int, x0: int, y0: int, x1: int, y1: int
+    ) -> np.ndarray:
+        arr = handle.zarr_group[str(level)]
+        if self._axes == "CYX":
+            data = np.moveaxis(np.asarray(arr[:, y0:y1, x0:x1]), 0, -1)
+        else:
+            data = np.asarray(arr[y0:y1, x0:x1])
+        return to_rgb_uint8(data, self._plan)
+
+    def _load_properties(self) -> dict[str, Any]:
+        return dict(self._props)
