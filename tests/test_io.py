@@ -198,6 +198,7 @@ def test_anisotropic_pixels_are_refused(tmp_path):
 
 
 def test_mpp_argument_overrides_metadata(pyramid_tif):
+    """The mpp argument wins over the TIFF resolution tags."""
     path, _ = pyramid_tif
     with open_slide(path, mpp=0.3) as r:
         assert (r.mpp, r.mpp_source) == (0.3, "flag")
@@ -205,6 +206,7 @@ def test_mpp_argument_overrides_metadata(pyramid_tif):
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), 1000.0])
 def test_mpp_argument_out_of_range_is_refused(tmp_path, bad):
+    """An mpp that is not finite or outside 0.05..100 µm/px is refused."""
     with pytest.raises(SlideError, match="outside|not a number"):
         open_slide(_noise(8, 8), mpp=bad)
 
@@ -228,11 +230,13 @@ def test_72_dpi_placeholder_is_not_a_pixel_size(tmp_path):
 
 
 def test_array_requires_mpp():
+    """An array has no metadata, so mpp is required."""
     with pytest.raises(MissingMppError, match="<array>"):
         open_slide(_noise(8, 8))
 
 
 def test_identity_hashes_file_and_array(pyramid_tif):
+    """identity() hashes the file (or the array bytes) and reports the geometry."""
     import hashlib
 
     path, _ = pyramid_tif
@@ -251,6 +255,7 @@ def test_identity_hashes_file_and_array(pyramid_tif):
 
 # ---------------------------------------------------------------------------- geometry
 def test_read_at_level0_mpp_returns_exact_pixels(pyramid_tif):
+    """At the level-0 mpp a read is the stored pixels, unchanged."""
     path, stored = pyramid_tif
     with open_slide(path) as r:
         got = r.read_region(37, 21, 100, 70, r.mpp)
@@ -314,6 +319,7 @@ def test_upsampling_is_linear_and_keeps_block_alignment():
 
 
 def test_read_straddling_edges_is_white_outside(pyramid_tif):
+    """Pixels wholly outside the slide are 255; inside ones are the slide's."""
     path, stored = pyramid_tif
     with open_slide(path) as r:
         got = r.read_region(480, 360, 64, 48, r.mpp)
@@ -343,7 +349,7 @@ def test_large_low_res_read_goes_in_bounded_blocks(monkeypatch):
     assert len(sizes) > 1 and max(sizes) <= 2000
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(
     x=st.integers(-40, 60),
     y=st.integers(-40, 50),
@@ -358,6 +364,7 @@ def test_level0_reads_equal_padded_array_slice(x, y, w, h):
 
 
 def test_thumbnail_and_read_at_mpp_sizes(pyramid_tif):
+    """thumbnail keeps the aspect and uses the smallest level; read_at_mpp refuses > 64 Mpx."""
     path, stored = pyramid_tif
     with open_slide(path) as r:
         assert r.thumbnail(100).shape == (75, 100, 3)
@@ -369,6 +376,7 @@ def test_thumbnail_and_read_at_mpp_sizes(pyramid_tif):
 
 
 def test_pickle_round_trip_reads_same_pixels(pyramid_tif, tmp_path):
+    """A pickled reader reopens lazily and reads the same pixels; a closed one refuses."""
     path, _ = pyramid_tif
     png = tmp_path / "p.png"
     cv2.imwrite(str(png), _noise(20, 30))
@@ -384,8 +392,29 @@ def test_pickle_round_trip_reads_same_pixels(pyramid_tif, tmp_path):
             reader.read_region(0, 0, 2, 2, reader.mpp)
 
 
+def test_reader_reopens_its_file_after_fork(pyramid_tif, monkeypatch):
+    """A handle inherited across fork (new pid) is not shared: the reader reopens the file."""
+    path, stored = pyramid_tif
+    with open_slide(path) as r:
+        parent_handle = r._handle
+        monkeypatch.setattr(io_base.os, "getpid", lambda: -1)
+        np.testing.assert_array_equal(r.read_region(0, 0, 8, 8, r.mpp), stored[0][:8, :8])
+        assert r._handle is not parent_handle
+        parent_handle.close()
+
+
+def test_changed_file_is_not_silently_reopened(pyramid_tif):
+    """A pickled reader refuses to read a file that changed on disk since it was opened."""
+    path, _ = pyramid_tif
+    blob = pickle.dumps(open_slide(path))
+    write_pyramid(path, _noise(384, 512))
+    with pytest.raises(SlideError, match="changed on disk"):
+        pickle.loads(blob).read_region(0, 0, 4, 4, 0.25)
+
+
 # ---------------------------------------------------------------------------- colour
 def test_rgba_png_is_composited_over_white_and_logged(tmp_path, caplog):
+    """RGBA is composited over white and the conversion is logged once."""
     bgra = np.zeros((4, 4, 4), np.uint8)
     bgra[..., 2] = 200  # red in BGR order
     bgra[:2, ..., 3] = 255  # top half opaque, bottom half transparent
@@ -412,16 +441,25 @@ def test_rgba_png_is_composited_over_white_and_logged(tmp_path, caplog):
     ids=["grey", "uint16", "float01", "float255", "bool"],
 )
 def test_array_dtypes_and_layouts_become_rgb_uint8(img, expected):
+    """Grey, 16-bit, float and bool arrays read as RGB uint8."""
     got = open_slide(img, mpp=0.5).read_region(0, 0, 6, 5, 0.5)
     assert got.dtype == np.uint8 and got.shape == (5, 6, 3)
     assert (got == expected).all()
 
 
-def test_grey_and_16bit_files_become_rgb(tmp_path):
+def test_grey_16bit_and_cmyk_files_become_rgb(tmp_path):
+    """Grey PNG, 16-bit TIFF, CMYK and RGB JPEG all read as RGB uint8."""
+    from PIL import Image
+
     grey = tmp_path / "grey.png"
     cv2.imwrite(str(grey), np.full((5, 6), 90, np.uint8))
     deep = tmp_path / "deep.tif"
     tifffile.imwrite(deep, np.full((5, 6, 3), 257 * 40, np.uint16), photometric="rgb")
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.fromarray(np.full((16, 16, 3), (200, 100, 50), np.uint8)).convert("CMYK").save(cmyk)
+    np.testing.assert_allclose(
+        open_slide(cmyk, mpp=1).read_region(0, 0, 4, 4, 1)[2, 2], [200, 100, 50], atol=3
+    )
     jpg = tmp_path / "img.jpg"
     cv2.imwrite(str(jpg), np.full((16, 16, 3), (30, 60, 90), np.uint8))  # BGR
     assert (open_slide(grey, mpp=1).read_region(0, 0, 6, 5, 1) == 90).all()
@@ -477,6 +515,12 @@ def _bomb_tiff(tmp_path):
     return path
 
 
+def _bad_ifd(tmp_path):
+    path = tmp_path / "badifd.tif"
+    path.write_bytes(b"II*\x00" + bytes(range(256)) * 2)
+    return path
+
+
 def _directory(tmp_path):
     path = tmp_path / "folder.svs"
     path.mkdir()
@@ -500,6 +544,7 @@ def _mrxs(tmp_path):
         (_directory, SlideError, "is a directory"),
         (_text_svs, UnsupportedFormatError, "not a recognised slide"),
         (_truncated_tiff, SlideError, "truncated"),
+        (_bad_ifd, SlideError, "corrupt or truncated TIFF"),
         (_empty, SlideError, "empty file"),
         (_zero_width, SlideError, "zero-size"),
         (_bomb_png, SlideError, "decompression bomb"),

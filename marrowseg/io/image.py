@@ -243,6 +243,11 @@ class ImageReader(SlideReader):
             ) from exc
         if arr.ndim == 2:
             arr = arr[:, :, None]
+        if self._fmt == "jpeg" and arr.ndim == 3 and arr.shape[2] == 4:
+            # Four JPEG components are CMYK, stored inverted (Adobe): R = C' * K' / 255.
+            arr = (arr[:, :, :3].astype(np.uint16) * arr[:, :, 3:] + 127) // 255
+            arr = arr.astype(np.uint8)
+            logger.info("%r: colour converted: CMYK JPEG to RGB", self)
         if arr.ndim != 3 or (arr.shape[1], arr.shape[0]) != self.dimensions:
             raise SlideError(
                 f"{label}: decoded shape {arr.shape} does not match the header's "
