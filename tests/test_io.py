@@ -328,6 +328,8 @@ def test_read_straddling_edges_is_white_outside(pyramid_tif):
         assert (coarse[:10] == 255).all() and (coarse[:, :10] == 255).all()
         assert (coarse[10:, 10:] < 255).any()
         assert (r.read_region(1000, 0, 8, 8, r.mpp) == 255).all()
+        with pytest.raises(TypeError):
+            r.read_region(1.5, 0, 8, 8, r.mpp)
 
 
 def test_large_low_res_read_goes_in_bounded_blocks(monkeypatch):

@@ -11,6 +11,7 @@ import abc
 import hashlib
 import logging
 import math
+import operator
 import os
 from functools import cached_property
 from pathlib import Path
@@ -273,6 +274,8 @@ class SlideReader(abc.ABC):
             The file cannot be decoded there, or the reader is closed.
         ValueError
             Negative size or non-positive ``mpp``.
+        TypeError
+            A position or size that is not an integer.
 
         Notes
         -----
@@ -283,7 +286,7 @@ class SlideReader(abc.ABC):
         (sigma = 0.4 factor) and bilinear sampling at the exact centres. The
         value of a target pixel does not depend on the window it is read in.
         """
-        x_px, y_px, w_px, h_px = int(x_px), int(y_px), int(w_px), int(h_px)
+        x_px, y_px, w_px, h_px = map(operator.index, (x_px, y_px, w_px, h_px))
         if w_px < 0 or h_px < 0:
             raise ValueError(f"{self._label}: negative window size w={w_px}, h={h_px}")
         mpp = float(mpp)

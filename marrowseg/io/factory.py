@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -15,6 +16,8 @@ __all__ = ["open_slide", "sniff_format", "LAZY_TIFF_MIN_PX"]
 
 LAZY_TIFF_MIN_PX = 2**26
 """An untiled TIFF bigger than this with several strips is read lazily (strips as chunks)."""
+
+logger = logging.getLogger(__name__)
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _OPENSLIDE_ONLY = frozenset({".mrxs", ".vms", ".vmu"})
@@ -52,6 +55,8 @@ def _tiff_is_slide(path: Path) -> bool:
 
     try:
         with tifffile.TiffFile(path) as tf:
+            if path.suffix.lower() == ".svs" and not tf.is_svs:
+                logger.info("%s: named .svs but has no Aperio description; read as TIFF", path)
             if tf.is_svs or tf.is_ome or tf.is_ndpi or tf.is_scn or tf.is_bif or tf.is_philips:
                 return True
             page = tf.pages.first
