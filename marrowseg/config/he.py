@@ -2,11 +2,112 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
 
 from marrowseg.config._base import Strict
+from marrowseg.config.nuclei import NucleiConfig, NucleusClassesConfig
+from marrowseg.config.tissue_classes import TissueClassesConfig
+from marrowseg.errors import ConfigError
+
+__all__ = [
+    "HEConfig",
+    "HEStainConfig",
+    "CellularityBand",
+    "CellularityRule",
+    "CellularityReference",
+    "load_cellularity_reference",
+]
+
+
+class HEStainConfig(Strict):
+    """Which haematoxylin and eosin vectors deconvolve the slide."""
+
+    vectors: Literal["ruifrok", "macenko"] = Field(
+        description="ruifrok: fixed published vectors; macenko: estimated per slide in prepare(), "
+        "kept only if each lies within max_angle_deg of its Ruifrok vector"
+    )
+    macenko_min_od: float = Field(ge=0, description="summed OD of pixels used by the estimate")
+    macenko_percentile: float = Field(gt=0, lt=50, description="robust angle extreme, percent")
+    max_angle_deg: float = Field(gt=0, le=90, description="largest accepted deviation from Ruifrok, degrees")
 
 
 class HEConfig(Strict):
     mpp: float = Field(gt=0, description="analysis resolution, µm/px")
-    halo_um: float = Field(ge=0, description="context needed around each tile core, µm")
+    halo_um: float = Field(ge=0, description="context needed around each tile core, µm; must cover the largest fat space")
+    stain: HEStainConfig
+    tissue: TissueClassesConfig
+    nuclei: NucleiConfig
+    classes: NucleusClassesConfig
+    adipocyte_bins_um2: list[float] = Field(min_length=2, description="fixed edges of the adipocyte area histogram, µm²")
+    window_um: float | None = Field(gt=0, description="side of the slide-aligned windows for local cellularity, µm (null: none)")
+    cellularity_rule: str = Field(min_length=1, description="name of a rule in configs/cellularity_reference.yaml")
+
+    @field_validator("adipocyte_bins_um2")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(v, v[1:], strict=False)) or v[0] < 0:
+            raise ValueError("bin edges must be >= 0 and strictly increasing")
+        return v
+
+
+class CellularityBand(Strict):
+    """Normal cellularity for ages ``age_min <= age < age_max`` (years), percent."""
+
+    age_min: float = Field(ge=0)
+    age_max: float = Field(gt=0)
+    low_pct: float = Field(ge=0, le=100)
+    high_pct: float = Field(ge=0, le=100)
+
+
+class CellularityRule(Strict):
+    """One age-adjusted reference: a table of age bands, or 100 minus age ± tolerance."""
+
+    kind: Literal["table", "hundred_minus_age"]
+    source: str = Field(min_length=1, description="citation of the rule")
+    bands: list[CellularityBand] | None = None
+    tolerance_pct: float | None = Field(None, ge=0, le=50)
+
+    @field_validator("bands")
+    @classmethod
+    def _ordered(cls, v: list[CellularityBand] | None) -> list[CellularityBand] | None:
+        if v is not None:
+            for b in v:
+                if b.age_max <= b.age_min or b.high_pct < b.low_pct:
+                    raise ValueError(f"empty band {b.model_dump()}")
+            for a, b in zip(v, v[1:], strict=False):
+                if b.age_min != a.age_max:
+                    raise ValueError("bands must be contiguous and sorted by age")
+        return v
+
+
+class CellularityReference(Strict):
+    """Content of ``configs/cellularity_reference.yaml``."""
+
+    rules: dict[str, CellularityRule]
+
+
+def load_cellularity_reference(path: str | Path | None = None) -> CellularityReference:
+    """Read and validate the age table (default: the packaged ``cellularity_reference.yaml``).
+
+    Raises
+    ------
+    ConfigError
+        Unreadable file or invalid content; the message names the file.
+    """
+    from marrowseg.config import _read_yaml, config_dir  # late: the package imports this module
+
+    p = Path(path) if path is not None else config_dir() / "cellularity_reference.yaml"
+    data = _read_yaml(p)
+    try:
+        ref = CellularityReference.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{p}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+    for name, rule in ref.rules.items():
+        if rule.kind == "table" and not rule.bands:
+            raise ConfigError(f"{p}: rule {name!r} of kind 'table' needs 'bands'")
+        if rule.kind == "hundred_minus_age" and rule.tolerance_pct is None:
+            raise ConfigError(f"{p}: rule {name!r} of kind 'hundred_minus_age' needs 'tolerance_pct'")
+    return ref

@@ -1,0 +1,394 @@
+"""H&E analyzer: tissue classes, cellularity, adipocytes, nucleated cells.
+
+Dense step (torch, on the device): optical density, haematoxylin/eosin deconvolution,
+the smoothed haematoxylin maps of the nuclear detector and the pooled maps of the tissue
+classes. Per tile (CPU): tissue labels (:mod:`marrowseg.analyzers.tissue`), nuclei
+(:mod:`marrowseg.analyzers.nuclei`), counting only the tile core. ``finalize`` turns the
+summed pixel counts and counts into readouts; every ratio is formed there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from marrowseg import stains
+from marrowseg.analyzers import nuclei as nuc
+from marrowseg.analyzers import tissue as tis
+from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
+from marrowseg.config.he import CellularityReference, HEConfig, load_cellularity_reference
+from marrowseg.errors import ConfigError
+
+__all__ = ["HEAnalyzer", "HEModule", "cellularity_interval", "cellularity_verdict"]
+
+log = logging.getLogger(__name__)
+
+_CELL_COLUMNS = ("area_um2", "eccentricity", "solidity", "h_od_mean", "h_od_cv")
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a)
+    b = b / np.linalg.norm(b)
+    return float(np.degrees(np.arccos(np.clip(a @ b, -1.0, 1.0))))
+
+
+class HEModule(torch.nn.Module):
+    """``(B, 3, H, W)`` RGB 0..255 -> haematoxylin OD, nuclear maps and tissue maps.
+
+    Outputs at the analysis resolution: ``h_od``, ``peak``, ``mask`` (B, 1, H, W); at the
+    tissue-class resolution: ``bright``, ``h_ctx``, ``e_ctx`` (B, 1, ceil(H/k), ceil(W/k)).
+    """
+
+    def __init__(self, rgb_from_stains: np.ndarray, config: HEConfig) -> None:
+        super().__init__()
+        inv = np.linalg.inv(np.asarray(rgb_from_stains, np.float64))
+        # od = conc @ rgb_from_stains (row vectors), so conc = od @ inv: indexed (rgb, stain)
+        self.register_buffer("rgb_to_stain", torch.as_tensor(inv, dtype=torch.float32))
+        self.nuclei = nuc.NucleusMaps(config.mpp, config.nuclei)
+        self.tissue = tis.TissueMaps(config.mpp, config.tissue)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        od = stains.od_from_rgb_torch(x.float())
+        conc = torch.einsum("bchw,cs->bshw", od, self.rgb_to_stain.to(od.dtype))
+        h = torch.clamp(conc[:, 0:1], min=0.0)
+        out = {"h_od": h}
+        out.update(self.nuclei(h))
+        out.update(self.tissue(od.sum(dim=1, keepdim=True), conc[:, 0:2]))
+        return out
+
+
+def cellularity_interval(age: float, rule_name: str, reference: CellularityReference) -> tuple[float, float]:
+    """Normal cellularity interval (low, high) in percent for ``age`` years under a named rule.
+
+    Raises
+    ------
+    ConfigError
+        Unknown rule name.
+    ValueError
+        Negative age or an age outside every band of a table.
+    """
+    if rule_name not in reference.rules:
+        raise ConfigError(f"he.cellularity_rule: unknown rule {rule_name!r}; known: {', '.join(reference.rules)}")
+    if not (age >= 0):
+        raise ValueError(f"age must be >= 0 years, got {age}")
+    rule = reference.rules[rule_name]
+    if rule.kind == "hundred_minus_age":
+        centre = 100.0 - float(age)
+        tol = float(rule.tolerance_pct)
+        return max(0.0, centre - tol), min(100.0, max(0.0, centre + tol))
+    for band in rule.bands:
+        if band.age_min <= age < band.age_max:
+            return float(band.low_pct), float(band.high_pct)
+    raise ValueError(f"age {age} is outside every band of rule {rule_name!r}")
+
+
+def cellularity_verdict(cellularity_pct: float, low_pct: float, high_pct: float) -> str:
+    """``hypocellular`` below ``low_pct``, ``hypercellular`` above ``high_pct``, else ``normocellular``."""
+    if cellularity_pct < low_pct:
+        return "hypocellular"
+    if cellularity_pct > high_pct:
+        return "hypercellular"
+    return "normocellular"
+
+
+class HEAnalyzer(Analyzer):
+    """Cellularity and nucleated cells of an H&E-stained marrow trephine.
+
+    Parameters
+    ----------
+    config : HEConfig
+        The ``he`` section of the configuration.
+    """
+
+    stain: ClassVar[str] = "he"
+    map_names: ClassVar[tuple[str, ...]] = ("labels",)
+    label_classes: ClassVar[tuple[LabelClass, ...]] = (
+        LabelClass(tis.EXCLUDED, "excluded", (0, 0, 0)),
+        LabelClass(tis.HAEMATOPOIETIC, "haematopoietic", (200, 40, 120)),
+        LabelClass(tis.FAT, "fat", (250, 230, 140)),
+        LabelClass(tis.BONE, "bone", (120, 170, 230)),
+    )
+    cell_classes: ClassVar[tuple[LabelClass, ...]] = (
+        LabelClass(1, "late_erythroid", (220, 30, 30)),
+        LabelClass(2, "megakaryocyte", (30, 30, 220)),
+        LabelClass(3, "other", (30, 180, 30)),
+    )
+    allow_amp: ClassVar[bool] = False  # OD thresholds near 0.25 do not survive float16 rounding of logs
+
+    def __init__(self, config: HEConfig) -> None:
+        super().__init__(config)
+        self.rgb_from_stains = stains.stain_matrix(stains.RUIFROK_H, stains.RUIFROK_E)
+        self.k = tis.class_factor(config.mpp, config.tissue.class_mpp)
+        self.reference = load_cellularity_reference()
+        if config.cellularity_rule not in self.reference.rules:
+            raise ConfigError(
+                f"he.cellularity_rule: unknown rule {config.cellularity_rule!r}; "
+                f"known: {', '.join(self.reference.rules)}"
+            )
+        self.edges_um2 = np.asarray(config.adipocyte_bins_um2, np.float64)
+
+    @property
+    def map_downsample(self) -> int:
+        return self.k
+
+    @property
+    def window_um(self) -> float | None:
+        return None if self.config.window_um is None else float(self.config.window_um)
+
+    # -- dense ----------------------------------------------------------------------------
+    def prepare(self, sample_rgb: np.ndarray) -> dict[str, Any]:
+        """Choose the stain vectors: Ruifrok, or a Macenko estimate close enough to it."""
+        cfg = self.config.stain
+        ruifrok = stains.stain_matrix(stains.RUIFROK_H, stains.RUIFROK_E)
+        info: dict[str, Any] = {"stain_vectors": "ruifrok"}
+        if cfg.vectors == "macenko":
+            od = stains.od_from_rgb(np.asarray(sample_rgb).reshape(-1, 3))
+            vecs, est = stains.estimate_two_stains(od, min_od=cfg.macenko_min_od, percentile=cfg.macenko_percentile)
+            info["macenko"] = est
+            if vecs is not None:
+                # assign by angle to the reference vectors, not by the estimator's own order
+                a = [[_angle_deg(v, ruifrok[j]) for j in range(2)] for v in vecs]
+                order = (0, 1) if a[0][0] + a[1][1] <= a[0][1] + a[1][0] else (1, 0)
+                h, e = vecs[order[0]], vecs[order[1]]
+                dh, de = _angle_deg(h, ruifrok[0]), _angle_deg(e, ruifrok[1])
+                info.update(h_angle_deg=dh, e_angle_deg=de)
+                if dh <= cfg.max_angle_deg and de <= cfg.max_angle_deg:
+                    self.rgb_from_stains = stains.stain_matrix(h, e)
+                    info["stain_vectors"] = "macenko"
+                    info["h"] = [float(x) for x in h]
+                    info["e"] = [float(x) for x in e]
+                else:
+                    log.warning("Macenko vectors %.0f/%.0f deg from Ruifrok: keeping Ruifrok", dh, de)
+            self._module = None
+        return info
+
+    def build_module(self) -> torch.nn.Module:
+        return HEModule(self.rgb_from_stains, self.config).eval()
+
+    # -- per tile -------------------------------------------------------------------------
+    def _geometry(self, ctx: TileContext, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Valid (inside-slide) and open-border masks at the class resolution.
+
+        ``shape`` is the (possibly cropped) tile shape at the analysis resolution.
+        """
+        k = self.k
+        hc, wc = -(-shape[0] // k), -(-shape[1] // k)
+        vr = min(shape[0], int(ctx.valid_px[0]))
+        vc = min(shape[1], int(ctx.valid_px[1]))
+        vrc, vcc = -(-vr // k), -(-vc // k)
+        valid = np.zeros((hc, wc), bool)
+        valid[:vrc, :vcc] = True
+        border = np.zeros((hc, wc), bool)
+        # A tile edge is interior to the slide when the grid cut the slide there: above and
+        # left when the tile does not start at 0; below and right when the core stops
+        # short of the slide pixels the tile holds (the last tile's core runs to the slide edge).
+        if ctx.origin_px[0] > 0:
+            border[0, :] = True
+        if ctx.origin_px[1] > 0:
+            border[:, 0] = True
+        if ctx.core[0].stop < vr:
+            border[vrc - 1, :] = True
+        if ctx.core[1].stop < vc:
+            border[:, vcc - 1] = True
+        return valid, border & valid
+
+    def post(self, dense: dict[str, np.ndarray], rgb: np.ndarray, ctx: TileContext) -> TileResult:
+        cfg = self.config
+        mpp = float(ctx.mpp)
+        k = self.k
+        d = {key: np.asarray(v, dtype=np.float32).reshape(np.shape(v)[-2:]) for key, v in dense.items()}
+        # beyond the slide there is only white padding: work on the valid box only
+        full = d["h_od"].shape
+        vr = min(full[0], -(-int(ctx.valid_px[0]) // k) * k)
+        vc = min(full[1], -(-int(ctx.valid_px[1]) // k) * k)
+        for key, v in d.items():
+            d[key] = v[:vr, :vc] if v.shape == full else v[: vr // k, : vc // k]
+        shape = d["h_od"].shape
+        class_mpp = mpp * k
+        valid_c, border_c = self._geometry(ctx, shape)
+        labels_c, fat = tis.classify_tissue(
+            d["bright"], d["h_ctx"], d["e_ctx"], class_mpp, cfg.tissue, valid=valid_c, open_border=border_c
+        )
+        labels = tis.upsample_labels(labels_c, k, shape)
+        core = ctx.core
+        core_labels = labels[core]
+        counts = np.bincount(core_labels.ravel(), minlength=4)
+        stats: dict[str, float] = {
+            "excluded_px": int(counts[tis.EXCLUDED]),
+            "haematopoietic_px": int(counts[tis.HAEMATOPOIETIC]),
+            "fat_px": int(counts[tis.FAT]),
+            "bone_px": int(counts[tis.BONE]),
+        }
+
+        # adipocytes: one per fat space, counted by the tile holding its centroid
+        fr = (fat.row + 0.5) * k - 0.5
+        fc = (fat.col + 0.5) * k - 0.5
+        in_core = ctx.in_core(fr, fc) if fr.size else np.zeros(0, bool)
+        areas_um2 = fat.area_px[in_core].astype(np.float64) * class_mpp**2
+        hist = np.bincount(np.digitize(areas_um2, self.edges_um2), minlength=len(self.edges_um2) + 1)
+        stats["n_adipocytes"] = int(in_core.sum())
+        stats["adipocyte_area_um2"] = float(areas_um2.sum())
+        for i, n in enumerate(hist):
+            stats[f"n_adipocytes_bin_{i:02d}"] = int(n)
+
+        # nuclei: centres searched in marrow (haematopoietic tissue and fat septa)
+        allowed = (labels == tis.HAEMATOPOIETIC) | (labels == tis.FAT)
+        _, table = nuc.detect_nuclei(
+            d["h_od"], mpp, cfg.nuclei, peak_map=d["peak"], mask_map=d["mask"], allowed=allowed
+        )
+        keep = ctx.in_core(table["row"], table["col"])
+        classes = nuc.classify_nuclei(table, cfg.classes)[keep]
+        cells = {"row": table["row"][keep], "col": table["col"][keep], "class": classes.astype(str)}
+        for c in _CELL_COLUMNS:
+            cells[c] = table[c][keep]
+        stats["n_nucleated"] = int(keep.sum())
+        for name in nuc.NUCLEUS_CLASSES:
+            stats[f"n_{name}"] = int((classes == name).sum())
+
+        windows = self._windows(core_labels, cells, ctx) if cfg.window_um is not None else {}
+        return TileResult(stats=stats, maps={"labels": self._map(labels, ctx)}, cells=cells, windows=windows)
+
+    def _map(self, labels: np.ndarray, ctx: TileContext) -> np.ndarray:
+        """The core's labels on the slide-aligned grid of every k-th analysis pixel."""
+        k = self.k
+        r0, c0 = ctx.core_origin_px
+        core = labels[ctx.core]
+        return np.ascontiguousarray(core[(-r0) % k :: k, (-c0) % k :: k])
+
+    def _windows(self, core_labels: np.ndarray, cells: dict[str, np.ndarray], ctx: TileContext) -> dict:
+        mpp = float(ctx.mpp)
+        win = float(self.config.window_um)
+        r0, c0 = ctx.core_origin_px
+        h, w = core_labels.shape
+        wr = np.floor((r0 + np.arange(h)) * mpp / win).astype(np.int64)
+        wc = np.floor((c0 + np.arange(w)) * mpp / win).astype(np.int64)
+        out: dict[tuple[int, int], dict[str, float]] = {}
+        names = {tis.HAEMATOPOIETIC: "haematopoietic_px", tis.FAT: "fat_px", tis.BONE: "bone_px"}
+        cr = np.floor((r0 + np.floor(cells["row"]) - ctx.core[0].start) * mpp / win).astype(np.int64)
+        cc = np.floor((c0 + np.floor(cells["col"]) - ctx.core[1].start) * mpp / win).astype(np.int64)
+        for i in np.unique(wr):
+            rows = wr == i
+            for j in np.unique(wc):
+                cols = wc == j
+                n = np.bincount(core_labels[np.ix_(rows, cols)].ravel(), minlength=4)
+                entry = {name: int(n[v]) for v, name in names.items()}
+                entry["n_nucleated"] = int(((cr == i) & (cc == j)).sum())
+                out[(int(i), int(j))] = entry
+        return out
+
+    # -- slide ----------------------------------------------------------------------------
+    def _quantile(self, hist: np.ndarray, q: float) -> float | None:
+        """Quantile of the adipocyte areas from the fixed-bin histogram (linear within a bin)."""
+        n = hist.sum()
+        if n == 0:
+            return None
+        edges = self.edges_um2
+        target = q * n
+        cum = np.cumsum(hist)
+        i = int(np.searchsorted(cum, target, side="left"))
+        i = min(i, len(hist) - 1)
+        if i == 0:
+            return float(edges[0])  # below the first edge: report the edge
+        if i == len(hist) - 1:
+            return float(edges[-1])  # open-ended last bin: report its lower edge
+        lo, hi = edges[i - 1], edges[i]
+        before = cum[i - 1]
+        frac = (target - before) / hist[i] if hist[i] else 0.0
+        return float(lo + frac * (hi - lo))
+
+    def finalize(
+        self,
+        totals: dict[str, float],
+        windows: dict[tuple[int, int], dict[str, float]],
+        *,
+        age: float | None = None,
+    ) -> dict[str, Any]:
+        px_um2 = float(self.config.mpp) ** 2
+        g = lambda key: float(totals.get(key, 0))  # noqa: E731
+        haem_um2, fat_um2 = g("haematopoietic_px") * px_um2, g("fat_px") * px_um2
+        bone_um2, excl_um2 = g("bone_px") * px_um2, g("excluded_px") * px_um2
+        marrow_um2 = haem_um2 + fat_um2
+        n_cells = int(g("n_nucleated"))
+        n_adip = int(g("n_adipocytes"))
+        hist = np.array([int(totals.get(f"n_adipocytes_bin_{i:02d}", 0)) for i in range(len(self.edges_um2) + 1)])
+
+        def ratio(a: float, b: float, scale: float = 1.0) -> float | None:
+            return None if b <= 0 else float(a / b * scale)
+
+        cellularity = ratio(haem_um2, marrow_um2, 100.0)
+        readouts: dict[str, Any] = {
+            "cellularity_pct": cellularity,
+            "bone_area_frac": ratio(bone_um2, bone_um2 + marrow_um2),
+            "marrow_area_mm2": marrow_um2 / 1e6,
+            "adipocyte_count": n_adip,
+            "adipocyte_area_um2_q25": self._quantile(hist, 0.25),
+            "adipocyte_area_um2_median": self._quantile(hist, 0.5),
+            "adipocyte_area_um2_q75": self._quantile(hist, 0.75),
+            "adipocyte_area_um2_mean": ratio(g("adipocyte_area_um2"), n_adip),
+            "nucleated_cells": n_cells,
+            "nucleated_cells_per_mm2": ratio(n_cells, haem_um2, 1e6),
+            "late_erythroid_per_100": ratio(g("n_late_erythroid"), n_cells, 100.0),
+            "megakaryocytes_per_mm2": ratio(g("n_megakaryocyte"), haem_um2, 1e6),
+        }
+        interpretation: dict[str, Any] = {}
+        if age is not None:
+            low, high = cellularity_interval(float(age), self.config.cellularity_rule, self.reference)
+            rule = self.reference.rules[self.config.cellularity_rule]
+            readouts["cellularity_reference"] = {
+                "low": low,
+                "high": high,
+                "rule": self.config.cellularity_rule,
+                "source": rule.source,
+            }
+            readouts["cellularity_verdict"] = (
+                None if cellularity is None else cellularity_verdict(cellularity, low, high)
+            )
+            interpretation = {"age_years": float(age), "cellularity_verdict": readouts["cellularity_verdict"]}
+
+        # local cellularity over windows with enough marrow (half a window) to be meaningful
+        win_cell = []
+        if self.config.window_um is not None:
+            min_px = 0.5 * (float(self.config.window_um) ** 2) / px_um2
+            for v in windows.values():
+                m = v.get("haematopoietic_px", 0) + v.get("fat_px", 0)
+                if m >= min_px:
+                    win_cell.append(100.0 * v["haematopoietic_px"] / m)
+        win_summary = (
+            {
+                "n_windows": len(win_cell),
+                "window_um": float(self.config.window_um),
+                "cellularity_pct_p10": float(np.percentile(win_cell, 10)),
+                "cellularity_pct_median": float(np.median(win_cell)),
+                "cellularity_pct_p90": float(np.percentile(win_cell, 90)),
+            }
+            if win_cell
+            else {"n_windows": 0}
+        )
+        out = {
+            "readouts": readouts,
+            "areas_um2": {
+                "haematopoietic": haem_um2,
+                "fat": fat_um2,
+                "bone": bone_um2,
+                "excluded": excl_um2,
+            },
+            "counts": {name: int(g(f"n_{name}")) for name in nuc.NUCLEUS_CLASSES},
+            "measurements": {
+                "adipocyte_area_hist": {
+                    "edges_um2": [float(e) for e in self.edges_um2],
+                    "counts": [int(c) for c in hist],
+                    "note": "counts[0] is below edges[0], counts[i] in [edges[i-1], edges[i]), the last is >= edges[-1]",
+                },
+                "local_cellularity": win_summary,
+            },
+        }
+        if interpretation:
+            out["interpretation"] = interpretation
+        for v in out["readouts"].values():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise AssertionError("non-finite readout")  # ratios guard their denominators
+        return out

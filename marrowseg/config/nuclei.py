@@ -1,0 +1,43 @@
+"""Settings of nuclear detection and morphology classes (shared by H&E and E-cadherin).
+
+Values live in YAML (``configs/he.yaml``, ``configs/ecad.yaml``); these models only
+validate. Lengths are µm, areas µm², densities haematoxylin optical density (OD).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from marrowseg.config._base import Strict
+
+__all__ = ["NucleiConfig", "NucleusClassesConfig"]
+
+
+class NucleiConfig(Strict):
+    """Detection of nuclei on a haematoxylin OD image (see :mod:`marrowseg.analyzers.nuclei`)."""
+
+    detector: Literal["classical"] = Field(
+        description="classical: smoothed-haematoxylin peaks + watershed (the only detector so far)"
+    )
+    peak_sigma_um: float = Field(gt=0, description="Gaussian sigma of the peak-finding map, µm")
+    min_distance_um: float = Field(gt=0, description="minimum distance between two nucleus centres, µm")
+    min_peak_od: float = Field(ge=0, description="smoothed haematoxylin OD a centre must reach")
+    mask_sigma_um: float = Field(ge=0, description="Gaussian sigma of the map thresholded into nuclear pixels, µm")
+    mask_od: float = Field(ge=0, description="haematoxylin OD above which a pixel is nuclear")
+    min_area_um2: float = Field(ge=0, description="smaller segmented nuclei are dropped, µm²")
+
+
+class NucleusClassesConfig(Strict):
+    """Morphological classes of nuclei (see :func:`marrowseg.analyzers.nuclei.classify_nuclei`).
+
+    ``megakaryocyte`` is tested first, then ``late_erythroid``; the rest is ``other``.
+    """
+
+    megakaryocyte_min_area_um2: float = Field(gt=0, description="nuclear area of a megakaryocyte, µm²")
+    late_erythroid_min_area_um2: float = Field(ge=0, description="µm²")
+    late_erythroid_max_area_um2: float = Field(gt=0, description="small nucleus of polychromatic/orthochromatic normoblasts, µm²")
+    late_erythroid_min_od: float = Field(ge=0, description="mean haematoxylin OD of a dense, pyknotic nucleus")
+    late_erythroid_max_eccentricity: float = Field(ge=0, le=1, description="round nucleus")
+    late_erythroid_max_od_cv: float = Field(ge=0, description="homogeneous chromatin: std/mean of OD in the nucleus")

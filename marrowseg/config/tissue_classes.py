@@ -1,0 +1,29 @@
+"""Settings of the tissue classes haematopoietic / fat / bone / excluded.
+
+Values live in YAML; see :mod:`marrowseg.analyzers.tissue` for the method.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from marrowseg.config._base import Strict
+
+__all__ = ["TissueClassesConfig"]
+
+
+class TissueClassesConfig(Strict):
+    """Thresholds and sizes of the tissue classification (µm, µm², OD)."""
+
+    class_mpp: float = Field(gt=0, description="resolution of the tissue label map, µm/px (rounded to an integer multiple of the analysis mpp)")
+    bright_sigma_um: float = Field(ge=0, description="smoothing before the unstained-pixel threshold, µm")
+    bright_max_od: float = Field(gt=0, description="summed RGB OD below which a pixel is unstained (fat lumen or glass)")
+    fat_min_diameter_um: float = Field(gt=0, description="smaller unstained holes belong to the tissue around them, µm (equivalent diameter)")
+    fat_max_diameter_um: float = Field(gt=0, description="larger unstained regions are background, µm (equivalent diameter)")
+    fat_min_solidity: float = Field(ge=0, le=1, description="less convex unstained regions are tears or background")
+    membrane_um: float = Field(ge=0, description="closing radius that gives the thin membranes between fat spaces to fat, µm")
+    context_sigma_um: float = Field(gt=0, description="Gaussian sigma of the stain densities used for bone, µm")
+    bone_min_eosin_od: float = Field(ge=0, description="local mean eosin OD of bone matrix")
+    bone_max_haem_od: float = Field(ge=0, description="local mean haematoxylin OD above which tissue is cellular, not bone")
+    bone_min_area_um2: float = Field(ge=0, description="smaller bone-like patches are haematopoietic tissue, µm²")
+    bone_open_um: float = Field(ge=0, description="opening radius that removes thin eosinophilic strands from bone, µm")
