@@ -1,0 +1,116 @@
+"""The phantom's own optics: stain absorbance vectors and what each tissue part takes up.
+
+Deliberately independent of ``marrowseg.stains``: the phantom must not share the
+analyzers' idea of the stains, or a wrong vector would cancel out.
+
+Every vector is an optical density (OD) direction over (R, G, B), normalised to unit length.
+A pixel's OD is ``sum_i c_i * v_i`` (Beer-Lambert) and its intensity ``255 * 10**-OD``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["STAINS", "ROLES", "stain_spec"]
+
+
+def _unit(v) -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    return v / np.linalg.norm(v)
+
+
+# Ruifrok AC, Johnston DA. Quantification of histochemical staining by color deconvolution.
+# Anal Quant Cytol Histol 2001;23:291-299, Table 1 (H&E, H-DAB and Fast Red / Fast Blue / DAB).
+OD_HAEMATOXYLIN = _unit([0.650, 0.704, 0.286])
+OD_EOSIN = _unit([0.072, 0.990, 0.105])
+OD_DAB = _unit([0.268, 0.570, 0.776])
+# Fast Red, same table: stands in for the nuclear-fast-red (Kernechtrot) counterstain of
+# Gomori reticulin, a pink-red dye of similar spectrum.
+OD_FAST_RED = _unit([0.214, 0.851, 0.478])
+# Metallic silver of reticulin fibres: near-neutral grey-black with a slight warm (brownish) tone,
+# i.e. marginally more absorbance in blue than red. Chosen per the measured look of silver-
+# impregnated fibres; the darkest 1 % of the BoMBR reticulin image (fig0) is consistent
+# (its OD direction 0.44:0.64:0.63 also carries the pink counterstain).
+OD_SILVER = _unit([0.555, 0.575, 0.600])
+# Gold-toned bone matrix / collagen in Gomori: measured here as the mean OD over the
+# bone ground-truth mask of the BoMBR reticulin image fig0 (~1 µm/px), OD (0.110, 0.289, 0.405).
+OD_GOLD = _unit([0.110, 0.289, 0.405])
+
+#: roles the object renderer composites (per-pixel maxima); each stain mixes them into dyes.
+ROLES = ("nuc", "cyto", "cytb", "cov", "ring", "rbc", "fib", "col")
+_R = {name: i for i, name in enumerate(ROLES)}
+
+
+def _mix(dyes: dict[str, int], pairs: dict[str, dict[str, float]]) -> np.ndarray:
+    m = np.zeros((len(ROLES), len(dyes)), np.float32)
+    for role, row in pairs.items():
+        for dye, val in row.items():
+            m[_R[role], dyes[dye]] = val
+    return m
+
+
+def stain_spec(stain: str) -> dict:
+    """Dye vectors, role->dye mixing and the tissue-wide (grid) uptakes of one stain."""
+    if stain == "he":
+        dyes = {"H": 0, "E": 1}
+        vec = np.stack([OD_HAEMATOXYLIN, OD_EOSIN])
+        mix = _mix(dyes, {
+            "nuc": {"H": 1.0, "E": 0.12},
+            "cyto": {"E": 1.0, "H": 0.03},
+            "cytb": {"H": 1.0, "E": 0.25},   # basophilic cytoplasm of early erythroid cells
+            "rbc": {"E": 1.0},
+            "col": {"E": 0.9},
+        })
+        grid = {  # dye concentrations, OD units
+            "stroma": {"E": 0.16, "H": 0.04},
+            "membrane": {"E": 0.45, "H": 0.05},
+            "fat": {"E": 0.015},
+            "bone": {"E": 0.80, "H": 0.07},
+            "sinus": {"E": 0.06},
+            "glass": {"E": 0.008, "H": 0.004},
+        }
+    elif stain == "ecad":
+        dyes = {"H": 0, "D": 1}
+        vec = np.stack([OD_HAEMATOXYLIN, OD_DAB])
+        mix = _mix(dyes, {
+            "nuc": {"H": 0.62},
+            "cyto": {"H": 0.03, "D": 0.015},
+            "cytb": {"H": 0.06, "D": 0.02},
+            "ring": {"D": 1.0},
+            "rbc": {"H": 0.02, "D": 0.07},
+            "col": {"H": 0.05},
+        })
+        grid = {
+            "stroma": {"H": 0.06, "D": 0.03},
+            "membrane": {"H": 0.14, "D": 0.05},
+            "fat": {"H": 0.01, "D": 0.01},
+            "bone": {"H": 0.16, "D": 0.06},
+            "sinus": {"D": 0.02},
+            "glass": {"H": 0.006, "D": 0.008},
+        }
+    elif stain == "reticulin":
+        dyes = {"C": 0, "S": 1, "O": 2}
+        vec = np.stack([OD_FAST_RED, OD_SILVER, OD_GOLD])
+        mix = _mix(dyes, {
+            "nuc": {"C": 0.42, "S": 0.06},
+            "cyto": {"C": 0.10},
+            "cytb": {"C": 0.12},
+            "rbc": {"C": 0.08, "O": 0.10},
+            "fib": {"S": 1.0},
+            "col": {"S": 0.45, "O": 0.75},
+        })
+        grid = {
+            "stroma": {"C": 0.15, "S": 0.05},
+            "membrane": {"C": 0.22, "S": 0.10},
+            "fat": {"C": 0.015},
+            "bone": {"O": 0.95, "S": 0.04},
+            "sinus": {"C": 0.05},
+            "glass": {"C": 0.008, "S": 0.006},
+        }
+    else:  # pragma: no cover - guarded by make_phantom
+        raise ValueError(stain)
+    gridv = {k: np.array([row.get(d, 0.0) for d in dyes], np.float32) for k, row in grid.items()}
+    return {"dyes": dyes, "vectors": vec.astype(np.float32), "mix": mix, "grid": gridv}
+
+
+STAINS = ("he", "ecad", "reticulin")
