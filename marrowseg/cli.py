@@ -100,8 +100,8 @@ def info(
     with open_slide(slide, mpp=mpp) as reader:
         side_um = max(reader.shape) * reader.mpp
         mask_mpp = max(reader.mpp, min(cfg.mpp, side_um / 256))
-        mask = tissue_mask(reader.read_at_mpp(mask_mpp), mask_mpp, min_od=cfg.min_od,
-                           min_saturation=cfg.min_saturation, min_object_um2=cfg.min_object_um2,
+        mask = tissue_mask(reader.read_at_mpp(mask_mpp), mask_mpp, min_od=cfg.min_od, max_od=cfg.max_od,
+                           min_saturation=cfg.min_saturation, max_saturation=cfg.max_saturation, min_object_um2=cfg.min_object_um2,
                            max_hole_um2=cfg.max_hole_um2, margin_um=0,
                            keep_border_objects=max(reader.shape) <= 4096)
         doc = {

@@ -161,7 +161,8 @@ def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     mask_mpp = max(reader.mpp, min(tcfg.mpp, side_um / 256))
     view = reader.read_at_mpp(mask_mpp)
     mask = tissue_mask(
-        view, mask_mpp, min_od=tcfg.min_od, min_saturation=tcfg.min_saturation,
+        view, mask_mpp, min_od=tcfg.min_od, max_od=tcfg.max_od, min_saturation=tcfg.min_saturation,
+        max_saturation=tcfg.max_saturation,
         min_object_um2=tcfg.min_object_um2, max_hole_um2=tcfg.max_hole_um2,
         margin_um=tcfg.margin_um, keep_border_objects=small,
     )

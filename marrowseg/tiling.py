@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from skimage.filters import threshold_otsu
-from skimage.morphology import remove_small_holes, remove_small_objects
+from skimage.morphology import remove_small_objects
 
 __all__ = ["Tile", "axis_cores", "tile_grid", "tissue_mask", "tiles_over_mask"]
 
@@ -166,6 +166,8 @@ def tissue_mask(
     *,
     min_od: float = 0.05,
     min_saturation: float = 0.04,
+    max_od: float = 0.15,
+    max_saturation: float = 0.15,
     min_object_um2: float = 40_000.0,
     max_hole_um2: float = 2_000_000.0,
     margin_um: float = 48.0,
@@ -173,10 +175,9 @@ def tissue_mask(
 ) -> np.ndarray:
     """Tissue mask of a low-resolution RGB view of a slide.
 
-    Tissue absorbs light (optical density) and is coloured (saturation); glass is bright
-    and grey. Each cue is thresholded by Otsu, never below its floor, and a pixel is tissue
-    when both exceed their threshold (glass edges and dust are dark but grey; faint pen
-    ink is coloured but barely absorbs). Specks smaller than ``min_object_um2`` are
+    Tissue absorbs light (optical density) or is coloured (saturation); glass is bright
+    and grey. Each cue is thresholded by Otsu, clipped to ``[min, max]``, and a pixel is
+    tissue when either exceeds its threshold. Specks smaller than ``min_object_um2`` are
     dropped and enclosed holes up to ``max_hole_um2`` (fat, sinusoids) are filled, then
     the mask is dilated by ``margin_um`` so tiles reach the tissue edge.
 
@@ -186,8 +187,8 @@ def tissue_mask(
         Low-resolution view, white glass.
     mpp : float
         Its pixel size, µm/px.
-    min_od, min_saturation : float
-        Floors under the Otsu thresholds (summed OD / 3; HSV saturation 0..1).
+    min_od, max_od, min_saturation, max_saturation : float
+        Limits of the Otsu thresholds (mean RGB OD; HSV saturation 0..1).
     min_object_um2, max_hole_um2 : float
         Area limits, µm².
     margin_um : float
@@ -205,13 +206,13 @@ def tissue_mask(
     od = (-np.log10(x / 255.0)).mean(axis=2)
     mx = x.max(axis=2)
     sat = (mx - x.min(axis=2)) / mx
-    od_t = max(_otsu(od), min_od)
-    sat_t = max(_otsu(sat), min_saturation)
-    mask = (od > od_t) & (sat > sat_t)
-    # Grey, strongly absorbing pixels are tissue too in silver stains (black fibres, dense
-    # cores); accept them when they sit among coloured tissue.
-    dense = od > max(od_t, 0.25)
-    mask |= dense & cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    # Otsu separates glass from tissue on a slide; on a field that is all tissue it would
+    # split the tissue itself, so each threshold is clipped to the range glass can have.
+    od_t = float(np.clip(_otsu(od), min_od, max_od))
+    sat_t = float(np.clip(_otsu(sat), min_saturation, max_saturation))
+    # Glass is bright *and* grey; tissue absorbs or is coloured (silver-stained tissue is
+    # grey but dark). Thin dark glass edges are removed below by the median and size filters.
+    mask = (od > od_t) | (sat > sat_t)
     # A median removes the one-pixel lines of glass edges and scratches.
     mask = cv2.medianBlur(mask.astype(np.uint8), 3).astype(bool)
     px_area = mpp * mpp
@@ -228,8 +229,8 @@ def tissue_mask(
         else:
             mask = remove_small_objects(mask, max_size=min_obj_px)
     max_hole_px = int(max_hole_um2 / px_area)
-    if max_hole_px > 0:
-        mask = remove_small_holes(mask, max_size=max_hole_px)
+    if max_hole_px > 0 and mask.any():
+        mask = _fill_enclosed_holes(mask, max_hole_px)
     r = int(round(margin_um / mpp))
     if r > 0 and mask.any():
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
@@ -244,6 +245,17 @@ def _otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(v))
 
 
-def _label(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    n, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+def _fill_enclosed_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """Fill holes of at most ``max_px`` that do not touch the image border (glass does)."""
+    lab, _ = _label(~mask, connectivity=4)
+    sizes = np.bincount(lab.ravel())
+    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    fill = sizes <= max_px
+    fill[0] = False
+    fill[edge] = False
+    return mask | fill[lab]
+
+
+def _label(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, int]:
+    n, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=connectivity)
     return lab, n - 1

@@ -16,9 +16,10 @@ class TissueConfig(_Strict):
     """Low-resolution tissue detection (see :func:`marrowseg.tiling.tissue_mask`)."""
 
     mpp: float = Field(gt=0, description="resolution of the mask, µm/px")
-    min_od: float = Field(ge=0, description="floor under the Otsu threshold on summed OD")
-    min_saturation: float = Field(ge=0, le=1, description="floor under the Otsu threshold on HSV saturation")
-    max_grey_od_spread: float = Field(ge=0, description="pixels whose RGB OD spread is below this and OD above pen_od are grey/black debris")
+    min_od: float = Field(ge=0, description="lower limit of the Otsu threshold on mean RGB OD")
+    max_od: float = Field(gt=0, description="upper limit: pixels above it are never glass")
+    min_saturation: float = Field(ge=0, le=1, description="lower limit of the Otsu threshold on HSV saturation")
+    max_saturation: float = Field(gt=0, le=1, description="upper limit: pixels above it are never glass")
     min_object_um2: float = Field(ge=0)
     max_hole_um2: float = Field(ge=0)
     margin_um: float = Field(ge=0, description="dilation of the mask so tiles reach the tissue edge")

@@ -1,0 +1,164 @@
+"""The batched engine: exact sums, invariance to batching and workers, de-duplication, failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from marrowseg.config import load_config
+from marrowseg.engine import MemorySink, plan_slide, run_slide
+from marrowseg.errors import NoTissueError, SlideError
+from marrowseg.io import open_slide
+from marrowseg.outputs.sink import FileSink
+from tests.toy_analyzer import DiscAnalyzer, disc_image
+
+
+def _cfg(tile_px=128, overlap_px=0, **engine):
+    over = {"tiling": {"tile_px": tile_px, "overlap_px": overlap_px},
+            "engine": {"device": "cpu", "workers": 0, **engine}}
+    return load_config(overrides=over)
+
+
+def _run(img, mpp=1.0, analyzer=None, **kw):
+    analyzer = analyzer or DiscAnalyzer()
+    cfg = kw.pop("config", None) or _cfg()
+    with open_slide(img, mpp=mpp) as reader:
+        return run_slide(reader, analyzer, cfg, **kw)
+
+
+def test_totals_are_exact_sums_over_the_whole_image():
+    """Dark pixels summed over tile cores equal the count on the untiled image."""
+    img, centres = disc_image()
+    res = _run(img)
+    whole = DiscAnalyzer().module(
+        __import__("torch").from_numpy(img).permute(2, 0, 1)[None].float())["od"][0].numpy()
+    assert res.totals["dark_px"] == int((whole > 0.3).sum())
+    assert res.totals["core_px"] == img.shape[0] * img.shape[1]
+
+
+def test_each_disc_is_counted_once_across_tile_overlaps():
+    """Discs straddling tile borders appear in two tiles but are counted by one core."""
+    img, centres = disc_image(n=60, seed=3)
+    res = _run(img, config=_cfg(tile_px=96, overlap_px=40))
+    assert res.totals["n_discs"] == len(centres)
+    cells = res.cells
+    assert len(cells["x"]) == len(centres)
+    # every truth centre has a detection within a pixel (x, y are level-0 pixel indices)
+    d = np.hypot(cells["y"][:, None] - centres[None, :, 0], cells["x"][:, None] - centres[None, :, 1])
+    assert (d.min(axis=0) < 1.0).all()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+def test_results_do_not_depend_on_batch_size(batch_size):
+    img, _ = disc_image(seed=5)
+    ref = _run(img, batch_size=1)
+    res = _run(img, batch_size=batch_size)
+    assert res.totals == ref.totals
+    assert res.windows == ref.windows
+    np.testing.assert_array_equal(res.maps["labels"], ref.maps["labels"])
+    np.testing.assert_array_equal(res.cells["x"], ref.cells["x"])
+
+
+def test_results_do_not_depend_on_worker_processes(tmp_path):
+    img, _ = disc_image(seed=6)
+    path = tmp_path / "discs.tif"
+    tifffile.imwrite(path, img, photometric="rgb", tile=(64, 64), resolution=(1e4, 1e4),
+                     resolutionunit="CENTIMETER")  # 1 µm/px
+    cfg0 = _cfg(tile_px=128, overlap_px=16)
+    with open_slide(path) as reader:
+        r0 = run_slide(reader, DiscAnalyzer(), cfg0, workers=0)
+        r2 = run_slide(reader, DiscAnalyzer(), cfg0, workers=2, batch_size=2)
+    assert r2.provenance["device"]["workers"] == 2
+    assert r0.totals == r2.totals
+    assert r0.windows == r2.windows
+    np.testing.assert_array_equal(r0.maps["labels"], r2.maps["labels"])
+
+
+def test_window_stats_sum_to_the_total():
+    img, _ = disc_image(seed=8)
+    res = _run(img)
+    assert sum(w["dark_px"] for w in res.windows.values()) == res.totals["dark_px"]
+    # windows are slide-aligned 40 µm squares
+    assert max(k[0] for k in res.windows) <= img.shape[0] // 40
+
+
+def test_maps_are_stitched_at_the_map_resolution():
+    img, _ = disc_image(seed=9)
+    res = _run(img, analyzer=DiscAnalyzer(downsample=2), config=_cfg(tile_px=100, overlap_px=10))
+    full = _run(img).maps["labels"]
+    assert res.maps["labels"].shape == ((img.shape[0] + 1) // 2, (img.shape[1] + 1) // 2)
+    np.testing.assert_array_equal(res.maps["labels"], full[::2, ::2])
+
+
+def test_analysis_at_coarser_mpp_reports_areas_in_um2():
+    """The same field analysed at 1 and 2 µm/px gives the same dark area in µm² (within 10 %)."""
+    img, _ = disc_image(n=30, radius_px=8, seed=10)
+    a1 = _run(img, mpp=1.0, analyzer=DiscAnalyzer(mpp=1.0)).report["areas_um2"]["dark"]
+    a2 = _run(img, mpp=1.0, analyzer=DiscAnalyzer(mpp=2.0)).report["areas_um2"]["dark"]
+    assert a2 == pytest.approx(a1, rel=0.10)
+
+
+class _FlakyReader:
+    """Wraps a reader; reading one tile raises like a corrupt JPEG tile would."""
+
+    def __init__(self, reader, bad_origin):
+        self._r = reader
+        self._bad = bad_origin
+
+    def __getattr__(self, name):
+        return getattr(self._r, name)
+
+    def read_region(self, x_px, y_px, w_px, h_px, mpp):
+        if (y_px, x_px) == self._bad:
+            raise SlideError(f"{self._r.name}: cannot decode region x={x_px},y={y_px} (corrupt tile)")
+        return self._r.read_region(x_px, y_px, w_px, h_px, mpp)
+
+
+def test_corrupt_tile_is_reported_and_excluded_not_zero(caplog):
+    img, _ = disc_image(seed=11)
+    cfg = _cfg(tile_px=128)
+    with open_slide(img, mpp=1.0) as reader:
+        layout = plan_slide(reader, DiscAnalyzer(), cfg)
+        bad = layout.tiles[3]
+        flaky = _FlakyReader(reader, bad.origin_px)
+        res = run_slide(flaky, DiscAnalyzer(), cfg)
+    rows = {r["tile"]: r for r in res.tiles}
+    assert rows[3]["status"] == "missing" and "corrupt tile" in rows[3]["error"]
+    assert res.report["tiles"]["missing"] == 1
+    core = bad.core_slide
+    assert res.report["tiles"]["missing_area_um2"] == (core[0].stop - core[0].start) * (core[1].stop - core[1].start)
+    assert res.totals["core_px"] == img.shape[0] * img.shape[1] - res.report["tiles"]["missing_area_um2"]
+    assert "unreadable" in caplog.text
+
+
+def test_blank_slide_raises_no_tissue():
+    img = np.full((300, 300, 3), 246, np.uint8)
+    with pytest.raises(NoTissueError, match="no tissue"):
+        _run(img)
+
+
+def test_file_sink_writes_the_same_maps_and_cells_as_memory(tmp_path):
+    img, _ = disc_image(seed=12)
+    cfg = _cfg(tile_px=128, overlap_px=16)
+    mem = _run(img, config=cfg)
+    sink = FileSink(tmp_path, chunk_px=64)
+    with open_slide(img, mpp=1.0) as reader:
+        run_slide(reader, DiscAnalyzer(), cfg, sink=sink)
+    sink.commit()
+    z = zarr.open_group(str(tmp_path / "labels.zarr"), mode="r")
+    np.testing.assert_array_equal(np.asarray(z["labels"]), mem.maps["labels"])
+    assert z.attrs["marrowseg"]["mpp"] == 1.0
+    lines = (tmp_path / "cells.csv").read_text().splitlines()
+    assert lines[0].split(",")[:6] == ["x", "y", "x_um", "y_um", "tile", "class"]
+    assert len(lines) - 1 == len(mem.cells["x"])
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_prepare_gets_a_pixel_sample():
+    img, _ = disc_image(seed=13)
+    an = DiscAnalyzer()
+    res = _run(img, analyzer=an)
+    assert an.prepared[1] == 3 and an.prepared[0] > 1000
+    assert res.provenance["prepare"]["n_sample"] == an.prepared[0]
