@@ -144,6 +144,8 @@ class Renderer:
         nd = len(spec["dyes"])
         self.dye_scale = np.exp(world.p.stain_jitter * rng.standard_normal(nd)).astype(np.float32)
         self.jitter = float(world.p.stain_jitter)
+        od = (spec["grid"]["glass"] * self.dye_scale).astype(np.float32) @ spec["vectors"]
+        self.glass_rgb = (np.float32(255.0) * np.exp(np.float32(-math.log(10.0)) * od)).astype(np.float32)
 
     # ------------------------------------------------------------------ labels
     def labels(self, xs: np.ndarray, ys: np.ndarray, mpp: float):
@@ -207,6 +209,74 @@ class Renderer:
             aux["memb"] = np.where(fat, np.minimum(cov, 1), 0).astype(np.float32)
         return lab, aux
 
+
+    def _tissue(self, xs, ys, mpp, lab, aux, truth):
+        """Absorbance -> intensity (H, W, 3) float32 of a region that holds tissue, and the fibre mask."""
+        spec = self.spec
+        g = spec["grid"]
+        nd = len(spec["dyes"])
+        H, W = lab.shape
+        seed = self.w.p.seed
+        haem = lab == 1
+        fat = lab == 2
+        bone = lab == 3
+        box = (xs[0], ys[0], xs[-1], ys[-1])
+        tex = np.zeros((H, W), np.float32)
+        if mpp < 0.6:
+            tex = nz.value_noise_grid(xs, ys, 0.9, nz.key_of(seed, _K_TEX))
+            tex += 0.5 * nz.value_noise_grid(xs, ys, 0.45, nz.key_of(seed, _K_TEX + 50))
+        _, prims = self.w.cells_in(*box, margin=12.0)
+        if self.fibres is not None:
+            fp = fibre_prims(self.fibres.near(*box), mpp, box, truth)
+            prims = wd._cat([prims, fp])
+        roles = composite(prims, xs, ys, mpp, tex)
+        hf = haem.astype(np.float32)
+        for r in (R_NUC, R_CYTO, R_CYTB, R_COV, R_RING, R_RBC):
+            roles[r] *= hf
+        roles[R_OST] *= bone
+        fmask = roles[R_FMASK] >= 0.5 if truth else None
+        st = nz.value_noise_grid(xs, ys, 3.0, nz.key_of(seed, _K_STROMA))
+        if mpp < 0.6:
+            st += 0.6 * nz.value_noise_grid(xs, ys, 1.1, nz.key_of(seed, _K_STROMA2))
+        sinus = self.w.sinus_grid(xs, ys) & haem
+        free = (1 - roles[R_COV]) * (1 + 0.4 * st)
+        stroma = free * (haem & ~sinus)
+        sin_f = free * sinus
+        ff = fat.astype(np.float32)
+        lam = None
+        if bone.any():
+            n, t = aux["bone_n"], aux["bone_t"]
+            lam = np.sin(np.float32(np.pi * 14.0) * n / t + 1.2 * nz.value_noise_grid(
+                xs, ys, 25.0, nz.key_of(seed, _K_LAM)))
+            lam = bone * (0.93 + 0.06 * lam + 0.04 * st)
+        drift = 1 + 0.5 * self.jitter * nz.value_noise_grid(xs, ys, 900.0, nz.key_of(seed, _K_SLIDE))
+        mix = spec["mix"]
+        od = np.zeros((H, W, 3), np.float32)
+        for d in range(nd):
+            c = np.zeros((H, W), np.float32)
+            if g["stroma"][d]:
+                c += g["stroma"][d] * stroma
+            if g["sinus"][d]:
+                c += g["sinus"][d] * sin_f
+            if g["fat"][d]:
+                c += g["fat"][d] * ff
+            if g["membrane"][d] and aux["memb"] is not None:
+                c += g["membrane"][d] * aux["memb"]
+            if g["bone"][d] and lam is not None:
+                c += g["bone"][d] * lam
+            for r in range(mix.shape[0]):
+                if mix[r, d]:
+                    c += mix[r, d] * roles[r]
+            if mix[R_NUC, d]:
+                c += mix[R_NUC, d] * roles[R_OST]
+            c *= self.dye_scale[d] * drift
+            c += np.float32(g["glass"][d] * self.dye_scale[d])
+            for ch in range(3):
+                od[:, :, ch] += spec["vectors"][d, ch] * c
+        img = np.exp(np.float32(-math.log(10.0)) * od)
+        img *= np.float32(255.0)
+        return img, fmask
+
     # ------------------------------------------------------------------ region
     def region(self, gx0: float, gy0: float, w_px: int, h_px: int, mpp: float, *, truth: bool = False):
         """Render pixels whose centres are at ``(g0 + i + 0.5) * mpp`` µm; g0 may be fractional.
@@ -220,63 +290,28 @@ class Renderer:
         W, H = w_px + 2 * halo, h_px + 2 * halo
         xs = (ix0 + np.arange(W) + fx + 0.5) * mpp
         ys = (iy0 + np.arange(H) + fy + 0.5) * mpp
-        spec = self.spec
-        nd = len(spec["dyes"])
-        g = spec["grid"]
         cx0, cy0, cx1, cy1 = self.w.core_bbox_um()
         tissue = not (xs[-1] < cx0 or xs[0] > cx1 or ys[-1] < cy0 or ys[0] > cy1)
         lab = np.zeros((H, W), np.uint8)
         fmask = None
-        conc = np.broadcast_to(g["glass"][:, None, None], (nd, H, W)).copy()
         if tissue:
             lab, aux = self.labels(xs, ys, mpp)
-        if tissue and lab.any():
-            haem = lab == 1
-            fat = lab == 2
-            bone = lab == 3
-            box = (xs[0], ys[0], xs[-1], ys[-1])
-            tex = np.zeros((H, W), np.float32)
-            if mpp < 0.6:
-                tex = nz.value_noise_grid(xs, ys, 0.9, nz.key_of(self.w.p.seed, _K_TEX))
-                tex += 0.5 * nz.value_noise_grid(xs, ys, 0.45, nz.key_of(self.w.p.seed, _K_TEX + 50))
-            _, prims = self.w.cells_in(*box, margin=12.0)
-            if self.fibres is not None:
-                fp = fibre_prims(self.fibres.near(*box), mpp, box, truth)
-                prims = wd._cat([prims, fp])
-            roles = composite(prims, xs, ys, mpp, tex)
-            for r in (R_NUC, R_CYTO, R_CYTB, R_COV, R_RING, R_RBC):
-                roles[r] *= haem
-            roles[R_OST] *= bone
-            if truth:
-                fmask = roles[R_FMASK] >= 0.5
-            st = nz.value_noise_grid(xs, ys, 3.0, nz.key_of(self.w.p.seed, _K_STROMA))
-            if mpp < 0.6:
-                st += 0.6 * nz.value_noise_grid(xs, ys, 1.1, nz.key_of(self.w.p.seed, _K_STROMA2))
-            sinus = self.w.sinus_grid(xs, ys) & haem
-            free = (1 - roles[R_COV]) * (1 + 0.4 * st)
-            conc += g["stroma"][:, None, None] * (free * (haem & ~sinus))[None]
-            conc += g["sinus"][:, None, None] * (free * sinus)[None]
-            conc += g["fat"][:, None, None] * fat[None]
-            if aux["memb"] is not None:
-                conc += g["membrane"][:, None, None] * aux["memb"][None]
-            if bone.any():
-                n, t = aux["bone_n"], aux["bone_t"]
-                lam = np.sin(np.pi * 22.0 * n / t + 1.5 * nz.value_noise_grid(xs, ys, 20.0, nz.key_of(
-                    self.w.p.seed, _K_LAM)))
-                conc += g["bone"][:, None, None] * (bone * (0.9 + 0.12 * lam + 0.05 * st))[None]
-            mix = spec["mix"]
-            rr = min(mix.shape[0], N_ROLES)
-            conc += np.tensordot(mix[:rr].T, roles[:rr], axes=1)
-            conc += np.tensordot(mix[R_NUC], roles[R_OST], axes=0)  # osteocyte nuclei stain as nuclei
-        slide = 1 + 0.5 * self.jitter * nz.value_noise_grid(xs, ys, 900.0, nz.key_of(self.w.p.seed, _K_SLIDE))
-        conc *= self.dye_scale[:, None, None]
-        conc[:, :, :] *= slide[None]
-        od = np.tensordot(conc.transpose(1, 2, 0), spec["vectors"], axes=1)
-        img = np.float32(255.0) * np.exp(np.float32(-math.log(10.0)) * od)
-        if halo:
-            k = 2 * halo + 1
-            img = cv2.GaussianBlur(img, (k, k), sigma_px, borderType=cv2.BORDER_REFLECT)
         noise = nz.pixel_normal(ix0, iy0, W, H, nz.key_of(self.w.p.seed, _K_SHOT, int(round(mpp * 1e6))))
+        if not (tissue and lab.any()):
+            # glass only: uniform, so blur and slow drift change nothing
+            img = np.broadcast_to(self.glass_rgb, (H, W, 3)).copy()
+        else:
+            img = self._tissue(xs, ys, mpp, lab, aux, truth)
+            fmask = img[1]
+            img = img[0]
+            far = lab == 0
+            if halo:
+                k = 2 * halo + 1
+                img = cv2.GaussianBlur(img, (k, k), sigma_px, borderType=cv2.BORDER_REFLECT)
+                # pixels whose whole blur footprint is glass take the exact glass value, as glass-only chunks do
+                far = cv2.erode(far.astype(np.uint8), np.ones((k, k), np.uint8),
+                                borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+            img[far] = self.glass_rgb
         img += np.float32(NOISE_GAIN) * np.sqrt(img) * noise[:, :, None]
         sl = (slice(halo, halo + h_px), slice(halo, halo + w_px))
         rgb = np.clip(np.rint(img[sl]), 0, 255).astype(np.uint8)

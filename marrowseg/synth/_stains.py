@@ -55,19 +55,19 @@ def stain_spec(stain: str) -> dict:
         dyes = {"H": 0, "E": 1}
         vec = np.stack([OD_HAEMATOXYLIN, OD_EOSIN])
         mix = _mix(dyes, {
-            "nuc": {"H": 1.0, "E": 0.12},
-            "cyto": {"E": 1.0, "H": 0.03},
+            "nuc": {"H": 0.9, "E": 0.10},
+            "cyto": {"E": 0.75, "H": 0.03},
             "cytb": {"H": 1.0, "E": 0.25},   # basophilic cytoplasm of early erythroid cells
-            "rbc": {"E": 1.0},
-            "col": {"E": 0.9},
+            "rbc": {"E": 0.95},
+            "col": {"E": 0.6},
         })
         grid = {  # dye concentrations, OD units
-            "stroma": {"E": 0.16, "H": 0.04},
-            "membrane": {"E": 0.45, "H": 0.05},
-            "fat": {"E": 0.015},
-            "bone": {"E": 0.80, "H": 0.07},
-            "sinus": {"E": 0.06},
-            "glass": {"E": 0.008, "H": 0.004},
+            "stroma": {"E": 0.11, "H": 0.035},
+            "membrane": {"E": 0.30, "H": 0.04},
+            "fat": {"E": 0.01},
+            "bone": {"E": 0.40, "H": 0.03},
+            "sinus": {"E": 0.05},
+            "glass": {"E": 0.004, "H": 0.004},
         }
     elif stain == "ecad":
         dyes = {"H": 0, "D": 1}
@@ -103,7 +103,7 @@ def stain_spec(stain: str) -> dict:
             "stroma": {"C": 0.15, "S": 0.05},
             "membrane": {"C": 0.22, "S": 0.10},
             "fat": {"C": 0.015},
-            "bone": {"O": 0.95, "S": 0.04},
+            "bone": {"O": 0.55, "S": 0.03},
             "sinus": {"C": 0.05},
             "glass": {"C": 0.008, "S": 0.006},
         }

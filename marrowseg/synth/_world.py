@@ -176,7 +176,8 @@ class World:
         rng = _rng(p.seed, K_CORE)
         # --- core: a band along the long axis with rounded ends ----------------------------
         self.core_w_um = min(rng.uniform(1500.0, 2000.0), 0.72 * short_um)
-        self.core_len_um = 0.92 * long_um
+        # a whole core on slides of 4 mm and more; on smaller fields a band crossing the field
+        self.core_len_um = 0.92 * long_um if long_um >= 4000 else 3.0 * long_um
         self.u_mid = long_um / 2
         self.v_mid = short_um / 2
         self.bend_amp = 0.04 * short_um * rng.uniform(0.3, 1.0)
@@ -265,12 +266,12 @@ class World:
     def bone_value_grid(self, xs, ys):
         """(signed ridge value n, threshold t) on a grid: bone where |n| < t."""
         n = _bilinear_grid(self.bone_n, self.lm, xs, ys)
-        n += 0.035 * nz.value_noise_grid(xs, ys, 9.0, nz.key_of(self.p.seed, K_BONE))
+        n += 0.02 * nz.value_noise_grid(xs, ys, 9.0, nz.key_of(self.p.seed, K_BONE))
         return n, _bilinear_grid(self.bone_t, self.lm, xs, ys)
 
     def bone_pts(self, x, y) -> np.ndarray:
         n = _bilinear_pts(self.bone_n, self.lm, x, y)
-        n = n + 0.035 * nz.value_noise_pts(x, y, 9.0, nz.key_of(self.p.seed, K_BONE))
+        n = n + 0.02 * nz.value_noise_pts(x, y, 9.0, nz.key_of(self.p.seed, K_BONE))
         return np.abs(n) < _bilinear_pts(self.bone_t, self.lm, x, y)
 
     def sinus_grid(self, xs, ys) -> np.ndarray:
