@@ -1,0 +1,174 @@
+"""H&E analyzer: drawn scenes of known truth through the engine, verdicts, empty input, phantoms."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from marrowseg import stains
+from marrowseg.analyzers.he import HEAnalyzer, cellularity_interval, cellularity_verdict
+from marrowseg.config import load_config
+from marrowseg.config.he import load_cellularity_reference
+from marrowseg.engine import analyze_array
+
+MPP = 0.5
+SIZE_PX = 800  # 400 µm
+NUC_D_UM = 7.0
+NUC_PITCH_UM = 14.0
+FAT_D_UM = 60.0
+FAT_CENTRES_UM = [(100.0, 100.0), (100.0, 170.0), (250.0, 120.0)]
+BONE_ROWS_UM = (330.0, 400.0)  # a band of bone along the bottom
+GLASS_COLS_UM = (340.0, 400.0)  # open glass along the right edge
+
+
+def _scene() -> tuple[np.ndarray, dict]:
+    """RGB by Beer-Lambert with Ruifrok vectors, and its exact class areas and nucleus count."""
+    rr, cc = (np.mgrid[0:SIZE_PX, 0:SIZE_PX] + 0.5) * MPP  # pixel centres, µm
+    h = np.full(rr.shape, 0.05, np.float32)
+    e = np.full(rr.shape, 0.35, np.float32)
+    fat = np.zeros(rr.shape, bool)
+    for r, c in FAT_CENTRES_UM:
+        fat |= (rr - r) ** 2 + (cc - c) ** 2 <= (FAT_D_UM / 2) ** 2
+    bone = (rr >= BONE_ROWS_UM[0]) & (cc < GLASS_COLS_UM[0])
+    glass = cc >= GLASS_COLS_UM[0]
+    haem = ~fat & ~bone & ~glass
+    # nuclei on a grid, kept wholly inside haematopoietic tissue
+    n_nuclei = 0
+    nuclei = np.zeros(rr.shape, bool)
+    for r in np.arange(10.0, BONE_ROWS_UM[0] - 8, NUC_PITCH_UM):
+        for c in np.arange(10.0, GLASS_COLS_UM[0] - 8, NUC_PITCH_UM):
+            if min(np.hypot(r - fr, c - fc) for fr, fc in FAT_CENTRES_UM) < FAT_D_UM / 2 + NUC_D_UM:
+                continue
+            nuclei |= (rr - r) ** 2 + (cc - c) ** 2 <= (NUC_D_UM / 2) ** 2
+            n_nuclei += 1
+    h[nuclei] = 0.9
+    e[fat | glass] = 0.0
+    h[fat | glass] = 0.0
+    e[bone] = 0.8
+    h[bone] = 0.02
+    od = h[..., None] * stains.normalize_rows(np.array(stains.RUIFROK_H)) + e[..., None] * stains.normalize_rows(
+        np.array(stains.RUIFROK_E)
+    )
+    rgb = np.clip(255.0 * 10.0 ** (-od), 0, 255).round().astype(np.uint8)
+    px = MPP**2
+    truth = {"haem_um2": haem.sum() * px, "fat_um2": fat.sum() * px, "bone_um2": bone.sum() * px, "n": n_nuclei}
+    return rgb, truth
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return _scene()
+
+
+@pytest.fixture(scope="module")
+def result(scene):
+    cfg = load_config("he")
+    return analyze_array(scene[0], MPP, HEAnalyzer(cfg.he), cfg, device="cpu")
+
+
+def test_scene_classes_and_cells_match_truth(scene, result):
+    """Fat, bone and haematopoietic areas within a few %, every drawn nucleus found once."""
+    _, truth = scene
+    areas = result.report["areas_um2"]
+    assert areas["fat"] == pytest.approx(truth["fat_um2"], rel=0.08)
+    assert areas["bone"] == pytest.approx(truth["bone_um2"], rel=0.08)
+    assert areas["haematopoietic"] == pytest.approx(truth["haem_um2"], rel=0.05)
+    r = result.report["readouts"]
+    assert r["adipocyte_count"] == len(FAT_CENTRES_UM)
+    assert r["adipocyte_area_um2_median"] == pytest.approx(np.pi * (FAT_D_UM / 2) ** 2, rel=0.25)
+    assert r["nucleated_cells"] == truth["n"]
+    cells = result.cells
+    assert {"x", "y", "class", "area_um2", "eccentricity", "h_od_mean"} <= set(cells)
+    # the nuclear mask is cut at about a third of the nucleus OD after a 0.5 µm blur, which
+    # widens a 3.5 µm radius by ~0.3 µm: areas read up to ~20 % high
+    np.testing.assert_allclose(np.median(cells["area_um2"]), np.pi * (NUC_D_UM / 2) ** 2, rtol=0.2)
+    # every pixel of the image is counted once, in exactly one class
+    total = sum(areas.values())
+    assert total == pytest.approx(SIZE_PX**2 * MPP**2)
+    assert set(np.unique(result.maps["labels"])) <= {0, 1, 2, 3}
+
+
+def test_slide_totals_do_not_depend_on_tiling(scene, result):
+    """Small tiles (4 x 4 grid) give the same areas and cells as one tile: sums of core counts."""
+    cfg = load_config("he", overrides={"tiling": {"tile_px": 768}})
+    small = analyze_array(scene[0], MPP, HEAnalyzer(cfg.he), cfg, device="cpu")
+    assert len(small.layout.tiles) > 1
+    for key, v in result.report["areas_um2"].items():
+        assert small.report["areas_um2"][key] == pytest.approx(v, rel=0.005, abs=1.0)
+    assert small.report["readouts"]["nucleated_cells"] == result.report["readouts"]["nucleated_cells"]
+    assert small.report["readouts"]["adipocyte_count"] == result.report["readouts"]["adipocyte_count"]
+    assert small.totals["n_nucleated"] == sum(t.get("n_nucleated", 0) for t in small.tiles)
+
+
+@pytest.mark.parametrize(
+    ("age", "rule", "low", "high"),
+    [
+        (19.9, "wong2023", 45, 85),
+        (20.0, "wong2023", 30, 75),
+        (90.0, "wong2023", 30, 75),
+        (60.0, "hundred_minus_age", 30, 50),
+        (5.0, "hundred_minus_age", 85, 100),
+    ],
+)
+def test_cellularity_interval_by_age_band(age, rule, low, high):
+    """Band edges: age_min inclusive, age_max exclusive; 100-minus-age clipped to 0-100."""
+    assert cellularity_interval(age, rule, load_cellularity_reference()) == (low, high)
+
+
+def test_cellularity_verdict_bounds_are_normal():
+    """The interval bounds themselves are normocellular."""
+    assert cellularity_verdict(30.0, 30, 75) == "normocellular"
+    assert cellularity_verdict(75.0, 30, 75) == "normocellular"
+    assert cellularity_verdict(29.9, 30, 75) == "hypocellular"
+    assert cellularity_verdict(75.1, 30, 75) == "hypercellular"
+
+
+def test_unknown_rule_is_a_config_error():
+    """A rule name not in the table is refused, naming the key."""
+    from marrowseg.errors import ConfigError
+
+    cfg = load_config("he", overrides={"he": {"cellularity_rule": "nope"}})
+    with pytest.raises(ConfigError, match="cellularity_rule"):
+        HEAnalyzer(cfg.he)
+
+
+def test_report_has_verdict_with_age(result):
+    """With an age the report carries the interval, rule, source and verdict."""
+    an = HEAnalyzer(load_config("he").he)
+    rep = an.finalize(result.totals, result.windows, age=50)
+    ref = rep["readouts"]["cellularity_reference"]
+    assert (ref["low"], ref["high"], ref["rule"]) == (30, 75, "wong2023")
+    assert "Wong" in ref["source"]
+    assert rep["readouts"]["cellularity_verdict"] in {"hypocellular", "normocellular", "hypercellular"}
+
+
+def test_empty_input_gives_null_readouts_not_nan():
+    """No marrow at all: ratios are None and the report is strict JSON."""
+    an = HEAnalyzer(load_config("he").he)
+    rep = an.finalize({}, {}, age=40)
+    json.dumps(rep, allow_nan=False)
+    r = rep["readouts"]
+    assert r["cellularity_pct"] is None and r["nucleated_cells_per_mm2"] is None
+    assert r["adipocyte_area_um2_median"] is None and r["cellularity_verdict"] is None
+    assert r["nucleated_cells"] == 0 and r["marrow_area_mm2"] == 0
+
+
+def test_blank_tile_gives_no_cells_with_all_columns():
+    """A white tile inside a slide: zero cells, every column present, everything excluded."""
+    from marrowseg.analyzers.base import TileContext
+
+    an = HEAnalyzer(load_config("he").he)
+    import torch
+
+    rgb = np.full((256, 256, 3), 255, np.uint8)
+    with torch.no_grad():
+        dense = {k: v[0].numpy() for k, v in an.module(torch.from_numpy(rgb).permute(2, 0, 1)[None].float()).items()}
+    # an interior tile: the glass runs on beyond every tile edge, so it is open background
+    ctx = TileContext(5, (512, 512), (slice(64, 192), slice(64, 192)), (256, 256), MPP)
+    res = an.post(dense, rgb, ctx)
+    assert {"row", "col", "class", "area_um2", "eccentricity", "h_od_mean"} <= set(res.cells)
+    assert all(len(v) == 0 for v in res.cells.values())
+    assert res.stats["excluded_px"] == 128 * 128 and res.stats["n_nucleated"] == 0
+    assert res.maps["labels"].shape == (64, 64)
