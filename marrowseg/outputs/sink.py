@@ -115,7 +115,7 @@ class FileSink:
 
 def _formatter(col: np.ndarray):
     if np.issubdtype(col.dtype, np.floating):
-        return lambda v: f"{v:.6g}"
+        return lambda v: f"{v:.10g}"
     if col.dtype == bool:
         return lambda v: "1" if v else "0"
     return str

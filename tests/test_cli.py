@@ -1,0 +1,111 @@
+"""The command line: results on stdout, one-line errors on stderr, documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from marrowseg import cli
+
+
+def _main(argv, capsys):
+    """Run ``marrowseg ARGV`` in-process; return (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["marrowseg", *argv]
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.fixture
+def tissue_tiff(tmp_path):
+    """A small pyramidal TIFF at 0.5 µm/px: a purple core on glass."""
+    img = np.full((1200, 1600, 3), 240, np.uint8)
+    yy, xx = np.mgrid[:1200, :1600]
+    img[((yy - 600) / 450) ** 2 + ((xx - 800) / 650) ** 2 < 1] = (170, 90, 160)
+    path = tmp_path / "core.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, photometric="rgb", tile=(256, 256), subifds=1,
+                 resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+        tw.write(img[::2, ::2], photometric="rgb", tile=(256, 256), subfiletype=1)
+    return path
+
+
+def test_info_prints_levels_and_mpp_as_json(tissue_tiff, capsys):
+    code, out, err = _main(["info", str(tissue_tiff), "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["width"] == 1600 and doc["height"] == 1200
+    assert doc["mpp"] == pytest.approx(0.5)
+    assert len(doc["levels"]) == 2
+    assert 0.3 < doc["tissue_frac"] < 0.7
+
+
+def test_info_table_mentions_mpp(tissue_tiff, capsys):
+    code, out, _ = _main(["info", str(tissue_tiff)], capsys)
+    assert code == 0 and "0.5 µm/px" in out
+
+
+def test_not_an_image_is_one_line_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "notes.svs"
+    bad.write_text("this is not a slide\n")
+    code, out, err = _main(["info", str(bad)], capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("marrowseg: error:") and "notes.svs" in lines[0]
+    assert "Traceback" not in err and out == ""
+
+
+def test_missing_mpp_asks_for_the_flag(tmp_path, capsys):
+    import cv2
+
+    png = tmp_path / "field.png"
+    cv2.imwrite(str(png), np.full((64, 64, 3), 128, np.uint8))
+    code, _, err = _main(["info", str(png)], capsys)
+    assert code == 1 and "--mpp" in err and "field.png" in err
+    code, out, _ = _main(["info", str(png), "--mpp", "0.25", "--json"], capsys)
+    assert code == 0 and json.loads(out)["mpp"] == 0.25
+
+
+def test_bad_override_names_the_key(tissue_tiff, capsys):
+    code, _, err = _main(["tiles", str(tissue_tiff), "--set", "tiling.tile_pz=3"], capsys)
+    assert code == 1 and "tiling.tile_pz" in err
+
+
+def test_tiles_counts_and_draws_the_grid(tissue_tiff, tmp_path, capsys):
+    code, out, err = _main(["tiles", str(tissue_tiff), "--out", str(tmp_path / "t"),
+                            "--set", "tiling.tile_px=1024"], capsys)
+    assert code == 0, err
+    assert "tiles of" in out
+    assert (tmp_path / "t" / "tiles.png").stat().st_size > 1000
+
+
+def test_unknown_command_is_usage_error(capsys):
+    code, _, _ = _main(["frobnicate"], capsys)
+    assert code == 2
+
+
+def test_synth_writes_slide_and_truth(tmp_path, capsys):
+    code, out, err = _main(["synth", str(tmp_path), "--stain", "he", "--size", "1024x768", "--seed", "3",
+                            "--mpp", "0.5", "--name", "s3"], capsys)
+    assert code == 0, err
+    truth = json.loads((tmp_path / "s3.truth.json").read_text())
+    assert truth["stain"] == "he" and "cellularity_pct" in truth["readouts"]
+    code, out, _ = _main(["info", str(tmp_path / "s3.tiff"), "--json"], capsys)
+    doc = json.loads(out)
+    assert (doc["width"], doc["height"]) == (1024, 768) and doc["mpp"] == pytest.approx(0.5)
+
+
+def test_synth_rejects_malformed_size(tmp_path, capsys):
+    code, _, err = _main(["synth", str(tmp_path), "--size", "big"], capsys)
+    assert code == 2 and "WIDTHxHEIGHT" in err

@@ -1,0 +1,109 @@
+"""The output folder contract of ``marrowseg analyze`` (pinned so it cannot drift silently)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import zarr
+
+from marrowseg import cli
+from marrowseg.demo import available_stains
+
+STAINS = available_stains()
+
+#: readout keys each stain must report (the README documents them)
+REQUIRED_READOUTS = {
+    "he": {"cellularity_pct", "bone_area_frac", "marrow_area_mm2", "nucleated_cells",
+           "nucleated_cells_per_mm2", "late_erythroid_per_100"},
+    "ecad": {"nucleated_cells", "ecad_pos_per_100_nucleated", "left_shift_ratio", "left_shift_ratio_ci95"},
+    "reticulin": {"fibre_length_um_per_1e4um2", "intersections_per_mm2", "mf_grade", "fibrosis_index"},
+}
+
+
+@pytest.fixture(scope="module", params=STAINS)
+def analysed(request, tmp_path_factory):
+    """A small phantom of each available stain, analysed through the CLI."""
+    from marrowseg.synth import write_phantom
+
+    stain = request.param
+    root = tmp_path_factory.mktemp(f"contract-{stain}")
+    tiff, _ = write_phantom(root, stain, name="ph", seed=1001, size_px=(1200, 1000), mpp=0.5)
+    out = root / "out"
+    argv = ["marrowseg", "analyze", str(tiff), "--stain", stain, "--out", str(out), "--age", "45", "-q"]
+    old, sys.argv = sys.argv, argv
+    try:
+        cli.main()
+    except SystemExit as exc:
+        assert not exc.code, f"analyze exited {exc.code}"
+    finally:
+        sys.argv = old
+    return stain, tiff, out
+
+
+def test_metrics_json_has_the_documented_structure(analysed):
+    stain, tiff, out = analysed
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["schema"] == "marrowseg.metrics/1"
+    assert m["stain"] == stain and m["age"] == 45
+    assert {"path", "size_bytes", "sha256", "width", "height", "mpp"} <= set(m["slide"])
+    assert (m["slide"]["width"], m["slide"]["height"]) == (1200, 1000)
+    assert m["slide"]["mpp"] == pytest.approx(0.5)
+    assert REQUIRED_READOUTS[stain] <= set(m["readouts"])
+    assert isinstance(m["areas_um2"], dict) and isinstance(m["counts"], dict)
+    prov = m["provenance"]
+    assert {"config", "config_hash", "versions", "device", "timings_s"} <= set(prov)
+    assert prov["versions"]["marrowseg"] and prov["versions"]["torch"]
+    assert prov["config"][stain]["mpp"] > 0
+    for k in m["units"]:
+        assert k in m["readouts"]
+    assert "metrics.json" in m["outputs"]
+
+
+def test_cells_csv_has_slide_coordinates_and_class(analysed):
+    stain, tiff, out = analysed
+    with open(out / "cells.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    header = list(rows[0].keys()) if rows else (out / "cells.csv").read_text().splitlines()[0].split(",")
+    assert header[:6] == ["x", "y", "x_um", "y_um", "tile", "class"]
+    for r in rows[:50]:
+        assert 0 <= float(r["x"]) < 1200 and 0 <= float(r["y"]) < 1000
+        assert float(r["x_um"]) == pytest.approx((float(r["x"]) + 0.5) * 0.5, abs=1e-3)
+
+
+def test_labels_png_is_at_the_input_resolution(analysed):
+    stain, tiff, out = analysed
+    lab = cv2.imread(str(out / "labels.png"), cv2.IMREAD_UNCHANGED)
+    assert lab.shape == (1000, 1200)
+    assert set(np.unique(lab)) <= {0, 1, 2, 3}
+    ov = cv2.imread(str(out / "overlay.png"))
+    assert ov.shape == (1000, 1200, 3)
+    if stain == "reticulin":
+        fib = cv2.imread(str(out / "fibres.png"), cv2.IMREAD_UNCHANGED)
+        assert fib.shape == (1000, 1200) and set(np.unique(fib)) <= {0, 255}
+
+
+def test_labels_zarr_and_tiles_csv(analysed):
+    stain, tiff, out = analysed
+    g = zarr.open_group(str(out / "labels.zarr"), mode="r")
+    assert "labels" in g
+    lab = np.asarray(g["labels"])
+    mpp_map = g.attrs["marrowseg"]["mpp"]
+    assert lab.shape == (round(1000 * 0.5 / mpp_map), round(1200 * 0.5 / mpp_map))
+    with open(out / "tiles.csv", newline="") as fh:
+        tiles = list(csv.DictReader(fh))
+    assert tiles and {"tile", "status", "row_px", "col_px"} <= set(tiles[0])
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_tissue_class_areas_partition_the_analysed_area(analysed):
+    stain, tiff, out = analysed
+    m = json.loads((out / "metrics.json").read_text())
+    classes = ("haematopoietic", "fat", "bone", "excluded")  # a partition; other keys are sub-areas
+    assert set(classes) <= set(m["areas_um2"])
+    total = sum(m["areas_um2"][k] for k in classes)
+    assert total == pytest.approx(1200 * 1000 * 0.25, rel=1e-6)
