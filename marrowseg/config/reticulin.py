@@ -1,12 +1,81 @@
-"""Settings of the reticulin analyzer (values live in ``configs/reticulin.yaml``)."""
+"""Settings of the reticulin (Gomori silver) analyzer (values live in ``configs/reticulin.yaml``).
+
+Lengths are µm, areas µm², contrasts optical density (OD). No tunable has a default here:
+the YAML file is the one place where values and their calibration are written down.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from marrowseg.config._base import Strict
+
+GRADE_RULES = ("eumnet_30pct", "max", "majority")
+
+
+class GradeThresholds(Strict):
+    """Lower bounds of MF-1, MF-2 and MF-3 for each measurement (all must be met).
+
+    A threshold of 0 means the measurement does not constrain that grade. Each list must
+    be non-decreasing.
+    """
+
+    fibre_length_um_per_1e4um2: tuple[float, float, float]
+    intersections_per_mm2: tuple[float, float, float]
+    thick_fibre_frac: tuple[float, float, float]
+
+    @model_validator(mode="after")
+    def _non_decreasing(self) -> GradeThresholds:
+        for name in type(self).model_fields:
+            t = getattr(self, name)
+            if any(v < 0 for v in t) or any(b < a for a, b in zip(t, t[1:], strict=False)):
+                raise ValueError(f"{name}: thresholds must be >= 0 and non-decreasing, got {list(t)}")
+        return self
 
 
 class ReticulinConfig(Strict):
     mpp: float = Field(gt=0, description="analysis resolution, µm/px")
     halo_um: float = Field(ge=0, description="context needed around each tile core, µm")
+
+    # -- fibre enhancement (torch) --------------------------------------------------
+    ridge_scales_um: tuple[float, ...] = Field(min_length=1, description="Gaussian scales of the ridge filter, µm")
+    ridge_flank_factor: float = Field(gt=0, description="flank sample distance, in units of the scale")
+    hysteresis_low_od: float = Field(ge=0, description="ridge contrast that may extend a fibre, OD")
+    hysteresis_high_od: float = Field(ge=0, description="ridge contrast that seeds a fibre, OD")
+    min_fibre_um: float = Field(ge=0, description="fibre pieces with a shorter skeleton are noise, µm")
+    spur_um: float = Field(ge=0, description="skeleton side branches shorter than this are pruned, µm")
+    junction_merge_um: float = Field(ge=0, description="branch points closer than this are one intersection, µm")
+    background_radius_um: float = Field(gt=0, description="half-side of the grey opening giving the background under fibres, µm")
+    blob_radius_um: float = Field(gt=0, description="half-side of the opening that keeps nucleus-sized dark objects, µm")
+    blob_min_od: float = Field(gt=0, description="min-channel OD of a dark blob (nucleus, pigment)")
+    blob_max_um2: float = Field(gt=0, description="larger dark objects are not nuclei, µm²")
+    blob_halo_um: float = Field(ge=0, description="fibre pixels this close to a blob are dropped, µm")
+    thick_width_um: float = Field(gt=0, description="fibres wider than this count as thick (collagen), µm")
+
+    # -- silver-stain tissue classes ------------------------------------------------
+    tissue_smooth_um: float = Field(gt=0, description="Gaussian scale of the OD used for tissue classes, µm")
+    fat_max_od: float = Field(gt=0, description="mean-channel OD below which a pixel is empty (fat or glass)")
+    fat_min_um2: float = Field(ge=0, description="empty regions at least this large are fat, µm²")
+    excluded_min_um2: float = Field(gt=0, description="empty regions at least this large are glass/artefact, µm²")
+    orange_min_od: float = Field(gt=0, description="blue minus red OD of golden-orange bone/collagen")
+    bone_open_um: float = Field(ge=0, description="opening radius separating bone from thin collagen, µm")
+    bone_min_um2: float = Field(ge=0, description="smallest bone fragment, µm²")
+
+    # -- grading -----------------------------------------------------------------
+    window_um: float = Field(gt=0, description="side of the slide-aligned local-grade windows, µm")
+    window_min_haem_frac: float = Field(ge=0, le=1, description="windows with less haematopoietic area are not graded")
+    grade_rule: Literal["eumnet_30pct", "max", "majority"]
+    grade_rule_frac: float = Field(gt=0, le=1, description="share of haematopoietic area for eumnet_30pct")
+    grade_thresholds: GradeThresholds
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReticulinConfig:
+        if self.hysteresis_low_od > self.hysteresis_high_od:
+            raise ValueError(
+                f"hysteresis_low_od {self.hysteresis_low_od} > hysteresis_high_od {self.hysteresis_high_od}"
+            )
+        if self.fat_min_um2 > self.excluded_min_um2:
+            raise ValueError(f"fat_min_um2 {self.fat_min_um2} > excluded_min_um2 {self.excluded_min_um2}")
+        return self

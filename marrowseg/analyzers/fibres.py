@@ -1,0 +1,445 @@
+"""Fibre (reticulin) maths as pure functions: ridge filter, hysteresis, skeleton, junctions, widths.
+
+The dense part (:func:`ridge_contrast_torch`) runs on batches in torch; the rest works on one
+tile in NumPy/SciPy/scikit-image. Every threshold is in optical density (OD) or µm, never
+relative to the tile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+from skimage.morphology import skeletonize
+
+__all__ = [
+    "gaussian_blur_torch",
+    "ridge_contrast_torch",
+    "fibre_mask",
+    "skeleton_length_weights",
+    "branch_points",
+    "merge_points",
+    "prune_spurs",
+    "grey_opening_torch",
+    "grey_dilation_torch",
+    "half_max_width_px",
+    "local_width_px",
+]
+
+# Vossepoel A.M., Smeulders A.W.M. "Vector code probability and metrication error in the
+# representation of straight lines of finite length." Comput Graph Image Process 20:347-364,
+# 1982: length = 0.980 n_even + 1.406 n_odd - 0.091 n_corner (RMS error < 1 % for straight lines
+# at any angle, unlike the plain 1 / sqrt(2) chain count, which over-estimates by up to 8 %).
+VS_EVEN = 0.980
+VS_ODD = 1.406
+VS_CORNER = 0.091
+
+_OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+
+def _gauss_kernel(sigma_px: float, dtype, device) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3.0 * sigma_px)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma_px) ** 2)
+    k = k / k.sum()
+    return k.to(dtype=dtype, device=device)
+
+
+def gaussian_blur_torch(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Separable Gaussian blur of a ``(B, 1, H, W)`` tensor with reflected borders.
+
+    Parameters
+    ----------
+    img : (B, 1, H, W) float tensor
+    sigma_px : float
+        Standard deviation, pixels (> 0).
+
+    Returns
+    -------
+    (B, 1, H, W) tensor, same dtype.
+    """
+    k = _gauss_kernel(sigma_px, img.dtype, img.device)
+    r = (k.numel() - 1) // 2
+    pad_mode = "reflect" if min(img.shape[-2:]) > r else "replicate"
+    x = F.pad(img, (r, r, 0, 0), mode=pad_mode)
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, r, r), mode=pad_mode)
+    return F.conv2d(x, k.view(1, 1, -1, 1))
+
+
+def _shifted(img: torch.Tensor, drow: torch.Tensor, dcol: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of ``img`` (B,1,H,W) at (row + drow[k], col + dcol[k]) for K offsets.
+
+    ``drow``/``dcol`` are (K, B, 1, H, W); returns (K, B, 1, H, W). Beyond the edge the
+    border value is used.
+    """
+    kk = drow.shape[0]
+    b, _, h, w = img.shape
+    rows = torch.arange(h, dtype=img.dtype, device=img.device).view(1, 1, h, 1)
+    cols = torch.arange(w, dtype=img.dtype, device=img.device).view(1, 1, 1, w)
+    # grid_sample wants (x, y) in [-1, 1]; align_corners=True maps -1/1 to the edge pixel centres
+    gy = (rows + drow[:, :, 0]) * (2.0 / max(h - 1, 1)) - 1.0
+    gx = (cols + dcol[:, :, 0]) * (2.0 / max(w - 1, 1)) - 1.0
+    grid = torch.stack([gx, gy], dim=-1).reshape(kk * b, h, w, 2)
+    src = img.expand(kk, b, 1, h, w).reshape(kk * b, 1, h, w)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.reshape(kk, b, 1, h, w)
+
+
+def ridge_contrast_torch(
+    od: torch.Tensor,
+    mpp: float,
+    *,
+    scales_um: tuple[float, ...],
+    flank_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-scale ridge contrast of dark lines, in OD, with edge and blob suppression.
+
+    At each scale ``s`` the OD image is smoothed by a Gaussian of ``s`` and the Hessian gives
+    the local line direction (eigenvector of the most negative eigenvalue is the normal
+    ``n``; ``t`` is the tangent). With ``d = flank_factor * s`` the response is::
+
+        N = min(c - c(x + d n), c - c(x - d n))      # darker than *both* flanks
+        T = min(c - c(x + d t), c - c(x - d t))      # darker than both ends: a blob, not a line
+        P = max(c(x + d t), c(x - d t)) - c                 # darker along the line: beside a blob
+        R = max(N - max(T, 0) - max(P - N, 0), 0)
+
+    so a step edge (one flank darker) gives ``N <= 0``, the flat inside of a large dark
+    nucleus gives ``N ~ 0``, a small round blob gives ``T ~ N``, and the halo around a blob
+    (where the largest curvature is tangential) gives ``P >> N``; a line keeps its full OD
+    contrast over its flanks. ``R`` is the maximum over scales.
+
+    Parameters
+    ----------
+    od : (B, 1, H, W) float tensor
+        Optical density of the fibre stain (achromatic darkness for silver).
+    mpp : float
+        Pixel size, µm per pixel.
+    scales_um : tuple of float
+        Gaussian scales, µm (about the fibre half-widths to detect).
+    flank_factor : float
+        Distance of the flank samples in units of the scale.
+
+    Returns
+    -------
+    ridge_od : (B, 1, H, W) tensor
+        Line contrast, OD (>= 0).
+    scale_idx : (B, 1, H, W) uint8 tensor
+        Index into ``scales_um`` of the winning scale.
+    """
+    if od.dim() != 4 or od.shape[1] != 1:
+        raise ValueError(f"expected od of shape (B, 1, H, W), got {tuple(od.shape)}")
+    best = torch.zeros_like(od)
+    best_idx = torch.zeros(od.shape, dtype=torch.uint8, device=od.device)
+    for i, s_um in enumerate(scales_um):
+        s = float(s_um) / float(mpp)
+        g = gaussian_blur_torch(od, s)
+        # central differences of the smoothed image give the Hessian at scale s
+        gp = F.pad(g, (1, 1, 1, 1), mode="replicate")
+        c = gp[..., 1:-1, 1:-1]
+        hrr = gp[..., 2:, 1:-1] - 2 * c + gp[..., :-2, 1:-1]
+        hcc = gp[..., 1:-1, 2:] - 2 * c + gp[..., 1:-1, :-2]
+        hrc = 0.25 * (gp[..., 2:, 2:] - gp[..., 2:, :-2] - gp[..., :-2, 2:] + gp[..., :-2, :-2])
+        # orientation of the principal axes; the normal is the direction of strongest
+        # (most negative) curvature for a bright-in-OD ridge
+        theta = 0.5 * torch.atan2(2 * hrc, hrr - hcc)
+        cr, cc = torch.cos(theta), torch.sin(theta)
+        k1 = hrr * cr * cr + 2 * hrc * cr * cc + hcc * cc * cc  # curvature along (cr, cc)
+        k2 = hrr * cc * cc - 2 * hrc * cr * cc + hcc * cr * cr  # along the perpendicular
+        swap = k2 < k1
+        nr = torch.where(swap, -cc, cr)
+        nc = torch.where(swap, cr, cc)
+        d = float(flank_factor) * s
+        dr = torch.stack([nr, -nr, -nc, nc]) * d
+        dc = torch.stack([nc, -nc, nr, -nr]) * d
+        n_plus, n_minus, t_plus, t_minus = _shifted(g, dr, dc)
+        n_con = torch.minimum(g - n_plus, g - n_minus)
+        t_con = torch.minimum(g - t_plus, g - t_minus).clamp(min=0)
+        # along a fibre the OD stays level; a darker point there means we stand beside a
+        # larger dark object (the halo of a nucleus), where the Hessian turns tangential
+        t_dark = torch.maximum(t_plus, t_minus) - g
+        r = (n_con - t_con - (t_dark - n_con).clamp(min=0)).clamp(min=0)
+        better = r > best
+        best = torch.where(better, r, best)
+        best_idx = torch.where(better, torch.full_like(best_idx, i), best_idx)
+    return best, best_idx
+
+
+def fibre_mask(
+    ridge_od: np.ndarray,
+    *,
+    low_od: float,
+    high_od: float,
+    fill: np.ndarray | None = None,
+) -> np.ndarray:
+    """Hysteresis threshold of the ridge contrast.
+
+    Parameters
+    ----------
+    ridge_od : (H, W) float ndarray
+        Line contrast, OD (see :func:`ridge_contrast_torch`).
+    low_od, high_od : float
+        Pixels above ``low_od`` that connect (8-connectivity) to a pixel above ``high_od``.
+    fill : (H, W) bool ndarray, optional
+        Extra pixels that may extend a fibre like those above ``low_od`` (the centre of a
+        crossing, where the flanks of one fibre fall on the other and the ridge contrast
+        vanishes).
+
+    Returns
+    -------
+    (H, W) bool ndarray
+    """
+    ridge_od = np.asarray(ridge_od)
+    if ridge_od.ndim != 2:
+        raise ValueError(f"expected a 2-D ridge map, got shape {ridge_od.shape}")
+    low = ridge_od >= float(low_od)
+    if fill is not None:
+        low |= np.asarray(fill, bool)
+    high = ridge_od >= float(high_od)
+    lab, n = ndi.label(low, structure=np.ones((3, 3), bool))
+    keep = np.zeros(n + 1, bool)
+    keep[np.unique(lab[high & low])] = True
+    keep[0] = False
+    return keep[lab]
+
+
+def _neighbours(skel: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+    """For each of the 8 offsets, whether the neighbour at that offset is a skeleton pixel."""
+    p = np.pad(skel, 1)
+    h, w = skel.shape
+    return {(dr, dc): p[1 + dr : 1 + dr + h, 1 + dc : 1 + dc + w] & skel for dr, dc in _OFFSETS}
+
+
+def _links(skel: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
+    """Neighbour links of the skeleton graph with redundant diagonals removed.
+
+    A diagonal link is dropped when the two pixels share a 4-neighbour in the skeleton
+    (the staircase corner already connects them), so a thin 8-connected curve is a chain.
+    """
+    nb = _neighbours(skel)
+    links = {}
+    for (dr, dc), m in nb.items():
+        if dr != 0 and dc != 0:
+            m = m & ~nb[(dr, 0)] & ~nb[(0, dc)]
+        links[(dr, dc)] = m
+    return links
+
+
+def skeleton_length_weights(skel: np.ndarray) -> np.ndarray:
+    """Length carried by each skeleton pixel, in pixels.
+
+    Each link of the chain is split half to each of its pixels; even (axial) links weigh
+    0.980, odd (diagonal) links 1.406 and every corner (a degree-2 pixel whose two links
+    are not collinear) subtracts 0.091 (Vossepoel & Smeulders 1982). Summing the weights
+    over any subset of pixels (a tile core, a window) gives that subset's share of the
+    length, so lengths add up exactly over a partition.
+
+    Parameters
+    ----------
+    skel : (H, W) bool ndarray
+        One-pixel-wide skeleton.
+
+    Returns
+    -------
+    (H, W) float64 ndarray
+        Length per pixel, pixels; 0 off the skeleton.
+
+    References
+    ----------
+    Vossepoel A.M., Smeulders A.W.M., Comput Graph Image Process 20:347-364, 1982.
+    """
+    skel = np.asarray(skel, dtype=bool)
+    links = _links(skel)
+    w = np.zeros(skel.shape, np.float64)
+    deg = np.zeros(skel.shape, np.int32)
+    for (dr, dc), m in links.items():
+        w += m * (0.5 * (VS_ODD if (dr and dc) else VS_EVEN))
+        deg += m
+    # a degree-2 pixel is straight only when its two links are opposite
+    straight = np.zeros(skel.shape, bool)
+    for dr, dc in _OFFSETS[:4]:
+        straight |= links[(dr, dc)] & links[(-dr, -dc)]
+    corner = (deg == 2) & ~straight
+    w -= corner * VS_CORNER
+    w[~skel] = 0.0
+    return w
+
+
+def degree(skel: np.ndarray) -> np.ndarray:
+    """Number of chain links of each skeleton pixel (0 off the skeleton)."""
+    skel = np.asarray(skel, dtype=bool)
+    deg = np.zeros(skel.shape, np.int32)
+    for m in _links(skel).values():
+        deg += m
+    return deg * skel
+
+
+def branch_points(skel: np.ndarray) -> np.ndarray:
+    """Skeleton pixels with three or more chain links, (H, W) bool."""
+    return degree(skel) >= 3
+
+
+def prune_spurs(skel: np.ndarray, max_len_px: float) -> np.ndarray:
+    """Remove side branches shorter than ``max_len_px`` that end freely.
+
+    A spur is a piece of skeleton between a branch point and a free end; skeletons of
+    wide or irregular fibres grow such whiskers, and each would add a false junction.
+    Pieces that touch no branch point (isolated fibres) are kept whatever their length.
+
+    Parameters
+    ----------
+    skel : (H, W) bool ndarray
+    max_len_px : float
+        Spurs with fewer pixels than this are removed.
+
+    Returns
+    -------
+    (H, W) bool ndarray
+        Pruned skeleton, re-thinned.
+    """
+    skel = np.asarray(skel, dtype=bool).copy()
+    if max_len_px <= 0 or not skel.any():
+        return skel
+    for _ in range(2):  # a second pass catches spurs exposed by the first
+        deg = degree(skel)
+        bp = deg >= 3
+        if not bp.any():
+            break
+        bp_zone = ndi.binary_dilation(bp, structure=np.ones((3, 3), bool))
+        pieces, n = ndi.label(skel & ~bp_zone, structure=np.ones((3, 3), bool))
+        if n == 0:
+            break
+        idx = np.arange(1, n + 1)
+        size = ndi.sum(np.ones_like(pieces), pieces, idx)
+        has_end = ndi.maximum((deg == 1) & (pieces > 0), pieces, idx) > 0
+        # a piece touches a junction when it is adjacent to the junction zone
+        near_bp = ndi.binary_dilation(bp_zone, structure=np.ones((3, 3), bool))
+        touches = ndi.maximum(near_bp, pieces, idx) > 0
+        spur = has_end & touches & (size < max_len_px)
+        if not spur.any():
+            break
+        lut = np.zeros(n + 1, bool)
+        lut[1:] = spur
+        skel &= ~lut[pieces]
+        skel = skeletonize(skel)
+    return skel
+
+
+def merge_points(points: np.ndarray, radius_px: float) -> tuple[np.ndarray, int]:
+    """Group marked pixels closer than ``2 * radius_px`` and return each group's centroid.
+
+    Parameters
+    ----------
+    points : (H, W) bool ndarray
+    radius_px : float
+        Half the merge distance, pixels.
+
+    Returns
+    -------
+    centroids : (N, 2) float64 ndarray
+        (row, col) of each group's centroid; shape (0, 2) if none.
+    n : int
+    """
+    points = np.asarray(points, dtype=bool)
+    if not points.any():
+        return np.zeros((0, 2), np.float64), 0
+    r = max(0.0, float(radius_px))
+    ri = int(math.floor(r))
+    yy, xx = np.mgrid[-ri : ri + 1, -ri : ri + 1]
+    disk = (yy**2 + xx**2) <= r * r + 1e-9
+    zone = ndi.binary_dilation(points, structure=disk) if ri > 0 else points
+    lab, n = ndi.label(zone, structure=np.ones((3, 3), bool))
+    cents = np.asarray(ndi.center_of_mass(points, lab, np.arange(1, n + 1)), np.float64).reshape(-1, 2)
+    return cents, n
+
+
+def local_width_px(mask: np.ndarray, skel: np.ndarray) -> np.ndarray:
+    """Fibre width at skeleton pixels from the Euclidean distance transform, pixels.
+
+    A skeleton pixel at distance ``d`` (pixel centres) from the nearest background pixel
+    sits in a band about ``2 d - 1`` pixels wide.
+
+    Parameters
+    ----------
+    mask : (H, W) bool ndarray
+        Fibre mask.
+    skel : (H, W) bool ndarray
+        Its skeleton.
+
+    Returns
+    -------
+    (H, W) float32 ndarray
+        Width at skeleton pixels, 0 elsewhere.
+    """
+    dist = ndi.distance_transform_edt(mask)
+    width = np.where(skel, np.maximum(2.0 * dist - 1.0, 1.0), 0.0)
+    return width.astype(np.float32)
+
+
+def grey_dilation_torch(img: torch.Tensor, radius_px: float) -> torch.Tensor:
+    """Grey-level dilation (local maximum) over a square of half-side ``radius_px``, (B,1,H,W)."""
+    r = int(round(radius_px))
+    if r <= 0:
+        return img
+    k = 2 * r + 1
+    x = F.max_pool2d(F.pad(img, (r, r, 0, 0), mode="replicate"), (1, k), stride=1)
+    return F.max_pool2d(F.pad(x, (0, 0, r, r), mode="replicate"), (k, 1), stride=1)
+
+
+def grey_opening_torch(img: torch.Tensor, radius_px: float) -> torch.Tensor:
+    """Grey-level opening (erosion then dilation) with a square of half-side ``radius_px``.
+
+    Removes bright-in-OD structures narrower than ``2 * radius_px + 1`` pixels; what
+    remains is the local background under thin fibres. ``(B, 1, H, W)`` in and out.
+    """
+    r = int(round(radius_px))
+    if r <= 0:
+        return img
+    k = 2 * r + 1
+
+    def _max(x: torch.Tensor) -> torch.Tensor:
+        # a square is separable: a row pass then a column pass (2k instead of k*k compares)
+        x = F.max_pool2d(F.pad(x, (r, r, 0, 0), mode="replicate"), (1, k), stride=1)
+        return F.max_pool2d(F.pad(x, (0, 0, r, r), mode="replicate"), (k, 1), stride=1)
+
+    return _max(-_max(-img))
+
+
+def half_max_width_px(contrast_od: np.ndarray, mask: np.ndarray, skel: np.ndarray) -> np.ndarray:
+    """Full width at half maximum of fibres, at skeleton pixels, pixels.
+
+    Each pixel of the (dilated) fibre mask is compared with the contrast at its nearest
+    skeleton pixel: it belongs to the fibre body when its contrast is at least half of
+    that. The width at a skeleton pixel is then ``2 d - 1`` with ``d`` its Euclidean
+    distance to the nearest non-body pixel. Unlike the width of a thresholded mask, this
+    does not grow with the fibre's contrast.
+
+    Parameters
+    ----------
+    contrast_od : (H, W) float ndarray
+        Fibre contrast over the local background, OD (white top-hat of the stain OD).
+    mask : (H, W) bool ndarray
+        Fibre mask (the body is searched inside it).
+    skel : (H, W) bool ndarray
+        Skeleton of the mask.
+
+    Returns
+    -------
+    (H, W) float32 ndarray
+        Width at skeleton pixels, >= 1; 0 elsewhere.
+    """
+    out = np.zeros(skel.shape, np.float32)
+    if not skel.any():
+        return out
+    _, (ir, ic) = ndi.distance_transform_edt(~skel, return_indices=True)
+    peak = contrast_od[ir, ic]
+    # the ridge mask may be narrower than a wide, flat-topped bundle: search a little beyond it
+    zone = ndi.binary_dilation(mask | skel, structure=np.ones((3, 3), bool), iterations=2)
+    body = zone & (contrast_od >= 0.5 * peak)
+    body |= skel
+    dist = ndi.distance_transform_edt(body)
+    out[skel] = np.maximum(2.0 * dist[skel] - 1.0, 1.0)
+    return out
