@@ -63,7 +63,7 @@ def stain_spec(stain: str) -> dict:
         })
         grid = {  # dye concentrations, OD units
             "stroma": {"E": 0.11, "H": 0.035},
-            "membrane": {"E": 0.30, "H": 0.04},
+            "membrane": {"E": 0.20, "H": 0.03},
             "fat": {"E": 0.01},
             "bone": {"E": 0.40, "H": 0.03},
             "sinus": {"E": 0.05},
