@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Throughput and memory of the marrowseg engine on generated slides.
+
+For each stain, on one phantom slide (default 40,000 x 40,000 px at 0.25 µm/px, analysed at the
+analyzer's resolution):
+
+1. ``decode_mp_s``: read + decode only (DataLoader with the engine's default workers), megapixels of
+   tile core per second at the analysis resolution: the I/O limit of this machine;
+2. ``pipeline_mp_s``: the full engine on the CPU with its default batch size and workers;
+3. ``skimage_mp_s``: a straightforward per-tile NumPy/scikit-image implementation of the same
+   analysis (the analyzer's ``reference_dense`` instead of its torch module, serial reads, no
+   workers) on the same tiles, checked to give the same totals;
+4. ``peak_rss_mb``: peak resident memory of the full run (child process, workers included), for the
+   slide and for one 4x larger (``--rss-scale 2`` doubles each side), to show it is flat;
+5. ``gpu_mp_s``: the same run on CUDA when a GPU is present.
+
+Prints a table; ``--json FILE`` writes the figures with the machine and versions.
+``--quick`` uses a 8,192 px slide and finishes in well under a minute on 2 cores.
+
+Usage::
+
+    python scripts/benchmark.py [--quick] [--stains he,ecad,reticulin] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def _slide(workdir: Path, stain: str, side: int, seed: int = 4242) -> Path:
+    from marrowseg.synth import write_phantom
+
+    name = f"bench_{stain}_{side}"
+    path = workdir / f"{name}.tiff"
+    if not path.exists():
+        t0 = time.perf_counter()
+        params = {"he": {"cellularity_pct": 50.0}, "ecad": {"left_shift_ratio": 0.2},
+                  "reticulin": {"grade": 2}}[stain]
+        write_phantom(workdir, stain, name=name, seed=seed, size_px=(side, side), mpp=0.25, **params)
+        print(f"  generated {path.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return path
+
+
+def _layout(path: Path, stain: str, config):
+    from marrowseg.analyzers import get_analyzer
+    from marrowseg.engine import plan_slide
+    from marrowseg.io import open_slide
+
+    reader = open_slide(path)
+    analyzer = get_analyzer(stain, config)
+    return reader, analyzer, plan_slide(reader, analyzer, config)
+
+
+def _core_mp(layout) -> float:
+    return sum((t.core[0].stop - t.core[0].start) * (t.core[1].stop - t.core[1].start)
+               for t in layout.tiles) / 1e6
+
+
+def decode_rate(path: Path, stain: str) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from marrowseg.config import load_config
+    from marrowseg.engine import _resolve_workers, _TileDataset, _worker_init
+
+    cfg = load_config(stain)
+    reader, analyzer, layout = _layout(path, stain, cfg)
+    nw = _resolve_workers(cfg.engine.workers, reader)
+    loader = DataLoader(_TileDataset(reader, layout), batch_size=cfg.engine.batch_size, num_workers=nw,
+                        worker_init_fn=_worker_init if nw else None,
+                        prefetch_factor=cfg.engine.prefetch_batches if nw else None)
+    t0 = time.perf_counter()
+    n = 0
+    with torch.inference_mode():
+        for batch in loader:
+            n += len(batch["index"])
+    dt = time.perf_counter() - t0
+    return {"tiles": n, "core_mp": _core_mp(layout), "decode_s": dt, "decode_mp_s": _core_mp(layout) / dt,
+            "workers": nw}
+
+
+_CHILD = r"""
+import json, resource, sys, time
+from marrowseg.config import load_config
+from marrowseg.analyzers import get_analyzer
+from marrowseg.engine import run_slide
+from marrowseg.io import open_slide
+path, stain, device = sys.argv[1], sys.argv[2], sys.argv[3]
+cfg = load_config(stain, overrides=[f"engine.device={device}"])
+t0 = time.perf_counter()
+class _Null:
+    maps = {}; cells = {}
+    def begin(self, layout, analyzer): pass
+    def write_maps(self, tile, sl, maps): pass
+    def write_cells(self, cells): self.n = getattr(self, "n", 0) + len(cells["x"])
+    def end(self): pass
+with open_slide(path) as reader:
+    res = run_slide(reader, get_analyzer(stain, cfg), cfg, sink=_Null())
+dt = time.perf_counter() - t0
+core = sum(r["core_rows"] * r["core_cols"] for r in res.tiles) / 1e6
+rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(json.dumps({"seconds": dt, "core_mp": core, "rss_kb": rss, "totals": res.totals,
+                  "readouts": res.readouts, "device": res.provenance["device"]}, default=str))
+"""
+
+
+def pipeline_run(path: Path, stain: str, device: str = "cpu") -> dict:
+    """Full engine in a child process; returns its timing, peak RSS (MB) and totals."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), stain, device], capture_output=True,
+                         text=True, check=True)
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    doc["mp_s"] = doc["core_mp"] / doc["seconds"]
+    doc["peak_rss_mb"] = doc["rss_kb"] / 1024
+    return doc
+
+
+def skimage_rate(path: Path, stain: str, max_tiles: int) -> dict:
+    """Serial per-tile reference implementation on the first ``max_tiles`` tiles, and the same tiles
+    through the engine's module for the equality check."""
+    import torch
+
+    from marrowseg.config import load_config
+
+    cfg = load_config(stain)
+    reader, analyzer, layout = _layout(path, stain, cfg)
+    ref = getattr(analyzer, "reference_dense", None)
+    if ref is None:
+        return {"skimage_mp_s": None, "note": f"{type(analyzer).__name__} has no reference_dense"}
+    tiles = layout.tiles[:max_tiles]
+    analyzer.prepare(np.zeros((0, 3), np.uint8))
+    totals_ref: dict = {}
+    t0 = time.perf_counter()
+    for t in tiles:
+        rgb = reader.read_region(t.origin_px[1], t.origin_px[0], t.size_px, t.size_px, layout.mpp)
+        res = analyzer.post(ref(rgb), rgb, layout.context(t))
+        for k, v in res.stats.items():
+            totals_ref[k] = totals_ref.get(k, 0) + v
+    dt = time.perf_counter() - t0
+    core = sum((t.core[0].stop - t.core[0].start) * (t.core[1].stop - t.core[1].start) for t in tiles) / 1e6
+    module = analyzer.module.eval()
+    totals_t: dict = {}
+    with torch.inference_mode():
+        for t in tiles:
+            rgb = reader.read_region(t.origin_px[1], t.origin_px[0], t.size_px, t.size_px, layout.mpp)
+            x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+            dense = {k: v[0].float().numpy() for k, v in module(x).items()}
+            for k, v in analyzer.post(dense, rgb, layout.context(t)).stats.items():
+                totals_t[k] = totals_t.get(k, 0) + v
+    worst = max((abs(totals_ref[k] - totals_t[k]) / max(abs(totals_t[k]), 1) for k in totals_t), default=0.0)
+    return {"skimage_mp_s": core / dt, "skimage_tiles": len(tiles), "max_rel_diff_vs_torch": worst}
+
+
+def machine() -> dict:
+    import torch
+
+    from marrowseg.engine import versions
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cores": len(os.sched_getaffinity(0)), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "versions": versions()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="8,192 px slides, fewer baseline tiles")
+    ap.add_argument("--side", type=int, default=None, help="slide side in px at 0.25 µm/px")
+    ap.add_argument("--stains", default="he,ecad,reticulin")
+    ap.add_argument("--rss-scale", type=int, default=2, help="side factor of the larger RSS slide (0 = skip)")
+    ap.add_argument("--baseline-tiles", type=int, default=None)
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "marrowseg-bench")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    side = args.side or (8192 if args.quick else 40000)
+    nbase = args.baseline_tiles or (2 if args.quick else 6)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from marrowseg.demo import available_stains
+
+    stains = [s for s in args.stains.split(",") if s in available_stains()]
+    rows = []
+    for stain in stains:
+        print(f"[{stain}]", file=sys.stderr)
+        path = _slide(args.workdir, stain, side)
+        row = {"stain": stain, "slide_px": side}
+        row.update(decode_rate(path, stain))
+        run = pipeline_run(path, stain, "cpu")
+        row.update(pipeline_mp_s=run["mp_s"], pipeline_s=run["seconds"], peak_rss_mb=run["peak_rss_mb"],
+                   readouts=run["readouts"])
+        row.update(skimage_rate(path, stain, nbase))
+        if args.rss_scale:
+            big = _slide(args.workdir, stain, side * args.rss_scale)
+            rb = pipeline_run(big, stain, "cpu")
+            row.update(peak_rss_mb_4x=rb["peak_rss_mb"], pipeline_mp_s_4x=rb["mp_s"])
+        if torch.cuda.is_available():
+            g = pipeline_run(path, stain, "cuda")
+            row.update(gpu_mp_s=g["mp_s"])
+        rows.append(row)
+    hdr = ("stain", "slide px", "core Mpx", "decode Mpx/s", "pipeline Mpx/s", "skimage Mpx/s", "pipe/decode",
+           "pipe/skimage", "peak RSS MB", "RSS 4x MB", "GPU Mpx/s")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for r in rows:
+        sk = r.get("skimage_mp_s")
+        cells = [r["stain"], f"{r['slide_px']}", f"{r['core_mp']:.0f}", f"{r['decode_mp_s']:.1f}",
+                 f"{r['pipeline_mp_s']:.2f}", f"{sk:.2f}" if sk else "n/a",
+                 f"{r['pipeline_mp_s'] / r['decode_mp_s']:.2f}",
+                 f"{r['pipeline_mp_s'] / sk:.1f}" if sk else "n/a", f"{r['peak_rss_mb']:.0f}",
+                 f"{r.get('peak_rss_mb_4x', float('nan')):.0f}",
+                 f"{r['gpu_mp_s']:.1f}" if "gpu_mp_s" in r else "n/a"]
+        print("| " + " | ".join(cells) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
