@@ -245,6 +245,61 @@ def demo(
     out.print(f"outputs in {out_dir}")
 
 
+# ----------------------------------------------------------------------------- batch
+@app.command()
+def batch(
+    in_dir: Annotated[Path, typer.Argument(help="Folder searched recursively for slides.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder: <slide-id>/ per slide, summary.csv, failures.csv.")],
+    stain: Annotated[str, typer.Option("--stain", "-s", help="auto | he | ecad | reticulin (auto: manifest, file-name rules, then colour).")] = "auto",
+    manifest: Annotated[Path | None, typer.Option("--manifest", help="CSV: slide,stain,age,patient,biopsy_date[,mpp,...]; slide relative to IN_DIR.")] = None,
+    pattern: Annotated[str | None, typer.Option("--pattern", help="Glob on the relative path, e.g. '*.svs'.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes of a local Dask cluster (> 1 implies --cluster local).", min=1)] = 1,
+    cluster: Annotated[str | None, typer.Option("--cluster", help="local | tcp://HOST:PORT of a running dask scheduler (default: serial).")] = None,
+    mpp: MppOpt = None,
+    stain_rules: Annotated[Path | None, typer.Option("--stain-rules", help="YAML of file-name rules (default configs/stain_rules.yaml).")] = None,
+    sets: SetOpt = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary rows as one JSON document.")] = False,
+) -> None:
+    """Analyse every slide of a folder (resumable); exit code 3 when some slides failed."""
+    from marrowseg.batch import run_batch
+
+    if manifest is not None and not manifest.is_file():
+        raise typer.BadParameter(f"{manifest}: no such file", param_hint="--manifest")
+    show = not (quiet or as_json)
+    with Progress(
+        TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("ok {task.fields[ok]}  failed {task.fields[failed]}  left {task.fields[left]}  "
+                   "{task.fields[mpxs]:.2f} Mpx/s  {task.fields[slide]}"), TimeElapsedColumn(),
+        console=err, transient=True, disable=not show,
+    ) as bar:
+        task = bar.add_task("batch", total=None, ok=0, failed=0, left=0, mpxs=0.0, slide="")
+
+        def update(st: dict[str, Any]) -> None:
+            bar.update(task, completed=st["done"] + st["failed"], total=st["total"], ok=st["done"],
+                       failed=st["failed"], left=st["remaining"], mpxs=st["mpx_per_s"], slide=st["slide"])
+
+        res = run_batch(in_dir, out_dir, stain=stain, manifest=manifest, pattern=pattern, workers=workers,
+                        cluster=cluster, config=config, sets=sets or [], device=device, mpp=mpp,
+                        stain_rules=stain_rules, progress=update, command=sys.argv)
+    if as_json:
+        keep = ("slide", "slide_id", "stain", "stain_source", "stain_confidence", "status", "reason", "readouts")
+        print(json.dumps([{k: r[k] for k in keep} for r in res.rows]))
+    else:
+        t = Table(title=f"marrowseg batch: {res.n_ok} ok, {res.n_failed} failed", show_header=True)
+        for col in ("slide", "stain", "status", "reason"):
+            t.add_column(col)
+        for r in res.rows:
+            src = f"{r['stain'] or '?'} ({r['stain_source']})"
+            t.add_row(r["slide"], src, r["status"], r["reason"])
+        out.print(t)
+        out.print(f"summary {res.summary_csv}")
+    if res.exit_code:
+        raise typer.Exit(code=res.exit_code)
+
+
 def main() -> None:
     """Console entry point: our errors become one line on stderr and exit code 1."""
     try:
