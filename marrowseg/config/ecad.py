@@ -1,12 +1,143 @@
-"""Settings of the E-cadherin analyzer (values live in ``configs/ecad.yaml``)."""
+"""Settings of the E-cadherin analyzer (values live in ``configs/ecad.yaml``).
+
+Reference values for the interpretation live in ``configs/ecad_reference.yaml``
+(:func:`load_ecad_reference`). Lengths are µm, densities optical density (OD).
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
 
 from marrowseg.config._base import Strict
+from marrowseg.config.nuclei import NucleiConfig, NucleusClassesConfig
+from marrowseg.config.tissue_classes import TissueClassesConfig
+from marrowseg.errors import ConfigError
+
+__all__ = [
+    "ECadConfig",
+    "ECadStainConfig",
+    "ECadTissueConfig",
+    "ECadClustersConfig",
+    "ECadInterpretationConfig",
+    "ReferenceRange",
+    "ECadReference",
+    "load_ecad_reference",
+]
+
+
+class ECadStainConfig(Strict):
+    """Haematoxylin/DAB vectors: estimated per slide in ``prepare``, or the standard ones.
+
+    The estimate (Macenko) is used only when every check passes; otherwise the standard
+    Ruifrok H-DAB vectors are used and the reason is recorded in the provenance.
+    """
+
+    vectors: Literal["estimate", "standard"] = Field(
+        description="estimate: Macenko per slide with checks and fallback; standard: Ruifrok H-DAB always"
+    )
+    min_od: float = Field(ge=0, description="summed RGB OD of a pixel used by the estimate")
+    percentile: float = Field(gt=0, lt=50, description="robust angle extreme of the Macenko estimate, percent")
+    min_pixels: int = Field(ge=1, description="fewer stained pixels than this: fall back")
+    dab_pixel_od: float = Field(gt=0, description="standard-vector DAB OD that makes a pixel count as DAB-stained")
+    min_dab_pixels: int = Field(ge=1, description="fewer DAB-stained pixels than this: fall back (nothing to estimate DAB from)")
+    min_spread_deg: float = Field(ge=0, le=90, description="smaller angle between the two estimated vectors: fall back")
+    max_spread_deg: float = Field(gt=0, le=90, description="larger angle between the two estimated vectors: fall back")
+    max_angle_deg: float = Field(gt=0, le=90, description="an estimated vector farther than this from its standard hue: fall back")
+
+
+class ECadTissueConfig(Strict):
+    """How the haematoxylin counterstain feeds the tissue classes (no eosin in IHC).
+
+    Bone matrix takes a faint, even counterstain and holds no nuclei; haematopoietic tissue
+    is dense with nuclei. The counterstain is split by a grey-level opening wider than a
+    nucleus into a smooth *matrix* part (the opening) and a *nuclear* part (the top-hat);
+    they stand in for eosin and haematoxylin of the H&E rule
+    (``bone_min_eosin_od`` applies to the matrix part, ``bone_max_haem_od`` to the nuclear part).
+    """
+
+    opening_um: float = Field(gt=0, description="side of the square opening window; wider than the largest nucleus, µm")
+    classes: TissueClassesConfig
+
+
+class ECadClustersConfig(Strict):
+    """Sheets of E-cadherin-positive cells (single linkage of positive cell centres)."""
+
+    link_um: float = Field(gt=0, description="two positive cells closer than this are linked, µm (centre to centre)")
+    min_extent_um: float = Field(gt=0, description="a cluster is counted when its extent (largest centre distance) exceeds this, µm")
+
+
+class ECadInterpretationConfig(Strict):
+    """Thresholds of the interpretation that the literature does not fix (see ecad_reference.yaml)."""
+
+    left_shift_ratio_high: float = Field(gt=0, lt=1, description="left_shift_ratio above this reads 'left-shifted erythropoiesis'")
+    min_erythroid_cells: int = Field(ge=0, description="fewer E-cad+ plus late erythroid cells: no verdict on the ratio")
+    cluster_alert_count: int = Field(ge=1, description="this many E-cad+ clusters or more raise a 'clusters present' flag")
 
 
 class ECadConfig(Strict):
     mpp: float = Field(gt=0, description="analysis resolution, µm/px")
-    halo_um: float = Field(ge=0, description="context needed around each tile core, µm")
+    halo_um: float = Field(ge=0, description="context needed around each tile core, µm; covers the largest fat space and the largest cluster counted exactly")
+    stain: ECadStainConfig
+    tissue: ECadTissueConfig
+    nuclei: NucleiConfig
+    classes: NucleusClassesConfig
+    positivity_compartment: Literal["membrane", "nucleus"] = Field(
+        description="membrane: DAB in a ring just outside the nucleus (E-cadherin); nucleus: DAB inside it (Ki67-type stains)"
+    )
+    ring_gap_um: float = Field(ge=0, description="the ring starts this far outside the segmented nucleus, µm")
+    ring_width_um: float = Field(gt=0, description="radial width of the membrane ring, µm")
+    ring_sectors: int = Field(ge=1, le=64, description="angular sectors of the ring; the score is the median over sectors of each sector's peak DAB")
+    membrane_min_dab_od: float = Field(gt=0, description="membrane score (DAB OD) at or above which a cell is E-cad positive")
+    nucleus_min_dab_od: float = Field(gt=0, description="mean nuclear DAB OD at or above which a cell is positive (compartment nucleus)")
+    clusters: ECadClustersConfig
+    interpretation: ECadInterpretationConfig
+    window_um: float | None = Field(gt=0, description="side of the slide-aligned windows of local counts, µm (null: none)")
+
+    @model_validator(mode="after")
+    def _halo_covers_clusters(self) -> ECadConfig:
+        if self.clusters.min_extent_um >= self.halo_um:
+            raise ValueError(
+                f"clusters.min_extent_um={self.clusters.min_extent_um} must be below halo_um={self.halo_um}: "
+                "a counted cluster must fit in one tile's halo to be counted exactly once"
+            )
+        return self
+
+
+class ReferenceRange(Strict):
+    """A normal range with its source; ``low``/``high`` may be null where no firm number exists."""
+
+    low: float | None = Field(ge=0)
+    high: float | None = Field(ge=0)
+    unit: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+
+
+class ECadReference(Strict):
+    """Content of ``configs/ecad_reference.yaml``."""
+
+    ecad_pos_per_100_nucleated: ReferenceRange
+    early_erythroid_pct_of_erythroid: ReferenceRange
+    left_shift_ratio: ReferenceRange
+    ecad_pos_clusters: ReferenceRange
+
+
+def load_ecad_reference(path: str | Path | None = None) -> ECadReference:
+    """Read and validate the E-cadherin reference values (default: packaged ``ecad_reference.yaml``).
+
+    Raises
+    ------
+    ConfigError
+        Unreadable file or invalid content; the message names the file.
+    """
+    from marrowseg.config import _read_yaml, config_dir  # late: the package imports this module
+
+    p = Path(path) if path is not None else config_dir() / "ecad_reference.yaml"
+    data = _read_yaml(p)
+    try:
+        return ECadReference.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"{p}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None

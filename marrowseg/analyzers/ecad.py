@@ -1,0 +1,637 @@
+"""E-cadherin IHC analyzer: erythroid left shift from membrane DAB on early precursors.
+
+Dense step (torch, on the device): optical density, haematoxylin/DAB deconvolution with
+vectors estimated per slide in :meth:`ECadAnalyzer.prepare` (Ruifrok H-DAB when the estimate
+is unreliable), the smoothed maps of the nuclear detector and the pooled maps of the tissue
+classes. Per tile (CPU): tissue labels (:mod:`marrowseg.analyzers.tissue`), nuclei and their
+morphology classes (:mod:`marrowseg.analyzers.nuclei`, the same late-erythroid rules as
+H&E), a DAB score per nucleus (membrane ring or nucleus), the positive call, and clusters
+of positive cells. ``finalize`` forms every ratio from the summed counts.
+
+Clusters are counted exactly once per slide: a tile reports the clusters whose lowest
+(row, col) member lies in its core, built from the positive cells of the whole tile (halo
+included). That is exact for clusters that fit in the halo (extent below about
+``halo_um`` minus one link); larger sheets may be cut by the tile edge and counted more
+than once, and the tile then also counts them in ``n_ecad_clusters_truncated``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+from scipy.spatial.distance import pdist
+from skimage.segmentation import expand_labels
+
+from marrowseg import stains
+from marrowseg.analyzers import nuclei as nuc
+from marrowseg.analyzers import tissue as tis
+from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
+from marrowseg.config.ecad import ECadConfig, ECadReference, load_ecad_reference
+
+__all__ = [
+    "ECadAnalyzer",
+    "ECadModule",
+    "CELL_CLASSES",
+    "hdab_matrix",
+    "estimate_hdab_vectors",
+    "ring_scores",
+    "count_clusters",
+    "wilson_interval",
+]
+
+log = logging.getLogger(__name__)
+
+#: values of the ``class`` column of cells.csv
+CELL_CLASSES = ("ecad_pos", "late_erythroid", "megakaryocyte", "other")
+_Z95 = 1.959963984540054  # two-sided 95% normal quantile
+_MEAS_COLUMNS = ("area_um2", "eccentricity", "solidity", "h_od_mean", "h_od_cv")
+
+
+# ----------------------------------------------------------------------------- stains
+def hdab_matrix(h: np.ndarray | tuple, dab: np.ndarray | tuple) -> np.ndarray:
+    """Haematoxylin/DAB stain matrix with an orthogonal residual row.
+
+    Parameters
+    ----------
+    h, dab : (3,) array-like
+        Stain OD vectors (RGB); normalised here.
+
+    Returns
+    -------
+    rgb_from_stains : (3, 3) float64 ndarray
+        Rows: H, DAB, and their normalised cross product. With an orthogonal residual the
+        H and DAB concentrations are the least-squares fit of each pixel's OD in the H-DAB
+        plane (:func:`marrowseg.stains.stain_matrix` folds the residual into the positive
+        octant, which for H and DAB leaves it almost in their plane and the matrix
+        ill-conditioned).
+    """
+    rows = stains.normalize_rows(np.vstack([np.asarray(h, np.float64), np.asarray(dab, np.float64)]))
+    third = np.cross(rows[0], rows[1])
+    return np.vstack([rows, third / np.linalg.norm(third)])
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64) / np.linalg.norm(a)
+    b = np.asarray(b, np.float64) / np.linalg.norm(b)
+    return float(np.degrees(np.arccos(np.clip(a @ b, -1.0, 1.0))))
+
+
+def estimate_hdab_vectors(sample_rgb: np.ndarray, cfg: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """Stain matrix of one slide from a sample of its pixels, or the standard one.
+
+    Parameters
+    ----------
+    sample_rgb : (N, 3) uint8 ndarray
+        Pixels of the slide.
+    cfg : ECadStainConfig
+        Estimation settings and the checks that trigger the fallback.
+
+    Returns
+    -------
+    rgb_from_stains : (3, 3) float64 ndarray
+        See :func:`hdab_matrix`.
+    info : dict
+        ``stain_vectors_source`` (``estimated`` or ``standard``), ``fallback_reason``
+        (None when estimated), the pixel counts, angles and the vectors used.
+
+    Notes
+    -----
+    Macenko's estimate (:func:`marrowseg.stains.estimate_two_stains`) is kept only if the
+    sample has enough stained pixels and enough DAB pixels (by the standard vectors), the
+    two estimated directions are a plausible angle apart, and each lies within
+    ``max_angle_deg`` of its standard hue (Ruifrok & Johnston 2001). Otherwise the standard
+    Ruifrok H-DAB vectors are used and the reason is returned.
+    """
+    standard = hdab_matrix(stains.RUIFROK_H, stains.RUIFROK_DAB)
+    od = stains.od_from_rgb(np.asarray(sample_rgb).reshape(-1, 3))
+    conc = od @ np.linalg.inv(standard).astype(np.float32)
+    info: dict[str, Any] = {
+        "method": "macenko" if cfg.vectors == "estimate" else "standard",
+        "n_sample_pixels": int(len(od)),
+        "n_stained_pixels": int((od.sum(axis=1) > cfg.min_od).sum()),
+        "n_dab_pixels": int((conc[:, 1] >= cfg.dab_pixel_od).sum()),
+    }
+
+    def fallback(reason: str) -> tuple[np.ndarray, dict[str, Any]]:
+        info.update(stain_vectors_source="standard", fallback_reason=reason,
+                    h=[float(x) for x in standard[0]], dab=[float(x) for x in standard[1]])
+        return standard, info
+
+    if cfg.vectors == "standard":
+        return fallback("configured (ecad.stain.vectors: standard)")
+    if info["n_stained_pixels"] < cfg.min_pixels:
+        return fallback(f"too few stained pixels ({info['n_stained_pixels']} < {cfg.min_pixels})")
+    if info["n_dab_pixels"] < cfg.min_dab_pixels:
+        return fallback(f"too few DAB pixels ({info['n_dab_pixels']} < {cfg.min_dab_pixels} at DAB OD >= {cfg.dab_pixel_od})")
+    vecs, est = stains.estimate_two_stains(od, min_od=cfg.min_od, percentile=cfg.percentile, min_pixels=cfg.min_pixels)
+    info["angle_spread_deg"] = est.get("angle_spread_deg")
+    if vecs is None:
+        return fallback("estimate impossible")
+    # assign by angle to the standard vectors, not by the estimator's own order
+    a = [[_angle_deg(v, standard[j]) for j in range(2)] for v in vecs]
+    order = (0, 1) if a[0][0] + a[1][1] <= a[0][1] + a[1][0] else (1, 0)
+    h, dab = vecs[order[0]], vecs[order[1]]
+    spread = _angle_deg(h, dab)
+    dh, dd = _angle_deg(h, standard[0]), _angle_deg(dab, standard[1])
+    info.update(spread_deg=spread, h_angle_deg=dh, dab_angle_deg=dd,
+                h_estimate=[float(x) for x in h], dab_estimate=[float(x) for x in dab])
+    if not (cfg.min_spread_deg <= spread <= cfg.max_spread_deg):
+        return fallback(f"implausible angle between the estimated vectors ({spread:.1f} deg, "
+                        f"accepted {cfg.min_spread_deg}-{cfg.max_spread_deg})")
+    if dh > cfg.max_angle_deg or dd > cfg.max_angle_deg:
+        return fallback(f"estimated vectors far from the expected hue (H {dh:.1f} deg, DAB {dd:.1f} deg; "
+                        f"accepted {cfg.max_angle_deg})")
+    m = hdab_matrix(h, dab)
+    info.update(stain_vectors_source="estimated", fallback_reason=None,
+                h=[float(x) for x in m[0]], dab=[float(x) for x in m[1]])
+    return m, info
+
+
+# ----------------------------------------------------------------------------- dense
+def _pool_separable(x: torch.Tensor, r: int, *, minimum: bool) -> torch.Tensor:
+    """Square max (or min) filter of half-width ``r`` px, replicate padding."""
+    if r <= 0:
+        return x
+    y = -x if minimum else x
+    y = F.max_pool2d(F.pad(y, (r, r, 0, 0), mode="replicate"), (1, 2 * r + 1), stride=1)
+    y = F.max_pool2d(F.pad(y, (0, 0, r, r), mode="replicate"), (2 * r + 1, 1), stride=1)
+    return -y if minimum else y
+
+
+class ECadModule(torch.nn.Module):
+    """``(B, 3, H, W)`` RGB 0..255 -> stain densities, nuclear maps and tissue maps.
+
+    Outputs at the analysis resolution: ``h_od`` (counterstain), ``dab_od``, ``det_od``
+    (the image nuclei are detected on: haematoxylin, plus DAB when the compartment is the
+    nucleus), ``peak``, ``mask`` (B, 1, H, W); at the tissue-class resolution: ``bright``,
+    ``h_ctx``, ``e_ctx``.
+    """
+
+    def __init__(self, rgb_from_stains: np.ndarray, config: ECadConfig) -> None:
+        super().__init__()
+        inv = np.linalg.inv(np.asarray(rgb_from_stains, np.float64))
+        # od = conc @ rgb_from_stains (row vectors), so conc = od @ inv: indexed (rgb, stain)
+        self.register_buffer("rgb_to_stain", torch.as_tensor(inv, dtype=torch.float32))
+        self.nuclear_dab = config.positivity_compartment == "nucleus"
+        self.open_r = max(1, int(round(config.tissue.opening_um / config.mpp / 2)))
+        self.nuclei = nuc.NucleusMaps(config.mpp, config.nuclei)
+        self.tissue = tis.TissueMaps(config.mpp, config.tissue.classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        od = stains.od_from_rgb_torch(x.float())
+        conc = torch.einsum("bchw,cs->bshw", od, self.rgb_to_stain.to(od.dtype))
+        h = torch.clamp(conc[:, 0:1], min=0.0)
+        dab = torch.clamp(conc[:, 1:2], min=0.0)
+        det = h + dab if self.nuclear_dab else h
+        out = {"h_od": h, "dab_od": dab, "det_od": det}
+        out.update(self.nuclei(det))
+        # counterstain split: even matrix stain (opening) vs nuclei (top-hat)
+        matrix = _pool_separable(_pool_separable(h, self.open_r, minimum=True), self.open_r, minimum=False)
+        out.update(self.tissue(od.sum(dim=1, keepdim=True), torch.cat([h - matrix, matrix], dim=1)))
+        return out
+
+
+# ----------------------------------------------------------------------------- per cell
+def ring_scores(
+    labels: np.ndarray,
+    table: dict[str, np.ndarray],
+    dab_od: np.ndarray,
+    mpp: float,
+    *,
+    gap_um: float,
+    width_um: float,
+    sectors: int,
+) -> np.ndarray:
+    """Membrane DAB score of each nucleus, from a ring just outside it.
+
+    Parameters
+    ----------
+    labels : (H, W) int ndarray
+        Nucleus labels (0 background), as from :func:`marrowseg.analyzers.nuclei.detect_nuclei`.
+    table : dict of (N,) ndarray
+        Nucleus table (``label``, ``row``, ``col``).
+    dab_od : (H, W) float32 ndarray
+        DAB optical density.
+    mpp : float
+        µm per pixel.
+    gap_um, width_um : float
+        The ring covers distances ``(gap_um, gap_um + width_um]`` from the nucleus; each
+        ring pixel belongs to its nearest nucleus and never lies inside another one.
+    sectors : int
+        Angular sectors around the centroid.
+
+    Returns
+    -------
+    score_od : (N,) float64 ndarray
+        Median over the ring's sectors of each sector's highest DAB OD; 0 for a nucleus
+        without ring pixels. A membrane all round the cell scores high; a positive
+        neighbour's membrane, covering a sector or two, does not.
+    """
+    n = len(table["label"])
+    if n == 0:
+        return np.zeros(0, np.float64)
+    outer_px = (gap_um + width_um) / mpp
+    inner_px = gap_um / mpp
+    grown = expand_labels(labels, distance=outer_px)
+    inside = expand_labels(labels, distance=inner_px) if inner_px > 0 else labels
+    ring = (grown > 0) & (inside == 0)
+    rr, cc = np.nonzero(ring)
+    lut = np.full(int(labels.max()) + 1 if labels.size else 1, -1, np.int64)
+    lut[table["label"]] = np.arange(n)
+    idx = lut[grown[rr, cc]]
+    ok = idx >= 0
+    rr, cc, idx = rr[ok], cc[ok], idx[ok]
+    ang = np.arctan2(rr - table["row"][idx], cc - table["col"][idx])
+    sec = np.minimum(((ang + np.pi) / (2 * np.pi) * sectors).astype(np.int64), sectors - 1)
+    peak = np.full(n * sectors, np.nan)
+    vals = dab_od[rr, cc].astype(np.float64)
+    # per (cell, sector) maximum without a Python loop: sort by value, last write wins
+    key = idx * sectors + sec
+    order = np.argsort(vals, kind="stable")
+    peak[key[order]] = vals[order]
+    peak = peak.reshape(n, sectors)
+    have = ~np.isnan(peak).all(axis=1)
+    out = np.zeros(n, np.float64)
+    if have.any():
+        out[have] = np.nanmedian(peak[have], axis=1)
+    return out
+
+
+def _region_means(values: np.ndarray, labels: np.ndarray, label_ids: np.ndarray) -> np.ndarray:
+    """Mean of ``values`` over each label of ``label_ids`` (0 for an empty label)."""
+    if len(label_ids) == 0:
+        return np.zeros(0, np.float64)
+    m = int(labels.max()) + 1
+    s = np.bincount(labels.ravel(), weights=values.ravel().astype(np.float64), minlength=m)
+    c = np.bincount(labels.ravel(), minlength=m)
+    return s[label_ids] / np.maximum(c[label_ids], 1)
+
+
+def count_clusters(
+    rc_um: np.ndarray,
+    *,
+    link_um: float,
+    min_extent_um: float,
+) -> list[np.ndarray]:
+    """Single-linkage clusters of points whose extent exceeds a size.
+
+    Parameters
+    ----------
+    rc_um : (N, 2) float ndarray
+        (row, col) positions, µm.
+    link_um : float
+        Points closer than this (<=) are linked.
+    min_extent_um : float
+        A cluster is kept when its largest pairwise distance exceeds this.
+
+    Returns
+    -------
+    clusters : list of (k,) int64 ndarray
+        Member indices of each kept cluster, sorted by the lowest (row, col) member.
+    """
+    pts = np.asarray(rc_um, np.float64).reshape(-1, 2)
+    n = len(pts)
+    if n < 2:
+        return []
+    pairs = cKDTree(pts).query_pairs(float(link_um), output_type="ndarray")
+    if len(pairs) == 0:
+        return []
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    out = []
+    for c in np.unique(comp):
+        members = np.flatnonzero(comp == c)
+        if len(members) < 2:
+            continue
+        if float(pdist(pts[members]).max()) > min_extent_um:
+            first = members[np.lexsort((pts[members, 1], pts[members, 0]))]
+            out.append(first)
+    out.sort(key=lambda m: (pts[m[0], 0], pts[m[0], 1]))
+    return out
+
+
+def wilson_interval(k: int, n: int, *, z: float = _Z95) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial proportion ``k / n``.
+
+    Returns
+    -------
+    (low, high) or None
+        None when ``n == 0``.
+
+    References
+    ----------
+    Wilson E.B. "Probable inference, the law of succession, and statistical inference."
+    J Am Stat Assoc 22(158):209-212, 1927.
+    """
+    if n <= 0:
+        return None
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    p = k / n
+    z2 = z * z
+    den = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _range_verdict(value: float | None, low: float | None, high: float | None) -> str | None:
+    if value is None:
+        return None
+    if low is not None and value < low:
+        return "below expected range"
+    if high is not None and value > high:
+        return "above expected range"
+    return "within expected range"
+
+
+# ----------------------------------------------------------------------------- analyzer
+class ECadAnalyzer(Analyzer):
+    """E-cadherin-positive early erythroid precursors and the erythroid left shift.
+
+    Parameters
+    ----------
+    config : ECadConfig
+        The ``ecad`` section of the configuration.
+    """
+
+    stain: ClassVar[str] = "ecad"
+    map_names: ClassVar[tuple[str, ...]] = ("labels",)
+    label_classes: ClassVar[tuple[LabelClass, ...]] = (
+        LabelClass(tis.EXCLUDED, "excluded", (0, 0, 0)),
+        LabelClass(tis.HAEMATOPOIETIC, "haematopoietic", (200, 40, 120)),
+        LabelClass(tis.FAT, "fat", (250, 230, 140)),
+        LabelClass(tis.BONE, "bone", (120, 170, 230)),
+    )
+    cell_classes: ClassVar[tuple[LabelClass, ...]] = (
+        LabelClass(1, "ecad_pos", (160, 80, 0)),
+        LabelClass(2, "late_erythroid", (220, 30, 30)),
+        LabelClass(3, "megakaryocyte", (30, 30, 220)),
+        LabelClass(4, "other", (30, 180, 30)),
+    )
+    allow_amp: ClassVar[bool] = False  # OD thresholds near 0.15 do not survive float16 logs
+
+    def __init__(self, config: ECadConfig, reference: ECadReference | None = None) -> None:
+        super().__init__(config)
+        self.rgb_from_stains = hdab_matrix(stains.RUIFROK_H, stains.RUIFROK_DAB)
+        self.vectors_source = "standard"
+        self.k = tis.class_factor(config.mpp, config.tissue.classes.class_mpp)
+        self.reference = reference if reference is not None else load_ecad_reference()
+
+    @property
+    def map_downsample(self) -> int:
+        return self.k
+
+    @property
+    def window_um(self) -> float | None:
+        return None if self.config.window_um is None else float(self.config.window_um)
+
+    # -- dense ----------------------------------------------------------------------------
+    def prepare(self, sample_rgb: np.ndarray) -> dict[str, Any]:
+        """Estimate the slide's H and DAB vectors (fallback: Ruifrok H-DAB, with the reason)."""
+        m, info = estimate_hdab_vectors(sample_rgb, self.config.stain)
+        if info["stain_vectors_source"] == "standard" and self.config.stain.vectors == "estimate":
+            log.warning("E-cadherin stain vectors: standard Ruifrok H-DAB used: %s", info["fallback_reason"])
+        self.rgb_from_stains = m
+        self.vectors_source = info["stain_vectors_source"]
+        self._module = None
+        return info
+
+    def build_module(self) -> torch.nn.Module:
+        return ECadModule(self.rgb_from_stains, self.config).eval()
+
+    # -- per tile -------------------------------------------------------------------------
+    def _geometry(self, ctx: TileContext, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Valid (inside-slide) and open-border masks at the class resolution."""
+        k = self.k
+        hc, wc = -(-shape[0] // k), -(-shape[1] // k)
+        vr, vc = min(shape[0], int(ctx.valid_px[0])), min(shape[1], int(ctx.valid_px[1]))
+        vrc, vcc = -(-vr // k), -(-vc // k)
+        valid = np.zeros((hc, wc), bool)
+        valid[:vrc, :vcc] = True
+        border = np.zeros((hc, wc), bool)
+        if ctx.origin_px[0] > 0:
+            border[0, :] = True
+        if ctx.origin_px[1] > 0:
+            border[:, 0] = True
+        if ctx.core[0].stop < vr:
+            border[vrc - 1, :] = True
+        if ctx.core[1].stop < vc:
+            border[:, vcc - 1] = True
+        return valid, border & valid
+
+    def classify_cells(self, table: dict[str, np.ndarray], score_od: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positive call and class of each nucleus.
+
+        Returns
+        -------
+        positive : (N,) bool ndarray
+            DAB score at or above the compartment's threshold.
+        classes : (N,) object ndarray of str
+            ``megakaryocyte`` by size first (megakaryocytes are E-cadherin negative; a
+            neighbour's membrane must not relabel them), then ``ecad_pos``, then the
+            morphology class of the H&E rules (``late_erythroid`` or ``other``).
+        """
+        cfg = self.config
+        thr = cfg.membrane_min_dab_od if cfg.positivity_compartment == "membrane" else cfg.nucleus_min_dab_od
+        positive = np.asarray(score_od) >= thr
+        morph = nuc.classify_nuclei(table, cfg.classes)
+        classes = np.where(morph == "megakaryocyte", "megakaryocyte", np.where(positive, "ecad_pos", morph)).astype(object)
+        return positive & (classes == "ecad_pos"), classes
+
+    def post(self, dense: dict[str, np.ndarray], rgb: np.ndarray, ctx: TileContext) -> TileResult:
+        cfg = self.config
+        mpp = float(ctx.mpp)
+        k = self.k
+        d = {key: np.asarray(v, dtype=np.float32).reshape(np.shape(v)[-2:]) for key, v in dense.items()}
+        full = d["h_od"].shape
+        vr = min(full[0], -(-int(ctx.valid_px[0]) // k) * k)
+        vc = min(full[1], -(-int(ctx.valid_px[1]) // k) * k)
+        for key, v in d.items():
+            d[key] = v[:vr, :vc] if v.shape == full else v[: vr // k, : vc // k]
+        shape = d["h_od"].shape
+        valid_c, border_c = self._geometry(ctx, shape)
+        labels_c, _ = tis.classify_tissue(d["bright"], d["h_ctx"], d["e_ctx"], mpp * k, cfg.tissue.classes,
+                                          valid=valid_c, open_border=border_c)
+        labels = tis.upsample_labels(labels_c, k, shape)
+        core_labels = labels[ctx.core]
+        counts = np.bincount(core_labels.ravel(), minlength=4)
+        stats: dict[str, float] = {
+            "excluded_px": int(counts[tis.EXCLUDED]),
+            "haematopoietic_px": int(counts[tis.HAEMATOPOIETIC]),
+            "fat_px": int(counts[tis.FAT]),
+            "bone_px": int(counts[tis.BONE]),
+        }
+
+        allowed = (labels == tis.HAEMATOPOIETIC) | (labels == tis.FAT)
+        nuc_labels, table = nuc.detect_nuclei(d["det_od"], mpp, cfg.nuclei, peak_map=d["peak"],
+                                              mask_map=d["mask"], allowed=allowed)
+        ring_od = ring_scores(nuc_labels, table, d["dab_od"], mpp, gap_um=cfg.ring_gap_um,
+                              width_um=cfg.ring_width_um, sectors=cfg.ring_sectors)
+        nucleus_od = _region_means(d["dab_od"], nuc_labels, table["label"])
+        score = ring_od if cfg.positivity_compartment == "membrane" else nucleus_od
+        positive, classes = self.classify_cells(table, score)
+
+        keep = ctx.in_core(table["row"], table["col"])
+        cells = {"row": table["row"][keep], "col": table["col"][keep], "class": classes[keep].astype(str),
+                 "dab_ring_od": ring_od[keep], "dab_nucleus_od": nucleus_od[keep]}
+        for c in _MEAS_COLUMNS:
+            cells[c] = table[c][keep]
+        stats["n_nucleated"] = int(keep.sum())
+        for name in CELL_CLASSES:
+            stats[f"n_{name}"] = int((classes[keep] == name).sum())
+
+        n_cl, n_trunc = self._clusters(table, positive, ctx, shape)
+        stats["n_ecad_clusters"] = n_cl
+        stats["n_ecad_clusters_truncated"] = n_trunc
+        windows = self._windows(core_labels, cells, ctx) if cfg.window_um is not None else {}
+        return TileResult(stats=stats, maps={"labels": self._map(labels, ctx)}, cells=cells, windows=windows)
+
+    def _clusters(self, table: dict[str, np.ndarray], positive: np.ndarray, ctx: TileContext,
+                  shape: tuple[int, int]) -> tuple[int, int]:
+        """Clusters owned by this tile (lowest member in the core) and how many touch a cut edge."""
+        cfg = self.config.clusters
+        mpp = float(ctx.mpp)
+        rows, cols = table["row"][positive], table["col"][positive]
+        clusters = count_clusters(np.column_stack([rows, cols]) * mpp, link_um=cfg.link_um,
+                                  min_extent_um=cfg.min_extent_um)
+        if not clusters:
+            return 0, 0
+        edge_px = cfg.link_um / mpp
+        # edges where the tile cuts the slide (a cluster there may continue beyond the tile)
+        cut_top, cut_left = ctx.origin_px[0] > 0, ctx.origin_px[1] > 0
+        cut_bottom = ctx.core[0].stop < min(shape[0], ctx.valid_px[0])
+        cut_right = ctx.core[1].stop < min(shape[1], ctx.valid_px[1])
+        n = n_trunc = 0
+        for m in clusters:
+            if not ctx.in_core(rows[m[:1]], cols[m[:1]])[0]:
+                continue
+            n += 1
+            r, c = rows[m], cols[m]
+            if ((cut_top and r.min() < edge_px) or (cut_left and c.min() < edge_px)
+                    or (cut_bottom and r.max() > shape[0] - edge_px) or (cut_right and c.max() > shape[1] - edge_px)):
+                n_trunc += 1
+        return n, n_trunc
+
+    def _map(self, labels: np.ndarray, ctx: TileContext) -> np.ndarray:
+        """The core's labels on the slide-aligned grid of every k-th analysis pixel."""
+        k = self.k
+        r0, c0 = ctx.core_origin_px
+        core = labels[ctx.core]
+        return np.ascontiguousarray(core[(-r0) % k :: k, (-c0) % k :: k])
+
+    def _windows(self, core_labels: np.ndarray, cells: dict[str, np.ndarray], ctx: TileContext) -> dict:
+        mpp = float(ctx.mpp)
+        win = float(self.config.window_um)
+        r0, c0 = ctx.core_origin_px
+        h, w = core_labels.shape
+        wr = np.floor((r0 + np.arange(h)) * mpp / win).astype(np.int64)
+        wc = np.floor((c0 + np.arange(w)) * mpp / win).astype(np.int64)
+        cr = np.floor((ctx.origin_px[0] + np.floor(cells["row"])) * mpp / win).astype(np.int64)
+        cc = np.floor((ctx.origin_px[1] + np.floor(cells["col"])) * mpp / win).astype(np.int64)
+        cls = cells["class"]
+        out: dict[tuple[int, int], dict[str, float]] = {}
+        for i in np.unique(wr):
+            rows = wr == i
+            for j in np.unique(wc):
+                n = np.bincount(core_labels[np.ix_(rows, wc == j)].ravel(), minlength=4)
+                inwin = (cr == i) & (cc == j)
+                out[(int(i), int(j))] = {
+                    "haematopoietic_px": int(n[tis.HAEMATOPOIETIC]),
+                    "n_nucleated": int(inwin.sum()),
+                    "n_ecad_pos": int((inwin & (cls == "ecad_pos")).sum()),
+                    "n_late_erythroid": int((inwin & (cls == "late_erythroid")).sum()),
+                }
+        return out
+
+    # -- slide ----------------------------------------------------------------------------
+    def finalize(
+        self,
+        totals: dict[str, float],
+        windows: dict[tuple[int, int], dict[str, float]],
+        *,
+        age: float | None = None,
+    ) -> dict[str, Any]:
+        cfg = self.config
+        px_um2 = float(cfg.mpp) ** 2
+        g = lambda key: float(totals.get(key, 0))  # noqa: E731
+        haem_um2 = g("haematopoietic_px") * px_um2
+        n_cells = int(g("n_nucleated"))
+        n_pos = int(g("n_ecad_pos"))
+        n_late = int(g("n_late_erythroid"))
+        n_ery = n_pos + n_late
+
+        def ratio(a: float, b: float, scale: float = 1.0) -> float | None:
+            return None if b <= 0 else float(a / b * scale)
+
+        ci = wilson_interval(n_pos, n_ery)
+        per100 = ratio(n_pos, n_cells, 100.0)
+        lsr = ratio(n_pos, n_ery)
+        n_clusters = int(g("n_ecad_clusters"))
+        readouts: dict[str, Any] = {
+            "nucleated_cells": n_cells,
+            "ecad_pos_cells": n_pos,
+            "ecad_pos_per_100_nucleated": per100,
+            "ecad_pos_per_mm2": ratio(n_pos, haem_um2, 1e6),
+            "late_erythroid_cells": n_late,
+            "left_shift_ratio": lsr,
+            "left_shift_ratio_ci95": None if ci is None else [ci[0], ci[1]],
+            "ecad_pos_clusters": n_clusters,
+            "megakaryocytes_per_mm2": ratio(g("n_megakaryocyte"), haem_um2, 1e6),
+            "nucleated_cells_per_mm2": ratio(n_cells, haem_um2, 1e6),
+        }
+        ref = self.reference
+        icfg = cfg.interpretation
+        if lsr is None or n_ery < icfg.min_erythroid_cells:
+            shift = "insufficient erythroid cells"
+        elif lsr > icfg.left_shift_ratio_high:
+            shift = "left-shifted erythropoiesis"
+        else:
+            shift = "no left shift"
+        r100 = ref.ecad_pos_per_100_nucleated
+        interpretation = {
+            "ecad_pos_per_100_nucleated": {
+                "value": per100, "low": r100.low, "high": r100.high, "unit": r100.unit,
+                "verdict": _range_verdict(per100, r100.low, r100.high), "source": r100.source,
+            },
+            "left_shift": {
+                "value": lsr, "threshold": icfg.left_shift_ratio_high, "min_erythroid_cells": icfg.min_erythroid_cells,
+                "erythroid_cells": n_ery, "verdict": shift, "source": ref.left_shift_ratio.source,
+            },
+            "clusters": {
+                "value": n_clusters, "alert_count": icfg.cluster_alert_count,
+                "flag": n_clusters >= icfg.cluster_alert_count,
+                "truncated": int(g("n_ecad_clusters_truncated")),
+                "note": f"clusters with extent > {cfg.clusters.min_extent_um} µm, link {cfg.clusters.link_um} µm; "
+                        f"exact up to an extent of about {cfg.halo_um - cfg.clusters.link_um:g} µm",
+                "source": ref.ecad_pos_clusters.source,
+            },
+        }
+        win = [v for v in windows.values() if v.get("n_nucleated", 0) > 0]
+        out = {
+            "readouts": readouts,
+            "areas_um2": {
+                "haematopoietic": haem_um2,
+                "fat": g("fat_px") * px_um2,
+                "bone": g("bone_px") * px_um2,
+                "excluded": g("excluded_px") * px_um2,
+            },
+            "counts": {name: int(g(f"n_{name}")) for name in CELL_CLASSES}
+            | {"ecad_clusters_truncated": int(g("n_ecad_clusters_truncated"))},
+            "interpretation": interpretation,
+            "stain_vectors_source": self.vectors_source,
+            "positivity_compartment": cfg.positivity_compartment,
+            "measurements": {"n_windows_with_cells": len(win)},
+        }
+        for v in readouts.values():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise AssertionError("non-finite readout")  # ratios guard their denominators
+        return out
