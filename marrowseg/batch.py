@@ -158,6 +158,11 @@ def _run_dask(jobs: list[SlideJob], settings: BatchSettings, record: Callable[[d
     except ImportError:  # pragma: no cover - distributed is a dependency
         raise ConfigError("--cluster needs dask.distributed (pip install 'dask[distributed]')") from None
     local = None
+    # distributed sets its own loggers to INFO; keep the client's stderr for warnings and up.
+    dlog = logging.getLogger("distributed")
+    dlog_level = dlog.level
+    if not log.isEnabledFor(logging.DEBUG):
+        dlog.setLevel(logging.WARNING)
     if cluster == "local":
         local = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
                              dashboard_address=None, silence_logs=logging.ERROR)
@@ -185,6 +190,7 @@ def _run_dask(jobs: list[SlideJob], settings: BatchSettings, record: Callable[[d
         client.close()
         if local is not None:
             local.close()
+        dlog.setLevel(dlog_level)
 
 
 def run_batch(
@@ -289,7 +295,7 @@ def run_batch(
         summary, failures = write_tables(out, rows, manifest_columns(jobs))
         seconds = time.perf_counter() - t_start
         res = BatchResult(out_dir=out, rows=rows, summary_csv=summary, failures_csv=failures, seconds=seconds)
-        blog(f"end: {res.n_ok} ok ({res.n_ran} analysed now), {res.n_failed} failed, {seconds:.1f} s")
+        blog(f"end: {res.n_ok} ok, {res.n_failed} failed, {res.n_ran} slides run now, {seconds:.1f} s")
     finally:
         blog.close()
     return res

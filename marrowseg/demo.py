@@ -60,28 +60,42 @@ def write_demo_slides(slide_dir: str | Path, *, size_px: int = 4096, mpp: float 
 
 def run_demo(out_dir: str | Path, *, size_px: int = 4096, progress: bool = True,
              console: Any = None) -> list[dict[str, Any]]:
-    """Write the sample slides under ``OUT/slides`` and analyse each into ``OUT/<stem>/``.
+    """Write the sample slides under ``OUT/slides`` and analyse them as a batch into ``OUT``.
+
+    The output folder has the batch layout: ``OUT/<slide-id>/`` per slide (``demo_he`` ...),
+    ``OUT/summary.csv``, ``OUT/failures.csv`` and ``OUT/marrowseg-batch.log``. A rerun reuses
+    the slides and skips complete analyses.
 
     Returns
     -------
     list of dict
         One row per shown readout: slide, stain, readout, measured, truth.
     """
-    from marrowseg.pipeline import analyze_slide
+    from marrowseg.batch import run_batch
 
     out_dir = Path(out_dir)
     slides = write_demo_slides(out_dir / "slides", size_px=size_px)
     stains = available_stains()
-    rows = []
+    wanted = []
     for tiff, stain in slides:
         if stain not in stains:
             log.warning("demo: no %s analyzer in this installation; slide written, not analysed", stain)
             continue
+        wanted.append(tiff)
+
+    def report(state: dict[str, Any]) -> None:
         if console is not None and progress:
-            console.print(f"analysing {tiff.name} ({stain})")
-        metrics, _ = analyze_slide(tiff, stain, out_dir / tiff.stem)
+            console.print(f"analysed {state['slide']} ({state['done'] + state['failed']}/{state['total']})")
+
+    res = run_batch(out_dir / "slides", out_dir, only=wanted, progress=report, command=["marrowseg", "demo"])
+    rows = []
+    for r in res.rows:
+        if r["status"] != "ok":
+            log.warning("demo: %s failed: %s", r["slide"], r["reason"])
+            continue
+        tiff = out_dir / "slides" / r["slide"]
         truth = json.loads(tiff.with_suffix(".truth.json").read_text())["readouts"]
-        for key in _SHOWN[stain]:
-            rows.append({"slide": tiff.stem, "stain": stain, "readout": key,
-                         "measured": metrics["readouts"].get(key), "truth": truth.get(key)})
+        for key in _SHOWN.get(r["stain"], ()):
+            rows.append({"slide": r["slide_id"], "stain": r["stain"], "readout": key,
+                         "measured": r["readouts"].get(key), "truth": truth.get(key)})
     return rows
