@@ -300,6 +300,47 @@ def batch(
         raise typer.Exit(code=res.exit_code)
 
 
+# ----------------------------------------------------------------------------- grade
+@app.command()
+def grade(
+    slides: Annotated[list[Path], typer.Argument(help="The slides of one biopsy (H&E, E-cadherin, reticulin).")],
+    stain: Annotated[list[str] | None, typer.Option("--stain", "-s", help="auto | he | ecad | reticulin; once for all slides or once per slide, in order (default auto).")] = None,
+    age: AgeOpt = None,
+    mpp: MppOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="Keep each slide's analysis in DIR/<slide>/ (default: a temporary folder, removed).")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write a self-contained HTML report of the case here.")] = None,
+    quiet: QuietOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the case report as one JSON document.")] = False,
+) -> None:
+    """One combined report of a biopsy: cellularity (H&E), left shift (E-cadherin), fibrosis grade (reticulin)."""
+    import tempfile
+
+    from marrowseg.grade import case_text, grade_slides
+
+    def bar(name: str, st: str):
+        return _progress(f"{name} [{st}]", quiet or as_json)
+
+    with tempfile.TemporaryDirectory(prefix="marrowseg-grade-") as tmp:
+        doc, outputs = grade_slides(slides, stain, out_dir if out_dir is not None else Path(tmp), age=age, mpp=mpp,
+                                    progress_for=bar, command=sys.argv)
+        if report is not None:
+            from marrowseg.report.html import write_case_report
+
+            write_case_report(report, doc, outputs)
+        if out_dir is None:
+            doc["out"] = None
+            for d in doc["slides"]:
+                d["out_dir"] = None
+    if report is not None:
+        doc["html_report"] = str(report)
+    if as_json:
+        print(json.dumps(doc, default=str))
+        return
+    print(case_text(doc))
+    if report is not None:
+        print(f"HTML report {report}")
+
+
 def main() -> None:
     """Console entry point: our errors become one line on stderr and exit code 1."""
     try:

@@ -1,0 +1,273 @@
+"""Read what an analysis left on disk: one slide's output folder, a batch folder, window stats.
+
+Everything the report and the QA notebook show is read back from the output contract
+(``metrics.json``, ``cells.csv``, ``tiles.csv``, ``labels.zarr``, ``overlay.png``) plus
+``windows.csv``: the per-window sums of an analyzer with a window grid (reticulin local
+grades), written by :func:`write_windows_csv` from a :class:`~marrowseg.engine.SlideResult`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marrowseg.errors import MarrowsegError
+from marrowseg.outputs.tables import write_rows_csv
+
+__all__ = [
+    "SlideOutput",
+    "load_slide_output",
+    "load_batch",
+    "read_failures",
+    "write_windows_csv",
+    "read_windows",
+    "local_grade_grid",
+]
+
+log = logging.getLogger(__name__)
+
+WINDOWS_CSV = "windows.csv"
+
+
+@dataclass
+class SlideOutput:
+    """One analysed slide as found on disk.
+
+    Attributes
+    ----------
+    slide_id : str
+        The output folder's name.
+    out_dir : Path
+    metrics : dict
+        The parsed ``metrics.json``.
+    """
+
+    slide_id: str
+    out_dir: Path
+    metrics: dict[str, Any]
+    _cells: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def stain(self) -> str:
+        return str(self.metrics.get("stain", ""))
+
+    @property
+    def readouts(self) -> dict[str, Any]:
+        return self.metrics.get("readouts") or {}
+
+    @property
+    def slide_path(self) -> Path:
+        return Path(self.metrics.get("slide", {}).get("path", ""))
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.metrics.get("manifest") or {}
+
+    def cells(self) -> dict[str, np.ndarray]:
+        """``cells.csv`` as columns: ``x``, ``y`` (float, level-0 px) and ``class`` (str)."""
+        if self._cells is None:
+            self._cells = _read_cells(self.out_dir / "cells.csv")
+        return self._cells
+
+    def tiles(self) -> list[dict[str, str]]:
+        path = self.out_dir / "tiles.csv"
+        if not path.exists():
+            return []
+        with path.open(newline="") as fh:
+            return list(csv.DictReader(fh))
+
+
+def _read_cells(path: Path) -> dict[str, np.ndarray]:
+    empty = {"x": np.zeros(0), "y": np.zeros(0), "class": np.zeros(0, dtype=object)}
+    if not path.exists():
+        return empty
+    xs, ys, cls = [], [], []
+    with path.open(newline="") as fh:
+        for r in csv.DictReader(fh):
+            xs.append(float(r["x"]))
+            ys.append(float(r["y"]))
+            cls.append(r.get("class", ""))
+    if not xs:
+        return empty
+    return {"x": np.asarray(xs), "y": np.asarray(ys), "class": np.asarray(cls, dtype=object)}
+
+
+def load_slide_output(out_dir: str | Path) -> SlideOutput:
+    """Open one analysed slide's folder.
+
+    Raises
+    ------
+    MarrowsegError
+        No ``metrics.json`` (analysis missing or unfinished) or it is not JSON.
+    """
+    out = Path(out_dir)
+    path = out / "metrics.json"
+    if not path.exists():
+        raise MarrowsegError(f"{out}: no metrics.json (not analysed, or the analysis did not finish)")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MarrowsegError(f"{path}: not valid JSON ({exc})") from None
+    return SlideOutput(slide_id=out.name, out_dir=out, metrics=metrics)
+
+
+def load_batch(out_dir: str | Path) -> list[SlideOutput]:
+    """Every analysed slide in a batch folder (``OUT/<slide-id>/metrics.json``), sorted by id.
+
+    Raises
+    ------
+    MarrowsegError
+        The folder does not exist.
+    """
+    root = Path(out_dir)
+    if not root.is_dir():
+        raise MarrowsegError(f"{root}: no such output folder (run `marrowseg demo` or a batch first)")
+    return [load_slide_output(p.parent) for p in sorted(root.glob("*/metrics.json"))]
+
+
+def read_failures(out_dir: str | Path) -> list[dict[str, str]]:
+    """Rows of ``OUT/failures.csv`` (slides whose analysis failed); empty when absent.
+
+    Also picks up rows of ``summary.csv`` whose ``status`` is ``failed``, so a batch that records
+    failures only there is covered too. Each row keeps its columns; ``slide_id`` and ``reason``
+    are filled from the usual alternatives (``id``/``slide``/``path``, ``error``).
+    """
+    root = Path(out_dir)
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for name, only_failed in (("failures.csv", False), ("summary.csv", True)):
+        path = root / name
+        if not path.exists():
+            continue
+        with path.open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                if only_failed and str(r.get("status", "")).lower() != "failed":
+                    continue
+                sid = _first(r, ("slide_id", "id", "slide", "name", "path"))
+                if sid in seen:
+                    continue
+                seen.add(sid)
+                rows.append({**r, "slide_id": sid, "reason": _first(r, ("reason", "error", "message"))})
+    return rows
+
+
+def _first(row: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+    for k in keys:
+        v = row.get(k)
+        if v not in (None, ""):
+            return str(v)
+    return ""
+
+
+# ----------------------------------------------------------------------------- windows
+def write_windows_csv(out_dir: str | Path, result: Any) -> Path | None:
+    """Write a SlideResult's per-window sums to ``OUT/windows.csv`` (None when it has none).
+
+    Columns: ``win_row``, ``win_col`` (window index = floor(slide µm / window_um)), then the
+    analyzer's window sums (reticulin: ``haem_px``, ``fibre_length_um``, ``n_junctions``, ...,
+    pixels at the analysis resolution recorded in ``metrics.json`` ``tiles.analysis_mpp``).
+    """
+    windows = getattr(result, "windows", None) or {}
+    if not windows:
+        return None
+    keys = sorted({k for w in windows.values() for k in w})
+    rows = [{"win_row": r, "win_col": c, **{k: w.get(k, 0) for k in keys}}
+            for (r, c), w in sorted(windows.items())]
+    return write_rows_csv(Path(out_dir) / WINDOWS_CSV, rows, first=("win_row", "win_col"))
+
+
+def read_windows(slide: SlideOutput) -> tuple[dict[tuple[int, int], dict[str, float]], float, str]:
+    """Window sums of a slide, their side in µm and where they came from.
+
+    Reads ``windows.csv`` when the folder has one. Otherwise falls back to the tile cores of
+    ``tiles.csv`` (the same additive sums per tile core, so the heatmap is coarser and its cells
+    are tiles, not windows).
+
+    Returns
+    -------
+    windows : dict of (int, int) to dict
+        Sums per (row, col) cell.
+    side_um : float
+        Side of a cell, µm.
+    source : {'windows', 'tiles', 'none'}
+    """
+    path = slide.out_dir / WINDOWS_CSV
+    cfg = slide.metrics.get("provenance", {}).get("config", {}).get(slide.stain, {})
+    if path.exists():
+        out: dict[tuple[int, int], dict[str, float]] = {}
+        with path.open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                key = (int(r.pop("win_row")), int(r.pop("win_col")))
+                out[key] = {k: float(v) for k, v in r.items() if v not in ("", None)}
+        return out, float(cfg.get("window_um") or 0.0), "windows"
+    tiles = [t for t in slide.tiles() if t.get("status") == "ok"]
+    if not tiles or "haem_px" not in tiles[0]:
+        return {}, 0.0, "none"
+    mpp = float(slide.metrics.get("tiles", {}).get("analysis_mpp") or cfg.get("mpp") or 0.0)
+    side_px = max(int(float(t["core_rows"])) for t in tiles)
+    out = {}
+    for t in tiles:
+        key = (int(float(t["grid_row"])), int(float(t["grid_col"])))
+        out[key] = {k: float(v) for k, v in t.items()
+                    if k not in ("tile", "status", "error", "grid_row", "grid_col") and v not in ("", None)}
+    return out, side_px * mpp, "tiles"
+
+
+def local_grade_grid(slide: SlideOutput) -> dict[str, Any] | None:
+    """Local MF grade of every window of a reticulin slide, by the analyzer's own rules.
+
+    Uses :func:`marrowseg.analyzers.reticulin.window_readouts` and
+    :func:`~marrowseg.analyzers.reticulin.grade_from_measurements` with the config recorded in the
+    slide's provenance, and the analyzer's rule that windows with less than
+    ``window_min_haem_frac`` of haematopoietic area are not graded.
+
+    Returns
+    -------
+    dict or None
+        ``grades`` ((R, C) int8, -1 = not graded), ``index`` ((R, C) float32 fibrosis index,
+        nan = not graded), ``haem_um2`` ((R, C) float64), ``origin`` ((row, col) of cell [0, 0]
+        in window indices), ``origin_um`` (its top-left corner, µm from the slide's), ``side_um``, ``source`` ('windows' or 'tiles'), ``area_by_grade``
+        (µm² per grade 0..3). None for other stains or when no window stats exist.
+    """
+    if slide.stain != "reticulin":
+        return None
+    from marrowseg.analyzers.reticulin import grade_from_measurements, window_readouts
+    from marrowseg.config.reticulin import ReticulinConfig
+
+    windows, side_um, source = read_windows(slide)
+    if not windows or side_um <= 0:
+        return None
+    cfg = ReticulinConfig.model_validate(slide.metrics["provenance"]["config"]["reticulin"])
+    mpp = float(slide.metrics.get("tiles", {}).get("analysis_mpp") or cfg.mpp)
+    rows = [k[0] for k in windows]
+    cols = [k[1] for k in windows]
+    r0, c0 = min(rows), min(cols)
+    shape = (max(rows) - r0 + 1, max(cols) - c0 + 1)
+    grades = np.full(shape, -1, np.int8)
+    index = np.full(shape, np.nan, np.float32)
+    haem = np.zeros(shape, np.float64)
+    area_by_grade = {g: 0.0 for g in range(4)}
+    min_um2 = cfg.window_min_haem_frac * side_um * side_um
+    for (r, c), w in windows.items():
+        w_haem = float(w.get("haem_px", 0.0)) * mpp * mpp
+        haem[r - r0, c - c0] = w_haem
+        if w_haem <= 0 or w_haem < min_um2:
+            continue
+        g, idx = grade_from_measurements(window_readouts(w, mpp), cfg.grade_thresholds)
+        grades[r - r0, c - c0] = g
+        index[r - r0, c - c0] = idx
+        area_by_grade[g] += w_haem
+    if source == "tiles":
+        origin_um = (min(w.get("row_px", 0.0) for w in windows.values()) * mpp,
+                     min(w.get("col_px", 0.0) for w in windows.values()) * mpp)
+    else:
+        origin_um = (r0 * side_um, c0 * side_um)
+    return {"grades": grades, "index": index, "haem_um2": haem, "origin": (r0, c0), "origin_um": origin_um,
+            "side_um": side_um, "source": source, "area_by_grade": area_by_grade}
