@@ -119,11 +119,23 @@ def detect(rgb: np.ndarray, mpp: float, overrides: dict | None = None) -> np.nda
     """(N, 2) (row, col) cell centres in input pixels, through the engine (as ``marrowseg analyze``)."""
     from marrowseg.engine import analyze_array
 
-    cfg = load_config("he", overrides=overrides or {})
+    cfg = _config(overrides or {})
     res = analyze_array(rgb, mpp, HEAnalyzer(cfg.he), cfg, device="cpu")
     return np.column_stack(
         [np.asarray(res.cells.get("y", []), float), np.asarray(res.cells.get("x", []), float)]
     ).reshape(-1, 2)
+
+
+_BASE: dict = {}
+
+
+def _config(overrides: dict):
+    """Config = YAML read once at start + overrides (the checkout may change during a long run)."""
+    from marrowseg.config import Config
+
+    if not _BASE:
+        _BASE.update(load_config("he").model_dump(mode="json"))
+    return Config.model_validate(_merge(_BASE, overrides))
 
 
 def _nested(dotted: dict) -> dict:

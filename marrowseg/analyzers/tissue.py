@@ -7,6 +7,7 @@ density, or zeros, as ``e_ctx``).
 Method, at ``class_mpp`` (about 1 µm/px: fat membranes are 1-2 µm, a fat space 30-120 µm)::
 
     bright   = summed RGB OD < bright_max_od        (min-pooled: a thin membrane keeps a space closed)
+    bright outside the tissue outline (tissue closed by envelope_um) -> glass (excluded)
     each 4-connected bright region:
         equivalent diameter < fat_min_diameter_um   -> a hole in the tissue around it
         touches an interior tile border              -> open, large: background (excluded)
@@ -163,6 +164,12 @@ def classify_tissue(
     px_um2 = float(class_mpp) ** 2
     bright = bright & valid
     tissue = valid & ~bright
+    # Unstained space outside the tissue outline (tissue closed by envelope_um) is glass,
+    # whatever its shape: this cuts peripheral fat spaces whose outer membrane is missing
+    # off the open glass they would otherwise join.
+    if cfg.envelope_um:
+        # beyond the slide edge counts as tissue here, so the edge does not erode the outline
+        bright = bright & _closing_edt(tissue | ~valid, cfg.envelope_um / class_mpp)
 
     labels = np.zeros(shape, np.uint8)
     comp, n = ndi.label(bright)
@@ -218,6 +225,16 @@ def classify_tissue(
         labels[closed & ~is_fat & (labels == HAEMATOPOIETIC)] = FAT
     labels[~valid] = EXCLUDED
     return labels, fat
+
+
+def _closing_edt(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """Binary closing by a disk of ``radius_px`` through two Euclidean distance transforms."""
+    if radius_px <= 0 or not mask.any():
+        return mask.copy()
+    dilated = ndi.distance_transform_edt(~mask) <= radius_px
+    if dilated.all():
+        return dilated
+    return ndi.distance_transform_edt(dilated) > radius_px
 
 
 def upsample_labels(labels: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:

@@ -21,6 +21,8 @@ class TissueClassesConfig(Strict):
     fat_min_diameter_um: float = Field(gt=0, description="smaller unstained holes belong to the tissue around them, µm (equivalent diameter)")
     fat_max_diameter_um: float = Field(gt=0, description="larger unstained regions are background, µm (equivalent diameter)")
     fat_min_solidity: float = Field(ge=0, le=1, description="less convex unstained regions are tears or background")
+    # optional so that stain files written before it (ecad) still load; null = no envelope
+    envelope_um: float | None = Field(None, ge=0, description="closing radius of the tissue outline; unstained space outside it is glass, µm (2x must fit in the halo); null: off")
     membrane_um: float = Field(ge=0, description="closing radius that gives the thin membranes between fat spaces to fat, µm")
     context_sigma_um: float = Field(gt=0, description="Gaussian sigma of the stain densities used for bone, µm")
     bone_min_eosin_od: float = Field(ge=0, description="local mean eosin OD of bone matrix")
