@@ -22,7 +22,7 @@ BLUR_SIGMA_UM = 0.5
 NOISE_GAIN = 0.16          # shot noise s.d. = NOISE_GAIN * sqrt(I) (I in 0-255)
 N_ROLES = 10               # nuc cyto cytb cov ring rbc fib col ost fmask
 R_NUC, R_CYTO, R_CYTB, R_COV, R_RING, R_RBC, R_FIB, R_COL, R_OST, R_FMASK = range(N_ROLES)
-_MAX_PAIRS = 2_000_000
+_MAX_PAIRS = 600_000
 _K_TEX, _K_STROMA, _K_STROMA2, _K_LAM, _K_SHOT, _K_SLIDE = 101, 102, 103, 104, 105, 106
 
 
