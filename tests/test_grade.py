@@ -1,0 +1,131 @@
+"""``marrowseg grade``: report wording, stain resolution, cases.csv grouping and the CLI contract."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+
+from marrowseg.errors import MarrowsegError
+from marrowseg.grade import (
+    CASES_COLUMNS,
+    case_document,
+    case_text,
+    recognise_stain,
+    resolve_stains,
+    slide_report_lines,
+    write_cases_csv,
+)
+from marrowseg.report.slides import load_batch
+from tests._grade_batch import batch_dir
+
+
+@pytest.fixture(scope="module")
+def out():
+    return batch_dir()
+
+
+def test_report_lines_use_pathology_wording_with_reference(out):
+    """Each stain gives its headline line with figure and reference."""
+    lines = {s.stain: slide_report_lines(s.metrics) for s in load_batch(out)}
+    assert lines["he"][0].startswith("Cellularity ")
+    assert "age-adjusted reference 30-75% for 45 years, Wong et al. 2023" in lines["he"][0]
+    assert lines["he"][0].endswith(("hypocellular", "normocellular", "hypercellular"))
+    assert lines["ecad"][0].startswith("E-cadherin+ erythroid precursors ")
+    assert "left-shift ratio" in lines["ecad"][0] and "95% CI" in lines["ecad"][0]
+    ret = lines["reticulin"][0]
+    assert ret.startswith("Reticulin fibrosis MF-") and "fibre length density" in ret
+    assert "per 10,000 µm²" in ret and "intersections per mm²" in ret and "local grades: MF-0 " in ret
+
+
+def test_cellularity_line_without_age_says_so():
+    """No age: the cellularity is reported without a reference, and says why."""
+    m = {"stain": "he", "age": None, "readouts": {"cellularity_pct": 41.6}}
+    assert slide_report_lines(m)[0] == "Cellularity 42% (no age given, so no age-adjusted reference)"
+
+
+def test_case_document_orders_stains_and_names_missing(out):
+    """Slides come in H&E, E-cadherin, reticulin order; a missing stain is listed."""
+    slides = [s for s in load_batch(out) if s.stain != "ecad"]
+    doc = case_document(slides, out_dir=out)
+    assert [d["stain"] for d in doc["slides"]] == ["he", "reticulin"]
+    assert doc["missing_stains"] == ["ecad"]
+    assert "Not assessed (no slide): E-cadherin" in case_text(doc)
+    json.dumps(doc)  # serialisable as is
+
+
+@pytest.mark.parametrize("given, n, expected", [
+    (None, 2, ["auto", "auto"]), (["he"], 3, ["he"] * 3), (["HE", "ecad"], 2, ["he", "ecad"]),
+])
+def test_resolve_stains(given, n, expected):
+    """--stain: none (auto), once for all, or once per slide."""
+    assert resolve_stains(n, given) == expected
+
+
+@pytest.mark.parametrize("given, match", [(["he", "ecad"], "2 times for 3 slides"), (["pas"], "expected auto")])
+def test_resolve_stains_rejects(given, match):
+    """Wrong count or unknown stain is a one-line MarrowsegError."""
+    with pytest.raises(MarrowsegError, match=match):
+        resolve_stains(3, given)
+
+
+def test_recognise_stain_from_colour(out):
+    """--stain auto recognises each phantom's stain and says how."""
+    for s in load_batch(out):
+        stain, how = recognise_stain(s.slide_path)
+        assert stain == s.stain and how.startswith("auto: ")
+
+
+def test_write_cases_csv_groups_by_patient_and_date(out):
+    """One row per biopsy from summary.csv + metrics.json; the failed slide is its own case."""
+    path = write_cases_csv(out)
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == CASES_COLUMNS
+    p1 = next(r for r in rows if r["patient"] == "P001")
+    assert p1["biopsy_date"] == "2024-03-01" and p1["n_slides"] == "3"
+    assert p1["he_slide"] == "p1_he" and p1["ecad_slide"] == "p1_ecad" and p1["reticulin_slide"] == "p1_ret"
+    assert float(p1["cellularity_pct"]) > 0 and p1["mf_grade"] in "0123" and p1["left_shift_ratio"]
+    assert p1["report"].count("|") >= 2
+    p2 = next(r for r in rows if r["patient"] == "P002")
+    assert p2["failed_slides"].startswith("p2_broken") and p2["he_slide"] == ""
+
+
+def test_write_cases_csv_accepts_rows_without_summary(out, tmp_path):
+    """Rows naming slides by path stem work too; patient comes from metrics.json's manifest."""
+    path = write_cases_csv(out, [{"path": "/x/p1_he.tiff"}, {"slide": "p1_ret"}])
+    rows = list(csv.DictReader(path.open(newline="")))
+    assert len(rows) == 1 and rows[0]["slides"] == "p1_he;p1_ret" and "E-cadherin" in rows[0]["notes"]
+
+
+def test_cli_grade_json_prints_one_document(out, tmp_path, capsys, monkeypatch):
+    """`marrowseg grade --json` prints exactly one JSON document on stdout; analyses kept with --out."""
+    from marrowseg import cli
+
+    slide = out.parent / "slides" / "p1_he.tiff"
+    monkeypatch.setattr(sys, "argv", ["marrowseg", "grade", str(slide), "--stain", "he", "--age", "70",
+                                      "--json", "--out", str(tmp_path / "g")])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code in (0, None)
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["slides"][0]["stain"] == "he" and doc["report"][0].startswith("Cellularity ")
+    assert "for 70 years" in doc["report"][0]
+    assert (tmp_path / "g" / "p1_he" / "metrics.json").exists()
+
+
+def test_cli_grade_error_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    """A missing slide: exit code 1, one line on stderr, nothing on stdout."""
+    from marrowseg import cli
+
+    monkeypatch.setattr(sys, "argv", ["marrowseg", "grade", str(tmp_path / "nope.svs"), "--stain", "he"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().count("\n") == 0 and "nope.svs: no such file" in captured.err
+

@@ -1,0 +1,100 @@
+"""HTML case report: self-contained, local grades from the analyzer's rules, renders in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import cv2
+import numpy as np
+import pytest
+
+from marrowseg.grade import case_document
+from marrowseg.report.html import case_report_html, write_case_report
+from marrowseg.report.slides import load_batch, local_grade_grid
+from marrowseg.report.views import fields, heatmap, overview
+from tests._grade_batch import batch_dir
+
+
+@pytest.fixture(scope="module")
+def slides():
+    return {s.stain: s for s in load_batch(batch_dir())}
+
+
+def test_local_grade_grid_reproduces_slide_local_grade_shares(slides):
+    """Window grades recomputed from windows.csv give the analyzer's local_grade_frac exactly."""
+    ret = slides["reticulin"]
+    grid = local_grade_grid(ret)
+    assert grid is not None and grid["source"] == "windows"
+    total = sum(grid["area_by_grade"].values())
+    got = {f"MF-{g}": a / total for g, a in grid["area_by_grade"].items()}
+    want = ret.readouts["local_grade_frac"]
+    for k in want:
+        assert got[k] == pytest.approx(want[k], abs=1e-9)
+
+
+def test_local_grade_grid_falls_back_to_tiles(slides, tmp_path):
+    """Without windows.csv the tile cores of tiles.csv are graded instead (and said so)."""
+    src = slides["reticulin"].out_dir
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("windows.csv", "labels.zarr"))
+    from marrowseg.report.slides import load_slide_output
+
+    grid = local_grade_grid(load_slide_output(dst))
+    assert grid["source"] == "tiles" and (grid["grades"] >= 0).any()
+
+
+def test_figures_of_each_stain(slides):
+    """Overview for every stain; full-resolution fields with cells or fibres; a heatmap for reticulin only."""
+    for stain, s in slides.items():
+        assert overview(s) is not None
+        figs = fields(s, n=2, field_um=100)
+        assert 1 <= len(figs) <= 2
+        assert figs[0].rgb.shape[:2] == (200, 200)  # 100 µm at 0.5 µm/px: full resolution
+        assert (heatmap(s) is not None) == (stain == "reticulin")
+
+
+def test_report_is_self_contained(slides):
+    """One HTML document; every image inline as a base64 PNG; no external URL."""
+    doc = case_document(list(slides.values()), case={"patient": "P001"})
+    page = case_report_html(doc, list(slides.values()), n_fields=1)
+    assert page.startswith("<!DOCTYPE html>")
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert len(srcs) >= 7 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r'(href|src)="(https?:|//|file:)', page)
+    for text in ("Cellularity", "Reticulin fibrosis MF-", "config_hash", "Local fibrosis grades"):
+        assert text in page
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def test_report_renders_in_headless_chromium(slides, tmp_path):
+    """The page renders with its images: screenshot not blank, and the overview's own colours are on it."""
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("chromium not installed (CI installs it: apt-get install chromium)")
+    doc = case_document([slides["he"]], case={"patient": "P001"})
+    html_path = write_case_report(tmp_path / "report.html", doc, [slides["he"]], n_fields=1)
+    shot = tmp_path / "shot.png"
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
+           "--hide-scrollbars", html_path.as_uri()]
+    subprocess.run(cmd, check=False, capture_output=True, timeout=120)
+    assert shot.exists(), "chromium wrote no screenshot"
+    img = cv2.cvtColor(cv2.imread(str(shot)), cv2.COLOR_BGR2RGB)
+    assert img.std() > 20
+    # the overview is shown at its own size: its most common non-white colours must be on screen
+    ov = overview(slides["he"]).rgb.reshape(-1, 3)
+    ov = ov[ov.min(1) < 230]
+    colours, counts = np.unique(ov, axis=0, return_counts=True)
+    top = colours[np.argsort(-counts)[:20]]
+    screen = {tuple(c) for c in np.unique(img.reshape(-1, 3), axis=0)}
+    found = sum(tuple(c) in screen for c in top)
+    assert found >= 15, f"only {found} of the overview's 20 main colours on the screenshot"
