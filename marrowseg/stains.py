@@ -54,7 +54,8 @@ def stain_matrix(*vectors: tuple[float, float, float] | np.ndarray) -> np.ndarra
     rows = normalize_rows(np.asarray(vectors, dtype=np.float64))
     if rows.shape == (2, 3):
         third = np.cross(rows[0], rows[1])
-        third = np.abs(third)  # keep the residual in the positive OD octant
+        if third.sum() < 0:  # orient the residual like an absorbing stain
+            third = -third
         rows = np.vstack([rows, third / np.linalg.norm(third)])
     if rows.shape != (3, 3):
         raise ValueError(f"expected 2 or 3 stain vectors of length 3, got shape {rows.shape}")
@@ -98,8 +99,9 @@ def concentrations_torch(od: torch.Tensor, rgb_from_stains: np.ndarray) -> torch
     rgb_from_stains : (3, 3) ndarray
         Rows are unit stain vectors (see :func:`stain_matrix`).
     """
+    # A pixel's OD row vector is ``c @ rgb_from_stains``, so ``c = od @ inv(rgb_from_stains)``.
     stains_from_rgb = np.linalg.inv(np.asarray(rgb_from_stains, dtype=np.float64))
-    m = torch.as_tensor(stains_from_rgb.T, dtype=od.dtype, device=od.device)  # (3 rgb, 3 stains)
+    m = torch.as_tensor(stains_from_rgb, dtype=od.dtype, device=od.device)  # (3 rgb, 3 stains)
     return torch.einsum("bchw,cs->bshw", od, m)
 
 
@@ -130,8 +132,8 @@ def estimate_two_stains(
     Returns
     -------
     vectors : (2, 3) float64 ndarray or None
-        Unit stain vectors, ordered by increasing red/blue OD ratio (the bluer stain first:
-        haematoxylin before eosin or DAB). None when the estimate is impossible.
+        Unit stain vectors, ordered by decreasing red/blue OD ratio (the stain that looks
+        bluest first: haematoxylin before eosin or DAB). None when the estimate is impossible.
     info : dict
         ``n_pixels`` used and the angle spread in degrees.
 
@@ -159,5 +161,6 @@ def estimate_two_stains(
     v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
     v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
     vecs = normalize_rows(np.abs(np.vstack([v1, v2])))
-    order = np.argsort(vecs[:, 0] / np.maximum(vecs[:, 2], 1e-6))
+    # Haematoxylin absorbs red most (it looks blue): the higher red/blue OD ratio goes first.
+    order = np.argsort(-(vecs[:, 0] / np.maximum(vecs[:, 2], 1e-6)))
     return vecs[order], info

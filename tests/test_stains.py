@@ -1,0 +1,56 @@
+"""Optical density and colour deconvolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from marrowseg import stains
+
+
+def _mix(conc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """RGB uint8-range floats of concentrations ``conc`` (N, k) under Beer-Lambert with rows of ``m``."""
+    return 255.0 * 10 ** (-(conc @ m))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deconvolution_recovers_known_concentrations(dtype):
+    """Pure haematoxylin gives (c, 0, 0); mixtures give back their concentrations."""
+    m = stains.stain_matrix(stains.RUIFROK_H, stains.RUIFROK_DAB)
+    rng = np.random.default_rng(0)
+    conc = np.column_stack([rng.uniform(0, 1.2, 500), rng.uniform(0, 0.8, 500), np.zeros(500)])
+    rgb = _mix(conc, m)
+    od = torch.as_tensor(stains.od_from_rgb(rgb), dtype=dtype).T.reshape(1, 3, 500, 1)
+    out = stains.concentrations_torch(od, m)[0, :, :, 0].T.numpy()
+    assert out.dtype == (np.float32 if dtype == torch.float32 else np.float64)
+    np.testing.assert_allclose(out, conc, atol=2e-3)
+
+
+def test_od_of_glass_is_zero_and_of_black_is_finite():
+    od = stains.od_from_rgb(np.array([[255, 255, 255], [0, 0, 0]], np.uint8))
+    assert od.dtype == np.float32
+    np.testing.assert_allclose(od[0], 0)
+    assert np.isfinite(od[1]).all() and (od[1] > 2).all()
+
+
+def test_stain_matrix_completes_two_vectors_with_an_orthogonal_unit_row():
+    m = stains.stain_matrix(stains.RUIFROK_H, stains.RUIFROK_E)
+    np.testing.assert_allclose(np.linalg.norm(m, axis=1), 1)
+    assert abs(m[2] @ m[0]) < 1e-9 and abs(m[2] @ m[1]) < 1e-9
+
+
+def test_macenko_finds_the_mixed_vectors_haematoxylin_first():
+    h, dab = stains.normalize_rows(np.array([stains.RUIFROK_H, stains.RUIFROK_DAB]))
+    rng = np.random.default_rng(1)
+    conc = np.column_stack([rng.exponential(0.4, 20000), rng.exponential(0.3, 20000)])
+    od = stains.od_from_rgb(np.clip(_mix(conc, np.vstack([h, dab])), 0, 255))
+    vecs, info = stains.estimate_two_stains(od)
+    assert info["n_pixels"] > 10000
+    assert np.degrees(np.arccos(np.clip(vecs[0] @ h, -1, 1))) < 5
+    assert np.degrees(np.arccos(np.clip(vecs[1] @ dab, -1, 1))) < 5
+
+
+def test_macenko_says_impossible_on_glass():
+    vecs, info = stains.estimate_two_stains(np.zeros((1000, 3)))
+    assert vecs is None and info["n_pixels"] == 0
