@@ -48,8 +48,12 @@ class _ReticulinModule(torch.nn.Module):
         smooth_um: float,
         background_radius_um: float,
         blob_radius_um: float,
+        chroma_penalty: float,
+        half_max_radius_um: float,
     ):
         super().__init__()
+        self.chroma_penalty = float(chroma_penalty)
+        self.half_max_radius_px = float(half_max_radius_um) / float(mpp)
         self.mpp = float(mpp)
         self.background_radius_px = float(background_radius_um) / float(mpp)
         self.blob_radius_px = float(blob_radius_um) / float(mpp)
@@ -62,7 +66,12 @@ class _ReticulinModule(torch.nn.Module):
         od = od_from_rgb_torch(x)
         # silver absorbs in every channel; orange bone (red ~ glass) and the pink/purple
         # counterstain each leave one channel bright, so the minimum over channels isolates it
-        dark = od.amin(dim=1, keepdim=True)
+        lo = od.amin(dim=1, keepdim=True)
+        hi = od.amax(dim=1, keepdim=True)
+        # silver is a neutral absorber: OD equal in R, G, B. What a coloured stain adds to the
+        # weakest channel is paid back in proportion to its colour spread, so magenta nuclei
+        # and brown-orange collagen drop out while grey/black fibres keep their OD
+        dark = (lo - self.chroma_penalty * (hi - lo)).clamp(min=0)
         ridge, scale_idx = fibres.ridge_contrast_torch(
             dark, self.mpp, scales_um=self.scales_um, flank_factor=self.flank_factor
         )
@@ -72,7 +81,7 @@ class _ReticulinModule(torch.nn.Module):
         tophat = dark_s - fibres.grey_opening_torch(dark_s, self.background_radius_px)
         # a fibre's body is where its contrast is at least half the nearby peak (FWHM), so
         # the mask width follows the fibre, not its contrast over the hysteresis threshold
-        half_max = tophat >= 0.5 * fibres.grey_dilation_torch(tophat, self.background_radius_px)
+        half_max = tophat >= 0.5 * fibres.grey_dilation_torch(tophat, self.half_max_radius_px)
         # what survives an opening at nucleus size: dark objects too wide to be reticulin
         wide_dark = fibres.grey_opening_torch(dark_s, self.blob_radius_px)
         mean_od = fibres.gaussian_blur_torch(od.mean(dim=1, keepdim=True), self.smooth_px)
@@ -225,6 +234,8 @@ class ReticulinAnalyzer(Analyzer):
             c.tissue_smooth_um,
             c.background_radius_um,
             c.blob_radius_um,
+            c.chroma_penalty,
+            c.half_max_radius_um,
         ).eval()
 
     # -- per tile -----------------------------------------------------------------------
@@ -274,7 +285,7 @@ class ReticulinAnalyzer(Analyzer):
         area_um2 = props["area"] * ctx.mpp * ctx.mpp
         elong = props["axis_major_length"] / np.maximum(props["axis_minor_length"], 1.0)
         # thick collagen bundles also survive the opening, but they are long
-        compact = (area_um2 <= c.blob_max_um2) & (elong <= 3.0)
+        compact = (area_um2 <= c.blob_max_um2) & (elong <= 2.0)
         lut = np.zeros(n + 1, bool)
         lut[props["label"][compact]] = True
         return lut[lab]

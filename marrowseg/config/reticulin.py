@@ -40,6 +40,8 @@ class ReticulinConfig(Strict):
     halo_um: float = Field(ge=0, description="context needed around each tile core, µm")
 
     # -- fibre enhancement (torch) --------------------------------------------------
+    chroma_penalty: float = Field(ge=0, description="fibre OD = min-channel OD minus this times the channel spread")
+    half_max_radius_um: float = Field(gt=0, description="neighbourhood of the peak for the fibre's half-max body, µm")
     ridge_scales_um: tuple[float, ...] = Field(min_length=1, description="Gaussian scales of the ridge filter, µm")
     ridge_flank_factor: float = Field(gt=0, description="flank sample distance, in units of the scale")
     hysteresis_low_od: float = Field(ge=0, description="ridge contrast that may extend a fibre, OD")
