@@ -9,6 +9,8 @@ Output folder contract (pinned by ``tests/test_outputs_contract.py``):
     ``tile``, ``class`` and the measurements behind the class.
 ``tiles.csv``
     per-tile additive statistics over each tile's core.
+``windows.csv``
+    for analyzers with slide-aligned windows (reticulin local grades): per-window sums.
 ``labels.zarr``
     the analyzer's maps (``labels`` first) at ``map_mpp``.
 ``labels.png``, ``overlay.png``
@@ -35,7 +37,7 @@ from marrowseg.outputs.atomic import atomic_write_json
 from marrowseg.outputs.images import overlay, write_png
 from marrowseg.outputs.metrics import build_metrics
 from marrowseg.outputs.sink import FileSink
-from marrowseg.outputs.tables import write_rows_csv
+from marrowseg.outputs.tables import write_rows_csv, write_windows_csv
 
 __all__ = ["analyze_slide"]
 
@@ -91,6 +93,7 @@ def analyze_slide(
         try:
             result = run_slide(reader, analyzer, config, sink=sink, age=age, progress=progress)
             write_rows_csv(out / "tiles.csv", result.tiles, first=("tile", "status"))
+            write_windows_csv(out, result.windows)
             _write_images(reader, analyzer, result, sink, out, small, config)
             sink.commit()
         except BaseException:

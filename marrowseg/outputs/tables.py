@@ -10,7 +10,9 @@ from typing import Any
 
 from marrowseg.outputs.atomic import atomic_write_text
 
-__all__ = ["rows_to_csv", "write_rows_csv"]
+__all__ = ["rows_to_csv", "write_rows_csv", "write_windows_csv", "WINDOWS_CSV"]
+
+WINDOWS_CSV = "windows.csv"
 
 
 def rows_to_csv(rows: Sequence[dict[str, Any]], *, first: Sequence[str] = ()) -> str:
@@ -36,3 +38,18 @@ def _fmt(v: Any) -> Any:
 
 def write_rows_csv(path: str | Path, rows: Sequence[dict[str, Any]], *, first: Sequence[str] = ()) -> Path:
     return atomic_write_text(path, rows_to_csv(rows, first=first))
+
+
+def write_windows_csv(out_dir: str | Path, windows: dict[tuple[int, int], dict[str, float]]) -> Path | None:
+    """Write per-window sums to ``OUT/windows.csv`` (None when there are none).
+
+    Columns: ``win_row``, ``win_col`` (window index = floor(slide µm / window_um)), then the
+    analyzer's window sums (pixel counts at the analysis resolution recorded in
+    ``metrics.json`` ``tiles.analysis_mpp``).
+    """
+    if not windows:
+        return None
+    keys = sorted({k for w in windows.values() for k in w})
+    rows = [{"win_row": r, "win_col": c, **{k: w.get(k, 0) for k in keys}}
+            for (r, c), w in sorted(windows.items())]
+    return write_rows_csv(Path(out_dir) / WINDOWS_CSV, rows, first=("win_row", "win_col"))

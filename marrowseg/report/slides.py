@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from marrowseg.errors import MarrowsegError
-from marrowseg.outputs.tables import write_rows_csv
+from marrowseg.outputs.tables import WINDOWS_CSV, write_rows_csv
+from marrowseg.outputs.tables import write_windows_csv as _write_windows
 
 __all__ = [
     "SlideOutput",
@@ -33,7 +34,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WINDOWS_CSV = "windows.csv"
 
 
 @dataclass
@@ -168,19 +168,9 @@ def _first(row: Mapping[str, Any], keys: tuple[str, ...]) -> str:
 
 # ----------------------------------------------------------------------------- windows
 def write_windows_csv(out_dir: str | Path, result: Any) -> Path | None:
-    """Write a SlideResult's per-window sums to ``OUT/windows.csv`` (None when it has none).
-
-    Columns: ``win_row``, ``win_col`` (window index = floor(slide µm / window_um)), then the
-    analyzer's window sums (reticulin: ``haem_px``, ``fibre_length_um``, ``n_junctions``, ...,
-    pixels at the analysis resolution recorded in ``metrics.json`` ``tiles.analysis_mpp``).
-    """
-    windows = getattr(result, "windows", None) or {}
-    if not windows:
-        return None
-    keys = sorted({k for w in windows.values() for k in w})
-    rows = [{"win_row": r, "win_col": c, **{k: w.get(k, 0) for k in keys}}
-            for (r, c), w in sorted(windows.items())]
-    return write_rows_csv(Path(out_dir) / WINDOWS_CSV, rows, first=("win_row", "win_col"))
+    """Write a SlideResult's per-window sums to ``OUT/windows.csv`` (see
+    :func:`marrowseg.outputs.tables.write_windows_csv`; ``analyze_slide`` already does this)."""
+    return _write_windows(out_dir, getattr(result, "windows", None) or {})
 
 
 def read_windows(slide: SlideOutput) -> tuple[dict[tuple[int, int], dict[str, float]], float, str]:
