@@ -8,7 +8,7 @@ import tifffile
 import zarr
 
 from marrowseg.config import load_config
-from marrowseg.engine import MemorySink, plan_slide, run_slide
+from marrowseg.engine import plan_slide, run_slide
 from marrowseg.errors import NoTissueError, SlideError
 from marrowseg.io import open_slide
 from marrowseg.outputs.sink import FileSink

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from marrowseg.errors import MarrowsegError
-from marrowseg.outputs.tables import WINDOWS_CSV, write_rows_csv
+from marrowseg.outputs.tables import WINDOWS_CSV
 from marrowseg.outputs.tables import write_windows_csv as _write_windows
 
 __all__ = [
