@@ -42,6 +42,7 @@ __all__ = [
     "CELL_CLASSES",
     "hdab_matrix",
     "estimate_hdab_vectors",
+    "haematoxylin_scale",
     "ring_scores",
     "count_clusters",
     "wilson_interval",
@@ -155,6 +156,35 @@ def estimate_hdab_vectors(sample_rgb: np.ndarray, cfg: Any) -> tuple[np.ndarray,
     return m, info
 
 
+def haematoxylin_scale(sample_rgb: np.ndarray, rgb_from_stains: np.ndarray, cfg: Any) -> tuple[float, dict[str, Any]]:
+    """Factor that brings the slide's counterstain to a reference density.
+
+    The ``h_percentile`` of the haematoxylin density over stained sample pixels (summed OD
+    above ``min_od``) is scaled to ``h_reference_od``, clipped to ``[h_scale_min,
+    h_scale_max]``: a pale or a heavy counterstain then meets the same nuclear thresholds
+    (as Macenko normalisation scales concentrations by their robust maximum). DAB is not
+    scaled: its absolute density is the measurement.
+
+    Returns
+    -------
+    scale : float
+        1.0 when ``h_reference_od`` is null or no pixel is stained.
+    info : dict
+        The percentile found and the factor used.
+    """
+    if cfg.h_reference_od is None:
+        return 1.0, {"h_scale": 1.0, "h_scale_reason": "off (ecad.stain.h_reference_od: null)"}
+    od = stains.od_from_rgb(np.asarray(sample_rgb).reshape(-1, 3))
+    od = od[od.sum(axis=1) > cfg.min_od]
+    if len(od) < cfg.min_pixels:
+        return 1.0, {"h_scale": 1.0, "h_scale_reason": f"too few stained pixels ({len(od)} < {cfg.min_pixels})"}
+    h = od @ np.linalg.inv(rgb_from_stains)[:, 0].astype(np.float32)
+    ref = float(np.percentile(h, cfg.h_percentile))
+    raw = cfg.h_reference_od / ref if ref > 0 else cfg.h_scale_max
+    scale = float(np.clip(raw, cfg.h_scale_min, cfg.h_scale_max))
+    return scale, {"h_percentile_od": ref, "h_scale": scale, "h_scale_clipped": bool(scale != raw)}
+
+
 # ----------------------------------------------------------------------------- dense
 def _pool_separable(x: torch.Tensor, r: int, *, minimum: bool) -> torch.Tensor:
     """Square max (or min) filter of half-width ``r`` px, replicate padding."""
@@ -175,9 +205,10 @@ class ECadModule(torch.nn.Module):
     ``h_ctx``, ``e_ctx``.
     """
 
-    def __init__(self, rgb_from_stains: np.ndarray, config: ECadConfig) -> None:
+    def __init__(self, rgb_from_stains: np.ndarray, config: ECadConfig, *, h_scale: float = 1.0) -> None:
         super().__init__()
         inv = np.linalg.inv(np.asarray(rgb_from_stains, np.float64))
+        inv[:, 0] *= float(h_scale)  # counterstain brought to the reference density
         # od = conc @ rgb_from_stains (row vectors), so conc = od @ inv: indexed (rgb, stain)
         self.register_buffer("rgb_to_stain", torch.as_tensor(inv, dtype=torch.float32))
         self.nuclear_dab = config.positivity_compartment == "nucleus"
@@ -340,7 +371,10 @@ def wilson_interval(k: int, n: int, *, z: float = _Z95) -> tuple[float, float] |
     den = 1.0 + z2 / n
     centre = (p + z2 / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / den
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # exact ends at k = 0 and k = n (rounding would otherwise leave p just outside)
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return (low, high)
 
 
 def _range_verdict(value: float | None, low: float | None, high: float | None) -> str | None:
@@ -383,6 +417,7 @@ class ECadAnalyzer(Analyzer):
         super().__init__(config)
         self.rgb_from_stains = hdab_matrix(stains.RUIFROK_H, stains.RUIFROK_DAB)
         self.vectors_source = "standard"
+        self.h_scale = 1.0
         self.k = tis.class_factor(config.mpp, config.tissue.classes.class_mpp)
         self.reference = reference if reference is not None else load_ecad_reference()
 
@@ -400,13 +435,16 @@ class ECadAnalyzer(Analyzer):
         m, info = estimate_hdab_vectors(sample_rgb, self.config.stain)
         if info["stain_vectors_source"] == "standard" and self.config.stain.vectors == "estimate":
             log.warning("E-cadherin stain vectors: standard Ruifrok H-DAB used: %s", info["fallback_reason"])
+        scale, sinfo = haematoxylin_scale(sample_rgb, m, self.config.stain)
+        info.update(sinfo)
         self.rgb_from_stains = m
+        self.h_scale = scale
         self.vectors_source = info["stain_vectors_source"]
         self._module = None
         return info
 
     def build_module(self) -> torch.nn.Module:
-        return ECadModule(self.rgb_from_stains, self.config).eval()
+        return ECadModule(self.rgb_from_stains, self.config, h_scale=self.h_scale).eval()
 
     # -- per tile -------------------------------------------------------------------------
     def _geometry(self, ctx: TileContext, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

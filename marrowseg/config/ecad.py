@@ -46,6 +46,10 @@ class ECadStainConfig(Strict):
     min_spread_deg: float = Field(ge=0, le=90, description="smaller angle between the two estimated vectors: fall back")
     max_spread_deg: float = Field(gt=0, le=90, description="larger angle between the two estimated vectors: fall back")
     max_angle_deg: float = Field(gt=0, le=90, description="an estimated vector farther than this from its standard hue: fall back")
+    h_percentile: float = Field(gt=50, lt=100, description="percentile of the haematoxylin density of stained sample pixels that is scaled to h_reference_od")
+    h_reference_od: float | None = Field(gt=0, description="haematoxylin density the slide's h_percentile is scaled to, OD (null: no scaling)")
+    h_scale_min: float = Field(gt=0, description="smallest accepted haematoxylin scale factor (clipped)")
+    h_scale_max: float = Field(gt=0, description="largest accepted haematoxylin scale factor (clipped)")
 
 
 class ECadTissueConfig(Strict):

@@ -1,0 +1,234 @@
+"""E-cadherin analyzer: stain vectors, membrane calls, clusters, Wilson interval, phantoms, real data."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from marrowseg import stains
+from marrowseg.analyzers.ecad import (
+    ECadAnalyzer,
+    count_clusters,
+    estimate_hdab_vectors,
+    hdab_matrix,
+    wilson_interval,
+)
+from marrowseg.config import load_config
+from marrowseg.engine import analyze_array
+
+MPP = 0.5
+#: small drawn scenes: a small halo and tile keep the padded tile (and the test) small
+SMALL = ["ecad.halo_um=48", "tiling.tile_px=640"]
+
+
+def _render(h_od: np.ndarray, dab_od: np.ndarray) -> np.ndarray:
+    """Beer-Lambert RGB of H and DAB densities with the Ruifrok vectors (Ruifrok & Johnston 2001)."""
+    m = hdab_matrix(stains.RUIFROK_H, stains.RUIFROK_DAB)[:2]
+    od = h_od[..., None] * m[0] + dab_od[..., None] * m[1]
+    return np.clip(255.0 * 10.0 ** (-od), 0, 255).round().astype(np.uint8)
+
+
+def _scene(n_side: int = 9, spacing_um: float = 22.0, positive_every: int = 3, seed: int = 0):
+    """Grid of round nuclei in a faint tissue background; every k-th cell has a DAB membrane ring."""
+    rng = np.random.default_rng(seed)
+    size = int(round((n_side + 1) * spacing_um / MPP))
+    rr, cc = np.mgrid[0:size, 0:size].astype(np.float64)
+    h = np.full((size, size), 0.2)
+    dab = np.zeros((size, size))
+    truth = []
+    k = 0
+    for i in range(n_side):
+        for j in range(n_side):
+            r0 = (i + 1) * spacing_um / MPP + rng.uniform(-2, 2)
+            c0 = (j + 1) * spacing_um / MPP + rng.uniform(-2, 2)
+            d_um = np.hypot(rr - r0, cc - c0) * MPP
+            h[d_um <= 4.0] = 0.8                                # 8 µm nucleus
+            pos = k % positive_every == 0
+            if pos:
+                dab[(d_um >= 5.0) & (d_um <= 6.5)] = 0.6        # membrane 1-2.5 µm outside it
+            truth.append((r0, c0, pos))
+            k += 1
+    return _render(h, dab), np.array(truth)
+
+
+def _match(cells: dict, truth: np.ndarray, tol_px: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+    det = np.column_stack([cells["y"], cells["x"]])
+    d = np.hypot(det[:, None, 0] - truth[None, :, 0], det[:, None, 1] - truth[None, :, 1])
+    j = d.argmin(axis=1)
+    ok = d[np.arange(len(det)), j] <= tol_px
+    return ok, j
+
+
+def test_hand_made_hdab_rings_give_the_right_calls():
+    """Nuclei drawn with Ruifrok H and DAB: ringed ones are ecad_pos, the others are not."""
+    rgb, truth = _scene()
+    cfg = load_config("ecad", overrides=["ecad.stain.vectors=standard", *SMALL])
+    res = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
+    cells = res.cells
+    ok, j = _match(cells, truth)
+    assert ok.all() and len(np.unique(j)) == len(truth)  # every nucleus found once
+    pred = cells["class"] == "ecad_pos"
+    assert_allclose(pred.astype(int), truth[j, 2].astype(int))
+    r = res.readouts
+    assert r["ecad_pos_cells"] == int(truth[:, 2].sum())
+    assert r["nucleated_cells"] == len(truth)
+    assert res.report["stain_vectors_source"] == "standard"
+    ringed = cells["dab_ring_od"][pred]
+    assert ringed.min() > 0.4 and cells["dab_ring_od"][~pred].max() < 0.1
+
+
+def test_nucleus_compartment_reads_dab_inside_the_nucleus():
+    """With positivity_compartment=nucleus a DAB ring outside the nucleus is not positive."""
+    rgb, truth = _scene(n_side=9)
+    cfg = load_config("ecad", overrides=["ecad.stain.vectors=standard", "ecad.positivity_compartment=nucleus", *SMALL])
+    res = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
+    assert res.readouts["ecad_pos_cells"] == 0
+    assert res.readouts["nucleated_cells"] == len(truth)
+
+
+def test_vector_estimate_falls_back_on_an_all_haematoxylin_image(caplog):
+    """No DAB in the sample: standard Ruifrok vectors, with the reason, in provenance and report."""
+    rng = np.random.default_rng(1)
+    h = rng.uniform(0.05, 1.0, size=(200, 200))
+    rgb = _render(h, np.zeros_like(h))
+    cfg = load_config("ecad", overrides=SMALL)
+    m, info = estimate_hdab_vectors(rgb.reshape(-1, 3), cfg.ecad.stain)
+    assert info["stain_vectors_source"] == "standard"
+    assert "DAB" in info["fallback_reason"]
+    assert_allclose(m, hdab_matrix(stains.RUIFROK_H, stains.RUIFROK_DAB))
+    with caplog.at_level(logging.WARNING, logger="marrowseg.analyzers.ecad"):
+        res = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
+    assert res.provenance["prepare"]["stain_vectors_source"] == "standard"
+    assert res.report["stain_vectors_source"] == "standard"
+    assert any("standard Ruifrok" in rec.message for rec in caplog.records)
+
+
+def test_vector_estimate_is_kept_for_a_clean_two_stain_image():
+    """A sample with plenty of both stains keeps the estimate, close to the drawing vectors."""
+    rng = np.random.default_rng(2)
+    h = rng.uniform(0.0, 1.0, size=(200, 200)) * (rng.random((200, 200)) < 0.6)
+    d = rng.uniform(0.0, 1.0, size=(200, 200)) * (rng.random((200, 200)) < 0.3)
+    cfg = load_config("ecad")
+    m, info = estimate_hdab_vectors(_render(h, d).reshape(-1, 3), cfg.ecad.stain)
+    assert info["stain_vectors_source"] == "estimated", info
+    assert info["h_angle_deg"] < 5 and info["dab_angle_deg"] < 5
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "low", "high"),
+    # reference values: Wilson (1927) formula, z = 1.959964; checked against
+    # statsmodels proportion_confint(method="wilson") to 4 decimals
+    [(5, 10, 0.2366, 0.7634), (0, 10, 0.0, 0.2775), (10, 10, 0.7225, 1.0), (81, 263, 0.2553, 0.3662)],
+)
+def test_wilson_interval_known_values(k, n, low, high):
+    """Wilson 95% interval matches published values."""
+    lo, hi = wilson_interval(k, n)
+    assert_allclose([lo, hi], [low, high], atol=1e-4)
+
+
+def test_wilson_interval_of_no_cells_is_none():
+    """No erythroid cells: no interval."""
+    assert wilson_interval(0, 0) is None
+
+
+def test_cluster_counting_on_positions():
+    """Single linkage within link_um; only clusters wider than min_extent_um count."""
+    line = np.column_stack([np.zeros(5), np.arange(5) * 12.0])         # extent 48 µm, links of 12
+    pair = np.array([[100.0, 100.0], [100.0, 110.0]])                 # extent 10 µm: too small
+    far = np.array([[300.0, 0.0], [300.0, 30.0]])                      # 30 µm apart: not linked
+    blob = np.array([[200.0, 200.0], [210.0, 205.0], [220.0, 210.0], [230.0, 215.0], [240.0, 220.0]])
+    pts = np.vstack([line, pair, far, blob])
+    clusters = count_clusters(pts, link_um=16, min_extent_um=40)
+    assert len(clusters) == 2
+    assert sorted(len(c) for c in clusters) == [5, 5]
+    assert count_clusters(pts, link_um=16, min_extent_um=100) == []
+    assert count_clusters(np.zeros((0, 2)), link_um=16, min_extent_um=40) == []
+
+
+def test_clusters_crossing_tile_borders_are_counted_once():
+    """A sheet of positive cells across tile cores gives the same count with small tiles."""
+    spacing = 12.0
+    n_side = 18
+    size = int(round((n_side + 3) * spacing / MPP))
+    rr, cc = np.mgrid[0:size, 0:size].astype(np.float64)
+    h = np.full((size, size), 0.2)
+    dab = np.zeros((size, size))
+    for i in range(n_side):
+        for j in range(n_side):
+            if not ((i < 3 and j < 3) or (4 <= i < 7 and 4 <= j < 7) or (10 <= i < 13 and j < 3)):
+                continue  # three sheets of 3x3 cells (extent 34 µm), two across the small tiles' cores
+            r0, c0 = (i + 1.5) * spacing / MPP, (j + 1.5) * spacing / MPP
+            d_um = np.hypot(rr - r0, cc - c0) * MPP
+            h[d_um <= 3.5] = 0.8
+            dab[(d_um >= 4.3) & (d_um <= 5.3)] = 0.6
+    rgb = _render(h, dab)
+    sets = ["ecad.stain.vectors=standard", "ecad.clusters.min_extent_um=30", "ecad.halo_um=36"]
+    one = load_config("ecad", overrides=[*sets, "tiling.tile_px=720"])
+    many = load_config("ecad", overrides=[*sets, "tiling.tile_px=288"])
+    a = analyze_array(rgb, MPP, ECadAnalyzer(one.ecad), one, device="cpu")
+    b = analyze_array(rgb, MPP, ECadAnalyzer(many.ecad), many, device="cpu")
+    assert len(a.tiles) == 1 and len(b.tiles) > 1
+    assert a.readouts["ecad_pos_cells"] == 27
+    assert a.readouts["ecad_pos_clusters"] == 3
+    assert b.readouts["ecad_pos_clusters"] == 3
+    assert b.readouts["ecad_pos_cells"] == a.readouts["ecad_pos_cells"]
+
+
+def test_readouts_are_sums_of_tile_stats_and_ratio_has_interval():
+    """Slide counts equal per-tile sums; the ratio sits inside its Wilson interval."""
+    rgb, _ = _scene()
+    cfg = load_config("ecad", overrides=["ecad.stain.vectors=standard", "tiling.tile_px=360", "ecad.halo_um=36",
+                                         "ecad.clusters.min_extent_um=30"])
+    res = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
+    assert len(res.tiles) > 1
+    assert res.readouts["nucleated_cells"] == sum(t["n_nucleated"] for t in res.tiles)
+    assert res.readouts["nucleated_cells"] == len(res.cells["x"])
+    lo, hi = res.readouts["left_shift_ratio_ci95"]
+    assert lo <= res.readouts["left_shift_ratio"] <= hi
+    assert set(res.report["interpretation"]) == {"ecad_pos_per_100_nucleated", "left_shift", "clusters"}
+    assert "source" in res.report["interpretation"]["ecad_pos_per_100_nucleated"]
+
+
+def test_phantom_counts_and_ratio_near_truth():
+    """A small E-cadherin phantom (seed 1001, black box): E-cad+ count and ratio near truth."""
+    from marrowseg.synth import make_phantom
+
+    w = 1600
+    ph = make_phantom("ecad", seed=1001, size_px=(w, w), mpp=0.25, left_shift_ratio=0.4, stain_jitter=0.1)
+    rgb = ph.render(0, 0, w, w)
+    cells = ph.truth_region(0, 0, w, w)["cells"]
+    n_pos = int(cells["ecad_pos"].sum())
+    n_late = int((cells["cell_class"] == "late_erythroid").sum())
+    cfg = load_config("ecad")
+    r = analyze_array(rgb, 0.25, ECadAnalyzer(cfg.ecad), cfg, device="cpu").readouts
+    assert abs(r["ecad_pos_cells"] - n_pos) <= max(3, 0.15 * n_pos)
+    assert abs(r["left_shift_ratio"] - n_pos / (n_pos + n_late)) <= 0.1
+
+
+def test_ki67_tile_positive_calls(shared_data):
+    """Real Ki67 tile through the engine with the nucleus compartment: positive-class F1 >= 0.75."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from eval_ki67 import evaluate
+
+    tile = shared_data("ihc-ki67/34_3.png")
+    r = evaluate(tile, tile.parent / "34_3_gt.png", 0.25, [])
+    assert r["f1_pos"] >= 0.75 and r["recall"] >= 0.4, r
+
+
+def test_ome_tiff_ki67_runs_end_to_end(shared_data, tmp_path):
+    """The Ki67 OME-TIFF (0.227 µm/px) runs through analyze_slide and writes its outputs."""
+    from marrowseg.pipeline import analyze_slide
+
+    path = shared_data("wsi/OS-2-ndpi.ome.tif")
+    cfg = load_config("ecad", overrides=["ecad.positivity_compartment=nucleus"])
+    metrics, result = analyze_slide(path, "ecad", tmp_path, config=cfg)
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "cells.csv").is_file()
+    assert metrics["readouts"]["nucleated_cells"] > 0
+    assert metrics["stain_vectors_source"] in ("estimated", "standard")
+    assert "stain_vectors_source" in metrics["provenance"]["prepare"]
