@@ -221,3 +221,24 @@ def test_phantom_targets_cellularity_3_points_count_10_pct(phantom_run):
     got, truth = phantom_run
     assert abs(got["cellularity_pct"] - truth["cellularity_pct"]) <= 3.0
     assert abs(got["nucleated_cells"] / truth["nucleated_cells"] - 1) <= 0.10
+
+
+def test_reference_dense_matches_module_and_post(scene):
+    """The NumPy/SciPy reference gives the module's dense maps (1e-4 OD) and the same tile stats."""
+    import torch
+
+    from marrowseg.analyzers.base import TileContext
+
+    rgb = scene[0][:512, :512]
+    an = HEAnalyzer(load_config("he").he)
+    with torch.inference_mode():
+        dense = {k: v[0].numpy() for k, v in an.module(torch.from_numpy(rgb).permute(2, 0, 1)[None].float()).items()}
+    ref = an.reference_dense(rgb)
+    assert set(ref) == set(dense)
+    for key, v in dense.items():
+        assert ref[key].shape == v.shape and ref[key].dtype == np.float32
+        np.testing.assert_allclose(ref[key], v, atol=1e-4, err_msg=key)
+    ctx = TileContext(0, (0, 0), (slice(0, 512), slice(0, 512)), (512, 512), MPP)
+    a, b = an.post(dense, rgb, ctx).stats, an.post(ref, rgb, ctx).stats
+    for key, v in a.items():
+        assert b[key] == pytest.approx(v, rel=0.005, abs=0.5), key

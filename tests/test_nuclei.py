@@ -94,3 +94,37 @@ def test_torch_maps_match_scipy_smoothing(cfg):
     # interior only: scipy 'reflect' is half-sample symmetric, torch 'reflect' whole-sample
     np.testing.assert_allclose(out["peak"][0, 0].numpy()[8:-8, 8:-8], ref[8:-8, 8:-8], atol=1e-4)
     assert out["peak"].dtype == torch.float32
+
+
+def test_label_measurements_match_regionprops():
+    """Centroid, area, eccentricity and intensity mean/std equal scikit-image's regionprops."""
+    from skimage.measure import regionprops_table
+
+    rng = np.random.default_rng(1)
+    img = _disks(0.5, 7.0, 0.8, _CENTRES_UM) + _disks(0.5, 5.0, 0.5, [(40.0, 90.0), (42.0, 94.0)])
+    labels = ndi.label(img > 0)[0]
+    labels[labels == 2] = 0  # a missing id
+    inten = rng.random(img.shape).astype(np.float32)
+    m = nuc.label_measurements(labels, inten)
+    p = regionprops_table(labels, intensity_image=inten,
+                          properties=("label", "centroid", "area", "eccentricity", "intensity_mean", "intensity_std"))
+    sel = p["label"] - 1
+    np.testing.assert_allclose(m["row"][sel], p["centroid-0"])
+    np.testing.assert_allclose(m["col"][sel], p["centroid-1"])
+    np.testing.assert_allclose(m["area_px"][sel], p["area"])
+    np.testing.assert_allclose(m["eccentricity"][sel], p["eccentricity"], atol=1e-9)
+    np.testing.assert_allclose(m["mean"][sel], p["intensity_mean"], rtol=1e-5)
+    np.testing.assert_allclose(m["std"][sel], p["intensity_std"], rtol=1e-4)
+    assert m["area_px"][1] == 0
+
+
+def test_solidity_is_one_for_a_disk_and_low_for_a_ring():
+    """Solidity counts pixel centres in the convex hull (Pick): a digital disk is 1, a C shape well below."""
+    rr, cc = np.mgrid[0:100, 0:100]
+    disk = (rr - 15) ** 2 + (cc - 15) ** 2 <= 81
+    d2 = (rr - 60) ** 2 + (cc - 60) ** 2
+    ring = (d2 <= 400) & (d2 > 144) & (cc < 70)
+    labels = disk.astype(np.int32) + 2 * ring.astype(np.int32)
+    m = nuc.label_measurements(labels, np.ones(labels.shape, np.float32))
+    assert m["solidity"][0] == pytest.approx(1.0)
+    assert m["solidity"][1] < 0.7

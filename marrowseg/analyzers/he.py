@@ -28,6 +28,7 @@ __all__ = ["HEAnalyzer", "HEModule", "cellularity_interval", "cellularity_verdic
 log = logging.getLogger(__name__)
 
 _CELL_COLUMNS = ("area_um2", "eccentricity", "solidity", "h_od_mean", "h_od_cv")
+_MIN_INTENSITY, _BACKGROUND = 1.0, 255.0  # as marrowseg.stains: one grey level keeps log finite
 
 
 def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
@@ -52,7 +53,8 @@ class HEModule(torch.nn.Module):
         self.tissue = tis.TissueMaps(config.mpp, config.tissue)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        od = stains.od_from_rgb_torch(x.float())
+        # od = -log10(I / 255) with I clamped to 1..255 (as stains.od_from_rgb_torch), in one pass
+        od = torch.log10(x.float().clamp(_MIN_INTENSITY, _BACKGROUND)).neg_().add_(math.log10(_BACKGROUND))
         conc = torch.einsum("bchw,cs->bshw", od, self.rgb_to_stain.to(od.dtype))
         h = torch.clamp(conc[:, 0:1], min=0.0)
         out = {"h_od": h}
@@ -168,6 +170,40 @@ class HEAnalyzer(Analyzer):
 
     def build_module(self) -> torch.nn.Module:
         return HEModule(self.rgb_from_stains, self.config).eval()
+
+    def reference_dense(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
+        """The module's dense outputs for one tile, in plain NumPy / SciPy (the peer baseline).
+
+        Parameters
+        ----------
+        rgb : (H, W, 3) uint8 ndarray
+            One tile.
+
+        Returns
+        -------
+        dict of str to ndarray
+            The keys of :class:`HEModule`'s output, each float32 and shaped like it without
+            the batch axis: ``(1, H, W)`` at the analysis resolution, ``(1, ceil(H/k), ceil(W/k))``
+            at the tissue-class resolution; ``post(reference_dense(rgb), rgb, ctx)`` works.
+
+        Notes
+        -----
+        Gaussian blurs use ``scipy.ndimage.gaussian_filter`` with ``mode="mirror"`` and a
+        radius of ``ceil(3 sigma)``, the module's padding and truncation.
+        """
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"rgb: expected an (H, W, 3) array, got shape {rgb.shape}")
+        cfg = self.config
+        mpp = float(cfg.mpp)
+        od = -np.log10(np.clip(rgb.astype(np.float32), _MIN_INTENSITY, _BACKGROUND) / np.float32(_BACKGROUND))
+        stains_from_rgb = np.linalg.inv(np.asarray(self.rgb_from_stains, np.float64)).astype(np.float32)
+        conc = od @ stains_from_rgb
+        h = np.maximum(conc[..., 0], 0.0)
+        out = {"h_od": h}
+        out.update(nuc.reference_maps(h, mpp, cfg.nuclei))
+        out.update(tis.reference_maps(od.sum(axis=2), conc[..., :2], mpp, cfg.tissue))
+        return {key: np.asarray(v, np.float32)[None] for key, v in out.items()}
 
     # -- per tile -------------------------------------------------------------------------
     def _geometry(self, ctx: TileContext, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
-from skimage.measure import regionprops_table
 from skimage.segmentation import watershed
 
 __all__ = [
@@ -37,6 +37,9 @@ __all__ = [
     "nuclei_from_centres",
     "classify_nuclei",
     "empty_table",
+    "label_measurements",
+    "gaussian_reference",
+    "reference_maps",
 ]
 
 #: columns of the nucleus table, in order; row/col in pixels of the input, float64
@@ -59,30 +62,70 @@ def _gaussian_kernel_1d(sigma_px: float, dtype: torch.dtype, device: torch.devic
     return k / k.sum()
 
 
-def gaussian_blur_torch(x: torch.Tensor, sigma_px: float) -> torch.Tensor:
+def _kernel_taps(sigma_px: float) -> list[float]:
+    """The normalised taps of :func:`_gaussian_kernel_1d` as Python floats (float64 sums)."""
+    radius = max(1, int(math.ceil(3.0 * sigma_px)))
+    w = [math.exp(-0.5 * (i / sigma_px) ** 2) for i in range(-radius, radius + 1)]
+    total = math.fsum(w)
+    return [v / total for v in w]
+
+
+def _blur_axis(x: torch.Tensor, taps: list[float], dim: int, mode: str) -> torch.Tensor:
+    """Correlate ``x`` with ``taps`` along ``dim`` (-1 or -2) as a sum of shifted slices.
+
+    On the CPU this beats ``conv2d`` with a 1-D kernel several times over (no im2col); the
+    kernel is symmetric, so pairs of taps share one multiply.
+    """
+    r = (len(taps) - 1) // 2
+    n = x.shape[dim]
+    pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
+    y = F.pad(x, pad, mode=mode)
+    out = y.narrow(dim, r, n) * taps[r]
+    for i in range(1, r + 1):
+        out.add_(y.narrow(dim, r - i, n) + y.narrow(dim, r + i, n), alpha=taps[r + i])
+    return out
+
+
+def gaussian_blur_torch(x: torch.Tensor, sigma_px: float, *, coarse_above_px: float | None = None) -> torch.Tensor:
     """Separable Gaussian blur of a ``(B, C, H, W)`` tensor, reflecting at the borders.
 
     Parameters
     ----------
     x : (B, C, H, W) float tensor
     sigma_px : float
-        Standard deviation in pixels; 0 returns ``x`` unchanged.
+        Standard deviation in pixels; 0 returns ``x`` unchanged. The kernel is truncated
+        at ``ceil(3 sigma)``.
+    coarse_above_px : float, optional
+        For ``sigma_px`` above this, blur at a coarser grid: average-pool by an integer
+        factor ``f`` (so the remaining sigma is about ``coarse_above_px``), blur there and
+        upsample bilinearly. Use it only where a smooth approximation is fine (context maps).
 
     Returns
     -------
     (B, C, H, W) tensor of the same dtype.
+
+    Notes
+    -----
+    Torch ``reflect`` mirrors about the edge pixel (scipy ``mode="mirror"``), unlike scipy's
+    default ``reflect`` (about the pixel edge).
     """
     if sigma_px <= 0:
         return x
-    k = _gaussian_kernel_1d(sigma_px, x.dtype, x.device)
-    r = (k.numel() - 1) // 2
-    c = x.shape[1]
+    if coarse_above_px is not None and sigma_px > coarse_above_px:
+        f = int(sigma_px // coarse_above_px)
+        h, w = x.shape[-2:]
+        if f >= 2 and min(h, w) >= 4 * f:
+            small = F.avg_pool2d(x, f, ceil_mode=True, count_include_pad=False)
+            # box of width f adds (f^2 - 1) / 12 of variance in coarse... fine-pixel units
+            rest = math.sqrt(max(sigma_px**2 - (f * f - 1) / 12.0, 0.25)) / f
+            small = gaussian_blur_torch(small, rest)
+            up = F.interpolate(small, scale_factor=float(f), mode="bilinear", align_corners=False)
+            return up[..., :h, :w].contiguous()
+    taps = _kernel_taps(float(sigma_px))
+    r = (len(taps) - 1) // 2
     # reflect padding needs pad < size; fall back to replicate for tiny inputs
     mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
-    y = F.pad(x, (r, r, 0, 0), mode=mode)
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    y = F.pad(y, (0, 0, r, r), mode=mode)
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return _blur_axis(_blur_axis(x, taps, -1, mode), taps, -2, mode)
 
 
 class NucleusMaps(torch.nn.Module):
@@ -101,6 +144,23 @@ class NucleusMaps(torch.nn.Module):
             "peak": gaussian_blur_torch(h_od, self.peak_sigma_px),
             "mask": gaussian_blur_torch(h_od, self.mask_sigma_px),
         }
+
+
+def gaussian_reference(img: np.ndarray, sigma_px: float) -> np.ndarray:
+    """:func:`gaussian_blur_torch` in SciPy: ``mode="mirror"``, radius ``ceil(3 sigma)``, float32."""
+    img = np.asarray(img, np.float32)
+    if sigma_px <= 0:
+        return img
+    radius = max(1, int(math.ceil(3.0 * sigma_px)))
+    return ndi.gaussian_filter(img, float(sigma_px), mode="mirror", radius=radius).astype(np.float32, copy=False)
+
+
+def reference_maps(h_od: np.ndarray, mpp: float, cfg: Any) -> dict[str, np.ndarray]:
+    """:class:`NucleusMaps` for one (H, W) image in SciPy: the same keys, (H, W) float32 arrays."""
+    return {
+        "peak": gaussian_reference(h_od, float(cfg.peak_sigma_um) / float(mpp)),
+        "mask": gaussian_reference(h_od, float(cfg.mask_sigma_um) / float(mpp)),
+    }
 
 
 def _check_image(h_od: np.ndarray, name: str = "h_od") -> np.ndarray:
@@ -213,24 +273,18 @@ def nuclei_from_centres(
     grow[centres[:, 0], centres[:, 1]] = True
     labels = watershed(-relief, markers, mask=grow).astype(np.int32)
     px_um2 = float(mpp) ** 2
-    props = regionprops_table(
-        labels,
-        intensity_image=h_od,
-        properties=("label", "centroid", "area", "eccentricity", "solidity", "intensity_mean"),
-        extra_properties=(_intensity_std,),
-    )
-    area_um2 = props["area"].astype(np.float64) * px_um2
-    keep = area_um2 >= min_area_um2
-    mean = props["intensity_mean"].astype(np.float64)
+    m = label_measurements(labels, h_od)
+    area_um2 = m["area_px"] * px_um2
+    keep = (area_um2 >= min_area_um2) & (m["area_px"] > 0)
     table = {
-        "row": props["centroid-0"].astype(np.float64)[keep],
-        "col": props["centroid-1"].astype(np.float64)[keep],
+        "row": m["row"][keep],
+        "col": m["col"][keep],
         "area_um2": area_um2[keep],
-        "eccentricity": props["eccentricity"].astype(np.float64)[keep],
-        "solidity": props["solidity"].astype(np.float64)[keep],
-        "h_od_mean": mean[keep],
-        "h_od_cv": (props["_intensity_std"].astype(np.float64) / np.maximum(mean, 1e-6))[keep],
-        "label": props["label"].astype(np.int32)[keep],
+        "eccentricity": m["eccentricity"][keep],
+        "solidity": m["solidity"][keep],
+        "h_od_mean": m["mean"][keep],
+        "h_od_cv": (m["std"] / np.maximum(m["mean"], 1e-6))[keep],
+        "label": m["label"][keep],
     }
     if not keep.all():
         lut = np.zeros(int(labels.max()) + 1, np.int32)
@@ -239,8 +293,100 @@ def nuclei_from_centres(
     return labels, table
 
 
-def _intensity_std(region: np.ndarray, intensity: np.ndarray) -> float:
-    return float(np.std(intensity[region]))
+def label_measurements(labels: np.ndarray, intensity: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-label shape and intensity measures, vectorised over labels with ``np.bincount``.
+
+    Parameters
+    ----------
+    labels : (H, W) int ndarray
+        0 background, 1..N objects (ids may be missing).
+    intensity : (H, W) float ndarray
+
+    Returns
+    -------
+    dict of str to (N,) ndarray
+        ``label`` (int32, 1..N), ``area_px``, ``row``, ``col`` (centroid, px), ``eccentricity``
+        (of the ellipse with the same second central moments, as scikit-image),
+        ``solidity`` (pixels / pixel centres inside the convex hull of the object's pixel
+        centres, counted exactly by Pick's theorem), ``mean`` and ``std`` (population) of
+        ``intensity``; missing ids have area 0.
+    """
+    h, w = labels.shape
+    flat = labels.ravel()
+    idx = np.flatnonzero(flat)
+    n = int(flat[idx].max()) if idx.size else 0
+    out_label = np.arange(1, n + 1, dtype=np.int32)
+    if n == 0:
+        z = np.zeros(0)
+        return {"label": out_label, "area_px": z, "row": z, "col": z, "eccentricity": z, "solidity": z,
+                "mean": z, "std": z}
+    lab = flat[idx]
+    r = (idx // w).astype(np.float64)
+    c = (idx % w).astype(np.float64)
+    v = intensity.ravel()[idx].astype(np.float64)
+    nl = n + 1
+    cnt = np.bincount(lab, minlength=nl)[1:].astype(np.float64)
+    safe = np.maximum(cnt, 1.0)
+
+    def mean_of(x: np.ndarray) -> np.ndarray:
+        return np.bincount(lab, weights=x, minlength=nl)[1:] / safe
+
+    mr, mc = mean_of(r), mean_of(c)
+    # central moments about each label's centroid (subtract first: no cancellation)
+    dr, dc = r - mr[lab - 1], c - mc[lab - 1]
+    vrr, vcc, vrc = mean_of(dr * dr), mean_of(dc * dc), mean_of(dr * dc)
+    half_tr = 0.5 * (vrr + vcc)
+    disc = np.sqrt(np.maximum(0.25 * (vrr - vcc) ** 2 + vrc**2, 0.0))
+    l1, l2 = half_tr + disc, np.maximum(half_tr - disc, 0.0)
+    ecc = np.where(l1 > 0, np.sqrt(np.clip(1.0 - l2 / np.where(l1 > 0, l1, 1.0), 0.0, 1.0)), 0.0)
+    mean = mean_of(v)
+    dv = v - mean[lab - 1]
+    std = np.sqrt(mean_of(dv * dv))
+    hull = _convex_pixel_counts(labels, n)
+    solidity = np.where(hull > 0, cnt / np.maximum(hull, 1.0), 0.0)
+    return {"label": out_label, "area_px": cnt, "row": mr, "col": mc, "eccentricity": ecc,
+            "solidity": np.minimum(solidity, 1.0), "mean": mean, "std": std}
+
+
+def _convex_pixel_counts(labels: np.ndarray, n: int) -> np.ndarray:
+    """Number of pixel centres inside (or on) each label's convex hull, (n,) float64.
+
+    The hull is that of the object's boundary pixel centres (``cv2.convexHull``); its
+    vertices are lattice points, so Pick's theorem counts the pixels exactly:
+    ``area + boundary_points / 2 + 1``.
+    """
+    lab = labels
+    inner = lab.copy()
+    # a pixel is interior when its 4 neighbours carry the same label; only boundary
+    # pixels can be hull vertices
+    inner[1:, :][lab[1:, :] != lab[:-1, :]] = 0
+    inner[:-1, :][lab[:-1, :] != lab[1:, :]] = 0
+    inner[:, 1:][lab[:, 1:] != lab[:, :-1]] = 0
+    inner[:, :-1][lab[:, :-1] != lab[:, 1:]] = 0
+    inner[0, :] = inner[-1, :] = 0
+    inner[:, 0] = inner[:, -1] = 0
+    edge = (lab > 0) & (inner == 0)
+    rr, cc = np.nonzero(edge)
+    ll = lab[rr, cc]
+    order = np.argsort(ll, kind="stable")
+    ll = ll[order]
+    pts = np.ascontiguousarray(np.column_stack([cc[order], rr[order]]).astype(np.int32))
+    starts = np.searchsorted(ll, np.arange(1, n + 2))
+    out = np.zeros(n, np.float64)
+    for i in range(n):
+        a, b = starts[i], starts[i + 1]
+        if b - a == 0:
+            continue
+        if b - a <= 2:
+            p = pts[a:b]
+            out[i] = 1.0 + float(np.gcd(*np.abs(p[-1] - p[0])))
+            continue
+        hv = cv2.convexHull(pts[a:b]).reshape(-1, 2)
+        d = np.abs(np.diff(np.vstack([hv, hv[:1]]), axis=0))
+        boundary = float(np.gcd(d[:, 0], d[:, 1]).sum())
+        area = abs(float(cv2.contourArea(hv)))
+        out[i] = area + boundary / 2.0 + 1.0
+    return out
 
 
 def classify_nuclei(table: dict[str, np.ndarray], cfg: Any) -> np.ndarray:

@@ -36,7 +36,7 @@ from scipy import ndimage as ndi
 from skimage.measure import regionprops_table
 from skimage.morphology import disk
 
-from marrowseg.analyzers.nuclei import gaussian_blur_torch
+from marrowseg.analyzers.nuclei import gaussian_blur_torch, gaussian_reference
 
 __all__ = [
     "EXCLUDED",
@@ -49,6 +49,7 @@ __all__ = [
     "FatObjects",
     "classify_tissue",
     "upsample_labels",
+    "reference_maps",
 ]
 
 EXCLUDED, HAEMATOPOIETIC, FAT, BONE = 0, 1, 2, 3
@@ -95,6 +96,48 @@ class TissueMaps(torch.nn.Module):
         dens = F.avg_pool2d(_pad_to_multiple(he, k, "replicate"), k) if k > 1 else he
         dens = gaussian_blur_torch(torch.clamp(dens, min=0.0), self.context_sigma_px)
         return {"bright": bright, "h_ctx": dens[:, 0:1], "e_ctx": dens[:, 1:2]}
+
+
+def _block_reduce_edge(img: np.ndarray, k: int, fn) -> np.ndarray:
+    """``fn`` over k x k blocks of an (H, W, ...) array, edge-padded to a multiple of ``k``."""
+    h, w = img.shape[:2]
+    ph, pw = (-h) % k, (-w) % k
+    if ph or pw:
+        img = np.pad(img, [(0, ph), (0, pw)] + [(0, 0)] * (img.ndim - 2), mode="edge")
+    hh, ww = img.shape[0] // k, img.shape[1] // k
+    return fn(img.reshape(hh, k, ww, k, *img.shape[2:]), axis=(1, 3))
+
+
+def reference_maps(od_sum: np.ndarray, he: np.ndarray, mpp: float, cfg: Any) -> dict[str, np.ndarray]:
+    """:class:`TissueMaps` for one tile in NumPy / SciPy.
+
+    Parameters
+    ----------
+    od_sum : (H, W) float32 ndarray
+        Summed RGB OD.
+    he : (H, W, 2) float32 ndarray
+        Haematoxylin and eosin densities.
+    mpp : float
+        µm per pixel of the inputs.
+    cfg : TissueClassesConfig
+
+    Returns
+    -------
+    dict of str to (ceil(H/k), ceil(W/k)) float32 ndarray
+        ``bright``, ``h_ctx``, ``e_ctx`` as the module.
+    """
+    k = class_factor(mpp, cfg.class_mpp)
+    smooth = gaussian_reference(od_sum, float(cfg.bright_sigma_um) / float(mpp))
+    stained = smooth >= np.float32(cfg.bright_max_od)
+    bright = ~_block_reduce_edge(stained, k, np.any) if k > 1 else ~stained
+    dens = _block_reduce_edge(np.asarray(he, np.float32), k, np.mean) if k > 1 else np.asarray(he, np.float32)
+    dens = np.maximum(dens, 0.0)
+    ctx_px = float(cfg.context_sigma_um) / (mpp * k)
+    return {
+        "bright": bright.astype(np.float32),
+        "h_ctx": gaussian_reference(dens[..., 0], ctx_px),
+        "e_ctx": gaussian_reference(dens[..., 1], ctx_px),
+    }
 
 
 @dataclass
