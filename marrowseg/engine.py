@@ -276,6 +276,20 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+def _resolve_threads(threads: int | str) -> int:
+    """CPU threads for torch: the cores this process may use, unless told otherwise.
+
+    ``auto`` honours ``OMP_NUM_THREADS`` (Dask's nanny sets it to 1 in each worker, so
+    parallel slides don't oversubscribe the cores), else takes every core it is given.
+    """
+    if threads != "auto":
+        return int(threads)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, _available_cores())
+
+
 def _resolve_workers(workers: int | str, reader: Any) -> int:
     if getattr(reader, "path", None) is None:
         return 0  # an in-memory array would be copied into every worker
@@ -420,7 +434,7 @@ def run_slide(
     bs = int(batch_size or ecfg.batch_size)
     nw = _resolve_workers(ecfg.workers if workers is None else workers, reader)
     if dev.type == "cpu":
-        torch.set_num_threads(max(1, _available_cores()))
+        torch.set_num_threads(_resolve_threads(ecfg.threads))
     layout = plan_slide(reader, analyzer, config)
     t_plan = time.perf_counter()
     prep = analyzer.prepare(_prepare_sample(reader, layout, ecfg.seed))

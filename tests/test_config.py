@@ -16,8 +16,8 @@ def test_packaged_configs_validate(stain):
 
 def test_override_changes_value_and_hash():
     a = load_config("he")
-    b = load_config("he", overrides=["tiling.tile_px=2048"])
-    assert b.tiling.tile_px == 2048
+    b = load_config("he", overrides=["tiling.tile_px=3072"])
+    assert b.tiling.tile_px == 3072
     assert config_hash(a) != config_hash(b)
     assert config_hash(a) == config_hash(load_config("he"))
 
@@ -57,3 +57,19 @@ def test_override_values_keep_yaml_types():
 def test_unknown_stain_is_rejected():
     with pytest.raises(ConfigError, match="unknown stain"):
         load_config("giemsa")
+
+
+@pytest.mark.parametrize("key,value", [("workers", -1), ("threads", 0), ("workers", "many")])
+def test_engine_counts_must_be_auto_or_in_range(key, value):
+    with pytest.raises(ConfigError, match=rf"engine\.{key}"):
+        load_config(overrides={"engine": {key: value}})
+
+
+def test_threads_auto_honours_omp_num_threads(monkeypatch):
+    from marrowseg.engine import _resolve_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert _resolve_threads("auto") == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert _resolve_threads("auto") >= 1
+    assert _resolve_threads(3) == 3

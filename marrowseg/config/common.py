@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -35,7 +35,8 @@ class TilingConfig(_Strict):
 class EngineConfig(_Strict):
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     batch_size: int = Field(ge=1, le=1024)
-    workers: int | Literal["auto"] = "auto"
+    workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"]
+    threads: Annotated[int, Field(ge=1, le=512)] | Literal["auto"]
     prefetch_batches: int = Field(ge=1, le=16)
     amp: bool
     seed: int = Field(ge=0)
