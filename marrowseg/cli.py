@@ -180,7 +180,8 @@ def synth(
                      ("grade", grade), ("heterogeneous", heterogeneous)):
         if val is not None:
             kw[key] = val
-    tiff, truth = write_phantom(out_dir, stain, name=name, **kw)
+    with err.status(f"writing a {w} x {h} px {stain} phantom"):
+        tiff, truth = write_phantom(out_dir, stain, name=name, **kw)
     out.print(f"wrote {tiff}\nwrote {truth}")
 
 
