@@ -232,3 +232,38 @@ def test_ome_tiff_ki67_runs_end_to_end(shared_data, tmp_path):
     assert metrics["readouts"]["nucleated_cells"] > 0
     assert metrics["stain_vectors_source"] in ("estimated", "standard")
     assert "stain_vectors_source" in metrics["provenance"]["prepare"]
+
+
+@pytest.mark.parametrize("compartment", ["membrane", "nucleus"])
+def test_reference_dense_matches_module_and_post(compartment):
+    """NumPy/SciPy reference_dense gives the module's dense maps and the same tile stats (1 %)."""
+    import torch
+
+    from marrowseg.analyzers.base import TileContext
+
+    rgb, _ = _scene(n_side=7)
+    rgb = rgb[:320, :300]  # odd shape: ceil at the class resolution
+    cfg = load_config("ecad", overrides=[f"ecad.positivity_compartment={compartment}", *SMALL])
+    an = ECadAnalyzer(cfg.ecad)
+    an.prepare(rgb.reshape(-1, 3))
+    assert an.h_scale != 1.0  # the counterstain scale is part of what must agree
+    with torch.inference_mode():
+        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+        dense = {k: v[0].numpy() for k, v in an.build_module()(x).items()}
+    ref = an.reference_dense(rgb)
+    assert set(ref) == set(dense)
+    for key, v in dense.items():
+        assert ref[key].shape == v.shape and ref[key].dtype == np.float32, key
+        assert_allclose(ref[key], v, atol=1e-4, err_msg=key)
+    ctx = TileContext(0, (0, 0), (slice(0, 320), slice(0, 300)), (320, 300), MPP)
+    a, b = an.post(dense, rgb, ctx).stats, an.post(ref, rgb, ctx).stats
+    assert a["n_nucleated"] > 0
+    for key, v in a.items():
+        assert b[key] == pytest.approx(v, rel=0.01, abs=0.5), key
+
+
+def test_reference_dense_rejects_a_grey_image():
+    """reference_dense needs (H, W, 3) and says what it got."""
+    an = ECadAnalyzer(load_config("ecad").ecad)
+    with pytest.raises(ValueError, match=r"\(64, 64\)"):
+        an.reference_dense(np.zeros((64, 64), np.uint8))
