@@ -10,11 +10,13 @@ from hypothesis import strategies as st
 from marrowseg.tiling import axis_cores, tile_grid, tiles_over_mask, tissue_mask
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(h=st.integers(1, 3000), w=st.integers(1, 3000), tile=st.integers(32, 1024), overlap=st.integers(0, 256))
 def test_core_regions_cover_every_pixel_exactly_once(h, w, tile, overlap):
     """Summing per-tile core masks gives exactly one hit per slide pixel."""
     overlap = min(overlap, tile - 1)
+    # Cap the tile count so one example stays cheap; small tiles are covered on small slides.
+    tile = max(tile, int(np.ceil(max(h, w) / 40)) + overlap)
     hits = np.zeros((h, w), np.uint8)
     for t in tile_grid((h, w), tile_px=tile, overlap_px=overlap):
         rs, cs = t.core_slide
