@@ -128,3 +128,29 @@ def test_solidity_is_one_for_a_disk_and_low_for_a_ring():
     m = nuc.label_measurements(labels, np.ones(labels.shape, np.float32))
     assert m["solidity"][0] == pytest.approx(1.0)
     assert m["solidity"][1] < 0.7
+
+
+def test_distance_seeds_split_overlapping_disks(cfg):
+    """Two 8 µm disks overlapping by 2 µm (one haematoxylin peak between them) are two nuclei."""
+    # Beer-Lambert: the overlap is twice as dark, and the smoothed map peaks there only once
+    img = _disks(0.5, 8.0, 0.7, [(30.0, 30.0)], size_um=60.0) + _disks(0.5, 8.0, 0.7, [(30.0, 36.0)], size_um=60.0)
+    _, peaks = nuc.detect_nuclei(img, 0.5, cfg.nuclei.model_copy(update={"seeds": "peaks"}))
+    assert len(peaks["row"]) == 1
+    dist_cfg = cfg.nuclei.model_copy(update={"seeds": "distance"})
+    _, table = nuc.detect_nuclei(img, 0.5, dist_cfg)
+    assert len(table["row"]) == 2
+    assert sorted((table["col"] * 0.5 + 0.25).tolist()) == pytest.approx([29.75, 36.25], abs=1.0)
+
+
+def test_megakaryocyte_needs_an_even_nucleus_when_cv_limit_set(cfg):
+    """With megakaryocyte_max_od_cv a large but patchy object (a clump) is not a megakaryocyte."""
+    table = {
+        "area_um2": np.array([400.0, 400.0]),
+        "eccentricity": np.array([0.5, 0.5]),
+        "h_od_mean": np.array([0.7, 0.7]),
+        "h_od_cv": np.array([0.12, 0.35]),
+    }
+    limited = cfg.classes.model_copy(update={"megakaryocyte_max_od_cv": 0.22})
+    assert list(nuc.classify_nuclei(table, limited)) == ["megakaryocyte", "other"]
+    size_only = cfg.classes.model_copy(update={"megakaryocyte_max_od_cv": None})
+    assert list(nuc.classify_nuclei(table, size_only)) == ["megakaryocyte", "megakaryocyte"]

@@ -221,14 +221,26 @@ def detect_nuclei(
     search = mask if allowed is None else (mask & allowed)
     if not search.any():
         return np.zeros(h_od.shape, np.int32), empty_table()
+    relief = peak
+    threshold = float(cfg.min_peak_od)
+    if getattr(cfg, "seeds", "peaks") == "distance":
+        # touching and overlapping nuclei: one seed per maximum of the distance to the
+        # nuclear boundary (µm), tie-broken by the smoothed haematoxylin; the haematoxylin
+        # threshold still applies to every seed
+        dist_um = ndi.distance_transform_edt(mask).astype(np.float32) * np.float32(mpp)
+        relief = dist_um + np.float32(cfg.distance_od_weight_um) * peak
+        search = search & (peak >= threshold) & (dist_um >= np.float32(cfg.min_radius_um))
+        threshold = float(cfg.min_radius_um)
+        if not search.any():
+            return np.zeros(h_od.shape, np.int32), empty_table()
     centres = peak_local_max(
-        peak,
+        relief,
         min_distance=min_dist_px,
-        threshold_abs=float(cfg.min_peak_od),
+        threshold_abs=threshold,
         labels=search.astype(np.uint8),
         exclude_border=False,
     )
-    return nuclei_from_centres(h_od, mpp, centres, peak, mask, min_area_um2=float(cfg.min_area_um2))
+    return nuclei_from_centres(h_od, mpp, centres, relief, mask, min_area_um2=float(cfg.min_area_um2))
 
 
 def nuclei_from_centres(
@@ -403,7 +415,8 @@ def classify_nuclei(table: dict[str, np.ndarray], cfg: Any) -> np.ndarray:
     Returns
     -------
     classes : (N,) object ndarray of str
-        ``megakaryocyte`` (very large nucleus), ``late_erythroid`` (small, round, dense,
+        ``megakaryocyte`` (very large nucleus, and with ``megakaryocyte_max_od_cv`` an
+        even one: not a clump of nuclei), ``late_erythroid`` (small, round, dense,
         homogeneous: polychromatic/orthochromatic normoblast) or ``other``.
 
     Notes
@@ -425,5 +438,9 @@ def classify_nuclei(table: dict[str, np.ndarray], cfg: Any) -> np.ndarray:
         & (np.asarray(table["h_od_cv"]) <= cfg.late_erythroid_max_od_cv)
     )
     out[late] = "late_erythroid"
-    out[area >= cfg.megakaryocyte_min_area_um2] = "megakaryocyte"
+    mega = area >= cfg.megakaryocyte_min_area_um2
+    max_cv = getattr(cfg, "megakaryocyte_max_od_cv", None)
+    if max_cv is not None:
+        mega &= np.asarray(table["h_od_cv"]) <= max_cv
+    out[mega] = "megakaryocyte"
     return out

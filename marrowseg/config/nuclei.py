@@ -27,6 +27,14 @@ class NucleiConfig(Strict):
     mask_sigma_um: float = Field(ge=0, description="Gaussian sigma of the map thresholded into nuclear pixels, µm")
     mask_od: float = Field(ge=0, description="haematoxylin OD above which a pixel is nuclear")
     min_area_um2: float = Field(ge=0, description="smaller segmented nuclei are dropped, µm²")
+    # optional (defaults keep the original peak detector, which ecad.yaml relies on)
+    seeds: Literal["peaks", "distance"] = Field(
+        "peaks",
+        description="peaks: maxima of the smoothed haematoxylin; distance: maxima of the distance to "
+        "the nuclear-mask boundary (splits touching nuclei), plus distance_od_weight_um x smoothed OD",
+    )
+    distance_od_weight_um: float = Field(0.3, ge=0, description="µm of distance one OD of smoothed haematoxylin is worth (seeds: distance)")
+    min_radius_um: float = Field(1.0, ge=0, description="a distance seed lies at least this far inside the nuclear mask, µm (seeds: distance)")
 
 
 class NucleusClassesConfig(Strict):
@@ -41,3 +49,8 @@ class NucleusClassesConfig(Strict):
     late_erythroid_min_od: float = Field(ge=0, description="mean haematoxylin OD of a dense, pyknotic nucleus")
     late_erythroid_max_eccentricity: float = Field(ge=0, le=1, description="round nucleus")
     late_erythroid_max_od_cv: float = Field(ge=0, description="homogeneous chromatin: std/mean of OD in the nucleus")
+    # optional (null keeps the size-only rule that ecad.yaml relies on)
+    megakaryocyte_max_od_cv: float | None = Field(
+        None, ge=0, description="a megakaryocyte nucleus is one even mass; a clump of several nuclei with "
+        "gaps between them has a higher std/mean of OD (null: size alone)"
+    )
