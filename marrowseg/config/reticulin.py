@@ -63,6 +63,8 @@ class ReticulinConfig(Strict):
     excluded_min_um2: float = Field(gt=0, description="empty regions at least this large are glass/artefact, µm²")
     orange_min_od: float = Field(gt=0, description="blue minus red OD of golden-orange bone/collagen")
     bone_open_um: float = Field(ge=0, description="opening radius separating bone from thin collagen, µm")
+    bone_max_od: float = Field(gt=0, description="mean-channel OD above which orange is a collagen bundle, not bone")
+    fat_rim_um: float = Field(ge=0, description="non-empty rim around fat that still belongs to it (membranes, septa), µm")
     bone_min_um2: float = Field(ge=0, description="smallest bone fragment, µm²")
 
     # -- grading -----------------------------------------------------------------
