@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/eval_reticulin.py --seeds 1000-1019 --size 2048
+    python scripts/eval_reticulin.py --seeds 1000-1011   # 4,096 px, as `marrowseg synth` writes them
     python scripts/eval_reticulin.py --bombr
     python scripts/eval_reticulin.py --seeds 1000-1003 --heterogeneous half-0-2 patch-1-3
 
@@ -63,10 +63,10 @@ def eval_bombr() -> None:
     dark = rgb.astype(np.float32).mean(axis=2)
     base = max(f1_with_tolerance(dark < t, truth)[0] for t in range(60, 200, 5))
     ro = res.report["readouts"]
-    print("BoMBR fig0 (1.0 µm/px): fibre F1 (1 px tol) %.3f  precision %.3f  recall %.3f" % (f1, p, r))
-    print("  best plain dark-pixel threshold on mean RGB (oracle-tuned): F1 %.3f" % base)
-    print("  readouts: length %.0f µm/1e4µm², intersections %.0f /mm², thick %.3f, grade MF-%d"
-          % (ro["fibre_length_um_per_1e4um2"], ro["intersections_per_mm2"], ro["thick_fibre_frac"], ro["mf_grade"]))
+    print(f"BoMBR fig0 (1.0 µm/px): fibre F1 (1 px tol) {f1:.3f}  precision {p:.3f}  recall {r:.3f}")
+    print(f"  best plain dark-pixel threshold on mean RGB (oracle-tuned): F1 {base:.3f}")
+    print(f"  readouts: length {ro['fibre_length_um_per_1e4um2']:.0f} µm/1e4µm², intersections "
+          f"{ro['intersections_per_mm2']:.0f} /mm², thick {ro['thick_fibre_frac']:.3f}, grade MF-{ro['mf_grade']}")
 
 
 def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[str]) -> None:
@@ -77,9 +77,9 @@ def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[s
     cases = [(s, s % 4, None) for s in seeds] if not heterogeneous else [
         (s, None, h) for h in heterogeneous for s in seeds
     ]
-    hdr = "%6s %-10s %9s %9s %6s %9s %9s %6s %6s %6s %5s %6s %5s" % (
-        "seed", "case", "L_true", "L_meas", "L_err", "J_true", "J_meas", "J_err",
-        "T_true", "T_meas", "G_tr", "G_meas", "index")
+    names = ("L_true", "L_meas", "L_err", "J_true", "J_meas", "J_err", "T_true", "T_meas", "G_tr", "G_meas")
+    widths = (9, 9, 6, 9, 9, 6, 6, 6, 5, 6)
+    hdr = f"{'seed':>6} {'case':<10} " + " ".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True)) + " index"
     print(hdr)
     for seed, grade, het in cases:
         t0 = time.time()
@@ -97,25 +97,26 @@ def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[s
         l_err = ro["fibre_length_um_per_1e4um2"] / l_true - 1 if l_true else float("nan")
         j_err = ro["intersections_per_mm2"] / j_true - 1 if j_true else float("nan")
         rows.append((g_true, ro["mf_grade"], l_err, j_err, l_true, ro["fibrosis_index"], ro["fibre_length_um_per_1e4um2"]))
-        print("%6d %-10s %9.0f %9.0f %+6.1f%% %9.0f %9.0f %+6.1f%% %6.3f %6.3f %5d %6d %5.2f  (%.0fs)" % (
-            seed, het or f"MF-{grade}", l_true, ro["fibre_length_um_per_1e4um2"], 100 * l_err,
-            j_true, ro["intersections_per_mm2"], 100 * j_err, t_true, ro["thick_fibre_frac"],
-            g_true, ro["mf_grade"], ro["fibrosis_index"], time.time() - t0), flush=True)
+        print(f"{seed:6d} {het or f'MF-{grade}':<10} {l_true:9.0f} {ro['fibre_length_um_per_1e4um2']:9.0f} "
+              f"{100 * l_err:+6.1f}% {j_true:9.0f} {ro['intersections_per_mm2']:9.0f} {100 * j_err:+6.1f}% "
+              f"{t_true:6.3f} {ro['thick_fibre_frac']:6.3f} {g_true:5d} {ro['mf_grade']:6d} "
+              f"{ro['fibrosis_index']:5.2f}  ({time.time() - t0:.0f}s)", flush=True)
     g_true = np.array([r[0] for r in rows])
     g_meas = np.array([r[1] for r in rows])
     l_err = np.array([r[2] for r in rows])
     j_err = np.array([r[3] for r in rows])
-    print("\nsummary over %d phantoms (size %d px at %.2f µm/px)" % (len(rows), size, mpp))
-    print("  grade recovered: %d/%d (%.0f%%)" % ((g_true == g_meas).sum(), len(rows), 100 * (g_true == g_meas).mean()))
+    print(f"\nsummary over {len(rows)} phantoms (size {size} px at {mpp:.2f} µm/px)")
+    ok = int((g_true == g_meas).sum())
+    print(f"  grade recovered: {ok}/{len(rows)} ({100 * ok / len(rows):.0f}%)")
     for g in sorted(set(g_true.tolist())):
         sel = g_true == g
-        print("  MF-%d: n=%d  length err mean %+.1f%% (max |%.1f|%%)  intersections err mean %+.1f%%  grade ok %d/%d" % (
-            g, sel.sum(), 100 * np.nanmean(l_err[sel]), 100 * np.nanmax(np.abs(l_err[sel])),
-            100 * np.nanmean(j_err[sel]) if np.isfinite(j_err[sel]).any() else float("nan"),
-            (g_meas[sel] == g).sum(), sel.sum()))
+        j_mean = 100 * np.nanmean(j_err[sel]) if np.isfinite(j_err[sel]).any() else float("nan")
+        print(f"  MF-{g}: n={sel.sum()}  length err mean {100 * np.nanmean(l_err[sel]):+.1f}% "
+              f"(max |{100 * np.nanmax(np.abs(l_err[sel])):.1f}|%)  intersections err mean {j_mean:+.1f}%  "
+              f"grade ok {(g_meas[sel] == g).sum()}/{sel.sum()}")
     order = np.argsort([r[4] for r in rows])
     idx = np.array([r[5] for r in rows])[order]
-    print("  fibrosis index monotone in true length density: %s" % bool(np.all(np.diff(idx) >= -1e-9)))
+    print(f"  fibrosis index monotone in true length density: {bool(np.all(np.diff(idx) >= -1e-9))}")
 
 
 def _intended_grade(grade: int | None, het: str | None) -> int:
@@ -133,7 +134,7 @@ def _intended_grade(grade: int | None, het: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="", help="e.g. 1000-1019 (grade = seed % 4)")
-    ap.add_argument("--size", type=int, default=2048, help="phantom side, pixels at --mpp")
+    ap.add_argument("--size", type=int, default=4096, help="phantom side, pixels at --mpp (the synth default)")
     ap.add_argument("--mpp", type=float, default=0.25, help="phantom pixel size, µm/px")
     ap.add_argument("--heterogeneous", nargs="*", default=[], help="e.g. half-0-2 patch-1-3")
     ap.add_argument("--bombr", action="store_true", help="fibre-mask F1 on the BoMBR crop")

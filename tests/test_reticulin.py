@@ -209,3 +209,25 @@ def test_phantom_grade_is_recovered(grade):
     cfg = load_config("reticulin")
     res = analyze_array(rgb, 0.25, get_analyzer("reticulin", cfg), cfg)
     assert res.report["readouts"]["mf_grade"] == grade
+
+
+def test_reference_dense_matches_module_and_post():
+    """The NumPy/SciPy reference of the dense step gives the module's maps and post stats within 1 %."""
+    mpp = 0.5
+    lines = [(20, 20, 280, 280), (280, 20, 20, 280), (150, 5, 150, 295), (60, 10, 90, 290)]
+    img = _draw(300, mpp, lines, disks=[(230, 80, 4), (100, 200, 3)])
+    img[400:480, 100:200] = (190, 120, 90)  # a pale orange (bone-like) patch
+    an = ReticulinAnalyzer(_config(mpp=mpp).reticulin)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        dense = {k: v[0].numpy() for k, v in an.module(x).items()}
+    ref = an.reference_dense(img)
+    assert set(ref) == set(dense)
+    for key in ("ridge_od", "mean_od", "orange_od", "tophat_od", "wide_dark_od"):
+        assert ref[key].shape == dense[key].shape and ref[key].dtype == np.float32
+        np.testing.assert_allclose(ref[key], dense[key], atol=2e-3, err_msg=key)
+    h, w = img.shape[:2]
+    ctx = TileContext(0, (0, 0), (slice(0, h), slice(0, w)), (h, w), mpp)
+    got, want = an.post(ref, img, ctx).stats, an.post(dense, img, ctx).stats
+    for key, v in want.items():
+        np.testing.assert_allclose(got[key], v, rtol=0.01, atol=1, err_msg=key)

@@ -27,7 +27,7 @@ from skimage.morphology import skeletonize
 
 from marrowseg.analyzers import fibres
 from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
-from marrowseg.stains import od_from_rgb_torch
+from marrowseg.stains import od_from_rgb, od_from_rgb_torch
 
 __all__ = ["ReticulinAnalyzer", "grade_from_measurements", "apply_grade_rule", "window_readouts"]
 
@@ -238,6 +238,92 @@ class ReticulinAnalyzer(Analyzer):
             c.chroma_penalty,
             c.half_max_radius_um,
         ).eval()
+
+    def reference_dense(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
+        """The module's dense outputs for one tile, in plain NumPy / SciPy (the peer baseline).
+
+        Parameters
+        ----------
+        rgb : (H, W, 3) uint8 ndarray
+            One tile at the analysis resolution.
+
+        Returns
+        -------
+        dict of str to ndarray
+            The keys of the torch module's output, shaped ``(H, W)`` (batch axis removed):
+            float32 maps, ``scale_idx`` uint8 and ``half_max`` bool, so that
+            ``post(reference_dense(rgb), rgb, ctx)`` works.
+
+        Notes
+        -----
+        Gaussian blurs are ``scipy.ndimage.gaussian_filter`` with ``mode="mirror"`` and a
+        radius of ``ceil(3 sigma)`` (the module's padding and truncation); the Hessian is the
+        central-difference stencil of the blurred image with edge padding; flank samples are
+        bilinear (``map_coordinates(order=1, mode="nearest")``); openings are square
+        ``grey_opening`` with ``mode="nearest"``.
+        """
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"rgb: expected an (H, W, 3) array, got shape {rgb.shape}")
+        c = self.config
+        mpp = float(c.mpp)
+        od = od_from_rgb(rgb)
+        lo, hi = od.min(axis=2), od.max(axis=2)
+        dark = np.maximum(lo - np.float32(c.chroma_penalty) * (hi - lo), 0).astype(np.float32)
+
+        def blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
+            radius = max(1, int(math.ceil(3.0 * sigma_px)))
+            return ndi.gaussian_filter(img, sigma_px, mode="mirror", radius=radius).astype(np.float32)
+
+        def square(img: np.ndarray, radius_px: float, op) -> np.ndarray:
+            r = int(round(radius_px))
+            return img if r <= 0 else op(img, size=(2 * r + 1, 2 * r + 1), mode="nearest")
+
+        h, w = dark.shape
+        rows, cols = np.mgrid[0:h, 0:w].astype(np.float32)
+        best = np.zeros((h, w), np.float32)
+        best_idx = np.zeros((h, w), np.uint8)
+        for i, s_um in enumerate(c.ridge_scales_um):
+            s = float(s_um) / mpp
+            g = blur(dark, s)
+            gp = np.pad(g, 1, mode="edge")
+            hrr = gp[2:, 1:-1] - 2 * g + gp[:-2, 1:-1]
+            hcc = gp[1:-1, 2:] - 2 * g + gp[1:-1, :-2]
+            hrc = 0.25 * (gp[2:, 2:] - gp[2:, :-2] - gp[:-2, 2:] + gp[:-2, :-2])
+            theta = 0.5 * np.arctan2(2 * hrc, hrr - hcc)
+            cr, cc = np.cos(theta), np.sin(theta)
+            k1 = hrr * cr * cr + 2 * hrc * cr * cc + hcc * cc * cc
+            k2 = hrr * cc * cc - 2 * hrc * cr * cc + hcc * cr * cr
+            swap = k2 < k1
+            nr, nc = np.where(swap, -cc, cr), np.where(swap, cr, cc)
+            d = float(c.ridge_flank_factor) * s
+
+            def at(dr: np.ndarray, dc: np.ndarray, g=g) -> np.ndarray:
+                return ndi.map_coordinates(g, [rows + dr, cols + dc], order=1, mode="nearest")
+
+            n_plus, n_minus = at(nr * d, nc * d), at(-nr * d, -nc * d)
+            t_plus, t_minus = at(-nc * d, nr * d), at(nc * d, -nr * d)
+            n_con = np.minimum(g - n_plus, g - n_minus)
+            t_con = np.maximum(np.minimum(g - t_plus, g - t_minus), 0)
+            t_dark = np.maximum(t_plus, t_minus) - g
+            r = np.maximum(n_con - t_con - np.maximum(t_dark - n_con, 0), 0).astype(np.float32)
+            better = r > best
+            best[better] = r[better]
+            best_idx[better] = i
+
+        dark_s = blur(dark, 0.5)
+        tophat = dark_s - square(dark_s, c.background_radius_um / mpp, ndi.grey_opening)
+        half_max = tophat >= 0.5 * square(tophat, c.half_max_radius_um / mpp, ndi.maximum_filter)
+        smooth_px = float(c.tissue_smooth_um) / mpp
+        return {
+            "ridge_od": best,
+            "scale_idx": best_idx,
+            "mean_od": blur(od.mean(axis=2), smooth_px),
+            "orange_od": blur(od[..., 2] - od[..., 0], smooth_px),
+            "tophat_od": tophat.astype(np.float32),
+            "half_max": half_max,
+            "wide_dark_od": square(dark_s, c.blob_radius_um / mpp, ndi.grey_opening).astype(np.float32),
+        }
 
     # -- per tile -----------------------------------------------------------------------
     def _tissue_labels(self, dense: dict[str, np.ndarray], ctx: TileContext) -> tuple[np.ndarray, np.ndarray]:
