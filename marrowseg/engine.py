@@ -15,7 +15,9 @@ import math
 import os
 import platform
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -290,6 +292,22 @@ def _resolve_threads(threads: int | str) -> int:
     return max(1, _available_cores())
 
 
+class _Done:
+    """A finished result with the ``Future.result()`` interface."""
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def result(self) -> Any:
+        return self._value
+
+
+def _resolve_post_threads(post_threads: int | str) -> int:
+    if post_threads == "auto":
+        return 1 if _available_cores() > 1 else 0
+    return int(post_threads)
+
+
 def _resolve_workers(workers: int | str, reader: Any) -> int:
     if getattr(reader, "path", None) is None:
         return 0  # an in-memory array would be copied into every worker
@@ -455,52 +473,81 @@ def run_slide(
     done = 0
     mp_per_tile = layout.tile_px**2 / 1e6
     missing = 0
-    with torch.inference_mode():
-        for batch in loader:
-            t0 = time.perf_counter()
-            x = batch["rgb"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
-            if dev.type == "cpu":
-                # One tile at a time on the CPU: results then cannot depend on the batch size
-                # (oneDNN picks kernels by batch shape), and nothing is lost in speed there.
-                outs = [module(x[i : i + 1]) for i in range(x.shape[0])]
-                dense_list = [{k: v[0].float().numpy() for k, v in o.items()} for o in outs]
-            else:
-                with torch.autocast(dev.type, enabled=amp):
-                    out = module(x)
-                out = {k: v.float().cpu().numpy() for k, v in out.items()}
-                dense_list = [{k: v[i] for k, v in out.items()} for i in range(x.shape[0])]
-            rgbs = batch["rgb"].numpy()
+    # Post-processing (labelling, skeletons: NumPy/SciPy/OpenCV, which release the GIL) runs
+    # in threads while the next batch goes through the module.
+    n_post = _resolve_post_threads(ecfg.post_threads)
+    pool = ThreadPoolExecutor(max_workers=n_post, thread_name_prefix="post") if n_post else None
+    pending: deque = deque()
+    max_pending = 2 * bs
+
+    def _finish(tile: Tile, ctx: TileContext, err: str, fut: Any) -> None:
+        nonlocal missing
+        row = {"tile": tile.index, "grid_row": tile.grid_rc[0], "grid_col": tile.grid_rc[1],
+               "row_px": tile.core_slide[0].start, "col_px": tile.core_slide[1].start,
+               "core_rows": ctx.core_shape[0], "core_cols": ctx.core_shape[1]}
+        if err:
+            missing += 1
+            log.warning("%s: tile %d at (row %d, col %d) px unreadable, excluded: %s",
+                        reader.name, tile.index, *tile.origin_px, err)
+            row.update(status="missing", error=err)
+            tile_rows.append(row)
+            return
+        res: TileResult = fut.result()
+        _add(totals, res.stats)
+        for key, st in res.windows.items():
+            _add(windows.setdefault(tuple(key), {}), st)
+        if res.maps:
+            sink.write_maps(tile, layout.map_slice(tile), res.maps)
+        cells = _cells_to_slide(res.cells, tile, layout, ctx)
+        if cells:
+            sink.write_cells(cells)
+        row.update(status="ok", error="", n_cells=len(cells.get("x", ())), **res.stats)
+        tile_rows.append(row)
+
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                t0 = time.perf_counter()
+                x = batch["rgb"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
+                if dev.type == "cpu":
+                    # One tile at a time on the CPU: results then cannot depend on the batch size
+                    # (oneDNN picks kernels by batch shape), and nothing is lost in speed there.
+                    outs = [module(x[i : i + 1]) for i in range(x.shape[0])]
+                    dense_list = [{k: v[0].float().numpy() for k, v in o.items()} for o in outs]
+                else:
+                    with torch.autocast(dev.type, enabled=amp):
+                        out = module(x)
+                    out = {k: v.float().cpu().numpy() for k, v in out.items()}
+                    dense_list = [{k: v[i] for k, v in out.items()} for i in range(x.shape[0])]
+                rgbs = batch["rgb"].numpy()
+                t1 = time.perf_counter()
+                t_forward += t1 - t0
+                for j, idx in enumerate(batch["index"].tolist()):
+                    tile = layout.tiles[idx]
+                    ctx = layout.context(tile)
+                    err = batch["error"][j]
+                    if err:
+                        fut = None
+                    elif pool is None:
+                        fut = _Done(analyzer.post(dense_list[j], rgbs[j], ctx))
+                    else:
+                        fut = pool.submit(analyzer.post, dense_list[j], rgbs[j], ctx)
+                    pending.append((tile, ctx, err, fut))
+                # Results are taken in tile order, so sums cannot depend on thread timing; the
+                # queue depth bounds memory to a couple of batches.
+                while len(pending) > max_pending:
+                    _finish(*pending.popleft())
+                t_post += time.perf_counter() - t1
+                done += len(batch["index"])
+                if progress is not None:
+                    progress(done, len(layout.tiles), done * mp_per_tile)
             t1 = time.perf_counter()
-            t_forward += t1 - t0
-            for j, idx in enumerate(batch["index"].tolist()):
-                tile = layout.tiles[idx]
-                ctx = layout.context(tile)
-                row = {"tile": tile.index, "grid_row": tile.grid_rc[0], "grid_col": tile.grid_rc[1],
-                       "row_px": tile.core_slide[0].start, "col_px": tile.core_slide[1].start,
-                       "core_rows": ctx.core_shape[0], "core_cols": ctx.core_shape[1]}
-                err = batch["error"][j]
-                if err:
-                    missing += 1
-                    log.warning("%s: tile %d at (row %d, col %d) px unreadable, excluded: %s",
-                                reader.name, tile.index, *tile.origin_px, err)
-                    row.update(status="missing", error=err)
-                    tile_rows.append(row)
-                    continue
-                res: TileResult = analyzer.post(dense_list[j], rgbs[j], ctx)
-                _add(totals, res.stats)
-                for key, st in res.windows.items():
-                    _add(windows.setdefault(tuple(key), {}), st)
-                if res.maps:
-                    sink.write_maps(tile, layout.map_slice(tile), res.maps)
-                cells = _cells_to_slide(res.cells, tile, layout, ctx)
-                if cells:
-                    sink.write_cells(cells)
-                row.update(status="ok", error="", n_cells=len(cells.get("x", ())), **res.stats)
-                tile_rows.append(row)
+            while pending:
+                _finish(*pending.popleft())
             t_post += time.perf_counter() - t1
-            done += len(batch["index"])
-            if progress is not None:
-                progress(done, len(layout.tiles), done * mp_per_tile)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     if layout.tiles and missing == len(layout.tiles):
         raise AnalysisError(f"{reader.name}: every tile failed to read ({missing} tiles)")
     sink.end()
@@ -520,7 +567,8 @@ def run_slide(
         "config_hash": config_hash(config),
         "versions": versions(),
         "device": {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-                   "threads": torch.get_num_threads(), "workers": nw, "batch_size": bs, "amp": amp},
+                   "threads": torch.get_num_threads(), "workers": nw, "post_threads": n_post,
+                   "batch_size": bs, "amp": amp},
         "prepare": prep,
         "tissue": layout.tissue,
         "timings_s": {"plan": t_plan - t_start, "forward": t_forward, "post": t_post,

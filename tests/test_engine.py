@@ -162,3 +162,27 @@ def test_prepare_gets_a_pixel_sample():
     res = _run(img, analyzer=an)
     assert an.prepared[1] == 3 and an.prepared[0] > 1000
     assert res.provenance["prepare"]["n_sample"] == an.prepared[0]
+
+
+@pytest.mark.parametrize("post_threads", [0, 2])
+def test_results_do_not_depend_on_post_threads(post_threads):
+    """Post-processing in threads is consumed in tile order: identical sums, maps and cells."""
+    img, _ = disc_image(seed=14)
+    ref = _run(img, config=_cfg(post_threads=0))
+    res = _run(img, config=_cfg(post_threads=post_threads), batch_size=3)
+    assert res.totals == ref.totals and res.windows == ref.windows
+    np.testing.assert_array_equal(res.maps["labels"], ref.maps["labels"])
+    np.testing.assert_array_equal(res.cells["x"], ref.cells["x"])
+    assert [r["tile"] for r in res.tiles] == [r["tile"] for r in ref.tiles]
+
+
+def test_an_error_inside_post_propagates():
+    """A bug in an analyzer is not a missing tile: it stops the slide with its traceback."""
+
+    class Broken(DiscAnalyzer):
+        def post(self, dense, rgb, ctx):
+            raise RuntimeError("analyzer bug")
+
+    img, _ = disc_image(seed=15)
+    with pytest.raises(RuntimeError, match="analyzer bug"):
+        _run(img, analyzer=Broken(), config=_cfg(post_threads=1))

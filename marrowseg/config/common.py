@@ -37,6 +37,7 @@ class EngineConfig(_Strict):
     batch_size: int = Field(ge=1, le=1024)
     workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"]
     threads: Annotated[int, Field(ge=1, le=512)] | Literal["auto"]
+    post_threads: Annotated[int, Field(ge=0, le=64)] | Literal["auto"]
     prefetch_batches: int = Field(ge=1, le=16)
     amp: bool
     seed: int = Field(ge=0)
