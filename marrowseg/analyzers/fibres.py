@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 
+from marrowseg.analyzers import filters
+
 __all__ = [
     "gaussian_blur_torch",
     "ridge_contrast_torch",
@@ -40,34 +42,10 @@ VS_CORNER = 0.091
 _OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 
 
-def _gauss_kernel(sigma_px: float, dtype, device) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3.0 * sigma_px)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma_px) ** 2)
-    k = k / k.sum()
-    return k.to(dtype=dtype, device=device)
-
-
 def gaussian_blur_torch(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Separable Gaussian blur of a ``(B, 1, H, W)`` tensor with reflected borders.
-
-    Parameters
-    ----------
-    img : (B, 1, H, W) float tensor
-    sigma_px : float
-        Standard deviation, pixels (> 0).
-
-    Returns
-    -------
-    (B, 1, H, W) tensor, same dtype.
-    """
-    k = _gauss_kernel(sigma_px, img.dtype, img.device)
-    r = (k.numel() - 1) // 2
-    pad_mode = "reflect" if min(img.shape[-2:]) > r else "replicate"
-    x = F.pad(img, (r, r, 0, 0), mode=pad_mode)
-    x = F.conv2d(x, k.view(1, 1, 1, -1))
-    x = F.pad(x, (0, 0, r, r), mode=pad_mode)
-    return F.conv2d(x, k.view(1, 1, -1, 1))
+    """Separable Gaussian blur of a ``(B, 1, H, W)`` tensor with mirrored borders
+    (:func:`marrowseg.analyzers.filters.gaussian_blur`)."""
+    return filters.gaussian_blur(img, sigma_px)
 
 
 def _shifted(img: torch.Tensor, drow: torch.Tensor, dcol: torch.Tensor) -> torch.Tensor:
@@ -381,12 +359,7 @@ def local_width_px(mask: np.ndarray, skel: np.ndarray) -> np.ndarray:
 
 def grey_dilation_torch(img: torch.Tensor, radius_px: float) -> torch.Tensor:
     """Grey-level dilation (local maximum) over a square of half-side ``radius_px``, (B,1,H,W)."""
-    r = int(round(radius_px))
-    if r <= 0:
-        return img
-    k = 2 * r + 1
-    x = F.max_pool2d(F.pad(img, (r, r, 0, 0), mode="replicate"), (1, k), stride=1)
-    return F.max_pool2d(F.pad(x, (0, 0, r, r), mode="replicate"), (k, 1), stride=1)
+    return filters.grey_dilation(img, radius_px)
 
 
 def grey_opening_torch(img: torch.Tensor, radius_px: float) -> torch.Tensor:
@@ -395,17 +368,7 @@ def grey_opening_torch(img: torch.Tensor, radius_px: float) -> torch.Tensor:
     Removes bright-in-OD structures narrower than ``2 * radius_px + 1`` pixels; what
     remains is the local background under thin fibres. ``(B, 1, H, W)`` in and out.
     """
-    r = int(round(radius_px))
-    if r <= 0:
-        return img
-    k = 2 * r + 1
-
-    def _max(x: torch.Tensor) -> torch.Tensor:
-        # a square is separable: a row pass then a column pass (2k instead of k*k compares)
-        x = F.max_pool2d(F.pad(x, (r, r, 0, 0), mode="replicate"), (1, k), stride=1)
-        return F.max_pool2d(F.pad(x, (0, 0, r, r), mode="replicate"), (k, 1), stride=1)
-
-    return _max(-_max(-img))
+    return filters.grey_opening(img, radius_px)
 
 
 def half_max_width_px(contrast_od: np.ndarray, mask: np.ndarray, skel: np.ndarray) -> np.ndarray:
