@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -32,6 +31,7 @@ from scipy.spatial.distance import pdist
 from skimage.segmentation import expand_labels
 
 from marrowseg import stains
+from marrowseg.analyzers import filters
 from marrowseg.analyzers import nuclei as nuc
 from marrowseg.analyzers import tissue as tis
 from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
@@ -187,36 +187,6 @@ def haematoxylin_scale(sample_rgb: np.ndarray, rgb_from_stains: np.ndarray, cfg:
 
 
 # ----------------------------------------------------------------------------- dense
-def _sliding_max_axis(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
-    """Running maximum over ``2r + 1`` samples along ``dim``, replicate padding.
-
-    Van Herk-style doubling: maxima over windows of 1, 2, 4, ... samples are built from
-    shifted slices, and the window of ``w = 2r + 1`` is the maximum of two overlapping
-    power-of-two windows. ``ceil(log2 w) + 1`` elementwise maxima, independent of ``r``
-    (``F.max_pool2d`` on the CPU costs ``O(w)`` per pixel and was 30% of the E-cad tile).
-    """
-    n = x.shape[dim]
-    w = 2 * r + 1
-    pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
-    y = F.pad(x, pad, mode="replicate")  # length n + 2r = n + w - 1
-    p = 1
-    while 2 * p <= w:
-        m = y.shape[dim]
-        y = torch.maximum(y.narrow(dim, 0, m - p), y.narrow(dim, p, m - p))  # window 2p
-        p *= 2
-    # y[i] = max of the input (padded) over [i, i + p); cover [i, i + w) with two windows
-    return torch.maximum(y.narrow(dim, 0, n), y.narrow(dim, w - p, n))
-
-
-def _pool_separable(x: torch.Tensor, r: int, *, minimum: bool) -> torch.Tensor:
-    """Square max (or min) filter of half-width ``r`` px, replicate padding (separable)."""
-    if r <= 0:
-        return x
-    y = -x if minimum else x
-    y = _sliding_max_axis(_sliding_max_axis(y, r, -1), r, -2)
-    return -y if minimum else y
-
-
 class ECadModule(torch.nn.Module):
     """``(B, 3, H, W)`` RGB 0..255 -> stain densities, nuclear maps and tissue maps.
 
@@ -246,7 +216,7 @@ class ECadModule(torch.nn.Module):
         out = {"h_od": h, "dab_od": dab, "det_od": det}
         out.update(self.nuclei(det))
         # counterstain split: even matrix stain (opening) vs nuclei (top-hat)
-        matrix = _pool_separable(_pool_separable(h, self.open_r, minimum=True), self.open_r, minimum=False)
+        matrix = filters.grey_opening(h, self.open_r)
         out.update(self.tissue(od.sum(dim=1, keepdim=True), torch.cat([h - matrix, matrix], dim=1)))
         return out
 
