@@ -6,7 +6,7 @@ Usage::
     python scripts/eval_reticulin.py --bombr
     python scripts/eval_reticulin.py --seeds 1000-1003 --heterogeneous half-0-2 patch-1-3
 
-Phantom grade cycles with the seed (grade = seed % 4). Tune only on seeds 0-99; report on
+Phantom grade cycles with the seed (grade = seed %% 4). Tune only on seeds 0-99; report on
 seeds >= 1000. Every image runs through the real tiling + engine path
 (:func:`marrowseg.engine.analyze_array`).
 """
@@ -133,7 +133,7 @@ def _intended_grade(grade: int | None, het: str | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="", help="e.g. 1000-1019 (grade = seed % 4)")
+    ap.add_argument("--seeds", default="", help="e.g. 1000-1019 (grade = seed %% 4)")
     ap.add_argument("--size", type=int, default=4096, help="phantom side, pixels at --mpp (the synth default)")
     ap.add_argument("--mpp", type=float, default=0.25, help="phantom pixel size, µm/px")
     ap.add_argument("--heterogeneous", nargs="*", default=[], help="e.g. half-0-2 patch-1-3")
