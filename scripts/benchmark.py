@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(gpu_mp_s=g["mp_s"])
         rows.append(row)
     hdr = ("stain", "slide px", "core Mpx", "decode Mpx/s", "pipeline Mpx/s", "skimage Mpx/s", "pipe/decode",
-           "pipe/skimage", "peak RSS MB", "RSS 4x MB", "GPU Mpx/s")
+           "pipe/skimage", "ref vs torch", "peak RSS MB", "RSS 4x MB", "GPU Mpx/s")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for r in rows:
@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = [r["stain"], f"{r['slide_px']}", f"{r['core_mp']:.0f}", f"{r['decode_mp_s']:.1f}",
                  f"{r['pipeline_mp_s']:.2f}", f"{sk:.2f}" if sk else "n/a",
                  f"{r['pipeline_mp_s'] / r['decode_mp_s']:.2f}",
-                 f"{r['pipeline_mp_s'] / sk:.1f}" if sk else "n/a", f"{r['peak_rss_mb']:.0f}",
+                 f"{r['pipeline_mp_s'] / sk:.1f}" if sk else "n/a",
+                 f"{r['max_rel_diff_vs_torch']:.1e}" if sk else "n/a", f"{r['peak_rss_mb']:.0f}",
                  f"{r.get('peak_rss_mb_4x', float('nan')):.0f}",
                  f"{r['gpu_mp_s']:.1f}" if "gpu_mp_s" in r else "n/a"]
         print("| " + " | ".join(cells) + " |")
