@@ -229,13 +229,16 @@ def local_grade_grid(slide: SlideOutput) -> dict[str, Any] | None:
     if slide.stain != "reticulin":
         return None
     from marrowseg.analyzers.reticulin import grade_from_measurements, window_readouts
-    from marrowseg.config.reticulin import ReticulinConfig
+    from marrowseg.config.reticulin import GradeThresholds
 
     windows, side_um, source = read_windows(slide)
     if not windows or side_um <= 0:
         return None
-    cfg = ReticulinConfig.model_validate(slide.metrics["provenance"]["config"]["reticulin"])
-    mpp = float(slide.metrics.get("tiles", {}).get("analysis_mpp") or cfg.mpp)
+    # Only the grading keys of the recorded config are read: outputs of an older version,
+    # whose config lacked keys added since, must still show their heatmap.
+    recorded = slide.metrics["provenance"]["config"]["reticulin"]
+    thresholds = GradeThresholds.model_validate(recorded["grade_thresholds"])
+    mpp = float(slide.metrics.get("tiles", {}).get("analysis_mpp") or recorded["mpp"])
     rows = [k[0] for k in windows]
     cols = [k[1] for k in windows]
     r0, c0 = min(rows), min(cols)
@@ -244,13 +247,13 @@ def local_grade_grid(slide: SlideOutput) -> dict[str, Any] | None:
     index = np.full(shape, np.nan, np.float32)
     haem = np.zeros(shape, np.float64)
     area_by_grade = {g: 0.0 for g in range(4)}
-    min_um2 = cfg.window_min_haem_frac * side_um * side_um
+    min_um2 = float(recorded["window_min_haem_frac"]) * side_um * side_um
     for (r, c), w in windows.items():
         w_haem = float(w.get("haem_px", 0.0)) * mpp * mpp
         haem[r - r0, c - c0] = w_haem
         if w_haem <= 0 or w_haem < min_um2:
             continue
-        g, idx = grade_from_measurements(window_readouts(w, mpp), cfg.grade_thresholds)
+        g, idx = grade_from_measurements(window_readouts(w, mpp), thresholds)
         grades[r - r0, c - c0] = g
         index[r - r0, c - c0] = idx
         area_by_grade[g] += w_haem
