@@ -7,16 +7,24 @@ density, or zeros, as ``e_ctx``).
 Method, at ``class_mpp`` (about 1 µm/px: fat membranes are 1-2 µm, a fat space 30-120 µm)::
 
     bright   = summed RGB OD < bright_max_od        (min-pooled: a thin membrane keeps a space closed)
-    bright outside the tissue outline (tissue closed by envelope_um) -> glass (excluded)
-    each 4-connected bright region:
+    bright outside the tissue outline (tissue closed by envelope_um) -> glass (excluded);
+        with envelope_fat, bright walled in by tissue (reaching no tile or slide edge) is inside
+    each 4-connected bright region inside the outline:
         equivalent diameter < fat_min_diameter_um   -> a hole in the tissue around it
         touches an interior tile border              -> open, large: background (excluded)
-        diameter > fat_max_diameter_um               -> background (excluded)
-        solidity < fat_min_solidity                  -> tear / crack (excluded)
+        diameter > fat_max_diameter_um or solidity < fat_min_solidity:
+            with fat_split_um, cut at necks (distance-transform watershed) and judge each piece
+            otherwise                                -> background / tear (excluded)
         otherwise                                    -> fat (one adipocyte)
+        with envelope_fat, a space bordering the glass the outline cut off gets back the glass
+            inside its convex hull (the bite of the closing disk into a peripheral adipocyte)
     tissue (not bright): bone where the local eosin is high and the local haematoxylin low,
         opened and size-filtered; haematopoietic otherwise
-    membranes: closing of fat by membrane_um gives the thin septa between spaces to fat
+    membranes: closing of fat by membrane_um gives the thin septa between spaces to fat;
+        with fat_rim_um, haematopoietic pixels that close to fat are its membrane (fat)
+
+The new keys (envelope_fat, fat_split_um, fat_rim_um) are optional and off by default, so
+stain files written before them (ecad) keep the older rule.
 
 The enclosure test needs context: a region whose core part lies within the tile's core can
 reach the tile border only if it is at least as wide as the halo. With the halo at least the
@@ -33,8 +41,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from skimage.measure import regionprops_table
-from skimage.morphology import disk
+from skimage.measure import regionprops, regionprops_table
+from skimage.morphology import convex_hull_image, disk, h_maxima
+from skimage.segmentation import watershed
 
 from marrowseg.analyzers.nuclei import gaussian_blur_torch, gaussian_reference
 
@@ -212,7 +221,21 @@ def classify_tissue(
     # off the open glass they would otherwise join.
     if cfg.envelope_um:
         # beyond the slide edge counts as tissue here, so the edge does not erode the outline
-        bright = bright & _closing_edt(tissue | ~valid, cfg.envelope_um / class_mpp)
+        inside = _closing_edt(tissue | ~valid, cfg.envelope_um / class_mpp)
+        glass_cut = bright & ~inside
+        if getattr(cfg, "envelope_fat", False) and glass_cut.any():
+            # a clear space wider than the closing but walled in by tissue (it reaches
+            # neither the tile's nor the slide's edge) is inside the outline, not glass
+            frame = ndi.binary_dilation(~valid) | _frame(shape)
+            gcomp, ng = ndi.label(glass_cut)
+            open_ids = np.zeros(ng + 1, bool)
+            open_ids[np.unique(gcomp[frame & glass_cut])] = True
+            open_ids[0] = True
+            inside = inside | ~open_ids[gcomp]
+            glass_cut = bright & ~inside
+        bright = bright & inside
+    else:
+        glass_cut = np.zeros(shape, bool)
 
     labels = np.zeros(shape, np.uint8)
     comp, n = ndi.label(bright)
@@ -224,22 +247,29 @@ def classify_tissue(
         touches = np.zeros(n + 1, bool)
         touches[np.unique(comp[open_border & bright])] = True
         is_hole = diam_um < cfg.fat_min_diameter_um
-        cand = ~is_hole & ~touches & (diam_um <= cfg.fat_max_diameter_um)
-        cand[0] = is_hole[0] = False
-        is_fat = np.zeros(n + 1, bool)
-        ids = np.flatnonzero(cand)
-        if len(ids):
-            sub = np.where(np.isin(comp, ids), comp, 0)
-            props = regionprops_table(sub, properties=("label", "solidity", "centroid"))
-            ok = props["solidity"] >= cfg.fat_min_solidity
-            is_fat[props["label"][ok]] = True
-            fat = FatObjects(
-                props["centroid-0"][ok].astype(np.float64),
-                props["centroid-1"][ok].astype(np.float64),
-                area[props["label"][ok]],
-            )
-        labels[is_fat[comp]] = FAT
+        is_hole[0] = False
         hole = is_hole[comp]
+        split_um = getattr(cfg, "fat_split_um", None)
+        envelope_fill = bool(getattr(cfg, "envelope_fat", False))
+        if split_um or envelope_fill:
+            fat = _fat_spaces(comp, diam_um, touches | is_hole, glass_cut, class_mpp, cfg,
+                              split_px=(split_um or 0.0) / class_mpp, envelope_fill=envelope_fill, labels=labels)
+        else:
+            cand = ~is_hole & ~touches & (diam_um <= cfg.fat_max_diameter_um)
+            cand[0] = False
+            is_fat = np.zeros(n + 1, bool)
+            ids = np.flatnonzero(cand)
+            if len(ids):
+                sub = np.where(np.isin(comp, ids), comp, 0)
+                props = regionprops_table(sub, properties=("label", "solidity", "centroid"))
+                ok = props["solidity"] >= cfg.fat_min_solidity
+                is_fat[props["label"][ok]] = True
+                fat = FatObjects(
+                    props["centroid-0"][ok].astype(np.float64),
+                    props["centroid-1"][ok].astype(np.float64),
+                    area[props["label"][ok]],
+                )
+            labels[is_fat[comp]] = FAT
 
     # tissue: bone where matrix is eosinophilic and acellular over a context window
     bone = tissue & (e_ctx >= cfg.bone_min_eosin_od) & (h_ctx <= cfg.bone_max_haem_od)
@@ -266,8 +296,88 @@ def classify_tissue(
         is_fat = labels == FAT
         closed = ndi.binary_closing(is_fat, structure=disk(r_mem))
         labels[closed & ~is_fat & (labels == HAEMATOPOIETIC)] = FAT
+    # the membrane around each space (its own rim, drawn by stained pixels) is the adipocyte's
+    rim_um = getattr(cfg, "fat_rim_um", None)
+    if rim_um and fat.row.size:
+        near = ndi.distance_transform_edt(labels != FAT) <= rim_um / class_mpp
+        labels[near & (labels == HAEMATOPOIETIC)] = FAT
     labels[~valid] = EXCLUDED
     return labels, fat
+
+
+def _fat_spaces(
+    comp: np.ndarray,
+    diam_um: np.ndarray,
+    skip: np.ndarray,
+    glass_cut: np.ndarray,
+    class_mpp: float,
+    cfg: Any,
+    *,
+    split_px: float,
+    envelope_fill: bool,
+    labels: np.ndarray,
+) -> FatObjects:
+    """Judge each closed unstained region as fat, one adipocyte per accepted space.
+
+    A region that fails the size / solidity tests is split at its necks (watershed of the
+    distance transform, markers the maxima deeper than ``split_px``): adjacent spaces whose
+    shared membrane is too pale to see. A space (or piece) that borders the glass cut off by
+    the envelope gets back the glass inside its own convex hull: the part of a peripheral
+    adipocyte the envelope's disk bit off. Accepted spaces are written into ``labels`` as FAT.
+    """
+    px_um2 = float(class_mpp) ** 2
+    rows, cols, areas = [], [], []
+    shape = comp.shape
+
+    def ok(mask: np.ndarray) -> bool:
+        d = np.sqrt(4.0 * mask.sum() * px_um2 / np.pi)
+        if not cfg.fat_min_diameter_um <= d <= cfg.fat_max_diameter_um:
+            return False
+        return regionprops(mask.astype(np.uint8))[0].solidity >= cfg.fat_min_solidity
+
+    for i, sl in enumerate(ndi.find_objects(comp), start=1):
+        if sl is None or skip[i]:
+            continue
+        # an unsplittable region several times the largest adipocyte is open space
+        if diam_um[i] > 4 * cfg.fat_max_diameter_um:
+            continue
+        sl = tuple(slice(max(0, s.start - 1), min(m, s.stop + 1)) for s, m in zip(sl, shape, strict=True))
+        m = comp[sl] == i
+        gc = glass_cut[sl]
+        pieces = [m]
+        if split_px > 0 and not ok(m):
+            pieces = _split_necks(m, split_px)
+        for piece in pieces:
+            f = piece
+            if envelope_fill and (ndi.binary_dilation(piece) & gc).any():
+                f = piece | (convex_hull_image(piece) & gc)
+            if not ok(f):
+                continue
+            labels[sl][f] = FAT
+            r, c = np.nonzero(f)
+            rows.append(r.mean() + sl[0].start)
+            cols.append(c.mean() + sl[1].start)
+            areas.append(int(f.sum()))
+    if not rows:
+        return _empty_fat()
+    return FatObjects(np.asarray(rows, np.float64), np.asarray(cols, np.float64), np.asarray(areas, np.int64))
+
+
+def _split_necks(mask: np.ndarray, h_px: float) -> list[np.ndarray]:
+    """Pieces of ``mask`` cut at necks: watershed of its distance transform from h-maxima."""
+    edt = ndi.distance_transform_edt(mask)
+    markers, nm = ndi.label(h_maxima(edt, h_px))
+    if nm <= 1:
+        return [mask]
+    ws = watershed(-edt, markers, mask=mask)
+    return [ws == j for j in range(1, nm + 1)]
+
+
+def _frame(shape: tuple[int, int]) -> np.ndarray:
+    """True on the outermost rows and columns of an image of ``shape``."""
+    f = np.zeros(shape, bool)
+    f[0, :] = f[-1, :] = f[:, 0] = f[:, -1] = True
+    return f
 
 
 def _closing_edt(mask: np.ndarray, radius_px: float) -> np.ndarray:

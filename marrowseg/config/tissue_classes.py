@@ -29,3 +29,7 @@ class TissueClassesConfig(Strict):
     bone_max_haem_od: float = Field(ge=0, description="local mean haematoxylin OD above which tissue is cellular, not bone")
     bone_min_area_um2: float = Field(ge=0, description="smaller bone-like patches are haematopoietic tissue, µm²")
     bone_open_um: float = Field(ge=0, description="opening radius that removes thin eosinophilic strands from bone, µm")
+    # optional (ecad and older stain files): off unless set
+    fat_split_um: float | None = Field(None, gt=0, description="a failed unstained region is cut at necks between distance-transform maxima deeper than this, µm (adjacent spaces with an invisible membrane); null: off")
+    envelope_fat: bool = Field(False, description="clear spaces walled in by tissue are inside the outline whatever their width, and a fat space bordering the glass cut off by the envelope gets back the glass inside its convex hull (peripheral adipocytes)")
+    fat_rim_um: float | None = Field(None, ge=0, description="stained tissue within this distance of a fat space is its membrane, fat, µm; null: off")

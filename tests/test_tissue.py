@@ -1,0 +1,85 @@
+"""Tissue classes on a drawn scene: fat inside tissue, fat open to glass at the edge, glass outside."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from marrowseg.analyzers import tissue as tis
+from marrowseg.config import load_config
+from marrowseg.config.tissue_classes import TissueClassesConfig
+
+MPP = 1.0  # class pixels of 1 µm
+EDGE_ROW = 300  # tissue above, glass below
+
+
+def _disc(shape, r0, c0, radius_um):
+    rr, cc = np.ogrid[: shape[0], : shape[1]]
+    return (rr - r0) ** 2 + (cc - c0) ** 2 <= (radius_um / MPP) ** 2
+
+
+def _scene():
+    """(bright, h_ctx, e_ctx, spots): 400 x 480 µm, tissue band over glass, fat spaces drawn clear."""
+    shape = (400, 480)
+    bright = np.zeros(shape, bool)
+    bright[EDGE_ROW:] = True  # glass below the core
+    spots = {}
+    bright |= _disc(shape, 90, 90, 30)  # an adipocyte inside the marrow
+    spots["inner"] = (90, 90)
+    # two 90 µm adipocytes whose shared membrane is too pale to see: one 130 µm clear region
+    bright |= _disc(shape, 100, 250, 45) | _disc(shape, 100, 330, 45)
+    spots["pair_a"], spots["pair_b"] = (100, 240), (100, 340)
+    # an adipocyte at the core edge whose outer membrane is gone: open to the glass
+    bright |= _disc(shape, 280, 200, 35)
+    spots["edge"], spots["edge_rim"] = (280, 200), (296, 200)
+    # a 110 µm adipocyte walled in by tissue (wider than the envelope's closing)
+    bright |= _disc(shape, 215, 400, 55)
+    spots["big"] = (215, 400)
+    spots["marrow"], spots["glass"] = (240, 60), (360, 100)
+    h_ctx = np.where(bright, 0.0, 0.3).astype(np.float32)
+    e_ctx = np.where(bright, 0.0, 0.15).astype(np.float32)
+    return bright, h_ctx, e_ctx, spots
+
+
+@pytest.fixture(scope="module")
+def he_cfg() -> TissueClassesConfig:
+    return load_config("he").he.tissue
+
+
+def test_drawn_scene_classes(he_cfg):
+    bright, h_ctx, e_ctx, spots = _scene()
+    labels, fat = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, he_cfg)
+    want = {
+        "inner": tis.FAT, "pair_a": tis.FAT, "pair_b": tis.FAT, "edge": tis.FAT, "edge_rim": tis.FAT,
+        "big": tis.FAT, "marrow": tis.HAEMATOPOIETIC, "glass": tis.EXCLUDED,
+    }
+    got = {k: int(labels[spots[k]]) for k in want}
+    assert got == want
+    assert (labels[EDGE_ROW + 10 :] == tis.EXCLUDED).all()  # the glass stays glass
+    assert fat.row.size == 5  # inner, the pair split in two, edge, big
+    # the edge adipocyte is fat up to the tissue line, not cut short by the envelope's disk
+    edge = _disc(bright.shape, 280, 200, 35)
+    edge[EDGE_ROW:] = False
+    assert np.mean(labels[edge] == tis.FAT) > 0.97
+
+
+def test_rim_is_fat_and_marrow_stays(he_cfg):
+    bright, h_ctx, e_ctx, _ = _scene()
+    labels, _ = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, he_cfg)
+    # 2 µm beyond the inner space is its membrane; 10 µm beyond is marrow
+    assert labels[90, 90 + 31] == tis.FAT
+    assert labels[90, 90 + 40] == tis.HAEMATOPOIETIC
+
+
+def test_new_keys_are_optional_and_off_by_default(he_cfg):
+    """A config without the new keys (ecad files) loads and keeps the old rule: the open edge space is glass."""
+    old = he_cfg.model_dump()
+    for key in ("fat_split_um", "envelope_fat", "fat_rim_um"):
+        old.pop(key, None)
+    cfg = TissueClassesConfig.model_validate(old)
+    assert cfg.fat_split_um is None and cfg.envelope_fat is False and cfg.fat_rim_um is None
+    bright, h_ctx, e_ctx, spots = _scene()
+    labels, _ = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, cfg)
+    assert labels[spots["inner"]] == tis.FAT
+    assert labels[spots["pair_a"]] == tis.EXCLUDED  # merged pair: too wide without the split
+    assert labels[spots["glass"]] == tis.EXCLUDED
