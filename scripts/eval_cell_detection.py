@@ -12,6 +12,10 @@ Modes
     Leave one patient out (patient = ``BM_GRAZ_HE_NNNN``): the free detector parameters are
     chosen on the other patients from a small grid (best pooled F1), then measured on the
     held-out patient; the held-out figures and their mean are reported.
+``--lopo --weights-per-patient DIR``
+    The learned detector (``he.nuclei.detector=unet``): for each held-out patient P, the
+    centre net ``DIR/P.pt`` trained without P by ``scripts/train_nuclei.py`` and its peak
+    threshold from ``DIR/P.json`` (chosen on the training patients); no grid.
 ``--monuseg``
     IMAGES_DIR holds MoNuSeg ``*.tif`` tiles with Aperio ``*.xml`` polygons; the truth is
     each polygon's centroid (default radius 6 px).
@@ -229,6 +233,30 @@ def lopo(items, mpp: float, radius_px: float, log: Callable[[str], None], overri
     print(f"| **mean** | | | {np.mean(f1s):.3f} | | | {np.mean(maes):.2f} |")
 
 
+def lopo_learned(items, mpp: float, radius_px: float, weights_dir: Path, overrides: dict) -> None:
+    """Leave-one-patient-out for the learned detector: each patient is scored by its own fold's net."""
+    import json
+
+    patients = sorted({patient_of(n) for n, _, _ in items})
+    print("| held-out patient | weights | min_score | crops | F1 | precision | recall | count MAE |")
+    print("|---|---|---|---|---|---|---|---|")
+    f1s, maes = [], []
+    for p in patients:
+        w = weights_dir / f"{p}.pt"
+        meta = json.loads(w.with_suffix(".json").read_text())
+        if meta.get("holdout") != p:
+            raise SystemExit(f"{w}: trained with holdout {meta.get('holdout')!r}, not {p}")
+        fold = {"he.nuclei.detector": "unet", "he.nuclei.unet_weights": str(w.resolve()),
+                "he.nuclei.unet_min_score": meta["min_score"], "he.nuclei.unet_min_distance_um": meta["min_distance_um"]}
+        test = evaluate([it for it in items if patient_of(it[0]) == p], mpp, radius_px, _merge(overrides, _nested(fold)))
+        s = score(test)
+        f1s.append(s["f1"])
+        maes.append(s["mae"])
+        print(f"| {p} | {w.name} | {meta['min_score']} | {len(test)} | {s['f1']:.3f} | {s['precision']:.3f} "
+              f"| {s['recall']:.3f} | {s['mae']:.2f} |", flush=True)
+    print(f"| **mean** | | | | {np.mean(f1s):.3f} | | | {np.mean(maes):.2f} |")
+
+
 def parse_seeds(spec: str) -> list[int]:
     """``"1000-1004,1010"`` -> [1000, 1001, 1002, 1003, 1004, 1010]."""
     out: list[int] = []
@@ -275,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mpp", type=float, default=0.25, help="pixel size of the images, µm/px")
     ap.add_argument("--radius-px", type=float, default=None, help="match radius in image pixels (8; 6 with --monuseg)")
     ap.add_argument("--lopo", action="store_true", help="leave-one-patient-out tuning and evaluation")
+    ap.add_argument("--weights-per-patient", type=Path, default=None, metavar="DIR",
+                    help="with --lopo: learned detector, DIR/<patient>.pt (+ .json) trained without that patient")
     ap.add_argument("--monuseg", action="store_true", help="MoNuSeg tiles with Aperio XML polygons")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. he.nuclei.min_peak_od=0.3")
     ap.add_argument("--phantoms", default=None, metavar="SEEDS", help="synthetic phantoms, e.g. 1000-1004")
@@ -307,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval_cell_detection: no annotated images in {args.images_dir}", file=sys.stderr)
         return 1
     log(f"{len(items)} images, mpp {args.mpp}, match radius {radius} px")
-    if args.lopo:
+    if args.lopo and args.weights_per_patient is not None:
+        lopo_learned(items, args.mpp, radius, args.weights_per_patient, overrides)
+    elif args.lopo:
         lopo(items, args.mpp, radius, log, overrides)
     else:
         print_rows(evaluate(items, args.mpp, radius, overrides))

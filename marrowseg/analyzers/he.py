@@ -18,6 +18,7 @@ import torch
 
 from marrowseg import stains
 from marrowseg.analyzers import nuclei as nuc
+from marrowseg.analyzers import nuclei_model as nmod
 from marrowseg.analyzers import tissue as tis
 from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
 from marrowseg.config.he import CellularityReference, HEConfig, load_cellularity_reference
@@ -40,7 +41,8 @@ def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
 class HEModule(torch.nn.Module):
     """``(B, 3, H, W)`` RGB 0..255 -> haematoxylin OD, nuclear maps and tissue maps.
 
-    Outputs at the analysis resolution: ``h_od``, ``peak``, ``mask`` (B, 1, H, W); at the
+    Outputs at the analysis resolution: ``h_od``, ``peak``, ``mask`` (B, 1, H, W), and with
+    ``he.nuclei.detector: unet`` the learned ``centre`` map; at the
     tissue-class resolution: ``bright``, ``h_ctx``, ``e_ctx`` (B, 1, ceil(H/k), ceil(W/k)).
     """
 
@@ -51,6 +53,8 @@ class HEModule(torch.nn.Module):
         self.register_buffer("rgb_to_stain", torch.as_tensor(inv, dtype=torch.float32))
         self.nuclei = nuc.NucleusMaps(config.mpp, config.nuclei)
         self.tissue = tis.TissueMaps(config.mpp, config.tissue)
+        # he.nuclei.detector: unet adds the learned centre map (output "centre")
+        self.centre_net = nmod.load_centre_net(config.nuclei.unet_weights) if config.nuclei.detector == "unet" else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # od = -log10(I / 255) with I clamped to 1..255 (as stains.od_from_rgb_torch), in one pass
@@ -60,6 +64,8 @@ class HEModule(torch.nn.Module):
         out = {"h_od": h}
         out.update(self.nuclei(h))
         out.update(self.tissue(od.sum(dim=1, keepdim=True), conc[:, 0:2]))
+        if self.centre_net is not None:
+            out["centre"] = self.centre_net(x.float())
         return out
 
 
@@ -132,6 +138,8 @@ class HEAnalyzer(Analyzer):
                 f"known: {', '.join(self.reference.rules)}"
             )
         self.edges_um2 = np.asarray(config.adipocyte_bins_um2, np.float64)
+        if config.nuclei.detector == "unet" and not math.isclose(float(config.mpp), nmod.TRAIN_MPP):
+            raise ConfigError(f"he.nuclei.detector unet is trained at {nmod.TRAIN_MPP} µm/px; he.mpp is {config.mpp}")
 
     @property
     def map_downsample(self) -> int:
@@ -203,6 +211,10 @@ class HEAnalyzer(Analyzer):
         out = {"h_od": h}
         out.update(nuc.reference_maps(h, mpp, cfg.nuclei))
         out.update(tis.reference_maps(od.sum(axis=2), conc[..., :2], mpp, cfg.tissue))
+        if cfg.nuclei.detector == "unet":  # the learned map has no SciPy twin: the same net, one tile
+            with torch.no_grad():
+                net = nmod.load_centre_net(cfg.nuclei.unet_weights)
+                out["centre"] = net(torch.from_numpy(rgb).permute(2, 0, 1)[None].float())[0, 0].numpy()
         return {key: np.asarray(v, np.float32)[None] for key, v in out.items()}
 
     # -- per tile -------------------------------------------------------------------------
@@ -273,9 +285,14 @@ class HEAnalyzer(Analyzer):
 
         # nuclei: centres searched in marrow (haematopoietic tissue and fat septa)
         allowed = (labels == tis.HAEMATOPOIETIC) | (labels == tis.FAT)
-        _, table = nuc.detect_nuclei(
-            d["h_od"], mpp, cfg.nuclei, peak_map=d["peak"], mask_map=d["mask"], allowed=allowed
-        )
+        if cfg.nuclei.detector == "unet":
+            _, table = nuc.detect_nuclei_from_centre_map(
+                d["h_od"], mpp, cfg.nuclei, d["centre"], peak_map=d["peak"], mask_map=d["mask"], allowed=allowed
+            )
+        else:
+            _, table = nuc.detect_nuclei(
+                d["h_od"], mpp, cfg.nuclei, peak_map=d["peak"], mask_map=d["mask"], allowed=allowed
+            )
         keep = ctx.in_core(table["row"], table["col"])
         classes = nuc.classify_nuclei(table, cfg.classes)[keep]
         cells = {"row": table["row"][keep], "col": table["col"][keep], "class": classes.astype(str)}

@@ -34,6 +34,7 @@ __all__ = [
     "gaussian_blur_torch",
     "NucleusMaps",
     "detect_nuclei",
+    "detect_nuclei_from_centre_map",
     "nuclei_from_centres",
     "classify_nuclei",
     "empty_table",
@@ -241,6 +242,56 @@ def detect_nuclei(
         exclude_border=False,
     )
     return nuclei_from_centres(h_od, mpp, centres, relief, mask, min_area_um2=float(cfg.min_area_um2))
+
+
+def detect_nuclei_from_centre_map(
+    h_od: np.ndarray,
+    mpp: float,
+    cfg: Any,
+    centre_map: np.ndarray,
+    *,
+    peak_map: np.ndarray | None = None,
+    mask_map: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Detect nuclei at the peaks of a learned centre map (``detector: unet``) and measure them.
+
+    Each peak of ``centre_map`` (>= ``unet_min_score``, >= ``unet_min_distance_um`` apart)
+    is one nucleus; it is grown into a nuclear mask by the classical watershed (smoothed
+    haematoxylin relief inside ``mask_map > mask_od``), so the measurements and classes are
+    those of :func:`detect_nuclei`. Every peak is kept (a peak outside the haematoxylin mask
+    is a one-pixel nucleus) and ``row``/``col`` are the peak, not the region centroid: the
+    learned map decides where and how many nuclei there are.
+
+    Parameters
+    ----------
+    h_od, mpp, cfg, peak_map, mask_map, allowed
+        As :func:`detect_nuclei`.
+    centre_map : (H, W) float ndarray
+        Output of :class:`marrowseg.analyzers.nuclei_model.CentreNet`, in [0, 1].
+
+    Returns
+    -------
+    labels, table
+        As :func:`detect_nuclei`.
+    """
+    from marrowseg.analyzers.nuclei_model import centre_peaks
+
+    h_od = _check_image(h_od)
+    if mpp <= 0:
+        raise ValueError(f"mpp must be > 0, got {mpp}")
+    cmap = _check_image(centre_map, "centre_map")
+    peak = _smooth(h_od, cfg.peak_sigma_um, mpp) if peak_map is None else _check_image(peak_map, "peak_map")
+    maskm = _smooth(h_od, cfg.mask_sigma_um, mpp) if mask_map is None else _check_image(mask_map, "mask_map")
+    if cmap.shape != h_od.shape or peak.shape != h_od.shape or maskm.shape != h_od.shape:
+        raise ValueError(f"centre/peak/mask maps {cmap.shape}/{peak.shape}/{maskm.shape} differ from h_od {h_od.shape}")
+    centres = centre_peaks(cmap, mpp, min_score=float(cfg.unet_min_score),
+                           min_distance_um=float(cfg.unet_min_distance_um), allowed=allowed)
+    labels, table = nuclei_from_centres(h_od, mpp, centres, peak, maskm > np.float32(cfg.mask_od), min_area_um2=0.0)
+    if len(table["label"]):
+        seed = centres[table["label"] - 1].astype(np.float64)
+        table["row"], table["col"] = seed[:, 0], seed[:, 1]
+    return labels, table
 
 
 def nuclei_from_centres(

@@ -18,8 +18,9 @@ __all__ = ["NucleiConfig", "NucleusClassesConfig"]
 class NucleiConfig(Strict):
     """Detection of nuclei on a haematoxylin OD image (see :mod:`marrowseg.analyzers.nuclei`)."""
 
-    detector: Literal["classical"] = Field(
-        description="classical: smoothed-haematoxylin peaks + watershed (the only detector so far)"
+    detector: Literal["classical", "unet"] = Field(
+        description="classical: smoothed-haematoxylin peaks + watershed; unet: peaks of a learned "
+        "centre map (nuclei_model.CentreNet, H&E only, he.mpp 0.5), grown into nuclei by the same watershed"
     )
     peak_sigma_um: float = Field(gt=0, description="Gaussian sigma of the peak-finding map, µm")
     min_distance_um: float = Field(gt=0, description="minimum distance between two nucleus centres, µm")
@@ -35,6 +36,10 @@ class NucleiConfig(Strict):
     )
     distance_od_weight_um: float = Field(0.3, ge=0, description="µm of distance one OD of smoothed haematoxylin is worth (seeds: distance)")
     min_radius_um: float = Field(1.0, ge=0, description="a distance seed lies at least this far inside the nuclear mask, µm (seeds: distance)")
+    # optional, detector: unet only
+    unet_weights: str | None = Field(None, description="state dict of the centre net (null: the packaged weights/nuclei_unet.pt)")
+    unet_min_score: float = Field(0.5, ge=0, le=1, description="a learned centre-map peak must reach this value (detector: unet)")
+    unet_min_distance_um: float = Field(2.5, gt=0, description="minimum distance between two learned centres, µm (detector: unet)")
 
 
 class NucleusClassesConfig(Strict):
