@@ -390,12 +390,7 @@ class ECadAnalyzer(Analyzer):
 
     stain: ClassVar[str] = "ecad"
     map_names: ClassVar[tuple[str, ...]] = ("labels",)
-    label_classes: ClassVar[tuple[LabelClass, ...]] = (
-        LabelClass(tis.EXCLUDED, "excluded", (0, 0, 0)),
-        LabelClass(tis.HAEMATOPOIETIC, "haematopoietic", (200, 40, 120)),
-        LabelClass(tis.FAT, "fat", (250, 230, 140)),
-        LabelClass(tis.BONE, "bone", (120, 170, 230)),
-    )
+    label_classes: ClassVar[tuple[LabelClass, ...]] = tis.LABEL_CLASSES
     cell_classes: ClassVar[tuple[LabelClass, ...]] = (
         LabelClass(1, "ecad_pos", (160, 80, 0)),
         LabelClass(2, "late_erythroid", (220, 30, 30)),

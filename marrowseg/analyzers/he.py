@@ -114,12 +114,7 @@ class HEAnalyzer(Analyzer):
 
     stain: ClassVar[str] = "he"
     map_names: ClassVar[tuple[str, ...]] = ("labels",)
-    label_classes: ClassVar[tuple[LabelClass, ...]] = (
-        LabelClass(tis.EXCLUDED, "excluded", (0, 0, 0)),
-        LabelClass(tis.HAEMATOPOIETIC, "haematopoietic", (200, 40, 120)),
-        LabelClass(tis.FAT, "fat", (250, 230, 140)),
-        LabelClass(tis.BONE, "bone", (120, 170, 230)),
-    )
+    label_classes: ClassVar[tuple[LabelClass, ...]] = tis.LABEL_CLASSES
     cell_classes: ClassVar[tuple[LabelClass, ...]] = (
         LabelClass(1, "late_erythroid", (220, 30, 30)),
         LabelClass(2, "megakaryocyte", (30, 30, 220)),

@@ -28,6 +28,8 @@ from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
+from marrowseg.analyzers import filters
+
 __all__ = [
     "NUCLEUS_COLUMNS",
     "NUCLEUS_CLASSES",
@@ -53,37 +55,6 @@ def empty_table() -> dict[str, np.ndarray]:
     """A nucleus table with no rows and every column of :data:`NUCLEUS_COLUMNS`."""
     out = {c: np.zeros(0, np.float64) for c in NUCLEUS_COLUMNS}
     out["label"] = np.zeros(0, np.int32)
-    return out
-
-
-def _gaussian_kernel_1d(sigma_px: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3.0 * sigma_px)))
-    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    k = torch.exp(-0.5 * (x / sigma_px) ** 2)
-    return k / k.sum()
-
-
-def _kernel_taps(sigma_px: float) -> list[float]:
-    """The normalised taps of :func:`_gaussian_kernel_1d` as Python floats (float64 sums)."""
-    radius = max(1, int(math.ceil(3.0 * sigma_px)))
-    w = [math.exp(-0.5 * (i / sigma_px) ** 2) for i in range(-radius, radius + 1)]
-    total = math.fsum(w)
-    return [v / total for v in w]
-
-
-def _blur_axis(x: torch.Tensor, taps: list[float], dim: int, mode: str) -> torch.Tensor:
-    """Correlate ``x`` with ``taps`` along ``dim`` (-1 or -2) as a sum of shifted slices.
-
-    On the CPU this beats ``conv2d`` with a 1-D kernel several times over (no im2col); the
-    kernel is symmetric, so pairs of taps share one multiply.
-    """
-    r = (len(taps) - 1) // 2
-    n = x.shape[dim]
-    pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
-    y = F.pad(x, pad, mode=mode)
-    out = y.narrow(dim, r, n) * taps[r]
-    for i in range(1, r + 1):
-        out.add_(y.narrow(dim, r - i, n) + y.narrow(dim, r + i, n), alpha=taps[r + i])
     return out
 
 
@@ -122,11 +93,7 @@ def gaussian_blur_torch(x: torch.Tensor, sigma_px: float, *, coarse_above_px: fl
             small = gaussian_blur_torch(small, rest)
             up = F.interpolate(small, scale_factor=float(f), mode="bilinear", align_corners=False)
             return up[..., :h, :w].contiguous()
-    taps = _kernel_taps(float(sigma_px))
-    r = (len(taps) - 1) // 2
-    # reflect padding needs pad < size; fall back to replicate for tiny inputs
-    mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
-    return _blur_axis(_blur_axis(x, taps, -1, mode), taps, -2, mode)
+    return filters.gaussian_blur(x, sigma_px)
 
 
 class NucleusMaps(torch.nn.Module):

@@ -45,9 +45,11 @@ from skimage.measure import regionprops, regionprops_table
 from skimage.morphology import convex_hull_image, disk, h_maxima
 from skimage.segmentation import watershed
 
+from marrowseg.analyzers.base import LabelClass
 from marrowseg.analyzers.nuclei import gaussian_blur_torch, gaussian_reference
 
 __all__ = [
+    "LABEL_CLASSES",
     "EXCLUDED",
     "HAEMATOPOIETIC",
     "FAT",
@@ -62,6 +64,14 @@ __all__ = [
 ]
 
 EXCLUDED, HAEMATOPOIETIC, FAT, BONE = 0, 1, 2, 3
+
+#: names and display colours of the tissue label map (H&E and IHC counterstain)
+LABEL_CLASSES = (
+    LabelClass(EXCLUDED, "excluded", (0, 0, 0)),
+    LabelClass(HAEMATOPOIETIC, "haematopoietic", (200, 40, 120)),
+    LabelClass(FAT, "fat", (250, 230, 140)),
+    LabelClass(BONE, "bone", (120, 170, 230)),
+)
 TISSUE_CLASS_NAMES = {EXCLUDED: "excluded", HAEMATOPOIETIC: "haematopoietic", FAT: "fat", BONE: "bone"}
 
 
