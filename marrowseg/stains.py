@@ -53,9 +53,10 @@ def stain_matrix(*vectors: tuple[float, float, float] | np.ndarray) -> np.ndarra
     """
     rows = normalize_rows(np.asarray(vectors, dtype=np.float64))
     if rows.shape == (2, 3):
-        third = np.cross(rows[0], rows[1])
-        if third.sum() < 0:  # orient the residual like an absorbing stain
-            third = -third
+        # |cross product|: a residual in the positive OD octant, as Ruifrok & Johnston's
+        # third vector. Not orthogonal to both stains, but the H&E thresholds are calibrated
+        # with this matrix (the signed, orthogonal residual cost 3 points of detection F1).
+        third = np.abs(np.cross(rows[0], rows[1]))
         rows = np.vstack([rows, third / np.linalg.norm(third)])
     if rows.shape != (3, 3):
         raise ValueError(f"expected 2 or 3 stain vectors of length 3, got shape {rows.shape}")
