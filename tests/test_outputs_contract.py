@@ -107,3 +107,20 @@ def test_tissue_class_areas_partition_the_analysed_area(analysed):
     assert set(classes) <= set(m["areas_um2"])
     total = sum(m["areas_um2"][k] for k in classes)
     assert total == pytest.approx(1200 * 1000 * 0.25, rel=1e-6)
+
+
+def test_atomic_open_leaves_the_old_file_when_writing_fails(tmp_path):
+    """A crash while writing never leaves half a file nor a temporary one behind."""
+    from marrowseg.outputs.atomic import atomic_open
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(target, "w") as fh:
+            fh.write("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    with atomic_open(target, "w") as fh:
+        fh.write("new")
+    assert target.read_text() == "new"

@@ -16,14 +16,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+
+from marrowseg.outputs.atomic import atomic_open
 
 __all__ = ["write_feature_collection", "cells_features", "label_polygons", "region_features",
            "write_cells_geojson", "write_regions_geojson"]
@@ -35,24 +35,14 @@ _DEFAULT_RGB = (255, 255, 0)
 
 def write_feature_collection(path: str | Path, features: Iterable[dict[str, Any]]) -> int:
     """Stream features into a GeoJSON FeatureCollection at ``path``; returns their number."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write('{"type": "FeatureCollection", "features": [')
-            for feat in features:
-                fh.write(",\n" if n else "\n")
-                fh.write(json.dumps(feat, allow_nan=False, separators=(",", ":")))
-                n += 1
-            fh.write("\n]}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write('{"type": "FeatureCollection", "features": [')
+        for feat in features:
+            fh.write(",\n" if n else "\n")
+            fh.write(json.dumps(feat, allow_nan=False, separators=(",", ":")))
+            n += 1
+        fh.write("\n]}\n")
     return n
 
 
