@@ -50,7 +50,7 @@ def test_figures_of_each_stain(slides):
     for stain, s in slides.items():
         assert overview(s) is not None
         figs = fields(s, n=2, field_um=100)
-        assert 1 <= len(figs) <= 2
+        assert len(figs) in (1, 2)
         assert figs[0].rgb.shape[:2] == (200, 200)  # 100 µm at 0.5 µm/px: full resolution
         assert (heatmap(s) is not None) == (stain == "reticulin")
 
