@@ -211,9 +211,9 @@ def test_phantom_cellularity_within_10_points(phantom_run):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="targets not met (seeds 1000-1004, 1024 px at 0.5 µm/px): cellularity errs +3.9..+11.9 "
-    "points (fat spaces open to glass at the core edge are excluded) and the peak detector finds ~61% "
-    "of the crowded phantom nuclei (82% with he.nuclei.seeds=distance, which overcounts mbm-dev)",
+    reason="count target not met (seeds 1000-1004, 1024 px at 0.5 µm/px): cellularity is now within "
+    "3 points, but the peak detector finds ~61% of the crowded phantom nuclei (82% with "
+    "he.nuclei.seeds=distance, which overcounts mbm-dev)",
     strict=False,
 )
 def test_phantom_targets_cellularity_3_points_count_10_pct(phantom_run):
