@@ -73,3 +73,15 @@ def test_threads_auto_honours_omp_num_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert _resolve_threads("auto") >= 1
     assert _resolve_threads(3) == 3
+
+
+def test_bad_reference_table_names_the_file_and_key(tmp_path):
+    from marrowseg.config.ecad import load_ecad_reference
+    from marrowseg.config.he import load_cellularity_reference
+
+    p = tmp_path / "ref.yaml"
+    p.write_text("rules: 3\n")
+    with pytest.raises(ConfigError, match=r"ref\.yaml.*'rules'"):
+        load_cellularity_reference(p)
+    with pytest.raises(ConfigError, match=r"ref\.yaml"):
+        load_ecad_reference(p)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from marrowseg.config.common import Config
 from marrowseg.errors import ConfigError
@@ -27,6 +27,7 @@ __all__ = [
     "load_config",
     "config_hash",
     "parse_overrides",
+    "load_reference_file",
 ]
 
 STAINS = ("he", "ecad", "reticulin")
@@ -163,6 +164,22 @@ def load_config(
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation(exc, " + ".join(Path(x).name if x != "--set" else x for x in sources))) from None
+
+
+def load_reference_file(filename: str, model: type[BaseModel], path: str | Path | None = None) -> Any:
+    """Read and validate a reference table (default: the packaged ``configs/<filename>``).
+
+    Raises
+    ------
+    ConfigError
+        Unreadable file or invalid content; the message names the file and the keys.
+    """
+    p = Path(path) if path is not None else config_dir() / filename
+    data = _read_yaml(p)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, str(p))) from None
 
 
 def config_hash(config: Config) -> str:

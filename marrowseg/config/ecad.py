@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from marrowseg.config._base import Strict
 from marrowseg.config.nuclei import NucleiConfig, NucleusClassesConfig
 from marrowseg.config.tissue_classes import TissueClassesConfig
-from marrowseg.errors import ConfigError
 
 __all__ = [
     "ECadConfig",
@@ -136,12 +135,6 @@ def load_ecad_reference(path: str | Path | None = None) -> ECadReference:
     ConfigError
         Unreadable file or invalid content; the message names the file.
     """
-    from marrowseg.config import _read_yaml, config_dir  # late: the package imports this module
+    from marrowseg.config import load_reference_file  # late: the package imports this module
 
-    p = Path(path) if path is not None else config_dir() / "ecad_reference.yaml"
-    data = _read_yaml(p)
-    try:
-        return ECadReference.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ConfigError(f"{p}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    return load_reference_file("ecad_reference.yaml", ECadReference, path)

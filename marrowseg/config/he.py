@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from marrowseg.config._base import Strict
 from marrowseg.config.nuclei import NucleiConfig, NucleusClassesConfig
@@ -97,14 +97,13 @@ def load_cellularity_reference(path: str | Path | None = None) -> CellularityRef
     ConfigError
         Unreadable file or invalid content; the message names the file.
     """
-    from marrowseg.config import _read_yaml, config_dir  # late: the package imports this module
+    from marrowseg.config import (  # late: the package imports this module
+        config_dir,
+        load_reference_file,
+    )
 
     p = Path(path) if path is not None else config_dir() / "cellularity_reference.yaml"
-    data = _read_yaml(p)
-    try:
-        ref = CellularityReference.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{p}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+    ref = load_reference_file("cellularity_reference.yaml", CellularityReference, p)
     for name, rule in ref.rules.items():
         if rule.kind == "table" and not rule.bands:
             raise ConfigError(f"{p}: rule {name!r} of kind 'table' needs 'bands'")
