@@ -251,6 +251,54 @@ class _TileDataset(Dataset):
         return {"index": i, "rgb": torch.from_numpy(np.ascontiguousarray(rgb)), "error": err}
 
 
+class _TileWorkDataset(_TileDataset):
+    """Decode, module and post of one tile in a DataLoader worker (CPU only).
+
+    On the CPU the module runs one tile at a time anyway; doing the whole tile in a worker
+    process gives every core a tile of its own and keeps the GIL out of the way: with the
+    module in the main process and ``post`` in a thread beside it, each of the module's few
+    hundred torch calls waited for the post thread's Python (the GIL switch interval), and
+    the two shared the cores with the module's own OpenMP threads. Per-tile results do not
+    depend on which process made them; the main process sums them in tile order.
+    """
+
+    def __init__(self, reader: Any, layout: SlideLayout, analyzer: Analyzer, module: torch.nn.Module) -> None:
+        super().__init__(reader, layout)
+        self.layout = layout
+        self.analyzer = analyzer
+        self.module = module
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = super().__getitem__(i)
+        t0 = time.perf_counter()
+        item["result"] = None
+        if not item["error"]:
+            with torch.inference_mode():
+                dense, rgb = _forward_cpu(self.module, item["rgb"][None])[0], item["rgb"].numpy()
+                t1 = time.perf_counter()
+                item["result"] = self.analyzer.post(dense, rgb, self.layout.context(self.tiles[i]))
+        else:
+            t1 = t0
+        item["rgb"] = None  # the tile stays in the worker
+        item["t_forward"], item["t_post"] = t1 - t0, time.perf_counter() - t1
+        return item
+
+
+def _forward_cpu(module: torch.nn.Module, rgb: torch.Tensor) -> list[dict[str, np.ndarray]]:
+    """The module on a ``(B, H, W, 3)`` uint8 batch, one tile at a time.
+
+    One tile at a time on the CPU: results then cannot depend on the batch size (oneDNN
+    picks kernels by batch shape), and nothing is lost in speed there.
+    """
+    x = rgb.permute(0, 3, 1, 2).float()
+    outs = [module(x[i : i + 1]) for i in range(x.shape[0])]
+    return [{k: v[0].float().numpy() for k, v in o.items()} for o in outs]
+
+
+def _unbatched(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
@@ -308,11 +356,17 @@ def _resolve_post_threads(post_threads: int | str) -> int:
     return int(post_threads)
 
 
-def _resolve_workers(workers: int | str, reader: Any) -> int:
+def _resolve_workers(workers: int | str, reader: Any, device_type: str = "cpu") -> int:
+    """DataLoader worker processes.
+
+    ``auto``: on the CPU one per core (up to 8), each running whole tiles (decode, module,
+    post); on an accelerator ``min(cores - 1, 4)`` decode-only workers feed it.
+    """
     if getattr(reader, "path", None) is None:
         return 0  # an in-memory array would be copied into every worker
     if workers == "auto":
-        return max(0, min(_available_cores() - 1, 4))
+        cores = _available_cores()
+        return min(cores, 8) if device_type == "cpu" else max(0, min(cores - 1, 4))
     return int(workers)
 
 
@@ -450,9 +504,18 @@ def run_slide(
     ecfg = config.engine
     dev = resolve_device(device or ecfg.device)
     bs = int(batch_size or ecfg.batch_size)
-    nw = _resolve_workers(ecfg.workers if workers is None else workers, reader)
+    nw = _resolve_workers(ecfg.workers if workers is None else workers, reader, dev.type)
+    # On the CPU with worker processes, each worker runs whole tiles (see _TileWorkDataset);
+    # otherwise the module runs here and post in threads beside it.
+    tile_workers = dev.type == "cpu" and nw > 0
+    n_post = 0 if tile_workers else _resolve_post_threads(ecfg.post_threads)
     if dev.type == "cpu":
-        torch.set_num_threads(_resolve_threads(ecfg.threads))
+        threads = _resolve_threads(ecfg.threads)
+        if ecfg.threads == "auto" and n_post:
+            # the post threads take cores too: OpenMP threads of the module that find their
+            # core busy make every torch call wait for the slowest of them
+            threads = max(1, threads - n_post)
+        torch.set_num_threads(threads)
     layout = plan_slide(reader, analyzer, config)
     t_plan = time.perf_counter()
     prep = analyzer.prepare(_prepare_sample(reader, layout, ecfg.seed))
@@ -460,11 +523,18 @@ def run_slide(
     sink = sink if sink is not None else MemorySink()
     sink.begin(layout, analyzer)
 
-    loader = DataLoader(
-        _TileDataset(reader, layout), batch_size=bs, shuffle=False, num_workers=nw,
-        pin_memory=dev.type == "cuda", worker_init_fn=_worker_init if nw else None,
-        prefetch_factor=ecfg.prefetch_batches if nw else None, persistent_workers=False,
-    )
+    if tile_workers:
+        dataset: Dataset = _TileWorkDataset(reader, layout, analyzer, module)
+        # results leave the workers one tile at a time, in tile order
+        loader = DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=nw, collate_fn=_unbatched,
+                            worker_init_fn=_worker_init, prefetch_factor=ecfg.prefetch_batches,
+                            persistent_workers=False)
+    else:
+        loader = DataLoader(
+            _TileDataset(reader, layout), batch_size=bs, shuffle=False, num_workers=nw,
+            pin_memory=dev.type == "cuda", worker_init_fn=_worker_init if nw else None,
+            prefetch_factor=ecfg.prefetch_batches if nw else None, persistent_workers=False,
+        )
     amp = dev.type == "cuda" and ecfg.amp and analyzer.allow_amp
     totals: dict[str, float] = {}
     windows: dict[tuple[int, int], dict[str, float]] = {}
@@ -475,7 +545,6 @@ def run_slide(
     missing = 0
     # Post-processing (labelling, skeletons: NumPy/SciPy/OpenCV, which release the GIL) runs
     # in threads while the next batch goes through the module.
-    n_post = _resolve_post_threads(ecfg.post_threads)
     pool = ThreadPoolExecutor(max_workers=n_post, thread_name_prefix="post") if n_post else None
     pending: deque = deque()
     max_pending = 2 * bs
@@ -507,14 +576,21 @@ def run_slide(
     try:
         with torch.inference_mode():
             for batch in loader:
+                if tile_workers:
+                    for item in batch:
+                        tile = layout.tiles[item["index"]]
+                        t_forward += item["t_forward"]
+                        t_post += item["t_post"]
+                        _finish(tile, layout.context(tile), item["error"], _Done(item["result"]))
+                    done += len(batch)
+                    if progress is not None:
+                        progress(done, len(layout.tiles), done * mp_per_tile)
+                    continue
                 t0 = time.perf_counter()
-                x = batch["rgb"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
                 if dev.type == "cpu":
-                    # One tile at a time on the CPU: results then cannot depend on the batch size
-                    # (oneDNN picks kernels by batch shape), and nothing is lost in speed there.
-                    outs = [module(x[i : i + 1]) for i in range(x.shape[0])]
-                    dense_list = [{k: v[0].float().numpy() for k, v in o.items()} for o in outs]
+                    dense_list = _forward_cpu(module, batch["rgb"])
                 else:
+                    x = batch["rgb"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
                     with torch.autocast(dev.type, enabled=amp):
                         out = module(x)
                     out = {k: v.float().cpu().numpy() for k, v in out.items()}
@@ -567,7 +643,8 @@ def run_slide(
         "config_hash": config_hash(config),
         "versions": versions(),
         "device": {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-                   "threads": torch.get_num_threads(), "workers": nw, "post_threads": n_post,
+                   "threads": 1 if tile_workers else torch.get_num_threads(), "workers": nw,
+                   "tile_workers": tile_workers, "post_threads": n_post,
                    "batch_size": bs, "amp": amp},
         "prepare": prep,
         "tissue": layout.tissue,

@@ -186,3 +186,35 @@ def test_an_error_inside_post_propagates():
     img, _ = disc_image(seed=15)
     with pytest.raises(RuntimeError, match="analyzer bug"):
         _run(img, analyzer=Broken(), config=_cfg(post_threads=1))
+
+
+def test_an_error_inside_post_propagates_from_tile_workers(tmp_path):
+    """On the CPU with worker processes each worker runs whole tiles: an analyzer bug still stops the slide."""
+
+    class Broken(DiscAnalyzer):
+        def post(self, dense, rgb, ctx):
+            raise RuntimeError("analyzer bug")
+
+    img, _ = disc_image(seed=16)
+    path = tmp_path / "discs.tif"
+    tifffile.imwrite(path, img, photometric="rgb", tile=(64, 64), resolution=(1e4, 1e4),
+                     resolutionunit="CENTIMETER")
+    with open_slide(path) as reader, pytest.raises(RuntimeError, match="analyzer bug"):
+        run_slide(reader, Broken(), _cfg(), workers=2)
+
+
+def test_corrupt_tile_in_a_tile_worker_is_reported_and_excluded(tmp_path):
+    """A read failure inside a worker that runs whole tiles marks the tile missing, as in-process."""
+    img, _ = disc_image(seed=17)
+    path = tmp_path / "discs.tif"
+    tifffile.imwrite(path, img, photometric="rgb", tile=(64, 64), resolution=(1e4, 1e4),
+                     resolutionunit="CENTIMETER")
+    cfg = _cfg(tile_px=128)
+    with open_slide(path) as reader:
+        layout = plan_slide(reader, DiscAnalyzer(), cfg)
+        flaky = _FlakyReader(reader, layout.tiles[2].origin_px)
+        r2 = run_slide(flaky, DiscAnalyzer(), cfg, workers=2)
+        r0 = run_slide(flaky, DiscAnalyzer(), cfg, workers=0)
+    assert r2.provenance["device"]["tile_workers"]
+    assert r2.report["tiles"]["missing"] == 1
+    assert r2.totals == r0.totals
