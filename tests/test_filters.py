@@ -39,3 +39,13 @@ def test_grey_opening_removes_thin_bright_lines_and_keeps_wide_ones():
     x[0, 0, 20:30, :] = 1.0       # ten pixels wide
     out = filters.grey_opening(x, 2)[0, 0]
     assert out[10].max() == 0 and out[22:28].min() == 1
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 700, 530), (2, 3, 90, 64)])
+def test_cache_slabs_give_the_bit_identical_blur(shape, monkeypatch):
+    """The CPU blur runs over row slabs for speed: the result equals one pass over the whole image."""
+    x = torch.from_numpy(np.random.default_rng(1).random(shape).astype(np.float32))
+    monkeypatch.setattr(filters, "_SLAB_ELEMENTS", 1 << 40)  # one slab
+    whole = filters.gaussian_blur(x, 2.7)
+    monkeypatch.setattr(filters, "_SLAB_ELEMENTS", 1000)  # a few rows per slab
+    np.testing.assert_array_equal(filters.gaussian_blur(x, 2.7).numpy(), whole.numpy())

@@ -83,3 +83,28 @@ def test_new_keys_are_optional_and_off_by_default(he_cfg):
     assert labels[spots["inner"]] == tis.FAT
     assert labels[spots["pair_a"]] == tis.EXCLUDED  # merged pair: too wide without the split
     assert labels[spots["glass"]] == tis.EXCLUDED
+
+
+def test_convex_area_counts_the_pixels_of_skimage_convex_hull_image():
+    """The exact per-row count equals convex_hull_image(mask).sum() on random shapes."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import convex_hull_image
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        h, w = rng.integers(1, 40, 2)
+        m = ndi.binary_opening(rng.random((h, w)) < rng.uniform(0.05, 0.95)) | (rng.random((h, w)) < 0.02)
+        if m.any():
+            assert tis.convex_area_px(m) == int(convex_hull_image(m).sum())
+
+
+@pytest.mark.parametrize("radius", [1, 1.5, 2, 7.3, 50])
+def test_within_radius_equals_scipy_distance_transform(radius):
+    """The OpenCV distance threshold marks the same pixels as SciPy's exact transform."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(int(radius * 10))
+    for p in (0.0005, 0.01, 0.3):
+        sites = rng.random((157, 211)) < p
+        sites[0, 0] = True
+        np.testing.assert_array_equal(tis._within(sites, radius), ndi.distance_transform_edt(~sites) <= radius)

@@ -37,11 +37,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from skimage.measure import regionprops, regionprops_table
+from skimage.measure import regionprops_table
 from skimage.morphology import convex_hull_image, disk, h_maxima
 from skimage.segmentation import watershed
 
@@ -271,8 +272,10 @@ def classify_tissue(
             ids = np.flatnonzero(cand)
             if len(ids):
                 sub = np.where(np.isin(comp, ids), comp, 0)
-                props = regionprops_table(sub, properties=("label", "solidity", "centroid"))
-                ok = props["solidity"] >= cfg.fat_min_solidity
+                props = regionprops_table(sub, properties=("label", "centroid"))
+                objs = ndi.find_objects(sub)
+                solidity = np.array([_solidity(sub[objs[i - 1]] == i) for i in props["label"]])
+                ok = solidity >= cfg.fat_min_solidity
                 is_fat[props["label"][ok]] = True
                 fat = FatObjects(
                     props["centroid-0"][ok].astype(np.float64),
@@ -309,7 +312,7 @@ def classify_tissue(
     # the membrane around each space (its own rim, drawn by stained pixels) is the adipocyte's
     rim_um = getattr(cfg, "fat_rim_um", None)
     if rim_um and fat.row.size:
-        near = ndi.distance_transform_edt(labels != FAT) <= rim_um / class_mpp
+        near = _within(labels == FAT, rim_um / class_mpp)
         labels[near & (labels == HAEMATOPOIETIC)] = FAT
     labels[~valid] = EXCLUDED
     return labels, fat
@@ -343,7 +346,7 @@ def _fat_spaces(
         d = np.sqrt(4.0 * mask.sum() * px_um2 / np.pi)
         if not cfg.fat_min_diameter_um <= d <= cfg.fat_max_diameter_um:
             return False
-        return regionprops(mask.astype(np.uint8))[0].solidity >= cfg.fat_min_solidity
+        return _solidity(mask) >= cfg.fat_min_solidity
 
     for i, sl in enumerate(ndi.find_objects(comp), start=1):
         if sl is None or skip[i]:
@@ -359,7 +362,7 @@ def _fat_spaces(
             pieces = _split_necks(m, split_px)
         for piece in pieces:
             f = piece
-            if envelope_fill and (ndi.binary_dilation(piece) & gc).any():
+            if envelope_fill and _touches(piece, gc):
                 f = piece | (convex_hull_image(piece) & gc)
             if not ok(f):
                 continue
@@ -371,6 +374,16 @@ def _fat_spaces(
     if not rows:
         return _empty_fat()
     return FatObjects(np.asarray(rows, np.float64), np.asarray(cols, np.float64), np.asarray(areas, np.int64))
+
+
+def _touches(piece: np.ndarray, other: np.ndarray) -> bool:
+    """``(ndi.binary_dilation(piece) & other).any()`` (4-neighbour cross), without SciPy's per-call cost."""
+    grown = piece.copy()
+    grown[1:] |= piece[:-1]
+    grown[:-1] |= piece[1:]
+    grown[:, 1:] |= piece[:, :-1]
+    grown[:, :-1] |= piece[:, 1:]
+    return bool((grown & other).any())
 
 
 def _split_necks(mask: np.ndarray, h_px: float) -> list[np.ndarray]:
@@ -394,10 +407,75 @@ def _closing_edt(mask: np.ndarray, radius_px: float) -> np.ndarray:
     """Binary closing by a disk of ``radius_px`` through two Euclidean distance transforms."""
     if radius_px <= 0 or not mask.any():
         return mask.copy()
-    dilated = ndi.distance_transform_edt(~mask) <= radius_px
+    dilated = _within(mask, radius_px)
     if dilated.all():
         return dilated
-    return ndi.distance_transform_edt(dilated) > radius_px
+    return ~_within(~dilated, radius_px)
+
+
+def _within(sites: np.ndarray, radius_px: float) -> np.ndarray:
+    """``ndi.distance_transform_edt(~sites) <= radius_px``: pixels within ``radius_px`` of a site.
+
+    OpenCV's precise L2 transform is exact (Felzenszwalb & Huttenlocher) and an order of
+    magnitude faster than SciPy's. Its float32 distances are square roots of integers, so they
+    fall on the same side of the radius as SciPy's float64 ones unless the radius is within
+    float32 rounding of such a root (tests/test_tissue.py checks equality). Without any site,
+    or for images too large for exact float32 squares, SciPy is used.
+    """
+    if not sites.any() or sites.size >= 2**22:
+        return ndi.distance_transform_edt(~sites) <= radius_px
+    d = cv2.distanceTransform((~sites).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return d.astype(np.float64) <= float(radius_px)
+
+
+def convex_area_px(mask: np.ndarray) -> int:
+    """Pixels of ``skimage.morphology.convex_hull_image(mask)``, counted exactly.
+
+    The hull is that of the pixels' edge midpoints (``offset_coordinates=True``), pixels on
+    its border included; the count is per row, with the hull's chord at each row in exact
+    integer arithmetic (coordinates doubled, so every vertex is an integer point).
+
+    Parameters
+    ----------
+    mask : (H, W) bool ndarray
+        One object (need not be connected); at least one pixel.
+
+    Returns
+    -------
+    int
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        raise ValueError("convex_area_px: empty mask")
+    sub = mask[rows]
+    w = mask.shape[1]
+    left = sub.argmax(axis=1)
+    right = w - 1 - sub[:, ::-1].argmax(axis=1)
+    r = np.concatenate([rows, rows]).astype(np.int64)
+    c = np.concatenate([left, right]).astype(np.int64)
+    # edge midpoints of the extreme pixels of each row, doubled: (2r +- 1, 2c), (2r, 2c +- 1)
+    pr = np.concatenate([2 * r - 1, 2 * r + 1, 2 * r, 2 * r])
+    pc = np.concatenate([2 * c, 2 * c, 2 * c - 1, 2 * c + 1])
+    hull = cv2.convexHull(np.column_stack([pc, pr]).astype(np.int32)).reshape(-1, 2).astype(np.int64)
+    x1, y1 = hull[:, 0], hull[:, 1]
+    x2, y2 = np.roll(x1, -1), np.roll(y1, -1)
+    keep = y1 != y2
+    x1, y1, x2, y2 = x1[keep], y1[keep], x2[keep], y2[keep]
+    ys = 2 * np.arange(rows[0], rows[-1] + 1, dtype=np.int64)  # doubled image rows
+    dy = (y2 - y1)[:, None]
+    on = (ys[None, :] >= np.minimum(y1, y2)[:, None]) & (ys[None, :] <= np.maximum(y1, y2)[:, None])
+    # x = x1 + (x2 - x1) (y - y1) / (y2 - y1) = num / den, den > 0; image column j at 2j
+    num = x1[:, None] * dy + (x2 - x1)[:, None] * (ys[None, :] - y1[:, None])
+    sign = np.sign(dy)
+    num, den = num * sign, dy * sign
+    lo = np.where(on, -((-num) // (2 * den)), np.iinfo(np.int64).max).min(axis=0)  # ceil(x / 2)
+    hi = np.where(on, num // (2 * den), np.iinfo(np.int64).min).max(axis=0)  # floor(x / 2)
+    return int(np.maximum(hi - lo + 1, 0).sum())
+
+
+def _solidity(mask: np.ndarray) -> float:
+    """``regionprops(mask)[0].solidity``: pixels over pixels of the convex hull image."""
+    return float(np.count_nonzero(mask)) / convex_area_px(mask)
 
 
 def upsample_labels(labels: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:
