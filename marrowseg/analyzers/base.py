@@ -173,6 +173,15 @@ class Analyzer(ABC):
         return {}
 
     @property
+    def needs_sample(self) -> bool:
+        """Whether :meth:`prepare` looks at the pixel sample; the engine reads none otherwise.
+
+        True when a subclass overrides :meth:`prepare`; override this where ``prepare``
+        uses the sample only under some settings.
+        """
+        return type(self).prepare is not Analyzer.prepare
+
+    @property
     def module(self) -> torch.nn.Module:
         """The dense per-pixel step: ``(B, 3, H, W)`` float32 RGB 0..255 -> dict of tensors."""
         if self._module is None:

@@ -145,6 +145,10 @@ class HEAnalyzer(Analyzer):
         return None if self.config.window_um is None else float(self.config.window_um)
 
     # -- dense ----------------------------------------------------------------------------
+    @property
+    def needs_sample(self) -> bool:
+        return self.config.stain.vectors == "macenko"
+
     def prepare(self, sample_rgb: np.ndarray) -> dict[str, Any]:
         """Choose the stain vectors: Ruifrok, or a Macenko estimate close enough to it."""
         cfg = self.config.stain

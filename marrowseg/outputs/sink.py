@@ -82,10 +82,8 @@ class FileSink:
         if self._columns is None:
             self._columns = list(cells.keys())
             self._csv.writerow(self._columns)
-        cols = [np.asarray(cells[c]) for c in self._columns]
-        fmt = [_formatter(c) for c in cols]
-        for i in range(n):
-            self._csv.writerow([f(c[i]) for f, c in zip(fmt, cols, strict=True)])
+        # column-wise formatting over Python scalars, rows written by the C writer
+        self._csv.writerows(zip(*[_format_column(np.asarray(cells[c])) for c in self._columns], strict=True))
         self.n_cells += n
         if self._small:
             self._cell_parts.append(cells)
@@ -113,9 +111,11 @@ class FileSink:
             self._csv_tmp.unlink(missing_ok=True)
 
 
-def _formatter(col: np.ndarray):
+def _format_column(col: np.ndarray) -> list[str]:
+    """The CSV text of each value: floats ``%.10g``, booleans 1/0, anything else ``str``."""
+    values = col.tolist()
     if np.issubdtype(col.dtype, np.floating):
-        return lambda v: f"{v:.10g}"
+        return [f"{v:.10g}" for v in values]
     if col.dtype == bool:
-        return lambda v: "1" if v else "0"
-    return str
+        return ["1" if v else "0" for v in values]
+    return [str(v) for v in values]
