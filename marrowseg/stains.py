@@ -87,8 +87,8 @@ def od_from_rgb(rgb: np.ndarray, background: float = 255.0) -> np.ndarray:
 
 def od_from_rgb_torch(x: torch.Tensor, background: float = 255.0) -> torch.Tensor:
     """Optical density of a ``(B, 3, H, W)`` float batch of intensities 0..255."""
-    od = -torch.log10(torch.clamp(x, min=_MIN_INTENSITY) / background)
-    return torch.clamp(od, min=0.0)
+    # the same operations as -log10(clamp(x, 1) / I0) clamped at 0, one tile-sized buffer
+    return torch.clamp(x, min=_MIN_INTENSITY).div_(background).log10_().neg_().clamp_(min=0.0)
 
 
 def concentrations_torch(od: torch.Tensor, rgb_from_stains: np.ndarray) -> torch.Tensor:

@@ -27,26 +27,34 @@ def gaussian_taps(sigma_px: float) -> list[float]:
 _SLAB_ELEMENTS = 1 << 17
 
 
-def _blur_axis(x: torch.Tensor, taps: list[float], dim: int, mode: str) -> torch.Tensor:
-    r = (len(taps) - 1) // 2
-    n = x.shape[dim]
-    pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
-    y = F.pad(x, pad, mode=mode)
-    if x.device.type != "cpu" or x.dim() != 4:
-        return _blur_slab(y, taps, dim, n)
-    # On the CPU the 2r + 1 passes over a whole tile are memory-bound: run them over slabs of
-    # rows that fit in the cache. Every output element sees the same operations in the same
-    # order, so the result is bit-identical to the unslabbed blur.
-    out = torch.empty_like(x)
-    rows = x.shape[-2]
-    step = max(1, _SLAB_ELEMENTS // max(1, x.shape[0] * x.shape[1] * x.shape[-1]))
+def _in_slabs(y: torch.Tensor, r: int, dim: int, n: int, fn) -> torch.Tensor:
+    """``fn(y, n)`` for an input ``y`` padded by ``r`` on both sides of ``dim``, over row slabs.
+
+    On the CPU the passes of a filter over a whole tile are memory-bound: run them over slabs
+    of rows that fit in the cache. Every output element sees the same operations in the same
+    order, so the result is bit-identical to one call over the whole tensor.
+    """
+    if y.device.type != "cpu" or y.dim() != 4:
+        return fn(y, n)
+    rows = y.shape[-2] - (2 * r if dim == -2 else 0)
+    shape = list(y.shape)
+    shape[dim] = n
+    out = y.new_empty(shape)
+    step = max(1, _SLAB_ELEMENTS // max(1, y.shape[0] * y.shape[1] * y.shape[-1]))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         if dim == -2:
-            out[..., r0:r1, :] = _blur_slab(y[..., r0 : r1 + 2 * r, :], taps, dim, r1 - r0)
+            out[..., r0:r1, :] = fn(y[..., r0 : r1 + 2 * r, :], r1 - r0)
         else:
-            out[..., r0:r1, :] = _blur_slab(y[..., r0:r1, :], taps, dim, n)
+            out[..., r0:r1, :] = fn(y[..., r0:r1, :], n)
     return out
+
+
+def _blur_axis(x: torch.Tensor, taps: list[float], dim: int, mode: str) -> torch.Tensor:
+    r = (len(taps) - 1) // 2
+    pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
+    return _in_slabs(F.pad(x, pad, mode=mode), r, dim, x.shape[dim],
+                     lambda y, n: _blur_slab(y, taps, dim, n))
 
 
 def _blur_slab(y: torch.Tensor, taps: list[float], dim: int, n: int) -> torch.Tensor:
@@ -78,19 +86,22 @@ def gaussian_blur(x: torch.Tensor, sigma_px: float) -> torch.Tensor:
     return _blur_axis(_blur_axis(x, taps, -1, mode), taps, -2, mode)
 
 
-def _running_max(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
-    """Maximum over ``2r + 1`` samples along ``dim`` with replicated borders (van Herk doubling:
-    ``ceil(log2(2r + 1)) + 1`` elementwise maxima whatever ``r``)."""
-    n = x.shape[dim]
+def _running_max(x: torch.Tensor, r: int, dim: int, op=torch.maximum) -> torch.Tensor:
+    """Maximum (or ``op``) over ``2r + 1`` samples along ``dim`` with replicated borders (van
+    Herk doubling: ``ceil(log2(2r + 1)) + 1`` elementwise maxima whatever ``r``)."""
     w = 2 * r + 1
     pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
-    y = F.pad(x, pad, mode="replicate")
-    p = 1
-    while 2 * p <= w:
-        m = y.shape[dim]
-        y = torch.maximum(y.narrow(dim, 0, m - p), y.narrow(dim, p, m - p))
-        p *= 2
-    return torch.maximum(y.narrow(dim, 0, n), y.narrow(dim, w - p, n))
+
+    def run(y: torch.Tensor, n: int) -> torch.Tensor:
+        p = 1
+        while 2 * p <= w:
+            m = y.shape[dim]
+            y = op(y.narrow(dim, 0, m - p), y.narrow(dim, p, m - p))
+            p *= 2
+        return op(y.narrow(dim, 0, n), y.narrow(dim, w - p, n))
+
+    # few passes whatever r: not worth slabbing
+    return run(F.pad(x, pad, mode="replicate"), x.shape[dim])
 
 
 def max_filter(x: torch.Tensor, radius_px: float) -> torch.Tensor:
@@ -103,7 +114,10 @@ def max_filter(x: torch.Tensor, radius_px: float) -> torch.Tensor:
 
 def min_filter(x: torch.Tensor, radius_px: float) -> torch.Tensor:
     """Minimum over a square of half-side ``round(radius_px)``, ``(B, C, H, W)``."""
-    return -max_filter(-x, radius_px)
+    r = int(round(radius_px))
+    if r <= 0:
+        return x
+    return _running_max(_running_max(x, r, -1, torch.minimum), r, -2, torch.minimum)
 
 
 def grey_dilation(x: torch.Tensor, radius_px: float) -> torch.Tensor:

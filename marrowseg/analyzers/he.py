@@ -58,7 +58,7 @@ class HEModule(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # od = -log10(I / 255) with I clamped to 1..255 (as stains.od_from_rgb_torch), in one pass
-        od = torch.log10(x.float().clamp(_MIN_INTENSITY, _BACKGROUND)).neg_().add_(math.log10(_BACKGROUND))
+        od = x.float().clamp(_MIN_INTENSITY, _BACKGROUND).log10_().neg_().add_(math.log10(_BACKGROUND))
         conc = torch.einsum("bchw,cs->bshw", od, self.rgb_to_stain.to(od.dtype))
         h = torch.clamp(conc[:, 0:1], min=0.0)
         out = {"h_od": h}
