@@ -108,3 +108,18 @@ def test_within_radius_equals_scipy_distance_transform(radius):
         sites = rng.random((157, 211)) < p
         sites[0, 0] = True
         np.testing.assert_array_equal(tis._within(sites, radius), ndi.distance_transform_edt(~sites) <= radius)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_opencv_opening_and_closing_equal_scipy(radius):
+    """The OpenCV binary opening and closing give SciPy's pixels, borders included."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+
+    rng = np.random.default_rng(radius)
+    for p in (0.05, 0.5, 0.9):
+        m = ndi.binary_dilation(rng.random((83, 121)) < p * 0.2) if p < 0.5 else rng.random((83, 121)) < p
+        se = disk(radius)
+        np.testing.assert_array_equal(tis._binary_opening(m, se), ndi.binary_opening(m, structure=se))
+        np.testing.assert_array_equal(tis._binary_closing(m, se), ndi.binary_closing(m, structure=se))
+        np.testing.assert_array_equal(tis._dilate_cross(m), ndi.binary_dilation(m))

@@ -340,6 +340,13 @@ def count_clusters(
     return out
 
 
+def _runs(idx: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Values of a non-decreasing index array and the [start, stop) range each one covers."""
+    vals, starts = np.unique(idx, return_index=True)
+    stops = np.append(starts[1:], len(idx))
+    return vals, [(int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
+
+
 def wilson_interval(k: int, n: int, *, z: float = _Z95) -> tuple[float, float] | None:
     """Wilson score interval of a binomial proportion ``k / n``.
 
@@ -613,10 +620,10 @@ class ECadAnalyzer(Analyzer):
         cc = np.floor((ctx.origin_px[1] + np.floor(cells["col"])) * mpp / win).astype(np.int64)
         cls = cells["class"]
         out: dict[tuple[int, int], dict[str, float]] = {}
-        for i in np.unique(wr):
-            rows = wr == i
-            for j in np.unique(wc):
-                n = np.bincount(core_labels[np.ix_(rows, wc == j)].ravel(), minlength=4)
+        # window indices grow with the pixel index: each window is a contiguous block (a view)
+        for i, (ra, rb) in zip(*_runs(wr), strict=True):
+            for j, (ca, cb) in zip(*_runs(wc), strict=True):
+                n = np.bincount(core_labels[ra:rb, ca:cb].ravel(), minlength=4)
                 inwin = (cr == i) & (cc == j)
                 out[(int(i), int(j))] = {
                     "haematopoietic_px": int(n[tis.HAEMATOPOIETIC]),

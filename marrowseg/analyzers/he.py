@@ -69,6 +69,13 @@ class HEModule(torch.nn.Module):
         return out
 
 
+def _runs(idx: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Values of a non-decreasing index array and the [start, stop) range each one covers."""
+    vals, starts = np.unique(idx, return_index=True)
+    stops = np.append(starts[1:], len(idx))
+    return vals, [(int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
+
+
 def cellularity_interval(age: float, rule_name: str, reference: CellularityReference) -> tuple[float, float]:
     """Normal cellularity interval (low, high) in percent for ``age`` years under a named rule.
 
@@ -322,11 +329,10 @@ class HEAnalyzer(Analyzer):
         names = {tis.HAEMATOPOIETIC: "haematopoietic_px", tis.FAT: "fat_px", tis.BONE: "bone_px"}
         cr = np.floor((r0 + np.floor(cells["row"]) - ctx.core[0].start) * mpp / win).astype(np.int64)
         cc = np.floor((c0 + np.floor(cells["col"]) - ctx.core[1].start) * mpp / win).astype(np.int64)
-        for i in np.unique(wr):
-            rows = wr == i
-            for j in np.unique(wc):
-                cols = wc == j
-                n = np.bincount(core_labels[np.ix_(rows, cols)].ravel(), minlength=4)
+        # window indices grow with the pixel index: each window is a contiguous block (a view)
+        for i, (ra, rb) in zip(*_runs(wr), strict=True):
+            for j, (ca, cb) in zip(*_runs(wc), strict=True):
+                n = np.bincount(core_labels[ra:rb, ca:cb].ravel(), minlength=4)
                 entry = {name: int(n[v]) for v, name in names.items()}
                 entry["n_nucleated"] = int(((cr == i) & (cc == j)).sum())
                 out[(int(i), int(j))] = entry

@@ -237,7 +237,7 @@ def classify_tissue(
         if getattr(cfg, "envelope_fat", False) and glass_cut.any():
             # a clear space wider than the closing but walled in by tissue (it reaches
             # neither the tile's nor the slide's edge) is inside the outline, not glass
-            frame = ndi.binary_dilation(~valid) | _frame(shape)
+            frame = _dilate_cross(~valid) | _frame(shape)
             gcomp, ng = ndi.label(glass_cut)
             open_ids = np.zeros(ng + 1, bool)
             open_ids[np.unique(gcomp[frame & glass_cut])] = True
@@ -288,7 +288,7 @@ def classify_tissue(
     bone = tissue & (e_ctx >= cfg.bone_min_eosin_od) & (h_ctx <= cfg.bone_max_haem_od)
     r_open = int(round(cfg.bone_open_um / class_mpp))
     if r_open > 0 and bone.any():
-        bone = ndi.binary_opening(bone, structure=disk(r_open))
+        bone = _binary_opening(bone, disk(r_open))
     if bone.any():
         comp_b, nb = ndi.label(bone)
         area_b = np.bincount(comp_b.ravel(), minlength=nb + 1) * px_um2
@@ -307,7 +307,7 @@ def classify_tissue(
     r_mem = int(round(cfg.membrane_um / class_mpp))
     if r_mem > 0 and fat.row.size:
         is_fat = labels == FAT
-        closed = ndi.binary_closing(is_fat, structure=disk(r_mem))
+        closed = _binary_closing(is_fat, disk(r_mem))
         labels[closed & ~is_fat & (labels == HAEMATOPOIETIC)] = FAT
     # the membrane around each space (its own rim, drawn by stained pixels) is the adipocyte's
     rim_um = getattr(cfg, "fat_rim_um", None)
@@ -376,14 +376,40 @@ def _fat_spaces(
     return FatObjects(np.asarray(rows, np.float64), np.asarray(cols, np.float64), np.asarray(areas, np.int64))
 
 
+def _dilate_cross(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_dilation(mask)``: one step of the 4-neighbour cross, nothing beyond the edge."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return grown
+
+
 def _touches(piece: np.ndarray, other: np.ndarray) -> bool:
-    """``(ndi.binary_dilation(piece) & other).any()`` (4-neighbour cross), without SciPy's per-call cost."""
-    grown = piece.copy()
-    grown[1:] |= piece[:-1]
-    grown[:-1] |= piece[1:]
-    grown[:, 1:] |= piece[:, :-1]
-    grown[:, :-1] |= piece[:, 1:]
-    return bool((grown & other).any())
+    """``(ndi.binary_dilation(piece) & other).any()``, without SciPy's per-call cost."""
+    return bool((_dilate_cross(piece) & other).any())
+
+
+def _cv_morph(mask: np.ndarray, footprint: np.ndarray, ops: tuple[str, ...]) -> np.ndarray:
+    # SciPy's binary morphology sees False beyond the image (border_value=0) for erosion and
+    # dilation alike; OpenCV's default erosion border is True, so it is set explicitly.
+    img = np.ascontiguousarray(mask, dtype=np.uint8)
+    se = np.ascontiguousarray(footprint, dtype=np.uint8)
+    for op in ops:
+        fn = cv2.erode if op == "erode" else cv2.dilate
+        img = fn(img, se, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return img.astype(bool)
+
+
+def _binary_opening(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """``ndi.binary_opening(mask, structure=footprint)`` for a symmetric footprint, by OpenCV."""
+    return _cv_morph(mask, footprint, ("erode", "dilate"))
+
+
+def _binary_closing(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """``ndi.binary_closing(mask, structure=footprint)`` for a symmetric footprint, by OpenCV."""
+    return _cv_morph(mask, footprint, ("dilate", "erode"))
 
 
 def _split_necks(mask: np.ndarray, h_px: float) -> list[np.ndarray]:
