@@ -91,7 +91,9 @@ def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[s
         l_true = truth["fibre_length_um"] / haem_um2 * 1e4 if haem_um2 else 0.0
         j_true = truth["crossings"] / haem_um2 * 1e6 if haem_um2 else 0.0
         t_true = truth["thick_fibre_length_um"] / truth["fibre_length_um"] if truth["fibre_length_um"] else 0.0
-        g_true = _intended_grade(grade, het)
+        haem = truth["labels"] == 1
+        share = np.bincount(truth["grade"][haem].ravel(), minlength=4)[:4] / max(int(haem.sum()), 1)
+        g_true = _intended_grade(grade, het, share)
         res = analyze_array(rgb, mpp, get_analyzer("reticulin", cfg), cfg)
         ro = res.report["readouts"]
         l_err = ro["fibre_length_um_per_1e4um2"] / l_true - 1 if l_true else float("nan")
@@ -101,6 +103,10 @@ def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[s
               f"{100 * l_err:+6.1f}% {j_true:9.0f} {ro['intersections_per_mm2']:9.0f} {100 * j_err:+6.1f}% "
               f"{t_true:6.3f} {ro['thick_fibre_frac']:6.3f} {g_true:5d} {ro['mf_grade']:6d} "
               f"{ro['fibrosis_index']:5.2f}  ({time.time() - t0:.0f}s)", flush=True)
+        if het is not None:
+            local = ro["local_grade_frac"]
+            print("         haematopoietic area by grade, truth / local-grade map: "
+                  + "  ".join(f"MF-{g} {share[g]:.2f}/{local[f'MF-{g}']:.2f}" for g in range(4)), flush=True)
     g_true = np.array([r[0] for r in rows])
     g_meas = np.array([r[1] for r in rows])
     l_err = np.array([r[2] for r in rows])
@@ -119,16 +125,14 @@ def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[s
     print(f"  fibrosis index monotone in true length density: {bool(np.all(np.diff(idx) >= -1e-9))}")
 
 
-def _intended_grade(grade: int | None, het: str | None) -> int:
-    """Grade the EUMNET rule requires for a phantom (highest grade in >= 30 % of the marrow)."""
+def _intended_grade(grade: int | None, het: str | None, share: np.ndarray) -> int:
+    """Grade the EUMNET rule requires for a phantom: the highest grade covering >= 30 % of the
+    haematopoietic area, from the truth grade map (as ``marrowseg synth`` writes it to its
+    truth file; a ``patch-A-B-PCT`` phantom's PCT is of the core, not of the marrow)."""
     if het is None:
         return int(grade)
-    parts = het.split("-")
-    kind, a, b = parts[0], int(parts[1]), int(parts[2])
-    if kind == "half":
-        return max(a, b)
-    pct = float(parts[3]) if len(parts) > 3 else 25.0
-    return b if pct >= 30 else a
+    present = [g for g in range(4) if share[g] >= 0.30]
+    return max(present) if present else int(np.argmax(share))
 
 
 def main(argv: list[str] | None = None) -> int:

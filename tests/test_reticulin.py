@@ -136,26 +136,89 @@ def test_grade_rule_on_hand_made_areas():
     assert apply_grade_rule({}, "eumnet_30pct", 0.3) == 0
 
 
-def test_finalize_grades_windows_and_applies_rule():
-    """Hand-made window sums: half the marrow dense (MF-2 level), half sparse -> MF-2 by EUMNET."""
-    cfg = _config()
-    c = cfg.reticulin
-    an = ReticulinAnalyzer(c)
+def _cell_sums(grade_of, shape, c):
+    """Hand-made per-cell sums: every cell full of marrow at the middle of its grade's band."""
     px = round((c.window_um / c.mpp) ** 2)
-    win_um2 = c.window_um**2
+    cell_um2 = c.window_um**2
     t = c.grade_thresholds
-    dense_len = 1.2 * t.fibre_length_um_per_1e4um2[1] * win_um2 / 1e4
-    dense_j = round(2 * max(t.intersections_per_mm2[1], 1) * win_um2 / 1e6) + 1
-    windows = {
-        (0, 0): {"haem_px": px, "fibre_length_um": 0.0, "thick_fibre_length_um": 0.0, "n_junctions": 0},
-        (0, 1): {"haem_px": px, "fibre_length_um": dense_len, "thick_fibre_length_um": 0.0, "n_junctions": dense_j},
-    }
-    totals = {k: sum(w[k] for w in windows.values()) for k in windows[(0, 0)]}
-    rep = an.finalize(totals, windows)
-    ro = rep["readouts"]
+    # length density, intersections /mm², thick fraction per grade, well inside each band
+    levels = {0: (40.0, 0.0, 0.0), 1: (250.0, 150.0, 0.0), 2: (700.0, 1500.0, 0.05), 3: (1600.0, 9000.0, 0.2)}
+    assert levels[1][0] > t.fibre_length_um_per_1e4um2[0] and levels[2][2] < t.thick_fibre_frac[2]
+    cells = {}
+    for r in range(shape[0]):
+        for col in range(shape[1]):
+            dens, jun, thick = levels[grade_of(r, col)]
+            length = dens * cell_um2 / 1e4
+            cells[(r, col)] = {"haem_px": px, "fibre_length_um": length,
+                               "thick_fibre_length_um": thick * length, "n_junctions": jun * cell_um2 / 1e6}
+    totals = {k: sum(w[k] for w in cells.values()) for k in cells[(0, 0)]}
+    return cells, totals
+
+
+def test_finalize_grades_half_and_half_by_eumnet():
+    """Half the marrow at MF-2 level, half at MF-0 (1 mm square of cells) -> MF-2; the MF-2
+    share of the local-grade map is close to a half (the sliding window blurs both ways)."""
+    c = _config().reticulin
+    an = ReticulinAnalyzer(c)
+    n = int(round(1000 / c.window_um))
+    cells, totals = _cell_sums(lambda r, col: 2 if col < n // 2 else 0, (n, n), c)
+    ro = an.finalize(totals, cells)["readouts"]
     assert ro["mf_grade"] == 2
-    assert ro["local_grade_frac"] == {"MF-0": 0.5, "MF-1": 0.0, "MF-2": 0.5, "MF-3": 0.0}
     assert ro["grade_rule"] == "eumnet_30pct"
+    assert abs(ro["local_grade_frac"]["MF-2"] - 0.5) <= 0.1
+    assert ro["local_grade_frac"]["MF-0"] >= 0.3
+
+
+@pytest.mark.parametrize("pct, want", [(25, 1), (40, 3)])
+def test_finalize_patch_graded_by_its_area(pct, want):
+    """A square MF-3 patch in MF-1 marrow: 25 % of the area -> MF-1, 40 % -> MF-3 (EUMNET 30 %),
+    and the patch's graded share is within 7 points of its true share."""
+    c = _config().reticulin
+    an = ReticulinAnalyzer(c)
+    n = int(round(1000 / c.window_um))
+    side = int(round(n * math.sqrt(pct / 100)))
+    cells, totals = _cell_sums(lambda r, col: 3 if r < side and col < side else 1, (n, n), c)
+    ro = an.finalize(totals, cells)["readouts"]
+    true_frac = side * side / (n * n)
+    assert abs(ro["local_grade_frac"]["MF-3"] - true_frac) <= 0.07
+    assert ro["mf_grade"] == want
+
+
+def test_fatty_marrow_is_graded_over_a_larger_window_not_dropped():
+    """Left half fatty (a quarter of each cell is marrow, MF-1 level), right half cellular MF-3
+    (1.5 mm square): the fatty half keeps about its share of the marrow (1/5) in the map."""
+    c = _config().reticulin
+    an = ReticulinAnalyzer(c)
+    n = int(round(1500 / c.window_um))
+    cells, _ = _cell_sums(lambda r, col: 1 if col < n // 2 else 3, (n, n), c)
+    for (_r, col), w in cells.items():
+        if col < n // 2:
+            for k in w:
+                w[k] = w[k] * 0.25
+            w["haem_px"] = round(w["haem_px"])
+    totals = {k: sum(w[k] for w in cells.values()) for k in cells[(0, 0)]}
+    ro = an.finalize(totals, cells)["readouts"]
+    assert abs(ro["local_grade_frac"]["MF-1"] - 1 / 5) < 0.05
+    assert ro["mf_grade"] == 3
+
+
+def test_local_grade_map_is_centred_and_one_cell_window_is_the_old_grid():
+    """The grade of a cell is measured over the window centred on it; with a one-cell window
+    each cell is graded on its own sums."""
+    from marrowseg.analyzers.reticulin import local_grades
+
+    c = _config().reticulin
+    cells, _ = _cell_sums(lambda r, col: 3 if (r, col) == (5, 5) else 0, (11, 11), c)
+    one = local_grades(cells, c.mpp, c.grade_thresholds, cell_um=c.window_um, window_um=c.window_um,
+                       min_haem_frac=c.window_min_haem_frac)
+    assert one["grades"][5, 5] == 3 and (one["grades"] == 0).sum() == 120
+    wide = local_grades(cells, c.mpp, c.grade_thresholds, cell_um=c.window_um, window_um=5 * c.window_um,
+                        min_haem_frac=c.window_min_haem_frac)
+    assert wide["window_cells"] == 5
+    # one dense cell in 25 does not make its neighbourhood MF-3; the map is symmetric about it
+    g = wide["grades"]
+    assert g.max() < 3 and (g == g[::-1, ::-1]).all() and (g == g.T).all()
+    assert (g[:3] <= 0).all()  # cells whose window misses the dense cell (corners: too little marrow)
 
 
 def test_fibrosis_index_is_monotone_in_length_density():

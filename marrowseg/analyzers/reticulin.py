@@ -29,7 +29,14 @@ from marrowseg.analyzers import fibres
 from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
 from marrowseg.stains import od_from_rgb, od_from_rgb_torch
 
-__all__ = ["ReticulinAnalyzer", "grade_from_measurements", "apply_grade_rule", "window_readouts"]
+__all__ = [
+    "ReticulinAnalyzer",
+    "grade_from_measurements",
+    "grade_index_array",
+    "apply_grade_rule",
+    "window_readouts",
+    "local_grades",
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +112,47 @@ def _disk(radius_px: float) -> np.ndarray:
     return (yy**2 + xx**2) <= radius_px * radius_px + 1e-9
 
 
-def _step_index(value: float, thresholds: tuple[float, float, float]) -> float:
-    """Piecewise-linear 0..3 index of one measurement against its MF-1..MF-3 bounds."""
-    idx = 0.0
+def _step_index(value: np.ndarray, thresholds: tuple[float, float, float]) -> np.ndarray:
+    """Piecewise-linear 0..3 index of a measurement (any shape) against its MF-1..MF-3 bounds."""
+    value = np.asarray(value, np.float64)
+    idx = np.zeros(value.shape, np.float64)
     prev = 0.0
-    prev_full = True
+    prev_full = np.ones(value.shape, bool)
     for thr in thresholds:
-        if not prev_full:
-            break
         if thr <= prev:
-            step = 1.0 if value >= thr else 0.0
+            step = (value >= thr).astype(np.float64)
         else:
-            step = min(max((value - prev) / (thr - prev), 0.0), 1.0)
+            step = np.clip((value - prev) / (thr - prev), 0.0, 1.0)
+        # a grade's band only counts once every lower band is full
+        step = np.where(prev_full, step, 0.0)
         idx += step
-        prev_full = step >= 1.0
+        prev_full = prev_full & (step >= 1.0)
         prev = thr
     return idx
+
+
+def grade_index_array(measures: dict[str, np.ndarray], thresholds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Element-wise :func:`grade_from_measurements` over arrays of measurements.
+
+    Parameters
+    ----------
+    measures : dict of str to ndarray
+        ``fibre_length_um_per_1e4um2``, ``intersections_per_mm2``, ``thick_fibre_frac``, all
+        of one shape.
+    thresholds : GradeThresholds
+        Lower bounds of MF-1..MF-3 per measurement.
+
+    Returns
+    -------
+    grade : int8 ndarray
+        0..3.
+    index : float64 ndarray
+        0..3.
+    """
+    idx = np.minimum.reduce([_step_index(measures[k], tuple(getattr(thresholds, k))) for k in MEASURES])
+    idx = np.clip(idx, 0.0, 3.0)
+    grade = np.minimum(3, np.floor(idx + 1e-9)).astype(np.int8)
+    return grade, idx
 
 
 def grade_from_measurements(measures: dict[str, float], thresholds: Any) -> tuple[int, float]:
@@ -145,20 +177,154 @@ def grade_from_measurements(measures: dict[str, float], thresholds: Any) -> tupl
     index : float
         0..3.
     """
-    idx = min(_step_index(float(measures[k]), tuple(getattr(thresholds, k))) for k in MEASURES)
-    idx = float(min(max(idx, 0.0), 3.0))
-    return int(min(3, math.floor(idx + 1e-9))), idx
+    grade, idx = grade_index_array({k: np.float64(measures[k]) for k in MEASURES}, thresholds)
+    return int(grade), float(idx)
 
 
-def window_readouts(win: dict[str, float], mpp: float) -> dict[str, float]:
-    """Length density, intersection density and thick fraction of one window's sums."""
-    haem_um2 = float(win.get("haem_px", 0)) * mpp * mpp
-    length = float(win.get("fibre_length_um", 0.0))
-    return {
-        "fibre_length_um_per_1e4um2": length / haem_um2 * 1e4 if haem_um2 > 0 else 0.0,
-        "intersections_per_mm2": float(win.get("n_junctions", 0)) / haem_um2 * 1e6 if haem_um2 > 0 else 0.0,
-        "thick_fibre_frac": float(win.get("thick_fibre_length_um", 0.0)) / length if length > 0 else 0.0,
+def window_readouts(win: dict[str, Any], mpp: float) -> dict[str, Any]:
+    """Length density, intersection density and thick fraction of one window's sums.
+
+    Parameters
+    ----------
+    win : dict
+        ``haem_px`` (pixels at ``mpp``), ``fibre_length_um``, ``thick_fibre_length_um``,
+        ``n_junctions``: scalars, or arrays of one shape (one element per window).
+    mpp : float
+        Pixel size of ``haem_px``, µm per pixel.
+
+    Returns
+    -------
+    dict
+        ``fibre_length_um_per_1e4um2`` (µm per 1e4 µm²), ``intersections_per_mm2`` (per mm²),
+        ``thick_fibre_frac`` (of length): 0 where there is no haematopoietic area / no fibre;
+        floats for scalar input, float64 arrays otherwise.
+    """
+    haem_um2 = np.asarray(win.get("haem_px", 0), np.float64) * mpp * mpp
+    length = np.asarray(win.get("fibre_length_um", 0.0), np.float64)
+    junctions = np.asarray(win.get("n_junctions", 0), np.float64)
+    thick = np.asarray(win.get("thick_fibre_length_um", 0.0), np.float64)
+    has_haem = haem_um2 > 0
+    has_len = length > 0
+    safe_haem = np.where(has_haem, haem_um2, 1.0)
+    safe_len = np.where(has_len, length, 1.0)
+    out = {
+        "fibre_length_um_per_1e4um2": np.where(has_haem, length / safe_haem * 1e4, 0.0),
+        "intersections_per_mm2": np.where(has_haem, junctions / safe_haem * 1e6, 0.0),
+        "thick_fibre_frac": np.where(has_len, thick / safe_len, 0.0),
     }
+    if haem_um2.ndim == 0:
+        return {k: float(v) for k, v in out.items()}
+    return out
+
+
+#: the additive per-cell sums the local grade is computed from
+CELL_SUMS = ("haem_px", "fibre_length_um", "thick_fibre_length_um", "n_junctions")
+
+
+def local_grades(
+    cells: dict[tuple[int, int], dict[str, float]],
+    mpp: float,
+    thresholds: Any,
+    *,
+    cell_um: float,
+    window_um: float,
+    min_haem_frac: float,
+    max_window_um: float | None = None,
+) -> dict[str, Any]:
+    """Local MF grade of every grid cell, measured over a sliding window centred on it.
+
+    The slide is cut into slide-aligned square cells of side ``cell_um`` (the per-tile sums
+    of :class:`ReticulinAnalyzer` ``TileResult.windows``). A cell's local grade is the grade
+    of the sums over the ``n x n`` cells centred on it, ``n = 2 round((window_um / cell_um -
+    1) / 2) + 1`` (so a window about ``window_um`` wide), and it stands for the cell's own
+    haematopoietic area. Because every cell is graded by a window centred on it, the blur at
+    the border between two regions is symmetric: a patch whose measurements cross a grade
+    bound at about half-and-half mixtures is graded over about its true area, whereas a
+    fixed grid of large windows takes a whole window to whichever grade its mixture reaches.
+
+    Parameters
+    ----------
+    cells : dict of (int, int) to dict of str to float
+        Sums per cell index (row, col) = ``floor(slide µm / cell_um)``: ``haem_px`` (pixels
+        at ``mpp``), ``fibre_length_um``, ``thick_fibre_length_um``, ``n_junctions``.
+    mpp : float
+        Pixel size of ``haem_px``, µm per pixel.
+    thresholds : GradeThresholds
+        Lower bounds of MF-1..MF-3 per measurement.
+    cell_um : float
+        Side of a cell, µm.
+    window_um : float
+        Side of the grading window, µm (>= ``cell_um``; one cell when equal).
+    min_haem_frac : float
+        A grading window must hold at least this fraction of ``(n * cell_um)²`` of
+        haematopoietic area; a cell (with some of its own) whose window holds less is graded
+        over the smallest larger centred window, up to ``max_window_um``, that does, and is
+        not graded when none does. Fatty marrow is then graded over more ground rather than
+        left out (which would inflate the share of the denser, more cellular regions).
+    max_window_um : float, optional
+        Largest grading window, µm (default ``window_um``: no growth).
+
+    Returns
+    -------
+    dict
+        ``origin`` ((row, col) index of array element [0, 0]), ``grades`` ((R, C) int8,
+        -1 = not graded), ``index`` ((R, C) float64 fibrosis index of the window, nan = not
+        graded), ``haem_um2`` ((R, C) float64, the cell's own haematopoietic area),
+        ``area_by_grade`` (dict grade -> µm² of graded cells' own area), ``window_cells``
+        (``n``, the smallest window), ``window_cells_used`` ((R, C) int16, the window each
+        cell was graded over, 0 = not graded). Empty arrays (shape (0, 0)) when there are no
+        cells.
+    """
+    if cell_um <= 0 or window_um <= 0:
+        raise ValueError(f"cell_um and window_um must be > 0, got {cell_um}, {window_um}")
+    half = max(0, int(round((window_um / cell_um - 1.0) / 2.0)))
+    n = 2 * half + 1
+    max_half = half
+    if max_window_um is not None:
+        max_half = max(half, int(round((max_window_um / cell_um - 1.0) / 2.0)))
+    area_by_grade = {g: 0.0 for g in range(4)}
+    if not cells:
+        empty = np.zeros((0, 0))
+        return {"origin": (0, 0), "grades": empty.astype(np.int8), "index": empty, "haem_um2": empty,
+                "area_by_grade": area_by_grade, "window_cells": n,
+                "window_cells_used": empty.astype(np.int16)}
+    keys = np.array(sorted(cells), np.int64).reshape(-1, 2)
+    r0, c0 = keys.min(axis=0)
+    shape = tuple(int(v) for v in keys.max(axis=0) - (r0, c0) + 1)
+    grids = {k: np.zeros(shape, np.float64) for k in CELL_SUMS}
+    for (r, c), w in cells.items():
+        for k in CELL_SUMS:
+            grids[k][r - r0, c - c0] = float(w.get(k, 0.0))
+
+    def box(a: np.ndarray, h: int) -> np.ndarray:
+        # window sums, zero beyond the grid; shifted adds (not a summed-area table, whose
+        # differences of large running sums leave rounding residue in empty windows)
+        p = np.pad(a, h)
+        out = np.zeros(a.shape, np.float64)
+        for dr in range(2 * h + 1):
+            for dc in range(2 * h + 1):
+                out += p[dr : dr + shape[0], dc : dc + shape[1]]
+        return out
+
+    px_um2 = mpp * mpp
+    haem_um2 = grids["haem_px"] * px_um2
+    need_um2 = min_haem_frac * (n * cell_um) ** 2
+    grade = np.full(shape, -1, np.int8)
+    idx = np.full(shape, np.nan)
+    used = np.zeros(shape, np.int16)
+    todo = haem_um2 > 0
+    for h in range(half, max_half + 1):
+        if not todo.any():
+            break
+        win = {k: box(v, h) for k, v in grids.items()}
+        ok = todo & (win["haem_px"] * px_um2 >= need_um2)
+        g, i = grade_index_array(window_readouts(win, mpp), thresholds)
+        grade[ok], idx[ok], used[ok] = g[ok], i[ok], 2 * h + 1
+        todo &= ~ok
+    for g in range(4):
+        area_by_grade[g] = float(haem_um2[grade == g].sum())
+    return {"origin": (int(r0), int(c0)), "grades": grade, "index": idx, "haem_um2": haem_um2,
+            "area_by_grade": area_by_grade, "window_cells": n, "window_cells_used": used}
 
 
 def apply_grade_rule(area_by_grade: dict[int, float], rule: str, frac: float) -> int:
@@ -434,15 +600,14 @@ class ReticulinAnalyzer(Analyzer):
         length_map = np.where(counted, weights, 0.0)
         thick_map = np.where(counted & (width_um > c.thick_width_um), weights, 0.0)
 
-        bp = fibres.branch_points(skel)
-        cents, _ = fibres.merge_points(bp, 0.5 * c.junction_merge_um / mpp)
+        cents, cross_w = fibres.crossings(skel, 0.5 * c.junction_merge_um / mpp)
         if len(cents):
             rr = np.clip(np.floor(cents[:, 0]).astype(int), 0, skel.shape[0] - 1)
             cc = np.clip(np.floor(cents[:, 1]).astype(int), 0, skel.shape[1] - 1)
             # a junction whose centroid falls between skeleton pixels still belongs to the
             # tissue under it; count it where that tissue is haematopoietic
-            keep = ctx.in_core(cents[:, 0], cents[:, 1]) & haem[rr, cc]
-            cents = cents[keep]
+            keep = ctx.in_core(cents[:, 0], cents[:, 1]) & haem[rr, cc] & (cross_w > 0)
+            cents, cross_w = cents[keep], cross_w[keep]
 
         core = ctx.core
         lab_c = labels[core]
@@ -455,7 +620,8 @@ class ReticulinAnalyzer(Analyzer):
             "fibre_px": int((mask[core] & (lab_c == HAEM)).sum()),
             "fibre_length_um": float(length_map[core].sum()),
             "thick_fibre_length_um": float(thick_map[core].sum()),
-            "n_junctions": int(len(cents)),
+            # crossings, in halves: a junction of e branches holds (e - 2) / 2 of them
+            "n_junctions": float(cross_w.sum()),
         }
 
         # per-window sums: window index = floor(slide_px * mpp / window_um)
@@ -483,13 +649,13 @@ class ReticulinAnalyzer(Analyzer):
             jr = np.floor((np.floor(cents[:, 0]) + ctx.origin_px[0]) * mpp / c.window_um).astype(np.int64)
             jc = np.floor((np.floor(cents[:, 1]) + ctx.origin_px[1]) * mpp / c.window_um).astype(np.int64)
             jflat = np.searchsorted(ur, jr) * len(uc) + np.searchsorted(uc, jc)
-            jun = np.bincount(jflat, minlength=nwin).astype(np.float64)
+            jun = np.bincount(jflat, weights=cross_w, minlength=nwin)
         sums["n_junctions"] = jun
         windows: dict[tuple[int, int], dict[str, float]] = {}
         for i in range(nwin):
             key = (int(ur[i // len(uc)]), int(uc[i % len(uc)]))
             windows[key] = {
-                k: (int(round(v[i])) if k.endswith("_px") or k.startswith("n_") else float(v[i]))
+                k: (int(round(v[i])) if k.endswith("_px") else float(v[i]))
                 for k, v in sums.items()
             }
 
@@ -520,16 +686,11 @@ class ReticulinAnalyzer(Analyzer):
         slide = window_readouts(totals, mpp)
         _, index = grade_from_measurements(slide, c.grade_thresholds)
 
-        win_area = c.window_um * c.window_um
-        area_by_grade = {g: 0.0 for g in range(4)}
-        n_graded = 0
-        for win in windows.values():
-            w_haem = float(win.get("haem_px", 0)) * px_um2
-            if w_haem < c.window_min_haem_frac * win_area or w_haem <= 0:
-                continue
-            g, _ = grade_from_measurements(window_readouts(win, mpp), c.grade_thresholds)
-            area_by_grade[g] += w_haem
-            n_graded += 1
+        loc = local_grades(windows, mpp, c.grade_thresholds, cell_um=c.window_um,
+                           window_um=c.grade_window_um, min_haem_frac=c.window_min_haem_frac,
+                           max_window_um=c.grade_window_max_um)
+        area_by_grade = loc["area_by_grade"]
+        n_graded = int((loc["grades"] >= 0).sum())
         graded_um2 = sum(area_by_grade.values())
         if n_graded == 0:
             # too little marrow for any window: grade the slide as one window
@@ -566,11 +727,12 @@ class ReticulinAnalyzer(Analyzer):
             "counts": {
                 "fibre_length_um": float(totals.get("fibre_length_um", 0.0)),
                 "thick_fibre_length_um": float(totals.get("thick_fibre_length_um", 0.0)),
-                "n_junctions": int(totals.get("n_junctions", 0)),
-                "n_windows_graded": int(n_graded),
+                "n_junctions": float(totals.get("n_junctions", 0.0)),  # crossings (halves possible)
+                "n_windows_graded": int(n_graded),  # grid cells with a local grade
             },
             "measurements": {
-                "window_um": c.window_um,
+                "window_um": c.window_um,  # grid cell side
+                "grade_window_um": float(loc["window_cells"] * c.window_um),  # local grade measured over
                 "length_estimator": "Vossepoel-Smeulders chain code (0.980 even, 1.406 odd, -0.091 corner)",
                 "local_grade_area_um2": {GRADE_NAMES[g]: area_by_grade[g] for g in range(4)},
             },

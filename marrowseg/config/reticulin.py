@@ -68,8 +68,11 @@ class ReticulinConfig(Strict):
     bone_min_um2: float = Field(ge=0, description="smallest bone fragment, µm²")
 
     # -- grading -----------------------------------------------------------------
-    window_um: float = Field(gt=0, description="side of the slide-aligned local-grade windows, µm")
-    window_min_haem_frac: float = Field(ge=0, le=1, description="windows with less haematopoietic area are not graded")
+    window_um: float = Field(gt=0, description="side of the slide-aligned grid cells the per-tile sums are kept on, µm")
+    grade_window_um: float = Field(gt=0, description="side of the sliding window, centred on each cell, that grades it, µm")
+    grade_window_max_um: float = Field(gt=0, description="largest window a cell in fatty marrow is graded over, µm")
+    window_min_haem_frac: float = Field(
+        ge=0, le=1, description="haematopoietic area a grading window needs, as a fraction of grade_window_um²")
     grade_rule: Literal["eumnet_30pct", "max", "majority"]
     grade_rule_frac: float = Field(gt=0, le=1, description="share of haematopoietic area for eumnet_30pct")
     grade_thresholds: GradeThresholds
@@ -80,6 +83,11 @@ class ReticulinConfig(Strict):
             raise ValueError(
                 f"hysteresis_low_od {self.hysteresis_low_od} > hysteresis_high_od {self.hysteresis_high_od}"
             )
+        if self.grade_window_um < self.window_um:
+            raise ValueError(f"grade_window_um {self.grade_window_um} < window_um {self.window_um}")
+        if self.grade_window_max_um < self.grade_window_um:
+            raise ValueError(
+                f"grade_window_max_um {self.grade_window_max_um} < grade_window_um {self.grade_window_um}")
         if self.fat_min_um2 > self.excluded_min_um2:
             raise ValueError(f"fat_min_um2 {self.fat_min_um2} > excluded_min_um2 {self.excluded_min_um2}")
         return self

@@ -213,10 +213,11 @@ def read_windows(slide: SlideOutput) -> tuple[dict[tuple[int, int], dict[str, fl
 def local_grade_grid(slide: SlideOutput) -> dict[str, Any] | None:
     """Local MF grade of every window of a reticulin slide, by the analyzer's own rules.
 
-    Uses :func:`marrowseg.analyzers.reticulin.window_readouts` and
-    :func:`~marrowseg.analyzers.reticulin.grade_from_measurements` with the config recorded in the
-    slide's provenance, and the analyzer's rule that windows with less than
-    ``window_min_haem_frac`` of haematopoietic area are not graded.
+    Uses :func:`marrowseg.analyzers.reticulin.local_grades` with the config recorded in the
+    slide's provenance: each cell of ``windows.csv`` is graded over the ``grade_window_um``
+    window centred on it, and cells whose window holds less than ``window_min_haem_frac`` of
+    haematopoietic area are not graded. Tile cores (no ``windows.csv``) are graded one by one,
+    each when it holds any marrow.
 
     Returns
     -------
@@ -228,35 +229,27 @@ def local_grade_grid(slide: SlideOutput) -> dict[str, Any] | None:
     """
     if slide.stain != "reticulin":
         return None
-    from marrowseg.analyzers.reticulin import grade_from_measurements, window_readouts
+    from marrowseg.analyzers.reticulin import local_grades
     from marrowseg.config.reticulin import GradeThresholds
 
     windows, side_um, source = read_windows(slide)
     if not windows or side_um <= 0:
         return None
     # Only the grading keys of the recorded config are read: outputs of an older version,
-    # whose config lacked keys added since, must still show their heatmap.
+    # whose config lacked keys added since, must still show their heatmap (without
+    # grade_window_um each window was graded on its own).
     recorded = slide.metrics["provenance"]["config"]["reticulin"]
     thresholds = GradeThresholds.model_validate(recorded["grade_thresholds"])
     mpp = float(slide.metrics.get("tiles", {}).get("analysis_mpp") or recorded["mpp"])
-    rows = [k[0] for k in windows]
-    cols = [k[1] for k in windows]
-    r0, c0 = min(rows), min(cols)
-    shape = (max(rows) - r0 + 1, max(cols) - c0 + 1)
-    grades = np.full(shape, -1, np.int8)
-    index = np.full(shape, np.nan, np.float32)
-    haem = np.zeros(shape, np.float64)
-    area_by_grade = {g: 0.0 for g in range(4)}
-    min_um2 = float(recorded["window_min_haem_frac"]) * side_um * side_um
-    for (r, c), w in windows.items():
-        w_haem = float(w.get("haem_px", 0.0)) * mpp * mpp
-        haem[r - r0, c - c0] = w_haem
-        if w_haem <= 0 or w_haem < min_um2:
-            continue
-        g, idx = grade_from_measurements(window_readouts(w, mpp), thresholds)
-        grades[r - r0, c - c0] = g
-        index[r - r0, c - c0] = idx
-        area_by_grade[g] += w_haem
+    grade_window_um = float(recorded.get("grade_window_um") or side_um) if source == "windows" else side_um
+    max_window_um = recorded.get("grade_window_max_um") if source == "windows" else None
+    # a tile core is several grading windows wide: any marrow in one is enough to grade it
+    min_frac = float(recorded["window_min_haem_frac"]) if source == "windows" else 0.0
+    loc = local_grades(windows, mpp, thresholds, cell_um=side_um, window_um=max(grade_window_um, side_um),
+                       min_haem_frac=min_frac, max_window_um=None if max_window_um is None else float(max_window_um))
+    grades, index = loc["grades"], loc["index"].astype(np.float32)
+    haem, area_by_grade = loc["haem_um2"], loc["area_by_grade"]
+    r0, c0 = loc["origin"]
     if source == "tiles":
         origin_um = (min(w.get("row_px", 0.0) for w in windows.values()) * mpp,
                      min(w.get("col_px", 0.0) for w in windows.values()) * mpp)
