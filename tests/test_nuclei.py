@@ -134,12 +134,52 @@ def test_distance_seeds_split_overlapping_disks(cfg):
     """Two 8 µm disks overlapping by 2 µm (one haematoxylin peak between them) are two nuclei."""
     # Beer-Lambert: the overlap is twice as dark, and the smoothed map peaks there only once
     img = _disks(0.5, 8.0, 0.7, [(30.0, 30.0)], size_um=60.0) + _disks(0.5, 8.0, 0.7, [(30.0, 36.0)], size_um=60.0)
-    _, peaks = nuc.detect_nuclei(img, 0.5, cfg.nuclei.model_copy(update={"seeds": "peaks"}))
+    _, peaks = nuc.detect_nuclei(img, 0.5, cfg.nuclei.model_copy(update={"seeds": "peaks", "split_max_solidity": None}))
     assert len(peaks["row"]) == 1
     dist_cfg = cfg.nuclei.model_copy(update={"seeds": "distance"})
     _, table = nuc.detect_nuclei(img, 0.5, dist_cfg)
     assert len(table["row"]) == 2
     assert sorted((table["col"] * 0.5 + 0.25).tolist()) == pytest.approx([29.75, 36.25], abs=1.0)
+
+
+def test_shape_split_cuts_overlapping_disks_at_the_waist(cfg):
+    """Peak seeds + split_by_shape: two 8 µm disks overlapping by 1 µm (one haematoxylin peak) become two."""
+    img = _disks(0.5, 8.0, 0.7, [(30.0, 30.0)], size_um=60.0) + _disks(0.5, 8.0, 0.7, [(30.0, 37.0)], size_um=60.0)
+    whole = cfg.nuclei.model_copy(update={"seeds": "peaks", "split_max_solidity": None})
+    _, one = nuc.detect_nuclei(img, 0.5, whole)
+    assert len(one["row"]) == 1 and one["solidity"][0] < 0.95
+    split = whole.model_copy(update={"split_max_solidity": 0.95, "split_min_area_um2": 40.0, "split_h_um": 0.25})
+    labels, two = nuc.detect_nuclei(img, 0.5, split)
+    assert len(two["row"]) == 2
+    assert sorted((two["col"] * 0.5 + 0.25).tolist()) == pytest.approx([29.75, 37.25], abs=1.0)
+    # the parts share the pixels of the merged region, each about half of it
+    assert two["area_um2"].sum() == pytest.approx(one["area_um2"][0], rel=1e-6)
+    np.testing.assert_allclose(two["area_um2"], one["area_um2"][0] / 2, rtol=0.1)
+    assert sorted(np.unique(labels[labels > 0]).tolist()) == sorted(two["label"].tolist())
+
+
+def test_shape_split_keeps_convex_nuclei_whole(cfg):
+    """A large round nucleus and an oval one are solid: the split leaves them (and the table) alone."""
+    oval = np.zeros((120, 120), np.float32)
+    rr, cc = np.mgrid[0:120, 0:120]
+    oval[((rr - 60) / 9.0) ** 2 + ((cc - 60) / 20.0) ** 2 <= 1.0] = 0.7  # semi-axes 4.5 x 10 µm at 0.5 µm/px
+    big = _disks(0.5, 12.0, 0.7, [(30.0, 30.0)], size_um=60.0)
+    split = cfg.nuclei.model_copy(update={"split_max_solidity": 0.95, "split_min_area_um2": 40.0, "split_h_um": 0.25})
+    whole = split.model_copy(update={"split_max_solidity": None})
+    for img in (oval, big):
+        _, a = nuc.detect_nuclei(img, 0.5, whole)
+        _, b = nuc.detect_nuclei(img, 0.5, split)
+        assert len(a["row"]) == len(b["row"]) == 1
+        np.testing.assert_array_equal(a["area_um2"], b["area_um2"])
+
+
+def test_regions_below_min_area_are_dropped(cfg):
+    """A 3 µm blob (7 µm²) is debris under he.yaml's min_area_um2 of 8 µm²; a 4 µm nucleus is kept."""
+    assert cfg.nuclei.min_area_um2 == 8
+    img = _disks(0.25, 3.0, 0.6, [(15.0, 15.0)], size_um=60.0) + _disks(0.25, 4.0, 0.6, [(40.0, 40.0)], size_um=60.0)
+    _, table = nuc.detect_nuclei(img, 0.25, cfg.nuclei)
+    assert len(table["row"]) == 1
+    assert table["area_um2"][0] == pytest.approx(np.pi * 2.0**2, rel=0.15)
 
 
 def test_megakaryocyte_needs_an_even_nucleus_when_cv_limit_set(cfg):

@@ -36,6 +36,15 @@ class NucleiConfig(Strict):
     )
     distance_od_weight_um: float = Field(0.3, ge=0, description="µm of distance one OD of smoothed haematoxylin is worth (seeds: distance)")
     min_radius_um: float = Field(1.0, ge=0, description="a distance seed lies at least this far inside the nuclear mask, µm (seeds: distance)")
+    # optional: null keeps every segmented nucleus whole
+    split_max_solidity: float | None = Field(
+        None, gt=0, le=1,
+        description="a nucleus at least split_min_area_um2 large and at most this solid (pixels / convex hull) "
+        "is cut at its waists into the overlapping nuclei it is made of (null: never split)",
+    )
+    split_min_area_um2: float = Field(40.0, ge=0, description="smaller nuclei are never split, µm² (split_max_solidity)")
+    split_h_um: float = Field(0.5, gt=0, description="depth of a waist: how far the distance to the edge must rise "
+                              "from the neck into each part, µm (split_max_solidity)")
     # optional, detector: unet only
     unet_weights: str | None = Field(None, description="state dict of the centre net (null: the packaged weights/nuclei_unet.pt)")
     unet_min_score: float = Field(0.5, ge=0, le=1, description="a learned centre-map peak must reach this value (detector: unet)")
