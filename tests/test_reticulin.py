@@ -81,6 +81,45 @@ def test_two_crossing_lines_give_one_intersection(mpp):
     np.testing.assert_allclose(res.stats["fibre_length_um"], 200.0, rtol=0.04)
 
 
+def test_crossing_count_does_not_depend_on_how_the_skeleton_splits_it():
+    """Hand-made skeletons: a degree-4 cross is 1 crossing, two degree-3 nodes 6 px apart (a
+    shallow crossing) are 1, a T is 1/2, and a straight line none, at any merge distance."""
+    from marrowseg.analyzers import fibres
+
+    x = np.zeros((41, 41), bool)
+    x[20, 5:36] = True
+    x[5:36, 20] = True
+    split = np.zeros((41, 41), bool)
+    split[20, 5:36] = True
+    split[5:20, 14] = True  # one fibre leaves the line at col 14, the other at col 20
+    split[21:36, 20] = True
+    tee = np.zeros((41, 41), bool)
+    tee[20, 5:36] = True
+    tee[21:36, 20] = True
+    line = np.zeros((41, 41), bool)
+    line[20, 5:36] = True
+    for radius in (1.0, 2.0, 5.0):
+        for skel, want in ((x, 1.0), (split, 1.0), (tee, 0.5), (line, 0.0)):
+            _, w = fibres.crossings(skel, radius)
+            assert w.sum() == want
+
+
+def test_overlap_factor_follows_the_boolean_model():
+    """Fibres covering 30 % of the marrow (stripes) get -ln(0.7)/0.3 = 1.19 inside; sparse ones ~1."""
+    from marrowseg.analyzers import fibres
+
+    region = np.ones((200, 200), bool)
+    dense = np.zeros((200, 200), bool)
+    dense[:, ::10] = dense[:, 1::10] = dense[:, 2::10] = True  # 3 px of every 10
+    f = fibres.overlap_factor(dense, region, 8.0, max_frac=0.8)
+    np.testing.assert_allclose(f[100, 100], -math.log(0.7) / 0.3, rtol=0.02)
+    assert (f >= 1).all()
+    sparse = np.zeros((200, 200), bool)
+    sparse[100, :] = True
+    assert fibres.overlap_factor(sparse, region, 8.0, max_frac=0.8).max() < 1.05
+    assert (fibres.overlap_factor(np.zeros_like(region), region, 8.0, max_frac=0.8) == 1).all()
+
+
 def test_blank_tile_gives_zeros():
     """White glass: no haematopoietic area, no fibres, grade 0."""
     res, rep = _run_tile(np.full((256, 256, 3), 255, np.uint8), 0.5)

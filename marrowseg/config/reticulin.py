@@ -55,6 +55,9 @@ class ReticulinConfig(Strict):
     blob_max_um2: float = Field(gt=0, description="larger dark objects are not nuclei, µm²")
     blob_halo_um: float = Field(ge=0, description="fibre pixels this close to a blob are dropped, µm")
     thick_width_um: float = Field(gt=0, description="fibres wider than this count as thick (collagen), µm")
+    overlap_sigma_um: float = Field(
+        ge=0, description="scale of the local fibre fraction behind the overlap correction of length, µm (0: none)")
+    overlap_max_frac: float = Field(gt=0, lt=1, description="local fibre fraction is capped here (bounds the correction)")
 
     # -- silver-stain tissue classes ------------------------------------------------
     tissue_smooth_um: float = Field(gt=0, description="Gaussian scale of the OD used for tissue classes, µm")
@@ -83,6 +86,13 @@ class ReticulinConfig(Strict):
             raise ValueError(
                 f"hysteresis_low_od {self.hysteresis_low_od} > hysteresis_high_od {self.hysteresis_high_od}"
             )
+        ridge_reach_um = max(self.ridge_scales_um) * (3.0 + self.ridge_flank_factor)
+        if 3.0 * self.overlap_sigma_um + ridge_reach_um > self.halo_um:
+            # the local fibre fraction of a core pixel must read fibre mask that does not
+            # depend on where the tile ends: 3 sigma, plus the ridge filter's own reach
+            raise ValueError(
+                f"halo_um {self.halo_um} < 3 x overlap_sigma_um {self.overlap_sigma_um} + ridge reach "
+                f"{ridge_reach_um:g} µm (max ridge scale x (3 + flank factor))")
         if self.grade_window_um < self.window_um:
             raise ValueError(f"grade_window_um {self.grade_window_um} < window_um {self.window_um}")
         if self.grade_window_max_um < self.grade_window_um:
