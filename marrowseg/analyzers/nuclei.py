@@ -274,10 +274,10 @@ def split_by_shape(
     Notes
     -----
     Work is per candidate bounding box, so the cost grows with the number of candidates,
-    not with the tile. Split parts get
-    new ids above the largest input id, so label ids are unique but not contiguous. Two disks of radius r whose centres are d apart have a neck of
-    half-width sqrt(r^2 - d^2/4): for r = 5 µm, d = 6 µm the neck is 1 µm shallower than
-    the centres.
+    not with the tile. Split parts get new ids above the largest input id and their rows
+    come last, so label ids are unique but not contiguous. Two disks of radius r whose
+    centres are d apart have a neck of half-width sqrt(r^2 - d^2/4): for r = 5 µm,
+    d = 6 µm the neck is 1 µm shallower than the centres.
     """
     from skimage.morphology import h_maxima
 
