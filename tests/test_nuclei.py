@@ -173,6 +173,17 @@ def test_shape_split_keeps_convex_nuclei_whole(cfg):
         np.testing.assert_array_equal(a["area_um2"], b["area_um2"])
 
 
+def test_shape_split_leaves_regions_above_max_area_whole(cfg):
+    """Two overlapping 14 µm disks (~280 µm² together) are cut without a limit, kept whole above it."""
+    img = _disks(0.5, 14.0, 0.7, [(30.0, 25.0)], size_um=60.0) + _disks(0.5, 14.0, 0.7, [(30.0, 37.0)], size_um=60.0)
+    split = cfg.nuclei.model_copy(update={"split_max_solidity": 0.95, "split_min_area_um2": 40.0, "split_h_um": 0.25,
+                                          "split_max_area_um2": None, "min_distance_um": 8.0})
+    _, cut = nuc.detect_nuclei(img, 0.5, split)
+    assert len(cut["row"]) == 2
+    _, whole = nuc.detect_nuclei(img, 0.5, split.model_copy(update={"split_max_area_um2": 250.0}))
+    assert len(whole["row"]) == 1 and whole["area_um2"][0] > 250.0
+
+
 def test_regions_below_min_area_are_dropped(cfg):
     """A 3 µm blob (7 µm²) is debris under he.yaml's min_area_um2 of 8 µm²; a 4 µm nucleus is kept."""
     assert cfg.nuclei.min_area_um2 == 8

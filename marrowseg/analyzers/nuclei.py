@@ -222,6 +222,7 @@ def detect_nuclei(
         max_solidity=float(max_solidity),
         h_um=float(cfg.split_h_um),
         keep_area_um2=float(cfg.min_area_um2),
+        max_area_um2=getattr(cfg, "split_max_area_um2", None),
     )
 
 
@@ -235,6 +236,7 @@ def split_by_shape(
     max_solidity: float,
     h_um: float,
     keep_area_um2: float,
+    max_area_um2: float | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Split segmented nuclei whose shape says they are several overlapping nuclei.
 
@@ -265,6 +267,8 @@ def split_by_shape(
     keep_area_um2 : float
         Parts smaller than this after the split are dropped, µm² (the detector's
         ``min_area_um2``).
+    max_area_um2 : float, optional
+        Larger regions are never split, µm² (a lobulated megakaryocyte nucleus is one cell).
 
     Returns
     -------
@@ -282,6 +286,8 @@ def split_by_shape(
     from skimage.morphology import h_maxima
 
     cand = (table["area_um2"] >= min_area_um2) & (table["solidity"] <= max_solidity)
+    if max_area_um2 is not None:
+        cand &= table["area_um2"] <= max_area_um2
     if not cand.any():
         return labels, table
     objs = ndi.find_objects(labels)

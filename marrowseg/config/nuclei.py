@@ -43,6 +43,8 @@ class NucleiConfig(Strict):
         "is cut at its waists into the overlapping nuclei it is made of (null: never split)",
     )
     split_min_area_um2: float = Field(40.0, ge=0, description="smaller nuclei are never split, µm² (split_max_solidity)")
+    split_max_area_um2: float | None = Field(None, gt=0, description="larger nuclei are never split, µm² "
+                                             "(a lobulated megakaryocyte nucleus is one cell; null: no limit)")
     split_h_um: float = Field(0.5, gt=0, description="depth of a waist: how far the distance to the edge must rise "
                               "from the neck into each part, µm (split_max_solidity)")
     # optional, detector: unet only
