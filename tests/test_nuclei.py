@@ -207,6 +207,55 @@ def test_megakaryocyte_needs_an_even_nucleus_when_cv_limit_set(cfg):
     assert list(nuc.classify_nuclei(table, size_only)) == ["megakaryocyte", "megakaryocyte"]
 
 
+def _megakaryocyte(mpp: float, size_um: float = 100.0) -> np.ndarray:
+    """A lobulated megakaryocyte nucleus (five overlapping 16-18 µm lobes, ~800 µm²) with
+    mottled chromatin centred at (50, 50) µm, and four 7 µm nuclei, one touching it."""
+    rng = np.random.default_rng(0)
+    lobes = [(50.0, 50.0, 9.0), (44.0, 43.0, 8.0), (43.0, 57.0, 8.5), (57.0, 44.0, 8.0), (57.0, 58.0, 9.0)]
+    img = np.zeros((int(round(size_um / mpp)),) * 2, np.float32)
+    for r_um, c_um, rad in lobes:
+        img = np.maximum(img, _disks(mpp, 2 * rad, 0.75, [(r_um, c_um)], size_um))
+    # chromatin clumps ~2 µm: many smoothed-haematoxylin peaks inside the one nucleus
+    blotch = ndi.gaussian_filter(rng.normal(size=img.shape).astype(np.float32), 2.0 / mpp)
+    img = np.where(img > 0, img * (1.0 + 0.15 * blotch / blotch.std()), 0).astype(np.float32)
+    small = [(15.0, 15.0), (15.0, 85.0), (85.0, 20.0), (50.0, 69.0)]  # the last touches a lobe
+    return np.maximum(img, _disks(mpp, 7.0, 0.7, small, size_um))
+
+
+@pytest.mark.parametrize("mpp", [0.25, 0.5])
+def test_lobulated_megakaryocyte_is_one_nucleus_and_classified(cfg, mpp):
+    """he.yaml: the lobulated nucleus is one megakaryocyte at its centre, the four small nuclei
+    stay four; without the megakaryocyte merge the peak seeds cut it into fragments, each
+    counted as a cell."""
+    img = _megakaryocyte(mpp)
+    _, table = nuc.detect_nuclei(img, mpp, cfg.nuclei)
+    classes = nuc.classify_nuclei(table, cfg.classes)
+    assert len(table["row"]) == 5
+    mk = classes == "megakaryocyte"
+    assert mk.sum() == 1
+    centre_um = np.array([table["row"][mk][0], table["col"][mk][0]]) * mpp
+    assert np.hypot(*(centre_um - 50.0)) < 3.0
+    lobes_um2 = float((_megakaryocyte(mpp) > 0).sum()) * mpp**2 - 4 * np.pi * 3.5**2
+    assert table["area_um2"][mk][0] == pytest.approx(lobes_um2, rel=0.1)
+    assert (table["area_um2"][~mk] < 60.0).all()
+    _, frag = nuc.detect_nuclei(img, mpp, cfg.nuclei.model_copy(update={"megakaryocyte_min_radius_um": None}))
+    assert len(frag["row"]) >= 4 + 3  # the small nuclei and at least three fragments
+
+
+def test_megakaryocyte_merge_leaves_clumps_of_small_nuclei_alone(cfg):
+    """A tight clump of 19 nuclei 9 µm across, 1 µm apart (a hexagonal rosette ~50 µm wide),
+    is no megakaryocyte: none of it holds a 15 µm disk, so the detector's table is unchanged.
+    (Nuclei packed with no pale line between them make one solid mass that no mask-based rule
+    can tell from one nucleus.)"""
+    centres = [(50.0 + 10.0 * (i + 0.5 * j), 50.0 + 10.0 * 0.866 * j) for i in range(-2, 3) for j in range(-2, 3)
+               if abs(i + j) <= 2]
+    img = _disks(0.5, 9.0, 0.7, centres, size_um=100.0)
+    _, merged = nuc.detect_nuclei(img, 0.5, cfg.nuclei)
+    _, plain = nuc.detect_nuclei(img, 0.5, cfg.nuclei.model_copy(update={"megakaryocyte_min_radius_um": None}))
+    assert len(merged["row"]) == len(plain["row"]) == len(centres)
+    assert not (nuc.classify_nuclei(merged, cfg.classes) == "megakaryocyte").any()
+
+
 # -- learned detector (he.nuclei.detector: unet) ---------------------------------------------
 
 def _he_rgb(h_od: np.ndarray, e_od: float = 0.25) -> np.ndarray:

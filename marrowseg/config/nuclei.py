@@ -47,6 +47,17 @@ class NucleiConfig(Strict):
                                              "(a lobulated megakaryocyte nucleus is one cell; null: no limit)")
     split_h_um: float = Field(0.5, gt=0, description="depth of a waist: how far the distance to the edge must rise "
                               "from the neck into each part, µm (split_max_solidity)")
+    # optional: null keeps every fragment of a large nucleus (the original detector)
+    megakaryocyte_min_radius_um: float | None = Field(
+        None, gt=0,
+        description="a megakaryocyte nucleus holds a disk of this radius inside the nuclear mask, µm; the "
+        "detected nuclei centred in such a nucleus's core are merged into one (nuclei.merge_megakaryocytes; "
+        "null: never merge)",
+    )
+    megakaryocyte_core_radius_um: float = Field(4.0, gt=0, description="radius of the disk that opens the nuclear "
+                                                "mask to find megakaryocyte cores, µm: narrower necks are cut")
+    megakaryocyte_core_min_area_um2: float = Field(250.0, gt=0, description="smallest megakaryocyte core (the "
+                                                   "opened mask), µm²")
     # optional, detector: unet only
     unet_weights: str | None = Field(None, description="state dict of the centre net (null: the packaged weights/nuclei_unet.pt)")
     unet_min_score: float = Field(0.5, ge=0, le=1, description="a learned centre-map peak must reach this value (detector: unet)")
