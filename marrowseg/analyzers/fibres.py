@@ -26,6 +26,9 @@ __all__ = [
     "merge_points",
     "crossings",
     "overlap_factor",
+    "boolean_factor",
+    "overlap_fraction",
+    "crossing_overlap_factor",
     "prune_spurs",
     "grey_opening_torch",
     "grey_dilation_torch",
@@ -336,7 +339,11 @@ def merge_points(points: np.ndarray, radius_px: float) -> tuple[np.ndarray, int]
     return cents, n
 
 
-def crossings(skel: np.ndarray, radius_px: float) -> tuple[np.ndarray, np.ndarray]:
+def crossings(
+    skel: np.ndarray,
+    radius_px: float,
+    pixel_weight: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Fibre crossings of a skeleton, from the excess degree of its branch points.
 
     Every branch point (a skeleton pixel with ``deg >= 3`` chain links) holds ``(deg - 2) / 2``
@@ -353,13 +360,17 @@ def crossings(skel: np.ndarray, radius_px: float) -> tuple[np.ndarray, np.ndarra
         One-pixel-wide skeleton.
     radius_px : float
         Half the distance within which branch points are one junction, pixels.
+    pixel_weight : (H, W) float ndarray, optional
+        Multiplies each branch point's ``(deg - 2) / 2`` (a per-pixel correction such as
+        :func:`crossing_overlap_factor`); 1 when omitted.
 
     Returns
     -------
     centroids : (N, 2) float64 ndarray
         (row, col) centroid of each junction's branch points; shape (0, 2) if none.
     weight : (N,) float64 ndarray
-        Crossings at each junction, the sum of ``(deg - 2) / 2`` over its branch points.
+        Crossings at each junction, the sum of ``(deg - 2) / 2`` (times ``pixel_weight``)
+        over its branch points.
 
     Notes
     -----
@@ -385,6 +396,8 @@ def crossings(skel: np.ndarray, radius_px: float) -> tuple[np.ndarray, np.ndarra
     idx = np.arange(1, n + 1)
     cents = np.asarray(ndi.center_of_mass(bp, groups, idx), np.float64).reshape(-1, 2)
     excess = np.where(bp, (deg - 2) / 2.0, 0.0)
+    if pixel_weight is not None:
+        excess = excess * np.asarray(pixel_weight, np.float64)
     weight = np.asarray(ndi.sum(excess, groups, idx), np.float64).reshape(-1)
     return cents, weight
 
@@ -432,17 +445,94 @@ def overlap_factor(
         raise ValueError(f"fibre and region: expected two equal (H, W) masks, got {fibre.shape}, {region.shape}")
     if not 0 < max_frac < 1:
         raise ValueError(f"max_frac must be in (0, 1), got {max_frac}")
-    out = np.ones(fibre.shape, np.float64)
     if not fibre.any():
-        return out
+        return np.ones(fibre.shape, np.float64)
     s = float(sigma_px)
     mf = ndi.gaussian_filter((fibre & region).astype(np.float32), s, mode="constant", truncate=3.0)
     mr = ndi.gaussian_filter(region.astype(np.float32), s, mode="constant", truncate=3.0)
     ok = mr > 1e-3
     p = np.clip(np.where(ok, mf / np.where(ok, mr, 1.0), 0.0), 0.0, max_frac).astype(np.float64)
+    return boolean_factor(p)
+
+
+def overlap_fraction(fibre: np.ndarray, region: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Local fibre fraction ``p`` of ``region`` behind :func:`overlap_factor` (uncapped), (H, W) float64."""
+    fibre = np.asarray(fibre, bool)
+    region = np.asarray(region, bool)
+    s = float(sigma_px)
+    mf = ndi.gaussian_filter((fibre & region).astype(np.float32), s, mode="constant", truncate=3.0)
+    mr = ndi.gaussian_filter(region.astype(np.float32), s, mode="constant", truncate=3.0)
+    ok = mr > 1e-3
+    return np.clip(np.where(ok, mf / np.where(ok, mr, 1.0), 0.0), 0.0, 1.0).astype(np.float64)
+
+
+def boolean_factor(p: np.ndarray) -> np.ndarray:
+    """Boolean-model length factor ``-ln(1 - p) / p`` of a covered fraction ``p`` (1 at ``p = 0``)."""
+    p = np.asarray(p, np.float64)
+    out = np.ones(p.shape, np.float64)
     pos = p > 1e-6
     out[pos] = -np.log1p(-p[pos]) / p[pos]
     return out
+
+
+def crossing_overlap_factor(
+    cover: np.ndarray,
+    own_cover: np.ndarray,
+    exponent: float,
+    *,
+    max_frac: float,
+) -> np.ndarray:
+    """Factor by which a skeleton under-counts the crossings of overlapping fibres, per pixel.
+
+    A model, not a measurement. The count of :func:`crossings` (sum of ``(deg - 2) / 2`` over
+    branch points, i.e. edges minus nodes of the skeleton graph) is, by Euler's formula, the
+    number of holes the fibre network encloses (plus end effects). For random straight
+    fibres of width ``w`` (Poisson lines of length density ``L_A``) each crossing is the
+    corner of one cell of the line tessellation; a cell stays open in the fibre mask when it
+    holds a disk of radius ``w / 2``, and the inradius of the typical cell is exponential
+    with mean ``1 / (2 L_A)`` (Miles 1964), so a fraction ``exp(-L_A w) = 1 - p`` of them
+    stays open, ``p`` the area fraction the fibres cover (Boolean model, as in
+    :func:`overlap_factor`). The count is therefore divided by ``(1 - p) ** exponent``
+    (1 for this model, 0 for none). ``1 / (1 - p)`` is within 2 % of the square of the
+    length factor ``-ln(1 - p) / p`` for ``p <= 0.4``, as it must: for random lines the
+    crossing density is ``L_A^2 / pi``, so if the visible network is ``1 / f`` as long it
+    shows ``1 / f^2`` of the crossings.
+
+    ``p`` is the cover of the plane. The local cover ``cover`` measured at a crossing also
+    holds the two fibres through it; the other fibres are unaffected by conditioning on the
+    point (Slivnyak's theorem), so those two fibres' share ``s = own_cover`` is removed:
+    ``p = (cover - s) / (1 - s)``. Without this, crossings gained +21..+27 % in MF-2
+    phantoms (tuning seeds 2 and 6, the square of the length factor at the branch point).
+
+    Parameters
+    ----------
+    cover : (H, W) float ndarray
+        Local fibre fraction of the marrow (:func:`overlap_fraction`).
+    own_cover : (H, W) float ndarray
+        Share of the local window covered by the fibres crossing at the pixel (two straight
+        fibres of width ``w`` and a Gaussian window of ``sigma``: ``2 w / (sqrt(2 pi) sigma)``).
+    exponent : float
+        Power of ``1 / (1 - p)`` (>= 0).
+    max_frac : float
+        Cap on ``p`` (as in :func:`overlap_factor`).
+
+    Returns
+    -------
+    (H, W) float64 ndarray
+        Factor >= 1.
+
+    References
+    ----------
+    Miles R.E. "Random polygons determined by random lines in a plane." PNAS 52:901-907, 1964.
+    Stoyan D., Kendall W.S., Mecke J. Stochastic Geometry and its Applications, 2nd ed.
+    Wiley, 1995 (Slivnyak's theorem; Boolean model).
+    """
+    if exponent < 0:
+        raise ValueError(f"exponent must be >= 0, got {exponent}")
+    cover = np.asarray(cover, np.float64)
+    s = np.clip(np.asarray(own_cover, np.float64), 0.0, 0.9)
+    p = np.clip((cover - s) / (1.0 - s), 0.0, max_frac)
+    return np.power(1.0 - p, -float(exponent))
 
 
 def local_width_px(mask: np.ndarray, skel: np.ndarray) -> np.ndarray:

@@ -597,22 +597,40 @@ class ReticulinAnalyzer(Analyzer):
         weights = fibres.skeleton_length_weights(skel) * mpp  # µm per skeleton pixel
         width_um = fibres.local_width_px(mask, skel) * mpp
         counted = skel & haem  # fibre measures are per haematopoietic area
+        cover = None
         if c.overlap_sigma_um > 0 and counted.any():
             # where fibres crowd, they overlap and the skeleton of their union is short:
             # Boolean-model correction from the local fibre fraction of the marrow
-            weights = weights * fibres.overlap_factor(mask & haem, haem, c.overlap_sigma_um / mpp,
-                                                      max_frac=c.overlap_max_frac)
+            cover = fibres.overlap_fraction(mask & haem, haem, c.overlap_sigma_um / mpp)
+            weights = weights * fibres.boolean_factor(np.minimum(cover, c.overlap_max_frac))
         length_map = np.where(counted, weights, 0.0)
         thick_map = np.where(counted & (width_um > c.thick_width_um), weights, 0.0)
 
-        cents, cross_w = fibres.crossings(skel, 0.5 * c.junction_merge_um / mpp)
+        radius = 0.5 * c.junction_merge_um / mpp
+        cents, seen_w = fibres.crossings(skel, radius)
+        cross_w = seen_w
+        if cover is not None and c.crossing_overlap_exponent > 0:
+            # crossings hidden where fibres overlap (holes closed): model-based, / (1 - p) at
+            # each branch point, p the local cover without the two crossing fibres' own share
+            # (see fibres.crossing_overlap_factor); their width is that of the skeleton around
+            # the branch point (at the point itself the crossing widens the mask)
+            bp = fibres.branch_points(skel)
+            arms = skel & ~ndi.binary_dilation(bp, structure=np.ones((5, 5), bool))
+            sw = 2.0 / mpp  # µm -> px: width averaged over ~2 µm of skeleton around the point
+            num = ndi.gaussian_filter(np.where(arms, width_um, 0.0), sw, mode="constant", truncate=3.0)
+            den = ndi.gaussian_filter(arms.astype(np.float64), sw, mode="constant", truncate=3.0)
+            w_arm = np.where(den > 1e-6, num / np.maximum(den, 1e-6), width_um)
+            own = 2.0 * w_arm / (math.sqrt(2 * math.pi) * c.overlap_sigma_um)
+            _, cross_w = fibres.crossings(
+                skel, radius, fibres.crossing_overlap_factor(cover, own, c.crossing_overlap_exponent,
+                                                             max_frac=c.overlap_max_frac))
         if len(cents):
             rr = np.clip(np.floor(cents[:, 0]).astype(int), 0, skel.shape[0] - 1)
             cc = np.clip(np.floor(cents[:, 1]).astype(int), 0, skel.shape[1] - 1)
             # a junction whose centroid falls between skeleton pixels still belongs to the
             # tissue under it; count it where that tissue is haematopoietic
             keep = ctx.in_core(cents[:, 0], cents[:, 1]) & haem[rr, cc] & (cross_w > 0)
-            cents, cross_w = cents[keep], cross_w[keep]
+            cents, cross_w, seen_w = cents[keep], cross_w[keep], seen_w[keep]
 
         core = ctx.core
         lab_c = labels[core]
@@ -625,8 +643,10 @@ class ReticulinAnalyzer(Analyzer):
             "fibre_px": int((mask[core] & (lab_c == HAEM)).sum()),
             "fibre_length_um": float(length_map[core].sum()),
             "thick_fibre_length_um": float(thick_map[core].sum()),
-            # crossings: each branch point holds (deg - 2) / 2 of them (halves possible)
+            # crossings: each branch point holds (deg - 2) / 2 of them (halves possible),
+            # times the overlap model's factor; n_junctions_seen: the skeleton's own count
             "n_junctions": float(cross_w.sum()),
+            "n_junctions_seen": float(seen_w.sum()),
         }
 
         # per-window sums: window index = floor(slide_px * mpp / window_um)
@@ -732,7 +752,10 @@ class ReticulinAnalyzer(Analyzer):
             "counts": {
                 "fibre_length_um": float(totals.get("fibre_length_um", 0.0)),
                 "thick_fibre_length_um": float(totals.get("thick_fibre_length_um", 0.0)),
-                "n_junctions": float(totals.get("n_junctions", 0.0)),  # crossings (halves possible)
+                # crossings (halves possible), with the overlap model's correction
+                "n_junctions": float(totals.get("n_junctions", 0.0)),
+                # crossings the skeleton shows, before that correction
+                "n_junctions_seen": float(totals.get("n_junctions_seen", 0.0)),
                 "n_windows_graded": int(n_graded),  # grid cells with a local grade
             },
             "measurements": {
@@ -740,6 +763,9 @@ class ReticulinAnalyzer(Analyzer):
                 "grade_window_um": float(loc["window_cells"] * c.window_um),  # local grade measured over
                 "length_estimator": "Vossepoel-Smeulders chain code (0.980 even, 1.406 odd, -0.091 corner) "
                 "x Boolean-model overlap factor -ln(1-p)/p, p = local fibre fraction of the marrow",
+                "crossing_estimator": "sum of (deg-2)/2 over skeleton branch points / (1 - p) ** "
+                f"{c.crossing_overlap_exponent:g} (holes closed by overlap, Poisson-line model; p = local fibre "
+                "fraction less the crossing fibres' own share)",
                 "local_grade_area_um2": {GRADE_NAMES[g]: area_by_grade[g] for g in range(4)},
             },
         }

@@ -58,6 +58,8 @@ class ReticulinConfig(Strict):
     overlap_sigma_um: float = Field(
         ge=0, description="scale of the local fibre fraction behind the overlap correction of length, µm (0: none)")
     overlap_max_frac: float = Field(gt=0, lt=1, description="local fibre fraction is capped here (bounds the correction)")
+    crossing_overlap_exponent: float = Field(
+        ge=0, description="crossings are divided by (1 - p) to this power, p the local fibre cover (hole model: 1; 0: none)")
 
     # -- silver-stain tissue classes ------------------------------------------------
     tissue_smooth_um: float = Field(gt=0, description="Gaussian scale of the OD used for tissue classes, µm")
