@@ -207,7 +207,7 @@ def test_megakaryocyte_needs_an_even_nucleus_when_cv_limit_set(cfg):
     assert list(nuc.classify_nuclei(table, size_only)) == ["megakaryocyte", "megakaryocyte"]
 
 
-def _megakaryocyte(mpp: float, size_um: float = 100.0) -> np.ndarray:
+def _megakaryocyte(mpp: float, size_um: float = 100.0, mottle: float = 0.15) -> np.ndarray:
     """A lobulated megakaryocyte nucleus (five overlapping 16-18 µm lobes, ~800 µm²) with
     mottled chromatin centred at (50, 50) µm, and four 7 µm nuclei, one touching it."""
     rng = np.random.default_rng(0)
@@ -217,7 +217,7 @@ def _megakaryocyte(mpp: float, size_um: float = 100.0) -> np.ndarray:
         img = np.maximum(img, _disks(mpp, 2 * rad, 0.75, [(r_um, c_um)], size_um))
     # chromatin clumps ~2 µm: many smoothed-haematoxylin peaks inside the one nucleus
     blotch = ndi.gaussian_filter(rng.normal(size=img.shape).astype(np.float32), 2.0 / mpp)
-    img = np.where(img > 0, img * (1.0 + 0.15 * blotch / blotch.std()), 0).astype(np.float32)
+    img = np.where(img > 0, img * np.maximum(1.0 + mottle * blotch / blotch.std(), 0.2), 0).astype(np.float32)
     small = [(15.0, 15.0), (15.0, 85.0), (85.0, 20.0), (50.0, 69.0)]  # the last touches a lobe
     return np.maximum(img, _disks(mpp, 7.0, 0.7, small, size_um))
 
@@ -240,6 +240,19 @@ def test_lobulated_megakaryocyte_is_one_nucleus_and_classified(cfg, mpp):
     assert (table["area_um2"][~mk] < 60.0).all()
     _, frag = nuc.detect_nuclei(img, mpp, cfg.nuclei.model_copy(update={"megakaryocyte_min_radius_um": None}))
     assert len(frag["row"]) >= 4 + 3  # the small nuclei and at least three fragments
+
+
+def test_megakaryocyte_merge_leaves_an_uneven_mass_in_pieces(cfg):
+    """A large mass whose haematoxylin is patchy (std/mean above megakaryocyte_merge_max_od_cv)
+    is a clump of nuclei: its pieces stay apart; without the check they are merged."""
+    img = _megakaryocyte(0.5, mottle=0.6)
+    assert cfg.nuclei.megakaryocyte_merge_max_od_cv == 0.22
+    _, kept = nuc.detect_nuclei(img, 0.5, cfg.nuclei)
+    _, merged = nuc.detect_nuclei(img, 0.5, cfg.nuclei.model_copy(update={"megakaryocyte_merge_max_od_cv": None}))
+    big = merged["area_um2"] >= 250.0
+    assert big.sum() == 1 and merged["h_od_cv"][big][0] > 0.22
+    assert len(kept["row"]) >= len(merged["row"]) + 2
+    assert kept["area_um2"].max() < 0.6 * merged["area_um2"][big][0]
 
 
 def test_megakaryocyte_merge_leaves_clumps_of_small_nuclei_alone(cfg):

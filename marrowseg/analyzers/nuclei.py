@@ -235,6 +235,7 @@ def detect_nuclei(
             min_radius_um=float(mk_radius_um),
             core_radius_um=float(cfg.megakaryocyte_core_radius_um),
             min_area_um2=float(cfg.megakaryocyte_core_min_area_um2),
+            max_od_cv=getattr(cfg, "megakaryocyte_merge_max_od_cv", None),
         )
     return labels, table
 
@@ -249,6 +250,7 @@ def merge_megakaryocytes(
     min_radius_um: float,
     core_radius_um: float,
     min_area_um2: float,
+    max_od_cv: float | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Make each megakaryocyte nucleus one region again.
 
@@ -278,6 +280,9 @@ def merge_megakaryocytes(
         Radius of the opening disk, µm: necks narrower than twice this are cut.
     min_area_um2 : float
         Smallest core, µm².
+    max_od_cv : float, optional
+        A merged region whose haematoxylin std/mean is above this is not one even nucleus
+        (a clump of dark nuclei with gaps): its nuclei are left as they were.
 
     Returns
     -------
@@ -338,6 +343,16 @@ def merge_megakaryocytes(
     free = (cores > 0) & (labels == 0)
     joined[free] = cores[free]
     m_labels, m_table = _measure(joined, h_od, mpp, 0.0)
+    if max_od_cv is not None:
+        uneven = m_table["h_od_cv"] > max_od_cv
+        if uneven.all():
+            return labels, table
+        if uneven.any():
+            bad = m_table["label"][uneven]
+            merged &= ~np.isin(owner, bad)
+            joined[np.isin(joined, bad)] = 0
+            m_labels[np.isin(m_labels, bad)] = 0
+            m_table = {c: v[~uneven] for c, v in m_table.items()}
     out = np.where(joined > 0, 0, labels).astype(np.int32)
     offset = int(labels.max())
     inside = m_labels > 0

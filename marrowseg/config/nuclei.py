@@ -58,6 +58,9 @@ class NucleiConfig(Strict):
                                                 "mask to find megakaryocyte cores, µm: narrower necks are cut")
     megakaryocyte_core_min_area_um2: float = Field(250.0, gt=0, description="smallest megakaryocyte core (the "
                                                    "opened mask), µm²")
+    megakaryocyte_merge_max_od_cv: float | None = Field(
+        None, ge=0, description="a merged region with a higher std/mean of haematoxylin is a clump, not one "
+        "nucleus: its nuclei stay apart (null: no check)")
     # optional, detector: unet only
     unet_weights: str | None = Field(None, description="state dict of the centre net (null: the packaged weights/nuclei_unet.pt)")
     unet_min_score: float = Field(0.5, ge=0, le=1, description="a learned centre-map peak must reach this value (detector: unet)")
