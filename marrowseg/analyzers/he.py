@@ -69,18 +69,11 @@ class HEModule(torch.nn.Module):
         return out
 
 
-#: Margin around the tile core in which nuclei are detected, µm. Detection only has to see
-#: the nuclei touching the core: the largest (megakaryocytes, <= ~50 µm) reach 25 µm beyond
-#: it, and a seed or basin cut by the search box changes only the nuclei next to the cut.
-#: The smoothed maps are computed on the whole tile, so they are exact inside the box. The
-#: cells of the 8,192 px benchmark phantom and of a 4,096 px phantom at 90 % cellularity are
-#: the same with 16 µm; the H&E halo (128 µm, for fat) would triple the area searched.
-NUCLEUS_HALO_UM = 32.0
 
 
 def _nucleus_box(ctx: TileContext, shape: tuple[int, int], margin_px: float) -> tuple[tuple[slice, slice], tuple[int, int]]:
     """The tile's core grown by ``margin_px`` and clipped to ``shape``; and its (row, col) origin."""
-    m = int(math.ceil(margin_px))
+    m = int(math.ceil(margin_px)) if np.isfinite(margin_px) else max(shape)
     r0, c0 = max(0, ctx.core[0].start - m), max(0, ctx.core[1].start - m)
     r1, c1 = min(shape[0], ctx.core[0].stop + m), min(shape[1], ctx.core[1].stop + m)
     return (slice(r0, r1), slice(c0, c1)), (r0, c0)
@@ -307,9 +300,10 @@ class HEAnalyzer(Analyzer):
             stats[f"n_adipocytes_bin_{i:02d}"] = int(n)
 
         # nuclei: centres searched in marrow (haematopoietic tissue and fat septa), over the
-        # core and a NUCLEUS_HALO_UM margin only (the halo is sized for the fat spaces)
+        # core and the nuclei's own search margin (the tile halo is sized for fat spaces)
         allowed = (labels == tis.HAEMATOPOIETIC) | (labels == tis.FAT)
-        box, (r_off, c_off) = _nucleus_box(ctx, shape, NUCLEUS_HALO_UM / mpp)
+        margin = cfg.nuclei.search_margin_um
+        box, (r_off, c_off) = _nucleus_box(ctx, shape, np.inf if margin is None else margin / mpp)
         if cfg.nuclei.detector == "unet":
             _, table = nuc.detect_nuclei_from_centre_map(
                 d["h_od"][box], mpp, cfg.nuclei, d["centre"][box], peak_map=d["peak"][box],

@@ -36,6 +36,10 @@ class NucleiConfig(Strict):
     )
     distance_od_weight_um: float = Field(0.3, ge=0, description="µm of distance one OD of smoothed haematoxylin is worth (seeds: distance)")
     min_radius_um: float = Field(1.0, ge=0, description="a distance seed lies at least this far inside the nuclear mask, µm (seeds: distance)")
+    search_margin_um: float | None = Field(
+        None, ge=0, description="nuclei are searched over the tile core grown by this margin only, µm; it must "
+        "hold the largest nucleus touching the core (megakaryocytes reach ~25 µm beyond it). null: the whole "
+        "tile with its halo")
     # optional: null keeps every segmented nucleus whole
     split_max_solidity: float | None = Field(
         None, gt=0, le=1,
