@@ -329,14 +329,20 @@ def merge_points(points: np.ndarray, radius_px: float) -> tuple[np.ndarray, int]
     points = np.asarray(points, dtype=bool)
     if not points.any():
         return np.zeros((0, 2), np.float64), 0
+    lab, n = _groups_within(points, radius_px)
+    cents = np.asarray(ndi.center_of_mass(points, lab, np.arange(1, n + 1)), np.float64).reshape(-1, 2)
+    return cents, n
+
+
+def _groups_within(points: np.ndarray, radius_px: float) -> tuple[np.ndarray, int]:
+    """Label image of the marked pixels grown by a disk of ``radius_px``: nearby points share a label."""
     r = max(0.0, float(radius_px))
     ri = int(math.floor(r))
     yy, xx = np.mgrid[-ri : ri + 1, -ri : ri + 1]
     disk = (yy**2 + xx**2) <= r * r + 1e-9
     zone = ndi.binary_dilation(points, structure=disk) if ri > 0 else points
     lab, n = ndi.label(zone, structure=np.ones((3, 3), bool))
-    cents = np.asarray(ndi.center_of_mass(points, lab, np.arange(1, n + 1)), np.float64).reshape(-1, 2)
-    return cents, n
+    return lab, int(n)
 
 
 def crossings(
@@ -387,12 +393,7 @@ def crossings(
     bp = deg >= 3
     if not bp.any():
         return np.zeros((0, 2), np.float64), np.zeros(0, np.float64)
-    r = max(0.0, float(radius_px))
-    ri = int(math.floor(r))
-    yy, xx = np.mgrid[-ri : ri + 1, -ri : ri + 1]
-    disk = (yy**2 + xx**2) <= r * r + 1e-9
-    zone = ndi.binary_dilation(bp, structure=disk) if ri > 0 else bp
-    groups, n = ndi.label(zone, structure=np.ones((3, 3), bool))
+    groups, n = _groups_within(bp, radius_px)
     idx = np.arange(1, n + 1)
     cents = np.asarray(ndi.center_of_mass(bp, groups, idx), np.float64).reshape(-1, 2)
     excess = np.where(bp, (deg - 2) / 2.0, 0.0)
