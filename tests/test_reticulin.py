@@ -79,7 +79,8 @@ def test_two_crossing_lines_give_one_intersection(mpp):
     res, rep = _run_tile(_draw(130, mpp, [(65, 15, 65, 115), (15, 65, 115, 65)]), mpp)
     assert res.stats["n_junctions_seen"] == 1
     assert rep["counts"]["n_junctions_seen"] == 1
-    assert 1.0 <= res.stats["n_junctions"] < 1.2
+    # the model never removes a crossing and adds only what the local cover implies
+    assert res.stats["n_junctions_seen"] <= res.stats["n_junctions"] < 1.2 * res.stats["n_junctions_seen"]
     assert rep["counts"]["n_junctions"] == res.stats["n_junctions"]
     np.testing.assert_allclose(res.stats["fibre_length_um"], 200.0, rtol=0.04)
 
