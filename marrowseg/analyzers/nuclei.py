@@ -353,15 +353,7 @@ def merge_megakaryocytes(
             joined[np.isin(joined, bad)] = 0
             m_labels[np.isin(m_labels, bad)] = 0
             m_table = {c: v[~uneven] for c, v in m_table.items()}
-    out = np.where(joined > 0, 0, labels).astype(np.int32)
-    offset = int(labels.max())
-    inside = m_labels > 0
-    out[inside] = m_labels[inside] + offset
-    keep_rows = ~merged
-    result = {c: np.concatenate([table[c][keep_rows], m_table[c] + (offset if c == "label" else 0)])
-              for c in NUCLEUS_COLUMNS}
-    result["label"] = result["label"].astype(np.int32)
-    return out, result
+    return _replace_regions(labels, table, joined > 0, ~merged, m_labels, m_table)
 
 
 def split_by_shape(
@@ -460,15 +452,26 @@ def split_by_shape(
         return labels, table
     # measure only the new parts; the other rows stay as they are
     p_labels, p_table = _measure(parts_img, h_od, mpp, keep_area_um2)
-    keep_rows = ~np.isin(table["label"], split_ids)
-    out = np.where(np.isin(labels, split_ids), 0, labels).astype(np.int32)
+    return _replace_regions(labels, table, np.isin(labels, split_ids), ~np.isin(table["label"], split_ids),
+                            p_labels, p_table)
+
+
+def _replace_regions(
+    labels: np.ndarray, table: dict[str, np.ndarray], removed: np.ndarray, keep_rows: np.ndarray,
+    new_labels: np.ndarray, new_table: dict[str, np.ndarray],
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``labels``/``table`` with the ``removed`` pixels cleared and only ``keep_rows`` kept, plus new regions.
+
+    New regions get ids above the largest input id (unique, not contiguous) and their rows come last.
+    """
+    out = np.where(removed, 0, labels).astype(np.int32)
     offset = int(labels.max())
-    inside = p_labels > 0
-    out[inside] = p_labels[inside] + offset
-    merged = {c: np.concatenate([table[c][keep_rows], p_table[c] + (offset if c == "label" else 0)])
+    inside = new_labels > 0
+    out[inside] = new_labels[inside] + offset
+    result = {c: np.concatenate([table[c][keep_rows], new_table[c] + (offset if c == "label" else 0)])
               for c in NUCLEUS_COLUMNS}
-    merged["label"] = merged["label"].astype(np.int32)
-    return out, merged
+    result["label"] = result["label"].astype(np.int32)
+    return out, result
 
 
 def _measure(labels: np.ndarray, h_od: np.ndarray, mpp: float, min_area_um2: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
