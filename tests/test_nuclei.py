@@ -96,6 +96,64 @@ def test_torch_maps_match_scipy_smoothing(cfg):
     assert out["peak"].dtype == torch.float32
 
 
+def test_torch_background_map_matches_scipy_reference(cfg):
+    """With mask_contrast_od set, the dense module also gives the 8 µm background map, equal to
+    reference_maps' SciPy twin; ecad.yaml (contrast off) gets no such map."""
+    rng = np.random.default_rng(1)
+    img = ndi.gaussian_filter(rng.random((128, 128)).astype(np.float32), 2)
+    assert cfg.nuclei.mask_contrast_od is not None
+    out = nuc.NucleusMaps(0.5, cfg.nuclei)(torch.from_numpy(img)[None, None])
+    ref = nuc.reference_maps(img, 0.5, cfg.nuclei)
+    assert set(out) == set(ref) == {"peak", "mask", "background"}
+    np.testing.assert_allclose(out["background"][0, 0].numpy(), ref["background"], atol=1e-5)
+    ecad = load_config("ecad").ecad.nuclei
+    assert ecad.mask_contrast_od is None
+    assert set(nuc.NucleusMaps(0.25, ecad)(torch.from_numpy(img)[None, None])) == {"peak", "mask"}
+
+
+def _nuclei_on_dark_stroma(mpp: float = 0.5) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Five 7 µm nuclei (0.8 OD) in haematoxylin-stained stroma (0.42 OD, mottled by 0.015 OD
+    on a 2 µm scale, under a third of the contrast) that fills the image: a heavily stained
+    section, every pixel above mask_od 0.3."""
+    rng = np.random.default_rng(3)
+    img = _disks(mpp, 7.0, 0.8, _CENTRES_UM)
+    mottle = ndi.gaussian_filter(rng.normal(size=img.shape).astype(np.float32), 2.0 / mpp)
+    stroma = (0.42 + 0.015 * mottle / mottle.std()).astype(np.float32)
+    return np.maximum(img, stroma), _CENTRES_UM
+
+
+def test_contrast_mask_keeps_nuclei_and_drops_dark_stroma(cfg):
+    """he.yaml (mask_contrast_od 0.05): in stroma darker than mask_od the detector still finds the
+    five nuclei, each about its drawn size, and nothing in the stroma; with the absolute
+    threshold alone the stroma is taken for nuclei (extra cells or nuclei grown into it).
+    (The edge of such a sheet against pale tissue does pass the contrast test: not tested.)"""
+    img, centres = _nuclei_on_dark_stroma()
+    _, table = nuc.detect_nuclei(img, 0.5, cfg.nuclei)
+    assert len(table["row"]) == len(centres)
+    # the blurred edge (0.8 -> 0.42 OD) crosses background + 0.05 ~0.4 µm outside the drawn one
+    np.testing.assert_allclose(table["area_um2"], np.pi * 3.5**2, rtol=0.3)
+    got_um = np.column_stack([table["row"], table["col"]]) * 0.5 + 0.25
+    for r, c in centres:
+        assert np.min(np.hypot(got_um[:, 0] - r, got_um[:, 1] - c)) < 1.0
+    _, absolute = nuc.detect_nuclei(img, 0.5, cfg.nuclei.model_copy(update={"mask_contrast_od": None}))
+    assert len(absolute["row"]) > len(centres) or absolute["area_um2"].max() > 2 * np.pi * 3.5**2
+
+
+def test_contrast_off_is_the_absolute_threshold(cfg):
+    """mask_contrast_od null (ecad.yaml) gives the plain mask_map > mask_od, twice; with the
+    contrast test the mask is a subset of it and its filled version has no holes."""
+    rng = np.random.default_rng(2)
+    m = rng.random((40, 40)).astype(np.float32)
+    off = cfg.nuclei.model_copy(update={"mask_contrast_od": None})
+    mask, filled = nuc.nuclear_mask(m, 0.5, off, m)
+    np.testing.assert_array_equal(mask, m > off.mask_od)
+    np.testing.assert_array_equal(filled, mask)
+    on, on_filled = nuc.nuclear_mask(m, 0.5, cfg.nuclei, m)
+    assert not (on & ~mask).any() and on.sum() < mask.sum()
+    assert not (on & ~on_filled).any()
+    np.testing.assert_array_equal(on_filled, ndi.binary_fill_holes(on_filled))
+
+
 def test_label_measurements_match_regionprops():
     """Centroid, area, eccentricity and intensity mean/std equal scikit-image's regionprops."""
     from skimage.measure import regionprops_table

@@ -312,7 +312,7 @@ class HEAnalyzer(Analyzer):
         else:
             _, table = nuc.detect_nuclei(
                 d["h_od"][box], mpp, cfg.nuclei, peak_map=d["peak"][box], mask_map=d["mask"][box],
-                allowed=allowed[box]
+                allowed=allowed[box], background_map=d["background"][box] if "background" in d else None,
             )
         table = dict(table, row=table["row"] + r_off, col=table["col"] + c_off)
         keep = ctx.in_core(table["row"], table["col"])

@@ -7,8 +7,10 @@ Pipeline (classical detector)::
 
     peak_map = gaussian(h_od, peak_sigma_um)     # dense: torch, see NucleusMaps
     mask_map = gaussian(h_od, mask_sigma_um)
+    mask     = mask_map > mask_od
+    mask    &= mask_map > gaussian(h_od, mask_background_sigma_um) + mask_contrast_od   # optional
     centres  = local maxima of peak_map, >= min_peak_od, >= min_distance_um apart, inside mask
-    labels   = watershed(-peak_map, centres, mask = mask_map > mask_od)
+    labels   = watershed(-peak_map, centres, mask)
     labels   = split_by_shape(labels)                # optional: large, non-convex regions cut
                                                      # at their waists (overlapping nuclei)
     labels   = merge_megakaryocytes(labels)          # optional: the lobes and chromatin peaks of
@@ -42,6 +44,7 @@ __all__ = [
     "detect_nuclei",
     "detect_nuclei_from_centre_map",
     "nuclei_from_centres",
+    "nuclear_mask",
     "split_by_shape",
     "merge_megakaryocytes",
     "classify_nuclei",
@@ -102,22 +105,35 @@ def gaussian_blur_torch(x: torch.Tensor, sigma_px: float, *, coarse_above_px: fl
     return filters.gaussian_blur(x, sigma_px)
 
 
-class NucleusMaps(torch.nn.Module):
-    """Dense step of the classical detector: the two smoothed haematoxylin maps.
+def _background_sigma_px(mpp: float, cfg: Any) -> float | None:
+    """Sigma of the local-background map in pixels, or None when the contrast test is off."""
+    if getattr(cfg, "mask_contrast_od", None) is None:
+        return None
+    return float(cfg.mask_background_sigma_um) / float(mpp)
 
-    Input ``(B, 1, H, W)`` haematoxylin OD; output ``{"peak": ..., "mask": ...}``, same shape.
+
+class NucleusMaps(torch.nn.Module):
+    """Dense step of the classical detector: the smoothed haematoxylin maps.
+
+    Input ``(B, 1, H, W)`` haematoxylin OD; output ``{"peak": ..., "mask": ...}``, same shape,
+    and ``"background"`` (``h_od`` smoothed with ``mask_background_sigma_um``) when
+    ``mask_contrast_od`` is set.
     """
 
     def __init__(self, mpp: float, cfg: Any) -> None:
         super().__init__()
         self.peak_sigma_px = float(cfg.peak_sigma_um) / float(mpp)
         self.mask_sigma_px = float(cfg.mask_sigma_um) / float(mpp)
+        self.background_sigma_px = _background_sigma_px(mpp, cfg)
 
     def forward(self, h_od: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
+        out = {
             "peak": gaussian_blur_torch(h_od, self.peak_sigma_px),
             "mask": gaussian_blur_torch(h_od, self.mask_sigma_px),
         }
+        if self.background_sigma_px is not None:
+            out["background"] = gaussian_blur_torch(h_od, self.background_sigma_px)
+        return out
 
 
 def gaussian_reference(img: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -131,10 +147,14 @@ def gaussian_reference(img: np.ndarray, sigma_px: float) -> np.ndarray:
 
 def reference_maps(h_od: np.ndarray, mpp: float, cfg: Any) -> dict[str, np.ndarray]:
     """:class:`NucleusMaps` for one (H, W) image in SciPy: the same keys, (H, W) float32 arrays."""
-    return {
+    out = {
         "peak": gaussian_reference(h_od, float(cfg.peak_sigma_um) / float(mpp)),
         "mask": gaussian_reference(h_od, float(cfg.mask_sigma_um) / float(mpp)),
     }
+    bg_sigma_px = _background_sigma_px(mpp, cfg)
+    if bg_sigma_px is not None:
+        out["background"] = gaussian_reference(h_od, bg_sigma_px)
+    return out
 
 
 def _check_image(h_od: np.ndarray, name: str = "h_od") -> np.ndarray:
@@ -149,6 +169,59 @@ def _smooth(h_od: np.ndarray, sigma_um: float, mpp: float) -> np.ndarray:
     return ndi.gaussian_filter(h_od, s, mode="reflect") if s > 0 else h_od
 
 
+def nuclear_mask(
+    h_od: np.ndarray, mpp: float, cfg: Any, mask_map: np.ndarray, background_map: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclear pixels: above ``mask_od`` and, optionally, above their surroundings.
+
+    Parameters
+    ----------
+    h_od : (H, W) float32 ndarray
+        Haematoxylin OD (for the background map when ``background_map`` is omitted).
+    mpp : float
+        µm per pixel.
+    cfg : NucleiConfig
+        ``mask_od``; ``mask_contrast_od`` (null: no contrast test) and ``mask_background_sigma_um``.
+    mask_map : (H, W) float32 ndarray
+        ``h_od`` smoothed with ``mask_sigma_um``.
+    background_map : (H, W) float32 ndarray, optional
+        ``h_od`` smoothed with ``mask_background_sigma_um``; computed with scipy when omitted.
+
+    Returns
+    -------
+    mask : (H, W) bool ndarray
+        Nuclear pixels (both tests).
+    filled : (H, W) bool ndarray
+        ``mask`` with its holes filled (the same array when the contrast test is off): the
+        mask the megakaryocyte merge looks at.
+
+    Notes
+    -----
+    Why a contrast test: the haematoxylin OD of cytoplasm and stroma depends on the lab and
+    the section (MoNuSeg tiles: non-nuclear median 0.11-0.29 OD, 10-48 % of it above 0.3),
+    so an absolute threshold alone takes dark cytoplasm for nuclei and lets nuclear regions
+    run into it. A nucleus is denser than its surroundings on the scale of a few cells;
+    ``mask_background_sigma_um`` is that scale. A nucleus much wider than that scale (a
+    megakaryocyte) reads as its own background inside and fails the test there, while its rim
+    passes; so the megakaryocyte merge looks at ``filled``, the mask with its holes filled
+    (not at the absolute threshold: in a heavily stained section that is one sheet, and the
+    merge would join every nucleus in it). The edge of a dark sheet against pale tissue passes
+    the contrast test too.
+    """
+    absolute = mask_map > np.float32(cfg.mask_od)
+    contrast = getattr(cfg, "mask_contrast_od", None)
+    if contrast is None:
+        return absolute, absolute
+    if background_map is None:
+        background_map = gaussian_reference(h_od, float(cfg.mask_background_sigma_um) / float(mpp))
+    else:
+        background_map = _check_image(background_map, "background_map")
+    if background_map.shape != mask_map.shape:
+        raise ValueError(f"background_map {background_map.shape} differs from mask_map {mask_map.shape}")
+    mask = absolute & (mask_map > background_map + np.float32(contrast))
+    return mask, ndi.binary_fill_holes(mask)
+
+
 def detect_nuclei(
     h_od: np.ndarray,
     mpp: float,
@@ -157,6 +230,7 @@ def detect_nuclei(
     peak_map: np.ndarray | None = None,
     mask_map: np.ndarray | None = None,
     allowed: np.ndarray | None = None,
+    background_map: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Detect and segment nuclei in a haematoxylin OD image (classical detector).
 
@@ -168,7 +242,8 @@ def detect_nuclei(
         Pixel size, µm per pixel (> 0).
     cfg : NucleiConfig
         ``peak_sigma_um``, ``min_distance_um``, ``min_peak_od``, ``mask_sigma_um``,
-        ``mask_od``, ``min_area_um2``; ``split_max_solidity`` (null: no split),
+        ``mask_od``, ``min_area_um2``; ``mask_contrast_od`` (null: no contrast test) and
+        ``mask_background_sigma_um`` for :func:`nuclear_mask`; ``split_max_solidity`` (null: no split),
         ``split_min_area_um2``, ``split_h_um`` for :func:`split_by_shape`;
         ``megakaryocyte_min_radius_um`` (null: no merge), ``megakaryocyte_core_radius_um``,
         ``megakaryocyte_core_min_area_um2`` for :func:`merge_megakaryocytes`.
@@ -177,6 +252,9 @@ def detect_nuclei(
         computes them on the device); computed here with scipy when omitted.
     allowed : (H, W) bool ndarray, optional
         Centres outside it are ignored (e.g. only haematopoietic tissue).
+    background_map : (H, W) float32 ndarray, optional
+        ``h_od`` smoothed with ``mask_background_sigma_um`` (used only with
+        ``mask_contrast_od``); computed here with scipy when omitted.
 
     Returns
     -------
@@ -193,7 +271,7 @@ def detect_nuclei(
     maskm = _smooth(h_od, cfg.mask_sigma_um, mpp) if mask_map is None else _check_image(mask_map, "mask_map")
     if peak.shape != h_od.shape or maskm.shape != h_od.shape:
         raise ValueError(f"peak/mask maps {peak.shape}/{maskm.shape} differ from h_od {h_od.shape}")
-    mask = maskm > np.float32(cfg.mask_od)
+    mask, filled = nuclear_mask(h_od, mpp, cfg, maskm, background_map)
     min_dist_px = max(1, int(round(float(cfg.min_distance_um) / mpp)))
     search = mask if allowed is None else (mask & allowed)
     if not search.any():
@@ -231,7 +309,7 @@ def detect_nuclei(
     mk_radius_um = getattr(cfg, "megakaryocyte_min_radius_um", None)
     if mk_radius_um is not None and len(table["label"]):
         labels, table = merge_megakaryocytes(
-            h_od, mpp, mask, labels, table,
+            h_od, mpp, filled, labels, table,
             min_radius_um=float(mk_radius_um),
             core_radius_um=float(cfg.megakaryocyte_core_radius_um),
             min_area_um2=float(cfg.megakaryocyte_core_min_area_um2),

@@ -36,6 +36,13 @@ class NucleiConfig(Strict):
     )
     distance_od_weight_um: float = Field(0.3, ge=0, description="µm of distance one OD of smoothed haematoxylin is worth (seeds: distance)")
     min_radius_um: float = Field(1.0, ge=0, description="a distance seed lies at least this far inside the nuclear mask, µm (seeds: distance)")
+    # optional: null keeps the absolute threshold alone (the original mask, which ecad.yaml relies on)
+    mask_contrast_od: float | None = Field(
+        None, ge=0,
+        description="a nuclear pixel also exceeds its surroundings (h_od smoothed with mask_background_sigma_um) "
+        "by this much, OD (null: mask_od alone)")
+    mask_background_sigma_um: float = Field(8.0, gt=0, description="Gaussian sigma of the local haematoxylin "
+                                            "background, µm: a few cell spacings (mask_contrast_od)")
     search_margin_um: float | None = Field(
         None, ge=0, description="nuclei are searched over the tile core grown by this margin only, µm; it must "
         "hold the largest nucleus touching the core (megakaryocytes reach ~25 µm beyond it). null: the whole "
