@@ -29,6 +29,9 @@ __all__ = [
     "boolean_factor",
     "overlap_fraction",
     "crossing_overlap_factor",
+    "own_cover",
+    "cover_without_own",
+    "arm_width",
     "prune_spurs",
     "grey_opening_torch",
     "grey_dilation_torch",
@@ -530,10 +533,88 @@ def crossing_overlap_factor(
     """
     if exponent < 0:
         raise ValueError(f"exponent must be >= 0, got {exponent}")
-    cover = np.asarray(cover, np.float64)
-    s = np.clip(np.asarray(own_cover, np.float64), 0.0, 0.9)
-    p = np.clip((cover - s) / (1.0 - s), 0.0, max_frac)
+    p = cover_without_own(cover, own_cover, max_frac=max_frac)
     return np.power(1.0 - p, -float(exponent))
+
+
+def own_cover(width_um: np.ndarray, n_fibres: int, sigma_um: float) -> np.ndarray:
+    """Share of a Gaussian window covered by ``n_fibres`` straight fibres through its centre.
+
+    A straight strip of width ``w`` through the centre of a 2-D Gaussian window of scale
+    ``sigma`` (``w << sigma``) holds ``w / (sqrt(2 pi) sigma)`` of the window's weight (the
+    1-D Gaussian density at 0 times the width).
+
+    Parameters
+    ----------
+    width_um : ndarray
+        Fibre width, µm.
+    n_fibres : int
+        Fibres through the point (1 on a fibre, 2 at a crossing).
+    sigma_um : float
+        Window scale, µm (> 0).
+
+    Returns
+    -------
+    ndarray
+        Covered share (dimensionless), same shape as ``width_um``.
+    """
+    return n_fibres * np.asarray(width_um, np.float64) / (math.sqrt(2 * math.pi) * float(sigma_um))
+
+
+def cover_without_own(cover: np.ndarray, own: np.ndarray, *, max_frac: float) -> np.ndarray:
+    """Cover of the plane from the cover measured at a fibre point (Palm / Slivnyak).
+
+    The local cover measured at a point on a fibre holds that fibre's own share ``s``; the
+    other fibres of a Boolean model are distributed as anywhere else (Slivnyak's theorem), so
+    they cover ``p`` of the rest: ``cover = s + (1 - s) p``, hence ``p = (cover - s) / (1 - s)``.
+
+    Parameters
+    ----------
+    cover : ndarray
+        Local fibre fraction measured at the point (:func:`overlap_fraction`).
+    own : ndarray
+        Share of the window covered by the point's own fibre(s) (:func:`own_cover`); clipped
+        to [0, 0.9].
+    max_frac : float
+        ``p`` is capped here (< 1).
+
+    Returns
+    -------
+    float64 ndarray
+        ``p`` in [0, max_frac].
+    """
+    cover = np.asarray(cover, np.float64)
+    s = np.clip(np.asarray(own, np.float64), 0.0, 0.9)
+    return np.clip((cover - s) / (1.0 - s), 0.0, max_frac)
+
+
+def arm_width(skel: np.ndarray, width: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Fibre width at skeleton pixels, averaged along the skeleton away from branch points.
+
+    At a branch point the mask widens (the fibres overlap there), so its own width is not the
+    fibres'. Widths of skeleton pixels more than 2 px from any branch point are averaged with
+    Gaussian weights of ``sigma_px``; a pixel with no such neighbour keeps its own width.
+
+    Parameters
+    ----------
+    skel : (H, W) bool ndarray
+    width : (H, W) float ndarray
+        Width at skeleton pixels (:func:`local_width_px`), any length unit.
+    sigma_px : float
+        Averaging scale along the skeleton, pixels.
+
+    Returns
+    -------
+    (H, W) float64 ndarray
+        Width, in the unit of ``width``.
+    """
+    skel = np.asarray(skel, bool)
+    width = np.asarray(width, np.float64)
+    bp = branch_points(skel)
+    arms = skel & ~ndi.binary_dilation(bp, structure=np.ones((5, 5), bool))
+    num = ndi.gaussian_filter(np.where(arms, width, 0.0), sigma_px, mode="constant", truncate=3.0)
+    den = ndi.gaussian_filter(arms.astype(np.float64), sigma_px, mode="constant", truncate=3.0)
+    return np.where(den > 1e-6, num / np.maximum(den, 1e-6), width)
 
 
 def local_width_px(mask: np.ndarray, skel: np.ndarray) -> np.ndarray:

@@ -597,12 +597,22 @@ class ReticulinAnalyzer(Analyzer):
         weights = fibres.skeleton_length_weights(skel) * mpp  # µm per skeleton pixel
         width_um = fibres.local_width_px(mask, skel) * mpp
         counted = skel & haem  # fibre measures are per haematopoietic area
-        cover = None
+        sigma_px = c.overlap_sigma_um / mpp
+        cover = w_arm = None
         if c.overlap_sigma_um > 0 and counted.any():
             # where fibres crowd, they overlap and the skeleton of their union is short:
             # Boolean-model correction from the local fibre fraction of the marrow
-            cover = fibres.overlap_fraction(mask & haem, haem, c.overlap_sigma_um / mpp)
-            weights = weights * fibres.boolean_factor(np.minimum(cover, c.overlap_max_frac))
+            cover = fibres.overlap_fraction(mask & haem, haem, sigma_px)
+            # a fibre's own width, averaged over ~2 µm of its skeleton away from branch points
+            # (at a crossing the mask widens)
+            w_arm = fibres.arm_width(skel, width_um, 2.0 / mpp)
+            p_len = np.minimum(cover, c.overlap_max_frac)
+            if c.overlap_palm:
+                # the Boolean model wants the cover of the plane; at a skeleton pixel the window
+                # also holds the fibre itself (Slivnyak: the others are as anywhere)
+                p_len = fibres.cover_without_own(cover, fibres.own_cover(w_arm, 1, c.overlap_sigma_um),
+                                                 max_frac=c.overlap_max_frac)
+            weights = weights * fibres.boolean_factor(p_len)
         length_map = np.where(counted, weights, 0.0)
         thick_map = np.where(counted & (width_um > c.thick_width_um), weights, 0.0)
 
@@ -612,18 +622,11 @@ class ReticulinAnalyzer(Analyzer):
         if cover is not None and c.crossing_overlap_exponent > 0:
             # crossings hidden where fibres overlap (holes closed): model-based, / (1 - p) at
             # each branch point, p the local cover without the two crossing fibres' own share
-            # (see fibres.crossing_overlap_factor); their width is that of the skeleton around
-            # the branch point (at the point itself the crossing widens the mask)
-            bp = fibres.branch_points(skel)
-            arms = skel & ~ndi.binary_dilation(bp, structure=np.ones((5, 5), bool))
-            sw = 2.0 / mpp  # µm -> px: width averaged over ~2 µm of skeleton around the point
-            num = ndi.gaussian_filter(np.where(arms, width_um, 0.0), sw, mode="constant", truncate=3.0)
-            den = ndi.gaussian_filter(arms.astype(np.float64), sw, mode="constant", truncate=3.0)
-            w_arm = np.where(den > 1e-6, num / np.maximum(den, 1e-6), width_um)
-            own = 2.0 * w_arm / (math.sqrt(2 * math.pi) * c.overlap_sigma_um)
-            _, cross_w = fibres.crossings(
-                skel, radius, fibres.crossing_overlap_factor(cover, own, c.crossing_overlap_exponent,
-                                                             max_frac=c.overlap_max_frac))
+            # (see fibres.crossing_overlap_factor)
+            own = fibres.own_cover(w_arm, 2, c.overlap_sigma_um)
+            factor = fibres.crossing_overlap_factor(cover, own, c.crossing_overlap_exponent,
+                                                    max_frac=c.overlap_max_frac)
+            _, cross_w = fibres.crossings(skel, radius, factor)
         if len(cents):
             rr = np.clip(np.floor(cents[:, 0]).astype(int), 0, skel.shape[0] - 1)
             cc = np.clip(np.floor(cents[:, 1]).astype(int), 0, skel.shape[1] - 1)
@@ -762,7 +765,8 @@ class ReticulinAnalyzer(Analyzer):
                 "window_um": c.window_um,  # grid cell side
                 "grade_window_um": float(loc["window_cells"] * c.window_um),  # local grade measured over
                 "length_estimator": "Vossepoel-Smeulders chain code (0.980 even, 1.406 odd, -0.091 corner) "
-                "x Boolean-model overlap factor -ln(1-p)/p, p = local fibre fraction of the marrow",
+                "x Boolean-model overlap factor -ln(1-p)/p, p = local fibre fraction of the marrow"
+                + (" less the fibre's own share (Palm/Slivnyak)" if c.overlap_palm else ""),
                 "crossing_estimator": "sum of (deg-2)/2 over skeleton branch points / (1 - p) ** "
                 f"{c.crossing_overlap_exponent:g} (holes closed by overlap, Poisson-line model; p = local fibre "
                 "fraction less the crossing fibres' own share)",

@@ -60,6 +60,8 @@ class ReticulinConfig(Strict):
     overlap_max_frac: float = Field(gt=0, lt=1, description="local fibre fraction is capped here (bounds the correction)")
     crossing_overlap_exponent: float = Field(
         ge=0, description="crossings are divided by (1 - p) to this power, p the local fibre cover (hole model: 1; 0: none)")
+    overlap_palm: bool = Field(
+        default=True, description="length factor reads the local cover less the fibre's own share (Palm/Slivnyak)")
 
     # -- silver-stain tissue classes ------------------------------------------------
     tissue_smooth_um: float = Field(gt=0, description="Gaussian scale of the OD used for tissue classes, µm")
