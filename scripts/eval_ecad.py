@@ -10,23 +10,35 @@ folder and analysed through :func:`marrowseg.pipeline.analyze_slide` (the path o
 erythroid cells, left-shift ratio and nucleated cells, with relative count errors and the
 absolute ratio error; then the mean and largest absolute errors. Tune on seeds 0-99,
 report on seeds >= 1000.
+
+``--match`` also matches each detected cell to the nearest truth cell (within 3 µm) and
+prints what the late-erythroid calls are in truth (late erythroid, lymphocyte, other,
+none) and the share of truth late erythroid cells that own a detection (nearest truth
+cell of some detection). ``--size-bound`` prints, over the seeds run, the late count and
+ratio errors that a cut on the phantoms' *true* nuclear area would give to a perfect
+detector that could not tell late erythroid cells from lymphocytes otherwise: a bound on
+what any nuclear-size rule can reach.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from marrowseg.config import load_config
 from marrowseg.pipeline import analyze_slide
 from marrowseg.synth import write_phantom
 
 RATIOS = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
+MATCH_UM = 3.0  # a detection lies on its nucleus: centroid within ~half a small nucleus' radius
+SIZE_CUTS_UM2 = tuple(range(24, 46, 2))
 JITTERS = (0.0, 0.1, 0.2, 0.3)
 
 
@@ -39,6 +51,71 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
+def read_cells(path: Path) -> dict[str, np.ndarray]:
+    """A cells CSV (analyzer output or phantom truth) as columns; numeric where possible."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out: dict[str, np.ndarray] = {}
+    for key in rows[0] if rows else ():
+        vals = [r[key] for r in rows]
+        try:
+            out[key] = np.array([float(v) if v != "" else np.nan for v in vals])
+        except ValueError:
+            out[key] = np.array(vals, dtype=object)
+    return out
+
+
+def match_calls(det: dict[str, np.ndarray], truth: dict[str, np.ndarray], radius_um: float = MATCH_UM) -> dict[str, int]:
+    """What the late-erythroid calls are in truth, and how many truth late cells own a detection.
+
+    Parameters
+    ----------
+    det : dict of columns
+        Analyzer cells (``x_um``, ``y_um``, ``class``).
+    truth : dict of columns
+        Phantom truth cells (``x_um``, ``y_um``, ``cell_class``).
+    radius_um : float
+        A detection is matched to the nearest truth cell within this distance, µm.
+
+    Returns
+    -------
+    dict of str to int
+        ``late_calls_late``, ``late_calls_lymphocyte``, ``late_calls_other`` (matched to
+        another class), ``late_calls_none`` (no truth cell within ``radius_um``);
+        ``truth_late`` and ``truth_late_owned`` (the nearest truth cell of at least one
+        detection).
+    """
+    tcls = np.asarray(truth["cell_class"], dtype=object)
+    t_late = tcls == "late_erythroid"
+    out = {"late_calls_late": 0, "late_calls_lymphocyte": 0, "late_calls_other": 0, "late_calls_none": 0,
+           "truth_late": int(t_late.sum()), "truth_late_owned": 0}
+    if len(det.get("x_um", ())) == 0 or len(tcls) == 0:
+        out["late_calls_none"] = int((np.asarray(det.get("class", []), dtype=object) == "late_erythroid").sum())
+        return out
+    txy = np.column_stack([truth["x_um"], truth["y_um"]])
+    dxy = np.column_stack([det["x_um"], det["y_um"]])
+    dist, j = cKDTree(txy).query(dxy)
+    hit = dist <= radius_um
+    late_call = np.asarray(det["class"], dtype=object) == "late_erythroid"
+    matched = np.where(hit, tcls[np.minimum(j, len(tcls) - 1)], None)
+    out["late_calls_late"] = int((late_call & (matched == "late_erythroid")).sum())
+    out["late_calls_lymphocyte"] = int((late_call & (matched == "lymphocyte")).sum())
+    out["late_calls_none"] = int((late_call & ~hit).sum())
+    out["late_calls_other"] = int(late_call.sum()) - out["late_calls_late"] - out["late_calls_lymphocyte"] - out["late_calls_none"]
+    owned = np.zeros(len(tcls), bool)
+    owned[j[hit]] = True
+    out["truth_late_owned"] = int((owned & t_late).sum())
+    return out
+
+
+def size_bound_counts(truth: dict[str, np.ndarray], cuts_um2=SIZE_CUTS_UM2) -> np.ndarray:
+    """Late erythroid + lymphocyte nuclei with true area <= each cut (µm²): (len(cuts),) int."""
+    tcls = np.asarray(truth["cell_class"], dtype=object)
+    small = (tcls == "late_erythroid") | (tcls == "lymphocyte")
+    area = np.asarray(truth["nuclear_area_um2"], np.float64)
+    return np.array([int((small & (area <= c)).sum()) for c in cuts_um2])
+
+
 def run_one(seed: int, size_px: int, mpp: float, sets: list[str], tmp: Path) -> dict:
     ratio = RATIOS[seed % len(RATIOS)]
     jitter = JITTERS[seed % len(JITTERS)]
@@ -47,8 +124,11 @@ def run_one(seed: int, size_px: int, mpp: float, sets: list[str], tmp: Path) -> 
     truth = json.loads(Path(truth_path).read_text())["readouts"]
     config = load_config("ecad", overrides=sets)
     metrics, _ = analyze_slide(tiff, "ecad", tmp / f"out_{seed}", config=config)
+    truth_cells = read_cells(tmp / f"ecad_{seed}.cells.csv")
     return {"seed": seed, "ratio_req": ratio, "jitter": jitter, "truth": truth, "meas": metrics["readouts"],
-            "vectors": metrics.get("stain_vectors_source")}
+            "vectors": metrics.get("stain_vectors_source"),
+            "match": match_calls(read_cells(tmp / f"out_{seed}" / "cells.csv"), truth_cells),
+            "size_bound": size_bound_counts(truth_cells)}
 
 
 def rel(m: float, t: float) -> float:
@@ -61,8 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-px", type=int, default=2400, help="phantom side, level-0 pixels")
     ap.add_argument("--mpp", type=float, default=0.25, help="phantom pixel size, µm/px")
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")
+    ap.add_argument("--match", action="store_true", help="also print what the late-erythroid calls are in truth")
+    ap.add_argument("--size-bound", action="store_true", help="also print the true-nuclear-area bound (see docstring)")
     args = ap.parse_args(argv)
     rows = []
+    matches = []
+    bound = []
     print(f"{'seed':>5}{'jit':>5}{'vec':>5} | {'pos t/m':>11}{'err':>7} | {'late t/m':>11}{'err':>7} | "
           f"{'ratio t/m':>13}{'err':>7} | {'nucl t/m':>11}{'err':>7}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,10 +164,32 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t['late_erythroid_cells']:>5}/{m['late_erythroid_cells']:<5}{e_late:>+7.2f} | "
                   f"{t['left_shift_ratio']:>6.3f}/{mr:<6.3f}{e_r:>+7.3f} | "
                   f"{t['nucleated_cells']:>5}/{m['nucleated_cells']:<5}{e_n:>+7.2f}", flush=True)
+            matches.append((seed, r["match"]))
+            bound.append((t["late_erythroid_cells"], t["ecad_pos_cells"], r["size_bound"]))
     a = np.abs(np.array(rows, dtype=np.float64))
     names = ("pos count (rel)", "late count (rel)", "ratio (abs)", "nucleated (rel)")
     for j, name in enumerate(names):
         print(f"{name:<18} mean |err| {np.nanmean(a[:, j]):.3f}   max |err| {np.nanmax(a[:, j]):.3f}")
+    if args.match:
+        print(f"\nlate-erythroid calls by truth class (nearest truth cell within {MATCH_UM:g} µm)")
+        print(f"{'seed':>5} | {'late':>5}{'lymph':>6}{'other':>6}{'none':>5} | {'truth late':>10}{'owned':>6}{'%':>5}")
+        for seed, mt in matches:
+            own = 100.0 * mt["truth_late_owned"] / mt["truth_late"] if mt["truth_late"] else float("nan")
+            print(f"{seed:>5} | {mt['late_calls_late']:>5}{mt['late_calls_lymphocyte']:>6}{mt['late_calls_other']:>6}"
+                  f"{mt['late_calls_none']:>5} | {mt['truth_late']:>10}{mt['truth_late_owned']:>6}{own:>5.0f}")
+    if args.size_bound:
+        print("\nbound: perfect detection, late = late erythroid + lymphocyte nuclei with TRUE area <= cut")
+        print(f"{'cut um2':>8} | {'late err mean':>13}{'min':>7}{'max':>7} | {'ratio |err| max':>15}")
+        for k, cut in enumerate(SIZE_CUTS_UM2):
+            e, r = [], []
+            for t_late, n_pos, counts in bound:
+                n = counts[k]
+                if t_late:
+                    e.append((n - t_late) / t_late)
+                if n_pos + t_late and n_pos + n:
+                    r.append(n_pos / (n_pos + n) - n_pos / (n_pos + t_late))
+            e, r = np.array(e), np.abs(np.array(r))
+            print(f"{cut:>8} | {np.abs(e).mean():>13.3f}{e.min():>+7.2f}{e.max():>+7.2f} | {r.max():>15.3f}")
     return 0
 
 

@@ -267,3 +267,31 @@ def test_reference_dense_rejects_a_grey_image():
     an = ECadAnalyzer(load_config("ecad").ecad)
     with pytest.raises(ValueError, match=r"\(64, 64\)"):
         an.reference_dense(np.zeros((64, 64), np.uint8))
+
+
+def test_eval_match_calls_and_size_bound_on_hand_made_tables():
+    """eval_ecad's truth matching: late calls sorted by the truth class within 3 µm, owned truth cells."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from eval_ecad import match_calls, size_bound_counts
+
+    truth = {
+        "x_um": np.array([10.0, 30.0, 50.0, 70.0]),
+        "y_um": np.array([10.0, 10.0, 10.0, 10.0]),
+        "cell_class": np.array(["late_erythroid", "lymphocyte", "myeloid", "late_erythroid"], dtype=object),
+        "nuclear_area_um2": np.array([24.0, 30.0, 60.0, 36.0]),
+    }
+    det = {
+        "x_um": np.array([11.0, 30.5, 50.0, 90.0, 52.0]),
+        "y_um": np.array([10.0, 11.0, 12.0, 10.0, 10.0]),
+        # 4th call has no truth cell within 3 µm; the 5th is matched to the myeloid cell too
+        "class": np.array(["late_erythroid", "late_erythroid", "late_erythroid", "late_erythroid", "other"],
+                          dtype=object),
+    }
+    m = match_calls(det, truth)
+    assert m == {"late_calls_late": 1, "late_calls_lymphocyte": 1, "late_calls_other": 1, "late_calls_none": 1,
+                 "truth_late": 2, "truth_late_owned": 1}
+    # late + lymphocyte nuclei at or under each cut; the myeloid nucleus never counts
+    assert size_bound_counts(truth, cuts_um2=(20, 24, 30, 36, 100)).tolist() == [0, 1, 2, 3, 3]
