@@ -140,18 +140,46 @@ def test_contrast_mask_keeps_nuclei_and_drops_dark_stroma(cfg):
 
 
 def test_contrast_off_is_the_absolute_threshold(cfg):
-    """mask_contrast_od null (ecad.yaml) gives the plain mask_map > mask_od, twice; with the
-    contrast test the mask is a subset of it and its filled version has no holes."""
+    """mask_contrast_od and mask_fill_holes_um2 null (as ecad.yaml) give the plain
+    mask_map > mask_od, twice; with the contrast test the mask is a subset of it and its filled
+    version has no holes."""
     rng = np.random.default_rng(2)
     m = rng.random((40, 40)).astype(np.float32)
-    off = cfg.nuclei.model_copy(update={"mask_contrast_od": None})
+    ecad = load_config("ecad").ecad.nuclei
+    assert ecad.mask_contrast_od is None and ecad.mask_fill_holes_um2 is None
+    off = cfg.nuclei.model_copy(update={"mask_contrast_od": None, "mask_fill_holes_um2": None})
     mask, filled = nuc.nuclear_mask(m, 0.5, off, m)
     np.testing.assert_array_equal(mask, m > off.mask_od)
     np.testing.assert_array_equal(filled, mask)
-    on, on_filled = nuc.nuclear_mask(m, 0.5, cfg.nuclei, m)
+    on, on_filled = nuc.nuclear_mask(m, 0.5, cfg.nuclei.model_copy(update={"mask_fill_holes_um2": None}), m)
     assert not (on & ~mask).any() and on.sum() < mask.sum()
     assert not (on & ~on_filled).any()
     np.testing.assert_array_equal(on_filled, ndi.binary_fill_holes(on_filled))
+
+
+@pytest.mark.parametrize(("diameter_um", "hole_um"), [(9.0, 4.0), (10.0, 5.0)])
+def test_nucleus_with_a_pale_centre_is_one_whole_nucleus(cfg, diameter_um, hole_um):
+    """he.yaml (mask_fill_holes_um2 50): an open-chromatin nucleus whose pale centre (0.1 OD) is
+    below mask_od is one nucleus with the area of the whole disk; with the hole left open the
+    shape split cuts the ring into pieces at "waists" that are only the hole."""
+    img = _disks(0.5, diameter_um, 0.7, [(30.0, 30.0)], size_um=60.0)
+    img[_disks(0.5, hole_um, 1.0, [(30.0, 30.5)], size_um=60.0) > 0] = 0.1
+    _, table = nuc.detect_nuclei(img, 0.5, cfg.nuclei)
+    assert len(table["row"]) == 1
+    assert table["area_um2"][0] == pytest.approx(np.pi * (diameter_um / 2) ** 2, rel=0.1)
+    _, ring = nuc.detect_nuclei(img, 0.5, cfg.nuclei.model_copy(update={"mask_fill_holes_um2": None}))
+    assert len(ring["row"]) >= 2
+
+
+def test_holes_wider_than_the_fill_limit_stay_open(cfg):
+    """A ring of eight 6 µm nuclei round a 16 µm gap (an erythroblastic island's macrophage) keeps
+    its gap: eight nuclei, each about its own size."""
+    ang = np.linspace(0, 2 * np.pi, 8, endpoint=False)
+    centres = [(40 + 10 * np.sin(a), 40 + 10 * np.cos(a)) for a in ang]
+    img = _disks(0.5, 7.0, 0.8, centres, size_um=80.0)
+    _, table = nuc.detect_nuclei(img, 0.5, cfg.nuclei)
+    assert len(table["row"]) == 8
+    np.testing.assert_allclose(table["area_um2"], np.pi * 3.5**2, rtol=0.2)
 
 
 def test_label_measurements_match_regionprops():

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.feature import peak_local_max
+from skimage.morphology import remove_small_holes
 from skimage.segmentation import watershed
 
 from marrowseg.analyzers import filters
@@ -172,7 +173,7 @@ def _smooth(h_od: np.ndarray, sigma_um: float, mpp: float) -> np.ndarray:
 def nuclear_mask(
     h_od: np.ndarray, mpp: float, cfg: Any, mask_map: np.ndarray, background_map: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Nuclear pixels: above ``mask_od`` and, optionally, above their surroundings.
+    """Nuclear pixels: above ``mask_od`` and, optionally, above their surroundings, small holes filled.
 
     Parameters
     ----------
@@ -181,7 +182,8 @@ def nuclear_mask(
     mpp : float
         µm per pixel.
     cfg : NucleiConfig
-        ``mask_od``; ``mask_contrast_od`` (null: no contrast test) and ``mask_background_sigma_um``.
+        ``mask_od``; ``mask_contrast_od`` (null: no contrast test) and ``mask_background_sigma_um``;
+        ``mask_fill_holes_um2`` (null: no filling).
     mask_map : (H, W) float32 ndarray
         ``h_od`` smoothed with ``mask_sigma_um``.
     background_map : (H, W) float32 ndarray, optional
@@ -190,9 +192,9 @@ def nuclear_mask(
     Returns
     -------
     mask : (H, W) bool ndarray
-        Nuclear pixels (both tests).
+        Nuclear pixels (both tests, holes up to ``mask_fill_holes_um2`` filled).
     filled : (H, W) bool ndarray
-        ``mask`` with its holes filled (the same array when the contrast test is off): the
+        ``mask`` with all its holes filled when the contrast test is on (else ``mask``): the
         mask the megakaryocyte merge looks at.
 
     Notes
@@ -207,18 +209,30 @@ def nuclear_mask(
     (not at the absolute threshold: in a heavily stained section that is one sheet, and the
     merge would join every nucleus in it). The edge of a dark sheet against pale tissue passes
     the contrast test too.
+
+    Why small holes are filled: a nucleus is one solid body, but the pale nucleoplasm of an
+    open-chromatin (vesicular) nucleus can fall below either threshold. A region with a hole
+    has a low solidity and a ring of distance-to-edge maxima, so :func:`split_by_shape` cuts
+    one nucleus into pieces at "waists" that are only the hole (on mbm-dev this is the whole
+    effect: without the split, filling changes nothing). Holes larger than
+    ``mask_fill_holes_um2`` are gaps between cells (a ring of erythroblasts round a
+    macrophage) and stay open.
     """
-    absolute = mask_map > np.float32(cfg.mask_od)
+    mask = mask_map > np.float32(cfg.mask_od)
     contrast = getattr(cfg, "mask_contrast_od", None)
+    if contrast is not None:
+        if background_map is None:
+            background_map = gaussian_reference(h_od, float(cfg.mask_background_sigma_um) / float(mpp))
+        else:
+            background_map = _check_image(background_map, "background_map")
+        if background_map.shape != mask_map.shape:
+            raise ValueError(f"background_map {background_map.shape} differs from mask_map {mask_map.shape}")
+        mask &= mask_map > background_map + np.float32(contrast)
+    fill_um2 = getattr(cfg, "mask_fill_holes_um2", None)
+    if fill_um2 is not None:
+        mask = remove_small_holes(mask, max_size=int(float(fill_um2) / float(mpp) ** 2))
     if contrast is None:
-        return absolute, absolute
-    if background_map is None:
-        background_map = gaussian_reference(h_od, float(cfg.mask_background_sigma_um) / float(mpp))
-    else:
-        background_map = _check_image(background_map, "background_map")
-    if background_map.shape != mask_map.shape:
-        raise ValueError(f"background_map {background_map.shape} differs from mask_map {mask_map.shape}")
-    mask = absolute & (mask_map > background_map + np.float32(contrast))
+        return mask, mask
     return mask, ndi.binary_fill_holes(mask)
 
 

@@ -43,6 +43,9 @@ class NucleiConfig(Strict):
         "by this much, OD (null: mask_od alone)")
     mask_background_sigma_um: float = Field(8.0, gt=0, description="Gaussian sigma of the local haematoxylin "
                                             "background, µm: a few cell spacings (mask_contrast_od)")
+    mask_fill_holes_um2: float | None = Field(
+        None, gt=0, description="holes in the nuclear mask up to this area are nuclear (the pale nucleoplasm of an "
+        "open-chromatin nucleus), µm² (null: no filling)")
     search_margin_um: float | None = Field(
         None, ge=0, description="nuclei are searched over the tile core grown by this margin only, µm; it must "
         "hold the largest nucleus touching the core (megakaryocytes reach ~25 µm beyond it). null: the whole "
