@@ -56,6 +56,11 @@ from marrowseg.config import load_config
 # against 0.879 / 9.2 for he.yaml's fixed 8 µm² with the split: see the comments in
 # configs/he.yaml. The megakaryocyte merge never fires on mbm-dev (no nucleus there holds a
 # disk of radius megakaryocyte_min_radius_um), so it does not move these figures.
+# The nuclear mask's contrast test (he.nuclei.mask_contrast_od) and hole filling
+# (mask_fill_holes_um2) are held at he.yaml's values here; they were chosen by the same
+# leave-one-patient-out selection on cached detector inputs with the grid below extended by
+# mask_contrast_od in {off, 0.05, 0.1} and then mask_fill_holes_um2 in {off, 20, 50}: every
+# fold chose 0.05 and 20/50 (which give identical detections on mbm-dev).
 GRID = {
     "he.nuclei.peak_sigma_um": [1.25, 1.5, 1.75],
     "he.nuclei.min_peak_od": [0.25, 0.3, 0.35],
