@@ -295,3 +295,51 @@ def test_eval_match_calls_and_size_bound_on_hand_made_tables():
                  "truth_late": 2, "truth_late_owned": 1}
     # late + lymphocyte nuclei at or under each cut; the myeloid nucleus never counts
     assert size_bound_counts(truth, cuts_um2=(20, 24, 30, 36, 100)).tolist() == [0, 1, 2, 3, 3]
+
+
+def _pairs_scene(n_side: int = 6, spacing_um: float = 26.0):
+    """Touching pairs of small round nuclei (negative) and ringed peanut-shaped nuclei (positive).
+
+    Negative: two 6 µm nuclei with centres 4 µm apart (overlapping late normoblasts).
+    Positive: two 8 µm discs 4 µm apart (one waisted nucleus) inside a DAB ring.
+    Returns the RGB image and the (row, col, is_positive) of each cell centre, px.
+    """
+    size = int(round((n_side + 1) * spacing_um / MPP))
+    rr, cc = np.mgrid[0:size, 0:size].astype(np.float64)
+    h = np.full((size, size), 0.2)
+    dab = np.zeros((size, size))
+    truth = []
+    for i in range(n_side):
+        for j in range(n_side):
+            r0, c0 = (i + 1) * spacing_um / MPP, (j + 1) * spacing_um / MPP
+            pos = (i + j) % 2 == 0
+            half = 2.0 / MPP  # both: centres 4 µm apart
+            d1 = np.hypot(rr - r0, cc - (c0 - half)) * MPP
+            d2 = np.hypot(rr - r0, cc - (c0 + half)) * MPP
+            d = np.minimum(d1, d2)
+            h[d <= (4.0 if pos else 3.0)] = 0.8
+            if pos:
+                dab[(d >= 5.0) & (d <= 6.5)] = 0.6
+                truth.append((r0, c0, True))
+            else:
+                truth += [(r0, c0 - half, False), (r0, c0 + half, False)]
+    return _render(h, dab), np.array(truth)
+
+
+def test_negative_nuclei_split_touching_negatives_but_not_positive_nuclei():
+    """negative_nuclei (distance seeds) splits touching E-cad-negative nuclei; E-cad+ nuclei stay whole."""
+    rgb, truth = _pairs_scene()
+    n_pos, n_neg = int(truth[:, 2].sum()), int((~truth[:, 2].astype(bool)).sum())
+    cfg = load_config("ecad", overrides=["ecad.stain.vectors=standard", *SMALL])
+    assert cfg.ecad.negative_nuclei is not None and cfg.ecad.negative_nuclei.seeds == "distance"
+    r = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu").readouts
+    assert r["ecad_pos_cells"] == n_pos
+    assert r["nucleated_cells"] == n_pos + n_neg
+    # the same distance seeds applied to every nucleus cut the waisted positive nuclei
+    all_dist = load_config("ecad", overrides=["ecad.stain.vectors=standard", "ecad.nuclei.seeds=distance", *SMALL])
+    r_all = analyze_array(rgb, MPP, ECadAnalyzer(all_dist.ecad), all_dist, device="cpu").readouts
+    assert r_all["ecad_pos_cells"] > n_pos
+    # without the second detection the touching negatives are counted as one cell each pair
+    off = load_config("ecad", overrides=["ecad.stain.vectors=standard", "ecad.negative_nuclei=null", *SMALL])
+    r_off = analyze_array(rgb, MPP, ECadAnalyzer(off.ecad), off, device="cpu").readouts
+    assert r_off["nucleated_cells"] < n_pos + n_neg

@@ -6,7 +6,9 @@ is unreliable), the smoothed maps of the nuclear detector and the pooled maps of
 classes. Per tile (CPU): tissue labels (:mod:`marrowseg.analyzers.tissue`), nuclei and their
 morphology classes (:mod:`marrowseg.analyzers.nuclei`, the same late-erythroid rules as
 H&E), a DAB score per nucleus (membrane ring or nucleus), the positive call, and clusters
-of positive cells. ``finalize`` forms every ratio from the summed counts.
+of positive cells. With ``negative_nuclei`` set, the nuclei found negative are detected a
+second time with that detector (distance seeds split touching nuclei), while positive and
+megakaryocyte nuclei keep their first region. ``finalize`` forms every ratio from the summed counts.
 
 Clusters are counted exactly once per slide: a tile reports the clusters whose lowest
 (row, col) member lies in its core, built from the positive cells of the whole tile (halo
@@ -509,8 +511,12 @@ class ECadAnalyzer(Analyzer):
             border[:, vcc - 1] = True
         return valid, border & valid
 
-    def classify_cells(self, table: dict[str, np.ndarray], score_od: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def classify_cells(self, table: dict[str, np.ndarray], score_od: np.ndarray,
+                       may_be_positive: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Positive call and class of each nucleus.
+
+        ``may_be_positive`` (N,) bool, optional: only these rows can be called positive
+        (pieces of a region found negative as a whole stay negative).
 
         Returns
         -------
@@ -524,9 +530,79 @@ class ECadAnalyzer(Analyzer):
         cfg = self.config
         thr = cfg.membrane_min_dab_od if cfg.positivity_compartment == "membrane" else cfg.nucleus_min_dab_od
         positive = np.asarray(score_od) >= thr
+        if may_be_positive is not None:
+            positive &= np.asarray(may_be_positive, bool)
         morph = nuc.classify_nuclei(table, cfg.classes)
         classes = np.where(morph == "megakaryocyte", "megakaryocyte", np.where(positive, "ecad_pos", morph)).astype(object)
         return positive & (classes == "ecad_pos"), classes
+
+    def _scores(self, labels: np.ndarray, table: dict[str, np.ndarray], dab_od: np.ndarray,
+                mpp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ring DAB, nuclear DAB and the score of the configured compartment, per nucleus (OD)."""
+        cfg = self.config
+        ring_od = ring_scores(labels, table, dab_od, mpp, gap_um=cfg.ring_gap_um,
+                              width_um=cfg.ring_width_um, sectors=cfg.ring_sectors)
+        nucleus_od = _region_means(dab_od, labels, table["label"])
+        return ring_od, nucleus_od, (ring_od if cfg.positivity_compartment == "membrane" else nucleus_od)
+
+    def _redetect_negatives(self, d: dict[str, np.ndarray], labels: np.ndarray, table: dict[str, np.ndarray],
+                            score: np.ndarray, allowed: np.ndarray,
+                            mpp: float) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """Keep the positive and megakaryocyte nuclei of the first detection; detect the rest again.
+
+        The negative cells (late normoblasts, myeloid cells, lymphocytes) are packed and
+        touch; a detector that splits touching nuclei (``negative_nuclei``, distance seeds)
+        finds more of them, but it would also cut the larger E-cad+ nuclei, whose count is
+        the readout, and the lobes of a megakaryocyte: those keep their first region.
+
+        Parameters
+        ----------
+        d : dict of str to (H, W) ndarray
+            The tile's dense maps (``det_od``, ``peak``, ``mask``).
+        labels, table : ndarray, dict
+            The first detection (``cfg.nuclei``).
+        score : (N,) ndarray
+            DAB score of each first-detection nucleus, OD.
+        allowed : (H, W) bool ndarray
+            Where nucleus centres may lie.
+        mpp : float
+            µm/px.
+
+        Returns
+        -------
+        labels : (H, W) int32 ndarray
+            Kept regions and the new negative regions.
+        table : dict of str to (M,) ndarray
+            Their nucleus table (:data:`marrowseg.analyzers.nuclei.NUCLEUS_COLUMNS`).
+        may_be_positive : (M,) bool ndarray
+            Rows that are first-detection positive nuclei (the others were part of a region
+            found negative as a whole).
+        """
+        cfg = self.config
+        thr = cfg.membrane_min_dab_od if cfg.positivity_compartment == "membrane" else cfg.nucleus_min_dab_od
+        old_pos = np.asarray(score) >= thr
+        kept = old_pos | (nuc.classify_nuclei(table, cfg.classes) == "megakaryocyte")
+        kept_mask = np.isin(labels, table["label"][kept])
+        ncfg = cfg.negative_nuclei
+        same = (ncfg.peak_sigma_um == cfg.nuclei.peak_sigma_um) and (ncfg.mask_sigma_um == cfg.nuclei.mask_sigma_um)
+        neg, _ = nuc.detect_nuclei(d["det_od"], mpp, ncfg, peak_map=d["peak"] if same else None,
+                                   mask_map=d["mask"] if same else None, allowed=allowed & ~kept_mask)
+        neg[kept_mask] = 0  # a new region's watershed may have spread into a kept one
+        offset = int(neg.max())
+        out = np.where(kept_mask, labels + offset, neg).astype(np.int32)
+        m = nuc.label_measurements(out, d["det_od"])
+        area = m["area_px"] * mpp * mpp
+        keep = (m["area_px"] > 0) & (area >= ncfg.min_area_um2)
+        lut = np.zeros(int(out.max()) + 1, np.int32)
+        lut[m["label"][keep]] = m["label"][keep]
+        new_table = {"row": m["row"][keep], "col": m["col"][keep], "area_um2": area[keep],
+                     "eccentricity": m["eccentricity"][keep], "solidity": m["solidity"][keep],
+                     "h_od_mean": m["mean"][keep], "h_od_cv": (m["std"] / np.maximum(m["mean"], 1e-6))[keep],
+                     "label": m["label"][keep].astype(np.int32)}
+        pos_by_old = np.zeros(int(labels.max()) + 1, bool)
+        pos_by_old[table["label"][old_pos]] = True
+        old_label = np.where(new_table["label"] > offset, new_table["label"] - offset, 0)
+        return lut[out], new_table, pos_by_old[old_label]
 
     def post(self, dense: dict[str, np.ndarray], rgb: np.ndarray, ctx: TileContext) -> TileResult:
         cfg = self.config
@@ -555,11 +631,12 @@ class ECadAnalyzer(Analyzer):
         allowed = (labels == tis.HAEMATOPOIETIC) | (labels == tis.FAT)
         nuc_labels, table = nuc.detect_nuclei(d["det_od"], mpp, cfg.nuclei, peak_map=d["peak"],
                                               mask_map=d["mask"], allowed=allowed)
-        ring_od = ring_scores(nuc_labels, table, d["dab_od"], mpp, gap_um=cfg.ring_gap_um,
-                              width_um=cfg.ring_width_um, sectors=cfg.ring_sectors)
-        nucleus_od = _region_means(d["dab_od"], nuc_labels, table["label"])
-        score = ring_od if cfg.positivity_compartment == "membrane" else nucleus_od
-        positive, classes = self.classify_cells(table, score)
+        ring_od, nucleus_od, score = self._scores(nuc_labels, table, d["dab_od"], mpp)
+        may_be_positive = None
+        if cfg.negative_nuclei is not None and len(table["label"]):
+            nuc_labels, table, may_be_positive = self._redetect_negatives(d, nuc_labels, table, score, allowed, mpp)
+            ring_od, nucleus_od, score = self._scores(nuc_labels, table, d["dab_od"], mpp)
+        positive, classes = self.classify_cells(table, score, may_be_positive)
 
         keep = ctx.in_core(table["row"], table["col"])
         cells = {"row": table["row"][keep], "col": table["col"][keep], "class": classes[keep].astype(str),

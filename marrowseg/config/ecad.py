@@ -86,6 +86,9 @@ class ECadConfig(Strict):
     stain: ECadStainConfig
     tissue: ECadTissueConfig
     nuclei: NucleiConfig
+    negative_nuclei: NucleiConfig | None = Field(
+        None, description="detector for the E-cad-negative cells (null: the first detection for all cells); "
+        "positive nuclei keep their region from nuclei")
     classes: NucleusClassesConfig
     positivity_compartment: Literal["membrane", "nucleus"] = Field(
         description="membrane: DAB in a ring just outside the nucleus (E-cadherin); nucleus: DAB inside it (Ki67-type stains)"
