@@ -106,6 +106,13 @@ def test_torch_background_map_matches_scipy_reference(cfg):
     ref = nuc.reference_maps(img, 0.5, cfg.nuclei)
     assert set(out) == set(ref) == {"peak", "mask", "background"}
     np.testing.assert_allclose(out["background"][0, 0].numpy(), ref["background"], atol=1e-5)
+    # the coarse map (4 x 4 block means, blurred) brought back to the full grid is the full-
+    # resolution 8 µm blur to within a tenth of the contrast it is compared with (0.05 OD)
+    sigma_px = cfg.nuclei.mask_background_sigma_um / 0.5
+    assert ref["background"].shape == (128 // nuc.background_factor(sigma_px),) * 2
+    up = nuc.upsample_background(ref["background"], img.shape, sigma_px)
+    exact = nuc.gaussian_reference(img, sigma_px)
+    np.testing.assert_allclose(up, exact, atol=0.1 * cfg.nuclei.mask_contrast_od)
     ecad = load_config("ecad").ecad.nuclei
     assert ecad.mask_contrast_od is None
     assert set(nuc.NucleusMaps(0.25, ecad)(torch.from_numpy(img)[None, None])) == {"peak", "mask"}

@@ -43,7 +43,9 @@ class HEModule(torch.nn.Module):
 
     Outputs at the analysis resolution: ``h_od``, ``peak``, ``mask`` (B, 1, H, W), and with
     ``he.nuclei.detector: unet`` the learned ``centre`` map; at the
-    tissue-class resolution: ``bright``, ``h_ctx``, ``e_ctx`` (B, 1, ceil(H/k), ceil(W/k)).
+    tissue-class resolution: ``bright``, ``h_ctx``, ``e_ctx`` (B, 1, ceil(H/k), ceil(W/k)); with
+    ``he.nuclei.mask_contrast_od`` the nuclear mask's ``background`` on its own coarse grid
+    (B, 1, ceil(H/f), ceil(W/f)), f = :func:`marrowseg.analyzers.nuclei.background_factor`.
     """
 
     def __init__(self, rgb_from_stains: np.ndarray, config: HEConfig) -> None:
@@ -267,6 +269,8 @@ class HEAnalyzer(Analyzer):
         d = {key: np.asarray(v, dtype=np.float32).reshape(np.shape(v)[-2:]) for key, v in dense.items()}
         # beyond the slide there is only white padding: work on the valid box only
         full = d["h_od"].shape
+        if "background" in d:  # the nuclear mask's background comes on a coarse grid of its own
+            d["background"] = nuc.upsample_background(d["background"], full, cfg.nuclei.mask_background_sigma_um / mpp)
         vr = min(full[0], -(-int(ctx.valid_px[0]) // k) * k)
         vc = min(full[1], -(-int(ctx.valid_px[1]) // k) * k)
         for key, v in d.items():
