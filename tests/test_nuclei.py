@@ -189,6 +189,23 @@ def test_holes_wider_than_the_fill_limit_stay_open(cfg):
     np.testing.assert_allclose(table["area_um2"], np.pi * 3.5**2, rtol=0.2)
 
 
+def test_centre_is_the_dense_core_not_a_pale_tail(cfg):
+    """he.yaml (centre_core_fraction 0.5): a 7 µm nucleus (0.9 OD) whose region runs into a pale
+    attached tongue (0.4 OD, 4 µm wide, 8 µm long) is reported at the nucleus's centre (< 0.5 µm);
+    the whole region's centroid is pulled > 1 µm towards the tongue. Areas are the same."""
+    img = _disks(0.5, 7.0, 0.9, [(30.0, 30.0)], size_um=60.0)
+    rr, cc = np.mgrid[0:120, 0:120] * 0.5 + 0.25
+    img[(np.abs(rr - 30.0) <= 2.0) & (cc > 30.0) & (cc <= 41.5) & (img == 0)] = 0.4
+    _, core = nuc.detect_nuclei(img, 0.5, cfg.nuclei)
+    _, whole = nuc.detect_nuclei(img, 0.5, cfg.nuclei.model_copy(update={"centre_core_fraction": None}))
+    assert len(core["row"]) == len(whole["row"]) == 1
+    np.testing.assert_array_equal(core["area_um2"], whole["area_um2"])
+    core_um = np.array([core["row"][0], core["col"][0]]) * 0.5 + 0.25
+    whole_um = np.array([whole["row"][0], whole["col"][0]]) * 0.5 + 0.25
+    assert np.hypot(*(core_um - 30.0)) < 0.5
+    assert whole_um[1] - 30.0 > 1.0
+
+
 def test_label_measurements_match_regionprops():
     """Centroid, area, eccentricity and intensity mean/std equal scikit-image's regionprops."""
     from skimage.measure import regionprops_table

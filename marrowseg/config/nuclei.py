@@ -46,6 +46,9 @@ class NucleiConfig(Strict):
     mask_fill_holes_um2: float | None = Field(
         None, gt=0, description="holes in the nuclear mask up to this area are nuclear (the pale nucleoplasm of an "
         "open-chromatin nucleus), µm² (null: no filling)")
+    centre_core_fraction: float | None = Field(
+        None, gt=0, le=1, description="a nucleus's reported centre is the centroid of its pixels whose smoothed "
+        "haematoxylin is at least this fraction of the region's maximum (null: the whole region's centroid)")
     search_margin_um: float | None = Field(
         None, ge=0, description="nuclei are searched over the tile core grown by this margin only, µm; it must "
         "hold the largest nucleus touching the core (megakaryocytes reach ~25 µm beyond it). null: the whole "
