@@ -149,6 +149,47 @@ def test_overlap_factor_follows_the_boolean_model():
     assert (fibres.overlap_factor(np.zeros_like(region), region, 8.0, max_frac=0.8) == 1).all()
 
 
+def test_own_cover_of_a_fibre_is_its_share_of_the_window_and_is_removed():
+    """A straight strip w px wide holds w / (sqrt(2 pi) sigma) of a Gaussian window centred on it;
+    removing that share from cover = s + (1 - s) p gives back the cover p of the other fibres."""
+    from marrowseg.analyzers import fibres
+
+    region = np.ones((301, 301), bool)
+    strip = np.zeros_like(region)
+    strip[:, 149:152] = True  # 3 px wide through the centre
+    measured = fibres.overlap_fraction(strip, region, 20.0)[150, 150]
+    np.testing.assert_allclose(measured, fibres.own_cover(np.float64(3.0), 1, 20.0), rtol=0.03)
+    s = fibres.own_cover(np.array([1.5, 1.5]), 2, 10.0)  # two 1.5 µm fibres, 10 µm window
+    p = np.array([0.0, 0.25])
+    np.testing.assert_allclose(fibres.cover_without_own(s + (1 - s) * p, s, max_frac=0.8), p, atol=1e-12)
+    # measured cover below the fibre's own share (noise, a narrower neighbour) reads as no overlap
+    assert fibres.cover_without_own(np.array([0.01]), np.array([0.1]), max_frac=0.8)[0] == 0.0
+
+
+def test_lone_fibre_length_is_not_inflated_by_its_own_cover():
+    """A single straight fibre overlaps nothing: with the fibre's own share removed (Palm), the
+    overlap correction leaves its skeleton length as it is; reading the raw cover at the fibre
+    added a few per cent."""
+
+    def length(**kw):
+        cfg = _config(mpp=0.5, **kw)
+        an = ReticulinAnalyzer(cfg.reticulin)
+        img = _draw(120, 0.5, [(60, 10, 60, 110)], width_um=1.5)
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+        with torch.no_grad():
+            dense = {k: v[0].numpy() for k, v in an.module(x).items()}
+        n = img.shape[0]
+        res = an.post(dense, img, TileContext(0, (0, 0), (slice(0, n), slice(0, n)), (n, n), 0.5))
+        return res.stats["fibre_length_um"]
+
+    raw = length(overlap_sigma_um=0.0)
+    palm = length()
+    plain = length(overlap_palm=False)
+    assert abs(palm / raw - 1) < 0.005
+    assert plain / raw - 1 > 0.01  # the fibre's own cover read as overlap
+    assert palm < plain
+
+
 def test_blank_tile_gives_zeros():
     """White glass: no haematopoietic area, no fibres, grade 0."""
     res, rep = _run_tile(np.full((256, 256, 3), 255, np.uint8), 0.5)
