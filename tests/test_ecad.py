@@ -343,3 +343,48 @@ def test_negative_nuclei_split_touching_negatives_but_not_positive_nuclei():
     off = load_config("ecad", overrides=["ecad.stain.vectors=standard", "ecad.negative_nuclei=null", *SMALL])
     r_off = analyze_array(rgb, MPP, ECadAnalyzer(off.ecad), off, device="cpu").readouts
     assert r_off["nucleated_cells"] < n_pos + n_neg
+
+
+def _ring_scores_reference(labels, table, dab_od, mpp, *, gap_um, width_um, sectors):
+    """ring_scores written plainly with skimage's expand_labels and a per-(cell, sector) loop."""
+    from skimage.segmentation import expand_labels
+
+    n = len(table["label"])
+    grown = expand_labels(labels, distance=(gap_um + width_um) / mpp)
+    inside = expand_labels(labels, distance=gap_um / mpp) if gap_um > 0 else labels
+    rr, cc = np.nonzero((grown > 0) & (inside == 0))
+    row_of = {int(lab): i for i, lab in enumerate(table["label"])}
+    peak = np.full((n, sectors), np.nan)
+    for r, c in zip(rr, cc):
+        i = row_of.get(int(grown[r, c]))
+        if i is None:
+            continue
+        ang = np.arctan2(r - table["row"][i], c - table["col"][i])
+        s = min(int((ang + np.pi) / (2 * np.pi) * sectors), sectors - 1)
+        v = float(dab_od[r, c])
+        if np.isnan(peak[i, s]) or v >= peak[i, s]:
+            peak[i, s] = v
+    return np.array([np.nanmedian(p) if not np.isnan(p).all() else 0.0 for p in peak])
+
+
+def test_ring_scores_equal_expand_labels_reference():
+    """ring_scores (one feature transform, ufunc maximum) equals the plain expand_labels version."""
+    from scipy import ndimage as ndi
+
+    from marrowseg.analyzers import nuclei as nuc
+    from marrowseg.analyzers.ecad import ring_scores
+
+    rng = np.random.default_rng(3)
+    for t in range(12):
+        shape = tuple(rng.integers(30, 90, 2))
+        mask = ndi.gaussian_filter(rng.random(shape), 1.5) > 0.55
+        labels = ndi.label(mask)[0].astype(np.int32)
+        m = nuc.label_measurements(labels, np.ones(shape, np.float32))
+        keep = (m["area_px"] > 0) & (rng.random(len(m["label"])) < 0.9)  # some labels have no row
+        table = {"label": m["label"][keep], "row": m["row"][keep], "col": m["col"][keep]}
+        dab = rng.random(shape).astype(np.float32)
+        dab[rng.random(shape) < 0.3] = 0.0  # zero sectors
+        for gap, width, sectors in ((0.0, 3.0, 8), (0.5, 2.0, 6)):
+            got = ring_scores(labels, table, dab, 0.5, gap_um=gap, width_um=width, sectors=sectors)
+            ref = _ring_scores_reference(labels, table, dab, 0.5, gap_um=gap, width_um=width, sectors=sectors)
+            assert np.array_equal(got, ref), (t, gap)

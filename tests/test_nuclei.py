@@ -481,3 +481,70 @@ def test_learned_detection_measures_nuclei_like_classical(cfg):
     np.testing.assert_allclose(table["area_um2"], np.pi * 3.5**2, rtol=0.15)
     blank, empty = nuc.detect_nuclei_from_centre_map(h, mpp, cfg.nuclei, np.zeros_like(h))
     assert len(empty["row"]) == 0 and not blank.any()
+
+
+def _random_labels(rng, shape, n_seeds):
+    """Random touching regions (Voronoi cells of random seeds inside a blobby mask), ids 1..k."""
+    mask = ndi.gaussian_filter(rng.random(shape), 2.0) > 0.5
+    seeds = np.zeros(shape, np.int32)
+    seeds[rng.integers(0, shape[0], n_seeds), rng.integers(0, shape[1], n_seeds)] = np.arange(1, n_seeds + 1)
+    _, (ir, ic) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
+    return np.where(mask, seeds[ir, ic], 0).astype(np.int32)
+
+
+def test_local_peaks_equal_peak_local_max():
+    """local_peaks is skimage's peak_local_max with labels: same peaks, same order, plateaus included."""
+    from skimage.feature import peak_local_max
+
+    rng = np.random.default_rng(0)
+    for t in range(150):
+        h, w = rng.integers(5, 90, 2)
+        q = int(rng.integers(2, 12))
+        if t % 2:
+            img = (rng.integers(0, q, (h, w)) / q).astype(np.float32)  # many plateaus
+        else:
+            img = np.round(ndi.gaussian_filter(rng.random((h, w)), 1.5) * 40 * q).astype(np.float32)
+        search = rng.random((h, w)) < rng.uniform(0.3, 1.0)
+        m, thr = int(rng.integers(1, 5)), float(rng.uniform(0.0, 0.5))
+        ref = peak_local_max(img, min_distance=m, threshold_abs=thr, labels=search.astype(np.uint8), exclude_border=False)
+        got = nuc.local_peaks(img, m, thr, search)
+        assert got.dtype == ref.dtype and np.array_equal(got, ref), t
+
+
+def test_fill_holes_equal_remove_small_holes_and_binary_fill_holes():
+    """fill_holes gives skimage's remove_small_holes and then scipy's binary_fill_holes exactly."""
+    from skimage.morphology import remove_small_holes
+
+    rng = np.random.default_rng(1)
+    for t in range(200):
+        h, w = rng.integers(1, 70, 2)
+        if t % 2:
+            m = ndi.gaussian_filter(rng.random((h, w)), rng.uniform(0.3, 2.0)) > rng.uniform(0.4, 0.6)
+        else:
+            m = rng.random((h, w)) < rng.uniform(0.2, 0.95)
+        max_size = [None, 0, 1, 3, 10, 50][t % 6]
+        small = m.copy() if max_size is None else remove_small_holes(m, max_size=max_size)
+        got_small, got_all = nuc.fill_holes(m, max_size)
+        assert np.array_equal(got_small, small), t
+        assert np.array_equal(got_all, ndi.binary_fill_holes(small)), t
+
+
+def test_convex_pixel_counts_equal_per_label_cv2_hull_area():
+    """The batched Pick count equals cv2.convexHull + cv2.contourArea label by label."""
+    import cv2
+
+    rng = np.random.default_rng(2)
+    for t in range(20):
+        labels = _random_labels(rng, tuple(rng.integers(20, 120, 2)), int(rng.integers(1, 60)))
+        labels[rng.random(labels.shape) < 0.02] = 0  # specks and one-pixel pieces
+        n = int(labels.max())
+        ref = np.zeros(n)
+        for i in range(1, n + 1):
+            rr, cc = np.nonzero(labels == i)
+            if rr.size == 0:
+                continue
+            pts = np.column_stack([cc, rr]).astype(np.int32)
+            hv = cv2.convexHull(pts).reshape(-1, 2)
+            d = np.abs(np.diff(np.vstack([hv, hv[:1]]), axis=0))
+            ref[i - 1] = abs(cv2.contourArea(hv)) + np.gcd(d[:, 0], d[:, 1]).sum() / 2.0 + 1.0
+        assert np.array_equal(nuc._convex_pixel_counts(labels, n), ref), t

@@ -30,7 +30,6 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import pdist
-from skimage.segmentation import expand_labels
 
 from marrowseg import stains
 from marrowseg.analyzers import filters
@@ -264,23 +263,38 @@ def ring_scores(
         return np.zeros(0, np.float64)
     outer_px = (gap_um + width_um) / mpp
     inner_px = gap_um / mpp
-    grown = expand_labels(labels, distance=outer_px)
-    inside = expand_labels(labels, distance=inner_px) if inner_px > 0 else labels
-    ring = (grown > 0) & (inside == 0)
-    rr, cc = np.nonzero(ring)
+    # expand_labels(labels, outer_px) and (..., inner_px) from one feature transform: a
+    # background pixel within outer_px of a nucleus goes to the nucleus of its nearest
+    # labelled pixel, and the ring is where that distance is in (inner_px, outer_px]
+    # (expand_labels' own transform and distances, computed only once)
+    bg = labels == 0
+    ft = ndi.distance_transform_edt(bg, sampling=1, return_distances=False, return_indices=True)
+    rr, cc = np.nonzero(bg)
+    fr, fc = ft[0][rr, cc], ft[1][rr, cc]
+    dr = (fr - rr).astype(np.float64)
+    dc = (fc - cc).astype(np.float64)
+    dist = np.sqrt(dr * dr + dc * dc)
+    ok = (dist <= outer_px) & (dist > inner_px)
+    rr, cc = rr[ok], cc[ok]
     lut = np.full(int(labels.max()) + 1 if labels.size else 1, -1, np.int64)
     lut[table["label"]] = np.arange(n)
-    idx = lut[grown[rr, cc]]
+    idx = lut[labels[fr[ok], fc[ok]]]
     ok = idx >= 0
     rr, cc, idx = rr[ok], cc[ok], idx[ok]
     ang = np.arctan2(rr - table["row"][idx], cc - table["col"][idx])
     sec = np.minimum(((ang + np.pi) / (2 * np.pi) * sectors).astype(np.int64), sectors - 1)
-    peak = np.full(n * sectors, np.nan)
     vals = dab_od[rr, cc].astype(np.float64)
-    # per (cell, sector) maximum without a Python loop: sort by value, last write wins
+    # per (cell, sector) maximum without a Python loop
     key = idx * sectors + sec
-    order = np.argsort(vals, kind="stable")
-    peak[key[order]] = vals[order]
+    peak = np.full(n * sectors, -np.inf)
+    np.maximum.at(peak, key, vals)
+    peak[np.bincount(key, minlength=n * sectors) == 0] = np.nan
+    zero = np.flatnonzero(vals == 0)
+    if zero.size:  # a zero maximum keeps the sign of the sector's last zero in raster order
+        last = np.full(n * sectors, -1, np.int64)
+        last[key[zero]] = zero
+        at = np.flatnonzero((peak == 0) & (last >= 0))
+        peak[at] = vals[last[at]]
     peak = peak.reshape(n, sectors)
     have = ~np.isnan(peak).all(axis=1)
     out = np.zeros(n, np.float64)
