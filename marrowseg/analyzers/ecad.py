@@ -23,6 +23,7 @@ import logging
 import math
 from typing import Any, ClassVar
 
+import cv2
 import numpy as np
 import torch
 from scipy import ndimage as ndi
@@ -269,7 +270,11 @@ def ring_scores(
     # (expand_labels' own transform and distances, computed only once)
     bg = labels == 0
     ft = ndi.distance_transform_edt(bg, sampling=1, return_distances=False, return_indices=True)
-    rr, cc = np.nonzero(bg)
+    # only background pixels within a square of half-width floor(outer_px) of a nucleus can be
+    # that close (the Euclidean distance is at least the Chebyshev one); same raster order
+    r_sq = int(math.floor(outer_px))
+    near = cv2.dilate((~bg).view(np.uint8), np.ones((2 * r_sq + 1, 2 * r_sq + 1), np.uint8)).view(bool)
+    rr, cc = np.nonzero(near & bg)
     fr, fc = ft[0][rr, cc], ft[1][rr, cc]
     dr = (fr - rr).astype(np.float64)
     dc = (fc - cc).astype(np.float64)

@@ -920,16 +920,18 @@ def _convex_pixel_counts(labels: np.ndarray, n: int) -> np.ndarray:
     ``area + boundary_points / 2 + 1``.
     """
     lab = labels
-    inner = lab.copy()
     # a pixel is interior when its 4 neighbours carry the same label; only boundary
-    # pixels can be hull vertices
-    inner[1:, :][lab[1:, :] != lab[:-1, :]] = 0
-    inner[:-1, :][lab[:-1, :] != lab[1:, :]] = 0
-    inner[:, 1:][lab[:, 1:] != lab[:, :-1]] = 0
-    inner[:, :-1][lab[:, :-1] != lab[:, 1:]] = 0
-    inner[0, :] = inner[-1, :] = 0
-    inner[:, 0] = inner[:, -1] = 0
-    edge = (lab > 0) & (inner == 0)
+    # pixels (and those on the image border) can be hull vertices
+    edge = np.zeros(lab.shape, bool)
+    step = lab[1:, :] != lab[:-1, :]
+    edge[1:, :] |= step
+    edge[:-1, :] |= step
+    step = lab[:, 1:] != lab[:, :-1]
+    edge[:, 1:] |= step
+    edge[:, :-1] |= step
+    edge[0, :] = edge[-1, :] = True
+    edge[:, 0] = edge[:, -1] = True
+    edge &= lab > 0
     rr, cc = np.nonzero(edge)
     ll = lab[rr, cc]
     order = np.argsort(ll, kind="stable")
