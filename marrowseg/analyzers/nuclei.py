@@ -491,11 +491,14 @@ def core_centroids(
     """
     n = int(labels.max())
     # per-label maximum: ufunc.at is ~30x faster than ndi.maximum with thousands of labels
+    # (over the labelled pixels only, in raster order as np.nonzero)
+    idx = np.flatnonzero(labels)
+    lab = labels.ravel()[idx]
     peak = np.full(n + 1, -np.inf, np.float32)
-    np.maximum.at(peak, labels.ravel(), np.asarray(density, np.float32).ravel())
-    core = (labels > 0) & (density >= np.float32(fraction) * peak[labels])
-    rr, cc = np.nonzero(core)
-    lab = labels[rr, cc]
+    np.maximum.at(peak, lab, np.asarray(density, np.float32).ravel()[idx])
+    core = np.asarray(density).ravel()[idx] >= np.float32(fraction) * peak[lab]
+    idx, lab = idx[core], lab[core]
+    rr, cc = np.divmod(idx, labels.shape[1])
     cnt = np.bincount(lab, minlength=n + 1).astype(np.float64)
     ids = table["label"]
     ok = cnt[ids] > 0
