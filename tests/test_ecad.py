@@ -355,7 +355,7 @@ def _ring_scores_reference(labels, table, dab_od, mpp, *, gap_um, width_um, sect
     rr, cc = np.nonzero((grown > 0) & (inside == 0))
     row_of = {int(lab): i for i, lab in enumerate(table["label"])}
     peak = np.full((n, sectors), np.nan)
-    for r, c in zip(rr, cc):
+    for r, c in zip(rr, cc, strict=True):
         i = row_of.get(int(grown[r, c]))
         if i is None:
             continue
