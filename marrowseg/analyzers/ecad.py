@@ -294,12 +294,6 @@ def ring_scores(
     peak = np.full(n * sectors, -np.inf)
     np.maximum.at(peak, key, vals)
     peak[np.bincount(key, minlength=n * sectors) == 0] = np.nan
-    zero = np.flatnonzero(vals == 0)
-    if zero.size:  # a zero maximum keeps the sign of the sector's last zero in raster order
-        last = np.full(n * sectors, -1, np.int64)
-        last[key[zero]] = zero
-        at = np.flatnonzero((peak == 0) & (last >= 0))
-        peak[at] = vals[last[at]]
     peak = peak.reshape(n, sectors)
     have = ~np.isnan(peak).all(axis=1)
     out = np.zeros(n, np.float64)
