@@ -4,7 +4,8 @@
 ``eval_ecad.py --seeds 1000-1009 [--size-px 2400] [--set KEY=VALUE ...]``
 
 Each seed gets a phantom (``marrowseg.synth``, used as a black box) with a left-shift ratio
-cycling over 0.05-0.8 and a stain jitter cycling over 0-0.3, written to a temporary
+cycling over 0.05-0.8 and a stain jitter cycling over 0-0.3 (``--jitter``: one value for
+all; a seed's tissue and ratio do not depend on it), written to a temporary
 folder and analysed through :func:`marrowseg.pipeline.analyze_slide` (the path of
 ``marrowseg analyze``). Printed per phantom: truth vs measured E-cad+ cells, late
 erythroid cells, left-shift ratio and nucleated cells, with relative count errors and the
@@ -13,11 +14,13 @@ report on seeds >= 1000.
 
 ``--match`` also matches each detected cell to the nearest truth cell (within 3 µm) and
 prints what the late-erythroid calls are in truth (late erythroid, lymphocyte, other,
-none) and the share of truth late erythroid cells that own a detection (nearest truth
-cell of some detection). ``--size-bound`` prints, over the seeds run, the late count and
-ratio errors that a cut on the phantoms' *true* nuclear area would give to a perfect
-detector that could not tell late erythroid cells from lymphocytes otherwise: a bound on
-what any nuclear-size rule can reach.
+none), the share of truth late erythroid cells that own a detection (nearest truth
+cell of some detection), and what the truth late erythroid cells are called (the class of
+their own detection, the nearest one they own; ``none`` when they own none).
+``--size-bound`` prints, over the seeds run, the late count and ratio errors that a cut on
+the phantoms' *true* nuclear area would give to a perfect detector that could not tell
+late erythroid cells from lymphocytes otherwise: a bound on what any nuclear-size rule can
+reach.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ RATIOS = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
 MATCH_UM = 3.0  # a detection lies on its nucleus: centroid within ~half a small nucleus' radius
 SIZE_CUTS_UM2 = tuple(range(24, 46, 2))
 JITTERS = (0.0, 0.1, 0.2, 0.3)
+#: classes a truth late erythroid cell can be called (``none``: it owns no detection)
+CALL_CLASSES = ("late_erythroid", "ecad_pos", "other", "megakaryocyte", "none")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -83,14 +88,18 @@ def match_calls(det: dict[str, np.ndarray], truth: dict[str, np.ndarray], radius
         ``late_calls_late``, ``late_calls_lymphocyte``, ``late_calls_other`` (matched to
         another class), ``late_calls_none`` (no truth cell within ``radius_um``);
         ``truth_late`` and ``truth_late_owned`` (the nearest truth cell of at least one
-        detection).
+        detection); ``truth_late_as_<class>`` for each class in :data:`CALL_CLASSES`: truth
+        late cells whose own detection (the nearest of the detections they own) has that
+        class, ``none`` when they own no detection.
     """
     tcls = np.asarray(truth["cell_class"], dtype=object)
     t_late = tcls == "late_erythroid"
     out = {"late_calls_late": 0, "late_calls_lymphocyte": 0, "late_calls_other": 0, "late_calls_none": 0,
            "truth_late": int(t_late.sum()), "truth_late_owned": 0}
+    out |= {f"truth_late_as_{c}": 0 for c in CALL_CLASSES}
     if len(det.get("x_um", ())) == 0 or len(tcls) == 0:
         out["late_calls_none"] = int((np.asarray(det.get("class", []), dtype=object) == "late_erythroid").sum())
+        out["truth_late_as_none"] = int(t_late.sum())
         return out
     txy = np.column_stack([truth["x_um"], truth["y_um"]])
     dxy = np.column_stack([det["x_um"], det["y_um"]])
@@ -105,6 +114,14 @@ def match_calls(det: dict[str, np.ndarray], truth: dict[str, np.ndarray], radius
     owned = np.zeros(len(tcls), bool)
     owned[j[hit]] = True
     out["truth_late_owned"] = int((owned & t_late).sum())
+    # class of each truth cell's own detection: the nearest of those matched to it
+    own_cls = np.full(len(tcls), "none", dtype=object)
+    k = np.flatnonzero(hit)
+    k = k[np.lexsort((dist[k], j[k]))]
+    _, first = np.unique(j[k], return_index=True)
+    own_cls[j[k[first]]] = np.asarray(det["class"], dtype=object)[k[first]]
+    for c in CALL_CLASSES:
+        out[f"truth_late_as_{c}"] = int((t_late & (own_cls == c)).sum())
     return out
 
 
@@ -116,9 +133,9 @@ def size_bound_counts(truth: dict[str, np.ndarray], cuts_um2=SIZE_CUTS_UM2) -> n
     return np.array([int((small & (area <= c)).sum()) for c in cuts_um2])
 
 
-def run_one(seed: int, size_px: int, mpp: float, sets: list[str], tmp: Path) -> dict:
+def run_one(seed: int, size_px: int, mpp: float, sets: list[str], tmp: Path, jitter: float | None = None) -> dict:
     ratio = RATIOS[seed % len(RATIOS)]
-    jitter = JITTERS[seed % len(JITTERS)]
+    jitter = JITTERS[seed % len(JITTERS)] if jitter is None else jitter
     tiff, truth_path = write_phantom(tmp, "ecad", name=f"ecad_{seed}", seed=seed, size_px=(size_px, size_px),
                                      mpp=mpp, left_shift_ratio=ratio, stain_jitter=jitter)
     truth = json.loads(Path(truth_path).read_text())["readouts"]
@@ -141,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-px", type=int, default=2400, help="phantom side, level-0 pixels")
     ap.add_argument("--mpp", type=float, default=0.25, help="phantom pixel size, µm/px")
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")
+    ap.add_argument("--jitter", type=float, default=None,
+                    help="stain jitter of every phantom (default: cycle over 0-0.3 by seed); the tissue and the "
+                         "ratio of a seed do not depend on it, so runs at several values isolate the stain's effect")
     ap.add_argument("--match", action="store_true", help="also print what the late-erythroid calls are in truth")
     ap.add_argument("--size-bound", action="store_true", help="also print the true-nuclear-area bound (see docstring)")
     args = ap.parse_args(argv)
@@ -151,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'ratio t/m':>13}{'err':>7} | {'nucl t/m':>11}{'err':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for seed in parse_seeds(args.seeds):
-            r = run_one(seed, args.size_px, args.mpp, args.set, Path(tmp))
+            r = run_one(seed, args.size_px, args.mpp, args.set, Path(tmp), args.jitter)
             t, m = r["truth"], r["meas"]
             e_pos = rel(m["ecad_pos_cells"], t["ecad_pos_cells"])
             e_late = rel(m["late_erythroid_cells"], t["late_erythroid_cells"])
@@ -177,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
             own = 100.0 * mt["truth_late_owned"] / mt["truth_late"] if mt["truth_late"] else float("nan")
             print(f"{seed:>5} | {mt['late_calls_late']:>5}{mt['late_calls_lymphocyte']:>6}{mt['late_calls_other']:>6}"
                   f"{mt['late_calls_none']:>5} | {mt['truth_late']:>10}{mt['truth_late_owned']:>6}{own:>5.0f}")
+        print("\ntruth late erythroid cells by the class of their own detection, % (by requested ratio)")
+        print(f"{'ratio':>6}{'truth':>7} | " + "".join(f"{c:>15}" for c in CALL_CLASSES))
+        for ratio in sorted({RATIOS[s % len(RATIOS)] for s, _ in matches}):
+            sel = [mt for s, mt in matches if RATIOS[s % len(RATIOS)] == ratio]
+            n = sum(mt["truth_late"] for mt in sel)
+            print(f"{ratio:>6.2f}{n:>7} | " + "".join(
+                f"{100.0 * sum(mt[f'truth_late_as_{c}'] for mt in sel) / max(n, 1):>14.0f}%" for c in CALL_CLASSES))
     if args.size_bound:
         print("\nbound: perfect detection, late = late erythroid + lymphocyte nuclei with TRUE area <= cut")
         print(f"{'cut um2':>8} | {'late err mean':>13}{'min':>7}{'max':>7} | {'ratio |err| max':>15}")

@@ -292,7 +292,16 @@ def test_eval_match_calls_and_size_bound_on_hand_made_tables():
     }
     m = match_calls(det, truth)
     assert m == {"late_calls_late": 1, "late_calls_lymphocyte": 1, "late_calls_other": 1, "late_calls_none": 1,
-                 "truth_late": 2, "truth_late_owned": 1}
+                 "truth_late": 2, "truth_late_owned": 1,
+                 # the first truth late cell is called late; the second owns no detection
+                 "truth_late_as_late_erythroid": 1, "truth_late_as_ecad_pos": 0, "truth_late_as_other": 0,
+                 "truth_late_as_megakaryocyte": 0, "truth_late_as_none": 1}
+    # two detections on one truth late cell: the nearer one's class counts
+    det2 = {"x_um": np.array([12.0, 10.5, 70.0]), "y_um": np.array([10.0, 10.0, 10.0]),
+            "class": np.array(["late_erythroid", "ecad_pos", "other"], dtype=object)}
+    m2 = match_calls(det2, truth)
+    assert (m2["truth_late_as_ecad_pos"], m2["truth_late_as_other"], m2["truth_late_as_late_erythroid"]) == (1, 1, 0)
+    assert m2["truth_late_owned"] == 2 and m2["truth_late_as_none"] == 0
     # late + lymphocyte nuclei at or under each cut; the myeloid nucleus never counts
     assert size_bound_counts(truth, cuts_um2=(20, 24, 30, 36, 100)).tolist() == [0, 1, 2, 3, 3]
 
