@@ -303,6 +303,76 @@ def test_regions_below_min_area_are_dropped(cfg):
     assert table["area_um2"][0] == pytest.approx(np.pi * 2.0**2, rel=0.15)
 
 
+def _lobes(centre_um: tuple[float, float], ring_um: float, n: int = 3, diameter_um: float = 3.0) -> np.ndarray:
+    """``n`` small lobes (0.7 OD disks) evenly round ``centre_um`` at ``ring_um`` from it, 60 µm image at 0.5 µm/px."""
+    ang = np.linspace(0, 2 * np.pi, n, endpoint=False) + 0.3
+    centres = [(centre_um[0] + ring_um * np.sin(a), centre_um[1] + ring_um * np.cos(a)) for a in ang]
+    return _disks(0.5, diameter_um, 0.7, centres, size_um=60.0)
+
+
+def test_lobes_of_a_segmented_nucleus_are_one_cell_at_its_centre(cfg):
+    """he.yaml (lobe_max_gap_um 1): three 3 µm lobes (7 µm² each, below min_area_um2) 1 µm
+    apart round a pale centre are one cell, reported within 0.5 µm of the centre; without the
+    grouping each lobe is debris and the cell is lost."""
+    assert cfg.nuclei.lobe_max_gap_um == 1.0 and cfg.nuclei.min_area_um2 == 8
+    img = _lobes((30.0, 30.0), 2.3)
+    _, table = nuc.detect_nuclei(img, 0.5, cfg.nuclei)
+    assert len(table["row"]) == 1
+    got_um = np.array([table["row"][0], table["col"][0]]) * 0.5 + 0.25
+    assert np.hypot(*(got_um - 30.0)) < 0.5
+    assert table["area_um2"][0] == pytest.approx(3 * np.pi * 1.5**2, rel=0.25)
+    _, off = nuc.detect_nuclei(img, 0.5, cfg.nuclei.model_copy(update={"lobe_max_gap_um": None}))
+    assert len(off["row"]) == 0
+
+
+def test_small_regions_apart_alone_or_too_wide_are_not_grouped(cfg):
+    """Lobes 3 µm apart, a lone 3 µm blob, and a row of four 2.8 µm blobs 1.2 µm apart but 15 µm long
+    (wider than lobe_max_extent_um, 10 µm: not one nucleus) all stay debris."""
+    apart = _lobes((30.0, 30.0), 3.5)
+    lone = _disks(0.5, 3.0, 0.7, [(30.0, 30.0)], size_um=60.0)
+    row = _disks(0.5, 2.8, 0.7, [(30.0, 22.5 + 4.0 * k) for k in range(4)], size_um=60.0)
+    for img in (apart, lone, row):
+        _, table = nuc.detect_nuclei(img, 0.5, cfg.nuclei)
+        assert len(table["row"]) == 0
+    # the row's blobs are separate in the mask: only the extent keeps them apart
+    _, wide = nuc.detect_nuclei(row, 0.5, cfg.nuclei.model_copy(update={"lobe_max_extent_um": 20.0}))
+    assert len(wide["row"]) == 1
+
+
+def test_thin_strip_is_dropped_and_nuclei_are_kept(cfg):
+    """he.yaml (min_width_um 2.5): a 2 µm x 14 µm strip of dark stroma is dropped; a 5 µm round
+    nucleus and a 3.5 µm x 14 µm spindle-shaped nucleus are kept. Without the test the strip is counted."""
+    assert cfg.nuclei.min_width_um == 2.5
+    img = _disks(0.5, 5.0, 0.8, [(15.0, 15.0)], size_um=60.0)
+    rr, cc = np.mgrid[0:120, 0:120] * 0.5 + 0.25
+    img[(np.abs(rr - 40.0) <= 1.0) & (np.abs(cc - 15.0) <= 7.0)] = 0.8
+    # spindle: an ellipse of semi-axes 1.75 and 7 µm, densest along its middle (one peak)
+    q = ((rr - 15.0) / 1.75) ** 2 + ((cc - 42.0) / 7.0) ** 2
+    img[q <= 1.0] = (0.9 - 0.3 * q)[q <= 1.0]
+    _, table = nuc.detect_nuclei(img, 0.5, cfg.nuclei)
+    got_um = np.column_stack([table["row"], table["col"]]) * 0.5 + 0.25
+    assert len(got_um) == 2
+    assert np.all(np.abs(got_um[:, 0] - 15.0) < 1.0)
+    width = nuc.ellipse_width_um(table)
+    assert width.min() > 2.5
+    _, all_kept = nuc.detect_nuclei(img, 0.5, cfg.nuclei.model_copy(update={"min_width_um": None}))
+    # the flat strip holds a seed at each end: one or two cells
+    assert len(all_kept["row"]) >= 3
+    assert nuc.ellipse_width_um(all_kept).min() < 2.5
+
+
+def test_ellipse_width_of_a_disk_is_its_diameter():
+    """The minor axis from area and eccentricity: a disk's diameter, an ellipse's minor axis."""
+    table = {"area_um2": np.array([np.pi * 2.5**2, np.pi * 4.0 * 1.5]), "eccentricity": np.array([0.0, np.sqrt(1 - (1.5 / 4.0) ** 2)])}
+    np.testing.assert_allclose(nuc.ellipse_width_um(table), [5.0, 3.0])
+
+
+def test_ecad_detector_has_no_width_test_or_lobe_grouping():
+    """The E-cadherin analyzer's detector is unchanged by the H&E-only steps (both off)."""
+    ecad = load_config("ecad").ecad.nuclei
+    assert ecad.min_width_um is None and ecad.lobe_max_gap_um is None
+
+
 def test_megakaryocyte_needs_an_even_nucleus_when_cv_limit_set(cfg):
     """With megakaryocyte_max_od_cv a large but patchy object (a clump) is not a megakaryocyte."""
     table = {

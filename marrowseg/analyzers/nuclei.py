@@ -15,6 +15,10 @@ Pipeline (classical detector)::
                                                      # at their waists (overlapping nuclei)
     labels   = merge_megakaryocytes(labels)          # optional: the lobes and chromatin peaks of
                                                      # one very large nucleus made one again
+    labels   = group_lobes(labels)                   # optional: small lobes (< min_area_um2) of one
+                                                     # segmented nucleus made one cell; other
+                                                     # regions < min_area_um2 dropped
+    labels   = drop_thin(labels)                     # optional: strips narrower than min_width_um
     centres  = core_centroids(labels)                # optional: centroid of each region's pixels
                                                      # >= centre_core_fraction x its maximum
     table    = per-label centroid, area_um2, eccentricity, solidity, h_od_mean, h_od_cv
@@ -53,6 +57,9 @@ __all__ = [
     "upsample_background",
     "split_by_shape",
     "merge_megakaryocytes",
+    "group_lobes",
+    "drop_thin",
+    "ellipse_width_um",
     "classify_nuclei",
     "empty_table",
     "label_measurements",
@@ -359,7 +366,10 @@ def detect_nuclei(
         ``split_min_area_um2``, ``split_h_um`` for :func:`split_by_shape`;
         ``megakaryocyte_min_radius_um`` (null: no merge), ``megakaryocyte_core_radius_um``,
         ``megakaryocyte_core_min_area_um2`` for :func:`merge_megakaryocytes`;
-        ``centre_core_fraction`` (null: the whole region's centroid) for :func:`core_centroids`.
+        ``centre_core_fraction`` (null: the whole region's centroid) for :func:`core_centroids`;
+        ``lobe_max_gap_um`` (null: regions below ``min_area_um2`` dropped) and
+        ``lobe_max_extent_um`` for :func:`group_lobes`; ``min_width_um`` (null: no width test)
+        for :func:`drop_thin`.
     peak_map, mask_map : (H, W) float32 ndarray, optional
         ``h_od`` smoothed with ``peak_sigma_um`` / ``mask_sigma_um`` (the torch module
         computes them on the device); computed here with scipy when omitted.
@@ -402,7 +412,11 @@ def detect_nuclei(
         if not search.any():
             return np.zeros(h_od.shape, np.int32), empty_table()
     centres = local_peaks(relief, min_dist_px, threshold, search)
-    labels, table = nuclei_from_centres(h_od, mpp, centres, relief, mask, min_area_um2=float(cfg.min_area_um2))
+    lobe_gap_um = getattr(cfg, "lobe_max_gap_um", None)
+    # with lobe grouping the regions below min_area_um2 are kept until the lobes among them
+    # are grouped (after the split and the merge, which never act on regions that small)
+    min_area_um2 = float(cfg.min_area_um2) if lobe_gap_um is None else 0.0
+    labels, table = nuclei_from_centres(h_od, mpp, centres, relief, mask, min_area_um2=min_area_um2)
     max_solidity = getattr(cfg, "split_max_solidity", None)
     if max_solidity is not None and len(table["label"]):
         labels, table = split_by_shape(
@@ -422,9 +436,28 @@ def detect_nuclei(
             min_area_um2=float(cfg.megakaryocyte_core_min_area_um2),
             max_od_cv=getattr(cfg, "megakaryocyte_merge_max_od_cv", None),
         )
+    first_grouped = None  # label ids from here on are groups of lobes
+    if lobe_gap_um is not None:
+        first_grouped = int(labels.max()) + 1
+        labels, table = group_lobes(
+            h_od, mpp, mask, labels, table,
+            min_area_um2=float(cfg.min_area_um2),
+            max_gap_um=float(lobe_gap_um),
+            max_extent_um=float(cfg.lobe_max_extent_um),
+            allowed=allowed,
+        )
+
+    def grouped() -> np.ndarray | None:
+        return None if first_grouped is None else table["label"] >= first_grouped
+
+    min_width_um = getattr(cfg, "min_width_um", None)
+    if min_width_um is not None and len(table["label"]):
+        # a group of lobes is not one ellipse: its width says nothing
+        labels, table = drop_thin(labels, table, float(min_width_um), exempt=grouped())
     core_fraction = getattr(cfg, "centre_core_fraction", None)
     if core_fraction is not None and len(table["label"]):
-        table = core_centroids(labels, table, maskm, float(core_fraction))
+        # a group of lobes keeps the centroid of all its lobes (its densest lobe is off centre)
+        table = core_centroids(labels, table, maskm, float(core_fraction), exempt=grouped())
     return labels, table
 
 
@@ -464,6 +497,7 @@ def local_peaks(image: np.ndarray, min_distance: int, threshold: float, search: 
 
 def core_centroids(
     labels: np.ndarray, table: dict[str, np.ndarray], density: np.ndarray, fraction: float,
+    *, exempt: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """``table`` with each nucleus's ``row``/``col`` moved to the centroid of its dense core.
 
@@ -477,6 +511,8 @@ def core_centroids(
         Smoothed haematoxylin (the detector's mask map), OD.
     fraction : float
         The core is the region's pixels with ``density >= fraction x`` the region's maximum.
+    exempt : (N,) bool ndarray, optional
+        Rows that keep their ``row``/``col`` (e.g. a group of lobes, whose centre is between them).
 
     Returns
     -------
@@ -502,11 +538,149 @@ def core_centroids(
     cnt = np.bincount(lab, minlength=n + 1).astype(np.float64)
     ids = table["label"]
     ok = cnt[ids] > 0
+    if exempt is not None:
+        ok &= ~np.asarray(exempt, bool)
     out = dict(table)
     safe = np.maximum(cnt[ids], 1.0)
     out["row"] = np.where(ok, np.bincount(lab, weights=rr, minlength=n + 1)[ids] / safe, table["row"])
     out["col"] = np.where(ok, np.bincount(lab, weights=cc, minlength=n + 1)[ids] / safe, table["col"])
     return out
+
+
+def ellipse_width_um(table: dict[str, np.ndarray]) -> np.ndarray:
+    """Minor axis of each nucleus, µm: that of the ellipse with its area and eccentricity.
+
+    An ellipse of semi-axes a >= b has area pi a b and eccentricity sqrt(1 - b²/a²), so
+    2 b = 2 sqrt(area sqrt(1 - e²) / pi).
+    """
+    e = np.clip(np.asarray(table["eccentricity"], np.float64), 0.0, 1.0)
+    area = np.asarray(table["area_um2"], np.float64)
+    return 2.0 * np.sqrt(area * np.sqrt(1.0 - e * e) / np.pi)
+
+
+def drop_thin(
+    labels: np.ndarray, table: dict[str, np.ndarray], min_width_um: float, *, exempt: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Drop regions narrower than ``min_width_um`` (:func:`ellipse_width_um`), pixels and rows.
+
+    Rows where ``exempt`` (bool, one per row) is True are kept whatever their width.
+
+    Why: a strip of dark stroma or a cytoplasmic rim along a sheet's edge passes the contrast
+    test as a band 1.5-2.5 µm wide; the narrowest nuclei (a pyknotic normoblast, a lymphocyte,
+    the body of a spindle-cell nucleus) are about 2.5 µm wide or more.
+    """
+    thin = ellipse_width_um(table) < float(min_width_um)
+    if exempt is not None:
+        thin &= ~np.asarray(exempt, bool)
+    if not thin.any():
+        return labels, table
+    lut = np.ones(int(labels.max()) + 1, bool)
+    lut[table["label"][thin]] = False
+    lut[0] = True
+    out = np.where(lut[labels], labels, 0).astype(np.int32)
+    return out, {c: v[~thin] for c, v in table.items()}
+
+
+def group_lobes(
+    h_od: np.ndarray,
+    mpp: float,
+    mask: np.ndarray,
+    labels: np.ndarray,
+    table: dict[str, np.ndarray],
+    *,
+    min_area_um2: float,
+    max_gap_um: float,
+    max_extent_um: float,
+    allowed: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Make the separate small lobes of one segmented nucleus one cell; drop other small regions.
+
+    A segmented neutrophil's nucleus is 2-5 lobes (each ~2-3 µm across) joined by chromatin
+    threads too thin for the nuclear mask, around a pale centre where the cell's centre lies.
+    Each lobe alone is below ``min_area_um2`` (and often too small to hold a peak seed), so
+    it would be dropped as debris. Here the lobe candidates are the regions below
+    ``min_area_um2`` and the parts of the nuclear mask that no seed reached, each below
+    ``min_area_um2``; candidates at most ``max_gap_um`` apart are grouped. A group of at least
+    two candidates, together at least ``min_area_um2`` and at most ``max_extent_um`` across
+    (row or column extent: one cell's nucleus), whose centroid lies in ``allowed``, becomes
+    one region (the lobes' pixels; its centroid falls between them). Every other region below
+    ``min_area_um2`` is dropped, as :func:`nuclei_from_centres` would have done.
+
+    Parameters
+    ----------
+    h_od : (H, W) float32 ndarray
+        Haematoxylin OD, for the density columns of the grouped regions.
+    mpp : float
+        µm per pixel.
+    mask : (H, W) bool ndarray
+        The nuclear mask the regions were grown in.
+    labels, table
+        Regions and their measurements with no minimum area (``nuclei_from_centres(...,
+        min_area_um2=0)``).
+    min_area_um2 : float
+        Regions smaller than this are lobes or debris, µm².
+    max_gap_um : float
+        Largest gap between two lobes of one nucleus, µm (the candidates are grown by half
+        of it, rounded to whole pixels, and those that touch are grouped).
+    max_extent_um : float
+        Largest row or column extent of a grouped nucleus, µm.
+    allowed : (H, W) bool ndarray, optional
+        Where a cell centre may lie (as the detector's seeds).
+
+    Returns
+    -------
+    labels, table
+        As :func:`detect_nuclei`; grouped regions get new ids above the largest input id
+        and their rows come last.
+
+    Notes
+    -----
+    Only pixels that would otherwise carry no nucleus take part, so a region at least
+    ``min_area_um2`` large is never changed; a lone small candidate is still dropped.
+    """
+    px_um2 = float(mpp) ** 2
+    small = (table["area_um2"] < min_area_um2) & (table["area_um2"] > 0)
+    big_rows = ~small & (table["area_um2"] > 0)
+    lut = np.zeros(int(labels.max()) + 1, bool)
+    lut[table["label"][small]] = True
+    # candidates: small seeded regions, and the mask components that hold no seed (the
+    # watershed floods every component that holds one)
+    cand = lut[labels] | (np.asarray(mask, bool) & (labels == 0))
+    if not cand.any():
+        return _replace_regions(labels, table, lut[labels], big_rows, np.zeros_like(labels), empty_table())
+    eight = np.ones((3, 3), bool)
+    # two small seeded regions may touch (one mask component cut by the watershed): one candidate
+    lobes, n_lobes = ndi.label(cand, structure=eight)
+    lobe_px = np.bincount(lobes.ravel(), minlength=n_lobes + 1)
+    is_lobe = lobe_px * px_um2 < min_area_um2
+    is_lobe[0] = False
+    lobes = np.where(is_lobe[lobes], lobes, 0)
+    r_px = max(1, int(round(0.5 * float(max_gap_um) / float(mpp))))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_px + 1, 2 * r_px + 1))
+    grown = cv2.dilate((lobes > 0).astype(np.uint8), disk).astype(bool)
+    groups, n_groups = ndi.label(grown, structure=eight)
+    inside = lobes > 0
+    g_px = groups[inside]
+    lobe_group = np.zeros(n_lobes + 1, np.int64)
+    lobe_group[lobes[inside]] = g_px
+    n_in = np.bincount(lobe_group[np.flatnonzero(is_lobe)], minlength=n_groups + 1)
+    cnt = np.bincount(g_px, minlength=n_groups + 1).astype(np.float64)
+    # row or column extent of each group's lobes (their bounding box, not the grown one)
+    extent = np.zeros(n_groups + 1)
+    for g, sl in enumerate(ndi.find_objects(np.where(inside, groups, 0), max_label=n_groups), start=1):
+        if sl is not None:
+            extent[g] = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) * float(mpp)
+    ok = (n_in >= 2) & (cnt * px_um2 >= min_area_um2) & (extent <= max_extent_um)
+    ok[0] = False
+    if allowed is not None and ok.any():
+        rr, cc = np.nonzero(inside)
+        safe = np.maximum(cnt, 1.0)
+        gr = np.round(np.bincount(g_px, weights=rr, minlength=n_groups + 1) / safe).astype(np.intp)
+        gc = np.round(np.bincount(g_px, weights=cc, minlength=n_groups + 1) / safe).astype(np.intp)
+        ok &= np.asarray(allowed, bool)[gr, gc]
+    merged = np.where(inside & ok[groups], groups, 0).astype(np.int32)
+    g_labels, g_table = _measure(merged, h_od, mpp, 0.0)
+    return _replace_regions(labels, table, lut[labels], big_rows, g_labels, g_table)
 
 
 def merge_megakaryocytes(

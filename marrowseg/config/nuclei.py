@@ -64,6 +64,15 @@ class NucleiConfig(Strict):
                                              "(a lobulated megakaryocyte nucleus is one cell; null: no limit)")
     split_h_um: float = Field(0.5, gt=0, description="depth of a waist: how far the distance to the edge must rise "
                               "from the neck into each part, µm (split_max_solidity)")
+    # optional: null drops every region below min_area_um2 (the original detector, which ecad.yaml relies on)
+    lobe_max_gap_um: float | None = Field(
+        None, gt=0, description="regions below min_area_um2 at most this far apart are the lobes of one segmented "
+        "nucleus and are counted as one cell when there are >= 2 of them (nuclei.group_lobes), µm (null: dropped)")
+    lobe_max_extent_um: float = Field(10.0, gt=0, description="a group of lobes is one nucleus only up to this "
+                                      "row or column extent, µm (lobe_max_gap_um)")
+    min_width_um: float | None = Field(
+        None, gt=0, description="segmented nuclei narrower than this (minor axis of the ellipse with their area and "
+        "eccentricity) are dropped, µm: strips of dark stroma (null: no width test)")
     # optional: null keeps every fragment of a large nucleus (the original detector)
     megakaryocyte_min_radius_um: float | None = Field(
         None, gt=0,
