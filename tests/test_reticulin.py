@@ -403,3 +403,92 @@ def test_reference_dense_matches_module_and_post():
     got, want = an.post(ref, img, ctx).stats, an.post(dense, img, ctx).stats
     for key, v in want.items():
         np.testing.assert_allclose(got[key], v, rtol=0.01, atol=1, err_msg=key)
+
+
+def test_half_max_rays_cover_the_square_once():
+    from marrowseg.analyzers import fibres
+
+    for r in (1, 2, 3):
+        offs = [o for ray in fibres.half_max_rays(r) for o in ray]
+        both = offs + [(-a, -b) for a, b in offs]
+        square = [(a, b) for a in range(-r, r + 1) for b in range(-r, r + 1) if (a, b) != (0, 0)]
+        assert sorted(both) == sorted(square)
+
+
+def _blurred_profile(values: list[float], rows: int = 21) -> np.ndarray:
+    """Columns of given contrast (OD), repeated down ``rows`` rows: a vertical structure."""
+    return np.tile(np.asarray(values, np.float32), (rows, 1))
+
+
+def test_half_max_body_keeps_a_bundle_beside_a_darker_fibre():
+    """A black fibre (0.6 OD) on a fainter bundle (0.2 OD): the plain half-max (>= half the
+    square's maximum) cuts slits into the bundle beside the fibre; the body keeps them. An
+    isolated fibre's skirt below half maximum and a valley between two fibres stay out."""
+    from marrowseg.analyzers import fibres
+
+    bundle = [0, 0, 0.2, 0.2, 0.2, 0.2, 0.6, 0.2, 0.2, 0.2, 0.2, 0, 0]
+    top = _blurred_profile(bundle)
+    body = fibres.half_max_body(top, 2.0, 0.04)
+    row = body[10]
+    plain = (top >= 0.5 * ndi.maximum_filter(top, size=5, mode="nearest"))[10]
+    assert not plain[4] and not plain[8]  # the slits of the former rule
+    assert row[2:11].all() and not row[:2].any() and not row[11:].any()
+
+    skirt = fibres.half_max_body(_blurred_profile([0, 0, 0.05, 0.15, 0.6, 0.15, 0.05, 0, 0]), 2.0, 0.04)[10]
+    assert skirt[2:7].tolist() == [False, False, True, False, False]
+    valley = fibres.half_max_body(_blurred_profile([0, 0, 0.6, 0.2, 0.6, 0, 0]), 2.0, 0.04)[10]
+    assert valley[2] and not valley[3] and valley[4]
+    # a faint level side (below the seed contrast) is background, not a bundle
+    faint = fibres.half_max_body(_blurred_profile([0.03, 0.03, 0.03, 0.03, 0.3, 0, 0]), 2.0, 0.04)[10]
+    assert not faint[3]
+
+
+def test_half_max_body_torch_matches_numpy():
+    from marrowseg.analyzers import fibres
+
+    rng = np.random.default_rng(0)
+    top = ndi.gaussian_filter(rng.random((40, 50)).astype(np.float32), 1.0) ** 3
+    ref = fibres.half_max_body(top, 2.0, 0.04)
+    out = fibres.half_max_body_torch(torch.from_numpy(top)[None, None], 2.0, 0.04)[0, 0].numpy()
+    assert ref.any() and not ref.all()
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_fill_small_holes_only_fills_small_enclosed_holes():
+    from marrowseg.analyzers import fibres
+
+    m = np.zeros((20, 20), bool)
+    m[2:8, 2:8] = True
+    m[4, 4] = False  # one-pixel hole
+    m[2:8, 10:16] = True
+    m[4, 12:14] = False  # two-pixel hole
+    m[0:3, 17] = True  # touches the border: the background beside it is not a hole
+    out = fibres.fill_small_holes(m, 1.0)
+    assert out[4, 4] and not out[4, 12:14].any()
+    assert fibres.fill_small_holes(m, 2.0)[4, 12:14].all()
+    assert (fibres.fill_small_holes(m, 0.0) == m).all()
+    assert out.sum() == m.sum() + 1
+
+
+def test_black_fibres_over_a_fainter_bundle_cross_it():
+    """Two black reticulin fibres (0.8 µm) crossing a fainter 5 µm bundle at +-70 deg: the mask
+    holds the whole bundle (the former half-max rule cut slits beside each fibre, covering
+    95 % of it and leaving the fibres unjoined: 0 crossings) and the skeleton crosses twice."""
+    mpp, ss = 0.5, 4
+    n, s = int(round(120 / mpp)), ss / mpp
+    img = np.empty((n * ss, n * ss, 3), np.uint8)
+    img[:] = BACKGROUND_RGB
+    cv2.line(img, (round(10 * s), round(60 * s)), (round(110 * s), round(60 * s)), (140, 125, 125),
+             round(5 * s), cv2.LINE_AA)
+    for x0, ang in ((35.0, 70.0), (85.0, 110.0)):
+        t = math.radians(ang)
+        dr, dc = 30 * math.sin(t), 30 * math.cos(t)
+        cv2.line(img, (round((x0 - dc) * s), round((60 - dr) * s)), (round((x0 + dc) * s), round((60 + dr) * s)),
+                 FIBRE_RGB, round(0.8 * s), cv2.LINE_AA)
+    img = cv2.resize(img, (n, n), interpolation=cv2.INTER_AREA)
+    res, _ = _run_tile(img, mpp)
+    mask = res.maps["fibres"] > 0
+    rr, cc = np.mgrid[0:n, 0:n] * mpp
+    body = (np.abs(rr - 60) < 2.0) & (cc > 15) & (cc < 105)
+    assert mask[body].mean() > 0.99
+    assert res.stats["n_junctions_seen"] == 2.0

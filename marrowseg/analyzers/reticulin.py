@@ -58,8 +58,10 @@ class _ReticulinModule(torch.nn.Module):
         blob_radius_um: float,
         chroma_penalty: float,
         half_max_radius_um: float,
+        half_max_floor_od: float,
     ):
         super().__init__()
+        self.half_max_floor_od = float(half_max_floor_od)
         self.chroma_penalty = float(chroma_penalty)
         self.half_max_radius_px = float(half_max_radius_um) / float(mpp)
         self.mpp = float(mpp)
@@ -88,8 +90,9 @@ class _ReticulinModule(torch.nn.Module):
         dark_s = fibres.gaussian_blur_torch(dark, 0.5)
         tophat = dark_s - fibres.grey_opening_torch(dark_s, self.background_radius_px)
         # a fibre's body is where its contrast is at least half the nearby peak (FWHM), so
-        # the mask width follows the fibre, not its contrast over the hysteresis threshold
-        half_max = tophat >= 0.5 * fibres.grey_dilation_torch(tophat, self.half_max_radius_px)
+        # the mask width follows the fibre, not its contrast over the hysteresis threshold;
+        # but a fainter bundle beside a darker fibre on it keeps its own body
+        half_max = fibres.half_max_body_torch(tophat, self.half_max_radius_px, self.half_max_floor_od)
         # what survives an opening at nucleus size: dark objects too wide to be reticulin
         wide_dark = fibres.grey_opening_torch(dark_s, self.blob_radius_px)
         mean_od = fibres.gaussian_blur_torch(od.mean(dim=1, keepdim=True), self.smooth_px)
@@ -403,6 +406,7 @@ class ReticulinAnalyzer(Analyzer):
             c.blob_radius_um,
             c.chroma_penalty,
             c.half_max_radius_um,
+            c.hysteresis_high_od,
         ).eval()
 
     def reference_dense(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
@@ -479,7 +483,7 @@ class ReticulinAnalyzer(Analyzer):
 
         dark_s = blur(dark, 0.5)
         tophat = dark_s - square(dark_s, c.background_radius_um / mpp, ndi.grey_opening)
-        half_max = tophat >= 0.5 * square(tophat, c.half_max_radius_um / mpp, ndi.maximum_filter)
+        half_max = fibres.half_max_body(tophat, c.half_max_radius_um / mpp, c.hysteresis_high_od)
         smooth_px = float(c.tissue_smooth_um) / mpp
         return {
             "ridge_od": best,
@@ -575,6 +579,9 @@ class ReticulinAnalyzer(Analyzer):
             # a nucleus is trusted as fibre
             reach = c.blob_halo_um / ctx.mpp
             mask &= ndi.distance_transform_edt(~blobs) > reach
+        # a hole of one analysis pixel is below what the ridge filter resolves (its smallest
+        # scale); its skeleton ring would count a crossing that is not a mesh hole
+        mask = fibres.fill_small_holes(mask, c.fibre_hole_max_um2 / (ctx.mpp * ctx.mpp))
         skel = skeletonize(mask)
         skel = fibres.prune_spurs(skel, c.spur_um / ctx.mpp)
         if c.min_fibre_um > 0 and skel.any():

@@ -47,6 +47,8 @@ class ReticulinConfig(Strict):
     hysteresis_low_od: float = Field(ge=0, description="ridge contrast that may extend a fibre, OD")
     hysteresis_high_od: float = Field(ge=0, description="ridge contrast that seeds a fibre, OD")
     min_fibre_um: float = Field(ge=0, description="fibre pieces with a shorter skeleton are noise, µm")
+    fibre_hole_max_um2: float = Field(
+        default=0.0, ge=0, description="holes of the fibre mask up to this area are filled, µm² (0: none)")
     spur_um: float = Field(ge=0, description="skeleton side branches shorter than this are pruned, µm")
     junction_merge_um: float = Field(ge=0, description="branch points closer than this are one intersection, µm")
     background_radius_um: float = Field(gt=0, description="half-side of the grey opening giving the background under fibres, µm")
