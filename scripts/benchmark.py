@@ -212,12 +212,14 @@ def skimage_rate(path: Path, stain: str, max_tiles: int) -> dict:
             totals_ref[k] = totals_ref.get(k, 0) + v
     dt = time.perf_counter() - t0
     core = sum((t.core[0].stop - t.core[0].start) * (t.core[1].stop - t.core[1].start) for t in tiles) / 1e6
+    from marrowseg.engine import planar
+
     module = analyzer.module.eval()
     totals_t: dict = {}
     with torch.inference_mode():
         for t in tiles:
             rgb = reader.read_region(t.origin_px[1], t.origin_px[0], t.size_px, t.size_px, layout.mpp)
-            x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+            x = planar(torch.from_numpy(rgb)[None])
             dense = {k: v[0].float().numpy() for k, v in module(x).items()}
             for k, v in analyzer.post(dense, rgb, layout.context(t)).stats.items():
                 totals_t[k] = totals_t.get(k, 0) + v

@@ -218,3 +218,27 @@ def test_corrupt_tile_in_a_tile_worker_is_reported_and_excluded(tmp_path):
     assert r2.provenance["device"]["tile_workers"]
     assert r2.report["tiles"]["missing"] == 1
     assert r2.totals == r0.totals
+
+
+@pytest.mark.parametrize("stain", ["he", "ecad", "reticulin"])
+def test_planar_input_is_bit_identical(stain):
+    # the engine hands modules contiguous planes for speed; the maps must not change by a bit
+    import torch
+
+    from marrowseg.analyzers import get_analyzer
+    from marrowseg.engine import planar
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(40, 250, size=(1, 160, 192, 3), dtype=np.uint8)
+    rgb[0, 40:90, 50:120] //= 3  # a dark patch, so thresholds and filters see structure
+    analyzer = get_analyzer(stain, load_config(stain))
+    analyzer.prepare(np.zeros((0, 3), np.uint8))
+    module = analyzer.module.eval()
+    t = torch.from_numpy(rgb)
+    x = planar(t)
+    assert x.is_contiguous() and x.shape == (1, 3, 160, 192) and x.dtype == torch.float32
+    with torch.inference_mode():
+        a, b = module(x), module(t.permute(0, 3, 1, 2).float())
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
