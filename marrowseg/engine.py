@@ -281,6 +281,8 @@ class _TileWorkDataset(_TileDataset):
         else:
             t1 = t0
         item["rgb"] = None  # the tile stays in the worker
+        info = torch.utils.data.get_worker_info()
+        item["worker"] = info.id if info is not None else 0
         item["t_forward"], item["t_post"] = t1 - t0, time.perf_counter() - t1
         return item
 
@@ -537,8 +539,10 @@ def run_slide(
 
     if tile_workers:
         dataset: Dataset = _TileWorkDataset(reader, layout, analyzer, module)
-        # results leave the workers one tile at a time, in tile order
-        loader = DataLoader(dataset, batch_size=bs, shuffle=False, num_workers=nw, collate_fn=_unbatched,
+        # One tile per loader batch: the DataLoader hands whole batches to workers, so with
+        # batches of bs tiles a slide of bs tiles ran on one worker, and the last batches of any
+        # slide left the other workers idle. Results leave the workers in tile order.
+        loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=nw, collate_fn=_unbatched,
                             worker_init_fn=_worker_init, prefetch_factor=ecfg.prefetch_batches,
                             persistent_workers=False)
     else:
@@ -552,6 +556,7 @@ def run_slide(
     windows: dict[tuple[int, int], dict[str, float]] = {}
     tile_rows: list[dict[str, Any]] = []
     t_forward = t_post = 0.0
+    per_worker: dict[int, int] = {}
     done = 0
     mp_per_tile = layout.tile_px**2 / 1e6
     missing = 0
@@ -593,6 +598,7 @@ def run_slide(
                         tile = layout.tiles[item["index"]]
                         t_forward += item["t_forward"]
                         t_post += item["t_post"]
+                        per_worker[item["worker"]] = per_worker.get(item["worker"], 0) + 1
                         _finish(tile, layout.context(tile), item["error"], _Done(item["result"]))
                     done += len(batch)
                     if progress is not None:
@@ -657,6 +663,7 @@ def run_slide(
         "device": {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
                    "threads": 1 if tile_workers else torch.get_num_threads(), "workers": nw,
                    "tile_workers": tile_workers, "post_threads": n_post,
+                   "tiles_per_worker": [per_worker.get(i, 0) for i in range(nw)] if tile_workers else None,
                    "batch_size": bs, "amp": amp},
         "prepare": prep,
         "tissue": layout.tissue,

@@ -69,8 +69,11 @@ def test_results_do_not_depend_on_worker_processes(tmp_path):
     cfg0 = _cfg(tile_px=128, overlap_px=16)
     with open_slide(path) as reader:
         r0 = run_slide(reader, DiscAnalyzer(), cfg0, workers=0)
-        r2 = run_slide(reader, DiscAnalyzer(), cfg0, workers=2, batch_size=2)
+        r2 = run_slide(reader, DiscAnalyzer(), cfg0, workers=2, batch_size=256)
     assert r2.provenance["device"]["workers"] == 2
+    # a batch of tiles must not pin a slide to one worker: both take tiles
+    per = r2.provenance["device"]["tiles_per_worker"]
+    assert len(per) == 2 and min(per) > 0 and sum(per) == len(r2.tiles)
     assert r0.totals == r2.totals
     assert r0.windows == r2.windows
     np.testing.assert_array_equal(r0.maps["labels"], r2.maps["labels"])
