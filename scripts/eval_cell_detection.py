@@ -65,8 +65,12 @@ from marrowseg.config import load_config
 # he.yaml's values the same way: on cached detector inputs, this grid extended by min_width_um
 # in {off, 2.0, 2.5, 2.75, 3.0} (every fold chose 2.5), then by lobe_max_gap_um in {off, 1.0,
 # 1.5} with min_width_um 2.5 (every fold chose 1.0); lobe_max_extent_um (10 µm, one
-# neutrophil nucleus) is not tuned. A centre_core_fraction of {0.4, 0.5, 0.6, 0.7} added
-# the same way was chosen as 0.4 or 0.5 (held-out F1 0.891), so he.yaml keeps 0.5.
+# neutrophil nucleus) is not tuned. The centre rule is held at he.yaml's value the same way:
+# the plain core centroid and the weighted one (nuclei.core_centroids) at centre_core_fraction
+# {0.4, 0.5, 0.6}: every fold chose weighted 0.4 (held-out 0.893 / 8.41, as with plain 0.5).
+# The area split of clumps (he.nuclei.clump_nucleus_area_um2, nuclei.split_by_area) was offered
+# the same way from {off, 35, 40, 45, 50} µm² and from {off, 30, 32, 35} µm² with a solidity
+# limit of 0.97: every fold chose off (fixed at 35: held-out 0.891 / 8.66), so it stays off.
 GRID = {
     "he.nuclei.peak_sigma_um": [1.25, 1.5, 1.75],
     "he.nuclei.min_peak_od": [0.25, 0.3, 0.35],

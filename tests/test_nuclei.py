@@ -206,6 +206,39 @@ def test_centre_is_the_dense_core_not_a_pale_tail(cfg):
     assert whole_um[1] - 30.0 > 1.0
 
 
+def test_weighted_core_centre_gives_a_faint_shoulder_little_weight(cfg):
+    """he.yaml (weighted core at 0.4): a 7 µm nucleus (0.9 OD) with an attached 3 µm-wide shoulder of
+    0.45 OD (just above 0.4 x 0.9) is reported within 0.5 µm of its centre; the plain core, which
+    counts every shoulder pixel once, is pulled > 0.8 µm towards the shoulder."""
+    assert cfg.nuclei.centre_core_fraction == 0.4
+    img = _disks(0.5, 7.0, 0.9, [(30.0, 30.0)], size_um=60.0)
+    rr, cc = np.mgrid[0:120, 0:120] * 0.5 + 0.25
+    img[(np.abs(rr - 30.0) <= 1.5) & (cc > 30.0) & (cc <= 40.0) & (img == 0)] = 0.45
+    labels = (img > 0).astype(np.int32)
+    table = {c: np.zeros(1) for c in nuc.NUCLEUS_COLUMNS}
+    table["label"] = np.array([1], np.int32)
+    density = nuc.gaussian_reference(img, cfg.nuclei.mask_sigma_um / 0.5)
+    plain = nuc.core_centroids(labels, table, density, 0.4)
+    weighted = nuc.core_centroids(labels, table, density, 0.4, weighted=True)
+    assert plain["col"][0] * 0.5 + 0.25 - 30.0 > 0.8
+    assert np.hypot(weighted["row"][0] * 0.5 + 0.25 - 30.0, weighted["col"][0] * 0.5 + 0.25 - 30.0) < 0.5
+    # the detector (he.yaml) reports the weighted centre
+    _, det = nuc.detect_nuclei(img, 0.5, cfg.nuclei)
+    assert len(det["row"]) == 1
+    assert np.hypot(det["row"][0] * 0.5 + 0.25 - 30.0, det["col"][0] * 0.5 + 0.25 - 30.0) < 0.5
+
+
+def test_weighted_core_of_a_flat_nucleus_is_its_centroid():
+    """On a flat region every pixel has the same excess: weighted and plain centres are the same."""
+    img = _disks(0.5, 6.0, 0.8, [(20.0, 24.0)], size_um=50.0)
+    labels = (img > 0).astype(np.int32)
+    table = {c: np.zeros(1) for c in nuc.NUCLEUS_COLUMNS}
+    table["label"] = np.array([1], np.int32)
+    plain = nuc.core_centroids(labels, table, img, 0.5)
+    weighted = nuc.core_centroids(labels, table, img, 0.5, weighted=True)
+    np.testing.assert_allclose([weighted["row"][0], weighted["col"][0]], [plain["row"][0], plain["col"][0]])
+
+
 def test_label_measurements_match_regionprops():
     """Centroid, area, eccentricity and intensity mean/std equal scikit-image's regionprops."""
     from skimage.measure import regionprops_table
@@ -246,10 +279,16 @@ def test_distance_seeds_split_overlapping_disks(cfg):
     img = _disks(0.5, 8.0, 0.7, [(30.0, 30.0)], size_um=60.0) + _disks(0.5, 8.0, 0.7, [(30.0, 36.0)], size_um=60.0)
     _, peaks = nuc.detect_nuclei(img, 0.5, cfg.nuclei.model_copy(update={"seeds": "peaks", "split_max_solidity": None}))
     assert len(peaks["row"]) == 1
-    dist_cfg = cfg.nuclei.model_copy(update={"seeds": "distance"})
+    dist_cfg = cfg.nuclei.model_copy(update={"seeds": "distance", "centre_core_fraction": None})
     _, table = nuc.detect_nuclei(img, 0.5, dist_cfg)
     assert len(table["row"]) == 2
     assert sorted((table["col"] * 0.5 + 0.25).tolist()) == pytest.approx([29.75, 36.25], abs=1.0)
+    # he.yaml's weighted core centre leans towards the twice-dark overlap (a known cost of
+    # weighting by density), but stays within 1.5 µm
+    _, weighted = nuc.detect_nuclei(img, 0.5, dist_cfg.model_copy(update={"centre_core_fraction": 0.4}))
+    got = sorted((weighted["col"] * 0.5 + 0.25).tolist())
+    assert got == pytest.approx([29.75, 36.25], abs=1.5)
+    assert got[0] > sorted((table["col"] * 0.5 + 0.25).tolist())[0]
 
 
 def test_shape_split_cuts_overlapping_disks_at_the_waist(cfg):
@@ -367,10 +406,60 @@ def test_ellipse_width_of_a_disk_is_its_diameter():
     np.testing.assert_allclose(nuc.ellipse_width_um(table), [5.0, 3.0])
 
 
+def _clump_cfg(cfg, **update):
+    """he.yaml's detector without the shape split, plus ``update`` (clump keys are not in the YAML)."""
+    return cfg.nuclei.model_copy(update={"split_max_solidity": None, **update})
+
+
+def test_area_split_counts_two_heavily_overlapping_nuclei(cfg):
+    """Two 7 µm nuclei 2.5 µm apart make one convex region of ~56 µm² (no waist, one peak): one nucleus
+    without the area split; with a 35 µm² nucleus it is round(56 / 35) = 2, each centre within 1 µm
+    of a true one, the parts sharing the region's pixels."""
+    img = _disks(0.5, 7.0, 0.8, [(30.0, 28.75), (30.0, 31.25)], size_um=60.0)
+    _, one = nuc.detect_nuclei(img, 0.5, _clump_cfg(cfg))
+    assert len(one["row"]) == 1 and 50.0 < one["area_um2"][0] < 62.0
+    labels, two = nuc.detect_nuclei(img, 0.5, _clump_cfg(cfg, clump_nucleus_area_um2=35.0))
+    assert len(two["row"]) == 2
+    assert sorted((two["col"] * 0.5 + 0.25).tolist()) == pytest.approx([28.75, 31.25], abs=1.0)
+    np.testing.assert_allclose(two["row"] * 0.5 + 0.25, 30.0, atol=0.5)
+    assert two["area_um2"].sum() == pytest.approx(one["area_um2"][0], rel=1e-6)
+    assert sorted(np.unique(labels[labels > 0]).tolist()) == sorted(two["label"].tolist())
+    # deterministic: the same parts again
+    labels2, again = nuc.detect_nuclei(img, 0.5, _clump_cfg(cfg, clump_nucleus_area_um2=35.0))
+    np.testing.assert_array_equal(labels, labels2)
+
+
+def test_area_split_keeps_single_nuclei_solid_clumps_and_large_nuclei_whole(cfg):
+    """A 7.5 µm nucleus (~44 µm² < 1.5 x 35) stays one; the convex two-nucleus clump stays one under
+    a solidity limit of 0.9 and under an area limit below its area."""
+    single = _disks(0.5, 7.5, 0.8, [(30.0, 30.0)], size_um=60.0)
+    _, t = nuc.detect_nuclei(single, 0.5, _clump_cfg(cfg, clump_nucleus_area_um2=35.0))
+    assert len(t["row"]) == 1 and t["area_um2"][0] < 52.5
+    clump = _disks(0.5, 7.0, 0.8, [(30.0, 28.75), (30.0, 31.25)], size_um=60.0)
+    _, solid = nuc.detect_nuclei(clump, 0.5, _clump_cfg(cfg, clump_nucleus_area_um2=35.0, clump_max_solidity=0.9))
+    assert len(solid["row"]) == 1
+    _, big = nuc.detect_nuclei(clump, 0.5, _clump_cfg(cfg, clump_nucleus_area_um2=35.0, split_max_area_um2=40.0))
+    assert len(big["row"]) == 1
+
+
+def test_area_split_cuts_a_row_of_three_into_three():
+    """Three flat 7 µm disks 2.5 µm apart in a row (~75 µm²) with a 25 µm² nucleus: three parts."""
+    img = _disks(0.5, 7.0, 0.8, [(30.0, 27.5), (30.0, 30.0), (30.0, 32.5)], size_um=60.0)
+    labels = (img > 0).astype(np.int32)
+    labels, table = nuc._measure(labels, img, 0.5, 0.0)
+    out_labels, out = nuc.split_by_area(img, 0.5, labels, table, nucleus_area_um2=25.0)
+    assert len(out["row"]) == 3
+    assert sorted((out["col"] * 0.5 + 0.25).tolist()) == pytest.approx([27.0, 30.0, 33.0], abs=1.0)
+    assert (out_labels > 0).sum() == (labels > 0).sum()
+
+
 def test_ecad_detector_has_no_width_test_or_lobe_grouping():
     """The E-cadherin analyzer's detector is unchanged by the H&E-only steps (both off)."""
     ecad = load_config("ecad").ecad.nuclei
     assert ecad.min_width_um is None and ecad.lobe_max_gap_um is None
+    # nor by the (weighted) core centre or the area split of clumps
+    assert ecad.centre_core_fraction is None
+    assert getattr(ecad, "clump_nucleus_area_um2", None) is None
 
 
 def test_megakaryocyte_needs_an_even_nucleus_when_cv_limit_set(cfg):

@@ -47,8 +47,9 @@ class NucleiConfig(Strict):
         None, gt=0, description="holes in the nuclear mask up to this area are nuclear (the pale nucleoplasm of an "
         "open-chromatin nucleus), µm² (null: no filling)")
     centre_core_fraction: float | None = Field(
-        None, gt=0, le=1, description="a nucleus's reported centre is the centroid of its pixels whose smoothed "
-        "haematoxylin is at least this fraction of the region's maximum (null: the whole region's centroid)")
+        None, gt=0, le=1, description="a nucleus's reported centre is the centre of mass of its smoothed haematoxylin "
+        "above this fraction of the region's maximum, each pixel weighted by its excess over that level "
+        "(nuclei.core_centroids, weighted; null: the whole region's centroid)")
     search_margin_um: float | None = Field(
         None, ge=0, description="nuclei are searched over the tile core grown by this margin only, µm; it must "
         "hold the largest nucleus touching the core (megakaryocytes reach ~25 µm beyond it). null: the whole "
@@ -73,6 +74,12 @@ class NucleiConfig(Strict):
     min_width_um: float | None = Field(
         None, gt=0, description="segmented nuclei narrower than this (minor axis of the ellipse with their area and "
         "eccentricity) are dropped, µm: strips of dark stroma (null: no width test)")
+    # optional: null keeps every region whole whatever its area (the original detector)
+    clump_nucleus_area_um2: float | None = Field(
+        None, gt=0, description="a region round(area / this) >= 2 nuclei large is a clump of overlapping nuclei and is "
+        "cut into that many parts by k-means (nuclei.split_by_area), µm² (null: never; at most split_max_area_um2)")
+    clump_max_solidity: float | None = Field(
+        None, gt=0, le=1, description="only regions at most this solid are cut by the area split (null: any)")
     # optional: null keeps every fragment of a large nucleus (the original detector)
     megakaryocyte_min_radius_um: float | None = Field(
         None, gt=0,
