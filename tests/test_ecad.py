@@ -397,3 +397,80 @@ def test_ring_scores_equal_expand_labels_reference():
             got = ring_scores(labels, table, dab, 0.5, gap_um=gap, width_um=width, sectors=sectors)
             ref = _ring_scores_reference(labels, table, dab, 0.5, gap_um=gap, width_um=width, sectors=sectors)
             assert np.array_equal(got, ref), (t, gap)
+
+
+def _touching_scene(n_neighbours: int, membrane_px: float = 1.5):
+    """A negative nucleus B (label 1) with positive neighbours 18 px away whose membranes lie on the shared border.
+
+    Nuclei have a 4 px radius; each neighbour's membrane is a ring of half-width ``membrane_px``
+    at 9 px from its centre: halfway to the side neighbours, where the cells touch (blurred
+    like a real membrane, so B's own ring sees it too).
+    """
+    from marrowseg.analyzers import nuclei as nuc
+
+    shape = (90, 90)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    # neighbours on a square grid 18 px apart: left, top, bottom, top-left, bottom-left
+    # first (B's right side stays free), then the rest around B
+    offsets = [(0, -18), (-18, 0), (18, 0), (-18, -18), (18, -18), (0, 18), (-18, 18), (18, 18)]
+    centres = [(45, 45)] + [(45 + dr, 45 + dc) for dr, dc in offsets[:n_neighbours]]
+    labels = np.zeros(shape, np.int32)
+    dab = np.zeros(shape, np.float32)
+    for i, (r, c) in enumerate(centres, 1):
+        d = np.hypot(yy - r, xx - c)
+        labels[d <= 4] = i
+        if i > 1:
+            dab[np.abs(d - 9) <= membrane_px] = 1.0
+    m = nuc.label_measurements(labels, np.ones(shape, np.float32))
+    return labels, {"label": m["label"], "row": m["row"], "col": m["col"]}, dab
+
+
+def test_ring_scores_leave_out_the_border_with_positive_neighbours():
+    """A neighbour's membrane on the shared border does not make a negative cell positive."""
+    from marrowseg.analyzers.ecad import ring_scores
+
+    labels, table, dab = _touching_scene(5)
+    kw = {"gap_um": 0.0, "width_um": 3.0, "sectors": 8}
+    all_px = ring_scores(labels, table, dab, 0.5, **kw)
+    own = ring_scores(labels, table, dab, 0.5, min_own_sectors=2, **kw)
+    # with every ring pixel B borrows the membranes on 5 of its 8 sides and reads positive
+    assert all_px[0] >= 0.25
+    # without the border pixels its free side has no DAB: negative
+    assert own[0] < 0.25
+    # the positive neighbours keep their score (their own membrane on their free sides)
+    assert np.all(own[1:] >= 0.25)
+    assert np.array_equal(own[1:], all_px[1:])
+
+
+def test_ring_scores_own_sectors_fallback_and_boxed_in_cell():
+    """Too few sectors off the border: the whole ring counts; a boxed-in cell is not forced negative."""
+    from marrowseg.analyzers.ecad import ring_scores
+
+    labels, table, dab = _touching_scene(8)
+    kw = {"gap_um": 0.0, "width_um": 3.0, "sectors": 8}
+    all_px = ring_scores(labels, table, dab, 0.5, **kw)
+    # never enough own sectors (more than there are): exactly the whole-ring score
+    assert np.array_equal(ring_scores(labels, table, dab, 0.5, min_own_sectors=9, **kw), all_px)
+    # B inside a positive sheet: the ambiguous case; the blurred membranes reach past the
+    # border on every side, so it stays positive (the rule only drops border pixels)
+    assert ring_scores(labels, table, dab, 0.5, min_own_sectors=2, **kw)[0] >= 0.25
+
+
+def test_analyzer_scores_membrane_without_the_territory_border(monkeypatch):
+    """ECadAnalyzer passes ecad.ring_min_own_sectors (2 of 8 in ecad.yaml) to ring_scores."""
+    from marrowseg.analyzers import ecad as ecad_mod
+
+    seen = {}
+    real = ecad_mod.ring_scores
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ecad_mod, "ring_scores", spy)
+    labels, table, dab = _touching_scene(5)
+    cfg = load_config("ecad").ecad
+    an = ECadAnalyzer(cfg)
+    _, _, score = an._scores(labels, table, dab, 0.5)
+    assert cfg.ring_min_own_sectors == 2 and seen["min_own_sectors"] == cfg.ring_min_own_sectors
+    assert score[0] < cfg.membrane_min_dab_od <= score[1:].min()

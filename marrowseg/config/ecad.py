@@ -96,6 +96,9 @@ class ECadConfig(Strict):
     ring_gap_um: float = Field(ge=0, description="the ring starts this far outside the segmented nucleus, µm")
     ring_width_um: float = Field(gt=0, description="radial width of the membrane ring, µm")
     ring_sectors: int = Field(ge=1, le=64, description="angular sectors of the ring; the score is the median over sectors of each sector's peak DAB")
+    ring_min_own_sectors: int | None = Field(
+        None, ge=1, le=64, description="ring pixels on the border with a neighbour's territory are left out when the cell "
+        "keeps at least this many sectors without them (ecad.ring_scores; null: every ring pixel counts)")
     membrane_min_dab_od: float = Field(gt=0, description="membrane score (DAB OD) at or above which a cell is E-cad positive")
     nucleus_min_dab_od: float = Field(gt=0, description="mean nuclear DAB OD at or above which a cell is positive (compartment nucleus)")
     clusters: ECadClustersConfig
