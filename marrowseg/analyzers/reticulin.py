@@ -621,7 +621,10 @@ class ReticulinAnalyzer(Analyzer):
                                                  max_frac=c.overlap_max_frac)
             weights = weights * fibres.boolean_factor(p_len)
         length_map = np.where(counted, weights, 0.0)
-        thick_map = np.where(counted & (width_um > c.thick_width_um), weights, 0.0)
+        # thick: the fibre's width along its branch, away from junctions, where a thin fibre
+        # crossing a bundle would otherwise read the bundle's width (fibres.branch_width_px)
+        branch_um = fibres.branch_width_px(mask, skel, width_um / mpp) * mpp
+        thick_map = np.where(counted & (branch_um > c.thick_width_um), weights, 0.0)
 
         radius = 0.5 * c.junction_merge_um / mpp
         cents, seen_w = fibres.crossings(skel, radius)
