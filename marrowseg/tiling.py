@@ -17,7 +17,7 @@ import numpy as np
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_objects
 
-__all__ = ["Tile", "axis_cores", "tile_grid", "tissue_mask", "tiles_over_mask"]
+__all__ = ["Tile", "axis_cores", "fill_enclosed_holes", "tile_grid", "tissue_mask", "tiles_over_mask"]
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def tissue_mask(
             mask = remove_small_objects(mask, max_size=min_obj_px)
     max_hole_px = int(max_hole_um2 / px_area)
     if max_hole_px > 0 and mask.any():
-        mask = _fill_enclosed_holes(mask, max_hole_px)
+        mask = fill_enclosed_holes(mask, max_hole_px)
     r = int(round(margin_um / mpp))
     if r > 0 and mask.any():
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
@@ -245,8 +245,12 @@ def _otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(v))
 
 
-def _fill_enclosed_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
-    """Fill holes of at most ``max_px`` that do not touch the image border (glass does)."""
+def fill_enclosed_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
+    """Fill holes of at most ``max_px`` pixels that do not touch the image border (glass does).
+
+    Holes are the 4-connected background components (the background of an 8-connected mask);
+    ``max_px`` below 1 fills none.
+    """
     lab, _ = _label(~mask, connectivity=4)
     sizes = np.bincount(lab.ravel())
     edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))

@@ -455,7 +455,7 @@ def test_half_max_body_torch_matches_numpy():
 
 
 def test_fill_small_holes_only_fills_small_enclosed_holes():
-    from marrowseg.analyzers import fibres
+    from marrowseg.tiling import fill_enclosed_holes
 
     m = np.zeros((20, 20), bool)
     m[2:8, 2:8] = True
@@ -463,10 +463,10 @@ def test_fill_small_holes_only_fills_small_enclosed_holes():
     m[2:8, 10:16] = True
     m[4, 12:14] = False  # two-pixel hole
     m[0:3, 17] = True  # touches the border: the background beside it is not a hole
-    out = fibres.fill_small_holes(m, 1.0)
+    out = fill_enclosed_holes(m, 1.0)
     assert out[4, 4] and not out[4, 12:14].any()
-    assert fibres.fill_small_holes(m, 2.0)[4, 12:14].all()
-    assert (fibres.fill_small_holes(m, 0.0) == m).all()
+    assert fill_enclosed_holes(m, 2.0)[4, 12:14].all()
+    assert (fill_enclosed_holes(m, 0.0) == m).all()
     assert out.sum() == m.sum() + 1
 
 
@@ -508,7 +508,7 @@ def test_branch_width_keeps_thin_fibres_crossing_a_bundle_thin():
         mask[5:75, col : col + 2] = True  # thin fibres across it
     skel = skeletonize(mask)
     width = fibres.local_width_px(mask, skel)
-    branch = fibres.branch_width_px(mask, skel, width)
+    branch = fibres.branch_width_px(mask, skel, dist=ndi.distance_transform_edt(mask))
     assert (branch[skel] >= 1).all() and (branch[~skel] == 0).all()
     thin = skel & (np.abs(np.arange(80) - 35) >= 2)[:, None] & (np.isin(np.arange(200) // 40, [1, 2, 3, 4]))[None, :] \
         & ((np.arange(200) % 40) < 4)[None, :]

@@ -41,7 +41,6 @@ __all__ = [
     "half_max_rays",
     "half_max_body_torch",
     "half_max_body",
-    "fill_small_holes",
 ]
 
 # Vossepoel A.M., Smeulders A.W.M. "Vector code probability and metrication error in the
@@ -622,7 +621,7 @@ def arm_width(skel: np.ndarray, width: np.ndarray, sigma_px: float) -> np.ndarra
     return np.where(den > 1e-6, num / np.maximum(den, 1e-6), width)
 
 
-def local_width_px(mask: np.ndarray, skel: np.ndarray) -> np.ndarray:
+def local_width_px(mask: np.ndarray, skel: np.ndarray, dist: np.ndarray | None = None) -> np.ndarray:
     """Fibre width at skeleton pixels from the Euclidean distance transform, pixels.
 
     A skeleton pixel at distance ``d`` (pixel centres) from the nearest background pixel
@@ -634,34 +633,27 @@ def local_width_px(mask: np.ndarray, skel: np.ndarray) -> np.ndarray:
         Fibre mask.
     skel : (H, W) bool ndarray
         Its skeleton.
+    dist : (H, W) ndarray, optional
+        ``scipy.ndimage.distance_transform_edt(mask)`` when already computed.
 
     Returns
     -------
     (H, W) float32 ndarray
         Width at skeleton pixels, 0 elsewhere.
     """
-    dist = ndi.distance_transform_edt(mask)
+    dist = ndi.distance_transform_edt(mask) if dist is None else dist
     width = np.where(skel, np.maximum(2.0 * dist - 1.0, 1.0), 0.0)
     return width.astype(np.float32)
 
 
 def _label_median(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     """Median of ``values`` over each label 1..n, (n,) float64; nan for a label with no pixel."""
-    sel = labels > 0
-    lab, val = labels[sel], np.asarray(values, np.float64)[sel]
-    order = np.lexsort((val, lab))
-    lab, val = lab[order], val[order]
-    counts = np.bincount(lab, minlength=n + 1)[1:]
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    out = np.full(n, np.nan)
-    has = counts > 0
-    lo = starts + (counts - 1) // 2
-    hi = starts + counts // 2
-    out[has] = 0.5 * (val[lo[has]] + val[hi[has]])
+    out = np.asarray(ndi.median(np.asarray(values, np.float64), labels, index=np.arange(1, n + 1)), np.float64)
+    out[np.bincount(labels.ravel(), minlength=n + 1)[1:] == 0] = np.nan  # scipy gives no value there
     return out
 
 
-def branch_width_px(mask: np.ndarray, skel: np.ndarray, width_px: np.ndarray | None = None) -> np.ndarray:
+def branch_width_px(mask: np.ndarray, skel: np.ndarray, *, dist: np.ndarray | None = None) -> np.ndarray:
     """Width of each skeleton branch measured away from its junctions, at skeleton pixels, pixels.
 
     The skeleton is cut at its branch points into branches. A branch's width is the median
@@ -680,8 +672,9 @@ def branch_width_px(mask: np.ndarray, skel: np.ndarray, width_px: np.ndarray | N
         Fibre mask.
     skel : (H, W) bool ndarray
         Its skeleton.
-    width_px : (H, W) float ndarray, optional
-        :func:`local_width_px` of ``mask`` and ``skel`` when already computed.
+    dist : (H, W) ndarray, optional
+        ``scipy.ndimage.distance_transform_edt(mask)`` when already computed (it gives both
+        the widths and the junction discs).
 
     Returns
     -------
@@ -690,12 +683,11 @@ def branch_width_px(mask: np.ndarray, skel: np.ndarray, width_px: np.ndarray | N
     """
     mask = np.asarray(mask, bool)
     skel = np.asarray(skel, bool)
-    width = local_width_px(mask, skel) if width_px is None else np.asarray(width_px)
-    width = np.where(skel, width, 0.0).astype(np.float64)
+    edt = ndi.distance_transform_edt(mask) if dist is None else dist
+    width = local_width_px(mask, skel, edt).astype(np.float64)
     bp = branch_points(skel)
     if not bp.any():
         return width
-    edt = ndi.distance_transform_edt(mask)
     dist, (ir, ic) = ndi.distance_transform_edt(~bp, return_indices=True)
     in_disc = dist <= edt[ir, ic]
     branch = skel & ~ndi.binary_dilation(bp, structure=np.ones((3, 3), bool))
@@ -872,31 +864,3 @@ def half_max_body(tophat: np.ndarray, radius_px: float, floor_od: float) -> np.n
     fail = _half_max_fail(tophat, sides, np.float32(floor_od), lambda t: t.max(axis=0), lambda t: t.min(axis=0),
                           np.maximum)
     return ~fail
-
-
-def fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
-    """Fill the holes of a fibre mask of at most ``max_px`` pixels.
-
-    Holes are the 4-connected background components (the background of an 8-connected
-    mask) that do not touch the image border.
-
-    Parameters
-    ----------
-    mask : (H, W) bool ndarray
-    max_px : float
-        Largest hole filled, pixels (<= 0: none).
-
-    Returns
-    -------
-    (H, W) bool ndarray
-    """
-    mask = np.asarray(mask, bool)
-    if max_px < 1 or mask.all():
-        return mask
-    lab, n = ndi.label(~mask)
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    small = sizes <= max_px
-    small[0] = False
-    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-    small[edge] = False
-    return mask | small[lab]

@@ -28,6 +28,7 @@ from skimage.morphology import skeletonize
 from marrowseg.analyzers import fibres
 from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
 from marrowseg.stains import od_from_rgb, od_from_rgb_torch
+from marrowseg.tiling import fill_enclosed_holes
 
 __all__ = [
     "ReticulinAnalyzer",
@@ -581,7 +582,7 @@ class ReticulinAnalyzer(Analyzer):
             mask &= ndi.distance_transform_edt(~blobs) > reach
         # a hole of one analysis pixel is below what the ridge filter resolves (its smallest
         # scale); its skeleton ring would count a crossing that is not a mesh hole
-        mask = fibres.fill_small_holes(mask, c.fibre_hole_max_um2 / (ctx.mpp * ctx.mpp))
+        mask = fill_enclosed_holes(mask, c.fibre_hole_max_um2 / (ctx.mpp * ctx.mpp))
         skel = skeletonize(mask)
         skel = fibres.prune_spurs(skel, c.spur_um / ctx.mpp)
         if c.min_fibre_um > 0 and skel.any():
@@ -602,7 +603,8 @@ class ReticulinAnalyzer(Analyzer):
         haem = labels == HAEM
 
         weights = fibres.skeleton_length_weights(skel) * mpp  # µm per skeleton pixel
-        width_um = fibres.local_width_px(mask, skel) * mpp
+        dist = ndi.distance_transform_edt(mask)  # widths and the junction discs of branch_width_px
+        width_um = fibres.local_width_px(mask, skel, dist) * mpp
         counted = skel & haem  # fibre measures are per haematopoietic area
         sigma_px = c.overlap_sigma_um / mpp
         cover = w_arm = None
@@ -623,7 +625,7 @@ class ReticulinAnalyzer(Analyzer):
         length_map = np.where(counted, weights, 0.0)
         # thick: the fibre's width along its branch, away from junctions, where a thin fibre
         # crossing a bundle would otherwise read the bundle's width (fibres.branch_width_px)
-        branch_um = fibres.branch_width_px(mask, skel, width_um / mpp) * mpp
+        branch_um = fibres.branch_width_px(mask, skel, dist=dist) * mpp
         thick_map = np.where(counted & (branch_um > c.thick_width_um), weights, 0.0)
 
         radius = 0.5 * c.junction_merge_um / mpp
