@@ -33,6 +33,7 @@ class names using sizes in µm² from the config.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import cv2
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
+from scipy.cluster.vq import kmeans2
 from scipy.spatial import cKDTree
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
@@ -1003,20 +1005,16 @@ def split_by_area(
 
 
 def _kmeans_pixels(xy: np.ndarray, k: int, iterations: int) -> np.ndarray:
-    """Part index (0..k-1) of each of the (N, 2) points: Lloyd's k-means from the major axis."""
+    """Part index (0..k-1) of each of the (N, 2) points: SciPy's k-means started along the major axis."""
     mean = xy.mean(axis=0)
     evals, evecs = np.linalg.eigh(np.cov(xy.T) if len(xy) > 2 else np.eye(2))
     axis = evecs[:, -1] * math.sqrt(max(float(evals[-1]), 0.0))
     centres = mean + np.linspace(-1.0, 1.0, k)[:, None] * axis[None, :]
-    part = np.zeros(len(xy), np.int64)
-    for _ in range(iterations):
-        part = ((xy[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
-        new = np.array([xy[part == j].mean(axis=0) if (part == j).any() else centres[j] for j in range(k)])
-        if np.allclose(new, centres):
-            break
-        centres = new
-    # a part left empty by the iterations still has an index: the ids are renumbered on measuring
-    return part
+    with warnings.catch_warnings():
+        # a part left empty keeps its centre and its index: the ids are renumbered on measuring
+        warnings.simplefilter("ignore", UserWarning)
+        _, part = kmeans2(xy, centres, iter=iterations, minit="matrix", missing="warn")
+    return part.astype(np.int64)
 
 
 def _replace_regions(
