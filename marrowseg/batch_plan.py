@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
 import yaml
 
 from marrowseg.errors import ConfigError

@@ -474,3 +474,133 @@ def test_analyzer_scores_membrane_without_the_territory_border(monkeypatch):
     _, _, score = an._scores(labels, table, dab, 0.5)
     assert cfg.ring_min_own_sectors == 2 and seen["min_own_sectors"] == cfg.ring_min_own_sectors
     assert score[0] < cfg.membrane_min_dab_od <= score[1:].min()
+
+
+def _ring_cells_scene():
+    """Four 8-µm rings of membrane DAB (0.5 µm/px) in tissue; what each encloses differs.
+
+    0: a faint nucleus (H 0.15 OD, below the detector's 0.4 mask), 1: nothing (the section
+    passed above the nucleus), 2: a faint nucleus whose centre is already detected,
+    3: a faint nucleus in a ring with a 3-µm gap (not closed).
+    """
+    shape = (80, 200)
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
+    h = np.full(shape, 0.2, np.float32)  # tissue
+    dab = np.full(shape, 0.02, np.float32)
+    centres = [(40, 30), (40, 75), (40, 120), (40, 165)]
+    for i, (r, c) in enumerate(centres):
+        d = np.hypot(yy - r, xx - c)
+        h[d < 8] = 0.03  # pale cytoplasm inside the membrane
+        ring = (d >= 8) & (d <= 10.5)  # inner radius 4 µm, 1.25 µm thick
+        if i == 3:
+            ring &= ~((xx > c) & (np.abs(yy - r) <= 3))  # a gap on the right side
+        dab[ring] = 0.7
+        if i != 1:
+            h[d <= 6] = 0.15
+    return h, dab, np.array(centres, np.float64)
+
+
+def test_ring_enclosed_cells_find_faint_nuclei_in_closed_empty_rings():
+    """Closed rings holding counterstain and no detected centre are cells; the others are not."""
+    from marrowseg.analyzers.ecad import ring_enclosed_cells
+
+    h, dab, centres = _ring_cells_scene()
+    rh = load_config("ecad").ecad.ring_holes
+    kw = dict(dab_min_od=rh.dab_min_od, sigma_um=rh.sigma_um, min_area_um2=rh.min_area_um2,
+              max_area_um2=rh.max_area_um2, min_h_od=rh.min_h_od)
+    labels, table = ring_enclosed_cells(dab, h, 0.5, centres[2:3], **kw)
+    assert len(table["label"]) == 1
+    assert np.hypot(table["row"][0] - centres[0, 0], table["col"][0] - centres[0, 1]) < 1.0
+    # the enclosure is the ring's interior: radius ~4 µm (about 50 µm², blurred edge)
+    assert 35 <= table["area_um2"][0] <= 60
+    assert table["h_od_mean"][0] > 0.1
+    assert set(np.unique(labels)) == {0, int(table["label"][0])}
+    # without the detected centre the third ring is a cell too; never the empty or open one
+    _, t2 = ring_enclosed_cells(dab, h, 0.5, np.zeros((0, 2)), **kw)
+    got = sorted(int(round(c)) for c in t2["col"])
+    assert got == [30, 120]
+    # a paler threshold on the enclosed counterstain admits the empty ring as well
+    _, t3 = ring_enclosed_cells(dab, h, 0.5, np.zeros((0, 2)), **(kw | {"min_h_od": 0.02}))
+    assert sorted(int(round(c)) for c in t3["col"]) == [30, 75, 120]
+
+
+def test_analyzer_counts_ecad_cells_whose_nucleus_is_too_faint_to_detect():
+    """An E-cad+ cell cut near its pole (faint nuclear cap) is counted by its closed membrane."""
+    # packed ordinary nuclei (7 µm, H 0.8) on a 12-µm grid in tissue (H 0.2); at three grid
+    # points instead: a faint nucleus (H 0.2, 7 µm, below the detector's 0.4 mask) in a closed
+    # membrane (twice) and a closed membrane round pale cytoplasm only (no nucleus in the section)
+    size, step = 480, 24
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    h = np.full((size, size), 0.2)
+    dab = np.zeros((size, size))
+    cells = {(7, 7): True, (10, 12): True, (12, 7): False}
+    n_ordinary = 0
+    for i in range(1, size // step):
+        for j in range(1, size // step):
+            d = np.hypot(yy - step * i, xx - step * j)
+            if (i, j) not in cells:
+                h[d <= 7] = 0.8
+                n_ordinary += 1
+                continue
+            h[d < 8] = 0.03
+            dab[(d >= 8) & (d <= 10.5)] = 0.7
+            if cells[(i, j)]:
+                h[d <= 7] = 0.2
+    cfg = load_config("ecad", overrides=["ecad.stain.vectors=standard", "ecad.stain.h_reference_od=null", *SMALL])
+    res = analyze_array(_render(h, dab), MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
+    pos = res.cells["class"] == "ecad_pos"
+    assert res.readouts["ecad_pos_cells"] == 2
+    got = sorted(zip(np.round(res.cells["y"][pos]).astype(int), np.round(res.cells["x"][pos]).astype(int), strict=True))
+    assert np.allclose(got, [(7 * step, 7 * step), (10 * step, 12 * step)], atol=1.5)
+    assert res.readouts["nucleated_cells"] == n_ordinary + 2
+    # the setting turns it off: the faint caps are then not counted at all
+    off = load_config("ecad", overrides=["ecad.stain.vectors=standard", "ecad.stain.h_reference_od=null",
+                                         "ecad.ring_holes=null", *SMALL])
+    res_off = analyze_array(_render(h, dab), MPP, ECadAnalyzer(off.ecad), off, device="cpu")
+    assert res_off.readouts["ecad_pos_cells"] == 0
+
+
+def test_rim_density_reads_the_band_outside_each_nucleus():
+    """The low quantile of the density 0.5-1.5 µm outside a nucleus, over its own territory only."""
+    from marrowseg.analyzers.ecad import rim_density
+
+    shape = (40, 80)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    od = np.zeros(shape, np.float32)
+    d1 = np.hypot(yy - 20, xx - 20)
+    d2 = np.hypot(yy - 20, xx - 60)
+    labels[d1 <= 5] = 1
+    labels[d2 <= 5] = 2
+    od[d1 > 8] = 0.5               # cell 1: pale for 1.5 µm, dense beyond the band
+    od[(d2 > 5) & (d2 <= 9)] = 0.3  # cell 2: dense surroundings right outside (a scant rim)
+    table = {"label": np.array([1, 2, 7])}  # label 7 is absent: no band pixels
+    rim = rim_density(labels, table, od, 0.5, inner_um=0.5, outer_um=1.5, quantile=0.25)
+    assert rim[0] == 0.0 and rim[1] == pytest.approx(0.3) and np.isnan(rim[2])
+
+
+def test_late_rules_keep_small_pale_caps_and_drop_dense_rimmed_or_large_pale_nuclei():
+    """ECadAnalyzer._late_rules: the OD a late nucleus needs rises with its area; a dense rim is a lymphocyte."""
+    cfg = load_config("ecad").ecad
+    an = ECadAnalyzer(cfg)
+    shape = (40, 160)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    h = np.zeros(shape, np.float32)
+    centres = [20, 60, 100, 140]
+    for i, c in enumerate(centres, 1):
+        d = np.hypot(yy - 20, xx - c)
+        labels[d <= 5] = i
+        if i == 3:
+            h[(d > 5) & (d <= 9)] = 0.3  # a scant rim: the neighbours' density right outside
+    cc = cfg.classes
+    # 1: a faint cap (smallest late area, just above the base OD), 2: a large nucleus as pale
+    # (needs 0.21 OD more), 3: dense and of late size but with a dense rim, 4: dense, pale rim
+    area = np.array([cc.late_erythroid_min_area_um2, 34.0, 25.0, 25.0])
+    od = np.array([cc.late_erythroid_min_od + 0.01, cc.late_erythroid_min_od + 0.05, 0.8, 0.8])
+    table = {"label": np.arange(1, 5, dtype=np.int32), "area_um2": area, "h_od_mean": od}
+    classes = np.array(["late_erythroid"] * 4, dtype=object)
+    d = {"h_od": h, "dab_od": np.zeros(shape, np.float32)}
+    out = an._late_rules(d, labels, table, classes, 0.5)
+    assert list(out) == ["late_erythroid", "other", "other", "late_erythroid"]
+    assert list(classes) == ["late_erythroid"] * 4  # the input is not modified

@@ -80,6 +80,25 @@ class ECadInterpretationConfig(Strict):
     cluster_alert_count: int = Field(ge=1, description="this many E-cad+ clusters or more raise a 'clusters present' flag")
 
 
+class ECadRingHolesConfig(Strict):
+    """E-cad+ cells found by a closed membrane holding no detected nucleus (``ecad.ring_enclosed_cells``)."""
+
+    dab_min_od: float = Field(gt=0, description="DAB OD of a membrane pixel, after the smoothing below")
+    sigma_um: float = Field(ge=0, description="Gaussian sigma of the DAB smoothing, µm (0: none)")
+    min_area_um2: float = Field(ge=0, description="smallest enclosure that is a cell, µm²")
+    max_area_um2: float = Field(gt=0, description="largest enclosure that is a cell, µm²")
+    min_h_od: float = Field(ge=0, description="mean counterstain OD inside an enclosure: a nucleus is in the section")
+
+
+class ECadLateRimConfig(Strict):
+    """The pale cytoplasm round a late normoblast's nucleus (``ecad.rim_density``)."""
+
+    inner_um: float = Field(ge=0, description="the band starts this far outside the nucleus, µm")
+    outer_um: float = Field(gt=0, description="and ends this far outside it, µm")
+    quantile: float = Field(gt=0, lt=1, description="quantile of H + DAB OD over the band")
+    max_od: float = Field(gt=0, description="late-erythroid calls with a denser rim are 'other' (lymphocytes)")
+
+
 class ECadConfig(Strict):
     mpp: float = Field(gt=0, description="analysis resolution, µm/px")
     halo_um: float = Field(ge=0, description="context needed around each tile core, µm; covers the largest fat space and the largest cluster counted exactly")
@@ -100,6 +119,13 @@ class ECadConfig(Strict):
         None, ge=1, le=64, description="ring pixels on the border with a neighbour's territory are left out when the cell "
         "keeps at least this many sectors without them (ecad.ring_scores; null: every ring pixel counts)")
     membrane_min_dab_od: float = Field(gt=0, description="membrane score (DAB OD) at or above which a cell is E-cad positive")
+    ring_holes: ECadRingHolesConfig | None = Field(
+        None, description="membrane compartment: add E-cad+ cells found by their closed membrane (null: off)")
+    late_rim: ECadLateRimConfig | None = Field(
+        None, description="membrane compartment: late-erythroid calls need a pale rim (null: off)")
+    late_erythroid_od_per_um2: float = Field(
+        0.0, ge=0, description="membrane compartment: OD a late-erythroid nucleus needs per µm² above "
+        "classes.late_erythroid_min_area_um2, on top of classes.late_erythroid_min_od (0: off)")
     nucleus_min_dab_od: float = Field(gt=0, description="mean nuclear DAB OD at or above which a cell is positive (compartment nucleus)")
     clusters: ECadClustersConfig
     interpretation: ECadInterpretationConfig
