@@ -234,17 +234,29 @@ def local_grades(
     window_um: float,
     min_haem_frac: float,
     max_window_um: float | None = None,
+    placement: str = "centred",
+    border_ratio: float = 3.0,
+    density_floor: float = 100.0,
 ) -> dict[str, Any]:
-    """Local MF grade of every grid cell, measured over a sliding window centred on it.
+    """Local MF grade of every grid cell, measured over a sliding window that contains it.
 
     The slide is cut into slide-aligned square cells of side ``cell_um`` (the per-tile sums
     of :class:`ReticulinAnalyzer` ``TileResult.windows``). A cell's local grade is the grade
-    of the sums over the ``n x n`` cells centred on it, ``n = 2 round((window_um / cell_um -
+    of the pooled sums over an ``n x n`` block of cells, ``n = 2 round((window_um / cell_um -
     1) / 2) + 1`` (so a window about ``window_um`` wide), and it stands for the cell's own
-    haematopoietic area. Because every cell is graded by a window centred on it, the blur at
-    the border between two regions is symmetric: a patch whose measurements cross a grade
-    bound at about half-and-half mixtures is graded over about its true area, whereas a
-    fixed grid of large windows takes a whole window to whichever grade its mixture reaches.
+    haematopoietic area.
+
+    With ``placement='centred'`` the block is centred on the cell, so the blur at the border
+    between two regions is symmetric; but where the two sides are two grades apart (MF-0 next
+    to MF-2, an MF-3 patch in MF-1) the mixed windows along the border read as the grade in
+    between, a band that takes area from both sides. ``placement='homogeneous'`` is
+    border-aware (Kuwahara-style edge-preserving choice): a cell whose candidate windows -- the
+    ``n x n`` blocks that contain it and hold enough marrow -- differ in pooled length density
+    by more than ``border_ratio`` (after adding ``density_floor``) lies at a region border, and
+    is graded by the candidate whose cells are most alike (least area-weighted variance of
+    ``log(cell length density + density_floor)``), which lies on the cell's own side. Other
+    cells keep the centred window, so inside a region the map is the centred one. Everything
+    is computed from the per-cell sums, so the map does not depend on tiling or order.
 
     Parameters
     ----------
@@ -262,11 +274,23 @@ def local_grades(
     min_haem_frac : float
         A grading window must hold at least this fraction of ``(n * cell_um)²`` of
         haematopoietic area; a cell (with some of its own) whose window holds less is graded
-        over the smallest larger centred window, up to ``max_window_um``, that does, and is
-        not graded when none does. Fatty marrow is then graded over more ground rather than
-        left out (which would inflate the share of the denser, more cellular regions).
+        over the smallest larger window, up to ``max_window_um``, that does, and is not graded
+        when none does. Fatty marrow is then graded over more ground rather than left out
+        (which would inflate the share of the denser, more cellular regions). With
+        ``placement='homogeneous'`` a border cell may instead take an off-centre window of the
+        same size that holds enough marrow.
     max_window_um : float, optional
         Largest grading window, µm (default ``window_um``: no growth).
+    placement : {'centred', 'homogeneous'}
+        Which window grades a cell (see above).
+    border_ratio : float
+        ``placement='homogeneous'`` only: ratio (> 1) of the highest to the lowest pooled
+        ``length density + density_floor`` among a cell's candidate windows above which the
+        cell is at a region border.
+    density_floor : float
+        ``placement='homogeneous'`` only: added to length densities (µm per 1e4 µm²) before
+        ratios and logarithms, so that empty and sparse cells of MF-0 marrow do not read as
+        far apart.
 
     Returns
     -------
@@ -276,11 +300,16 @@ def local_grades(
         graded), ``haem_um2`` ((R, C) float64, the cell's own haematopoietic area),
         ``area_by_grade`` (dict grade -> µm² of graded cells' own area), ``window_cells``
         (``n``, the smallest window), ``window_cells_used`` ((R, C) int16, the window each
-        cell was graded over, 0 = not graded). Empty arrays (shape (0, 0)) when there are no
-        cells.
+        cell was graded over, 0 = not graded), ``window_offset`` ((R, C, 2) int16, centre of
+        that window less the cell, in cells; 0 for centred windows). Empty arrays (shape
+        (0, 0)) when there are no cells.
     """
     if cell_um <= 0 or window_um <= 0:
         raise ValueError(f"cell_um and window_um must be > 0, got {cell_um}, {window_um}")
+    if placement not in ("centred", "homogeneous"):
+        raise ValueError(f"placement must be 'centred' or 'homogeneous', got {placement!r}")
+    if placement == "homogeneous" and (border_ratio <= 1 or density_floor < 0):
+        raise ValueError(f"need border_ratio > 1 and density_floor >= 0, got {border_ratio}, {density_floor}")
     half = max(0, int(round((window_um / cell_um - 1.0) / 2.0)))
     n = 2 * half + 1
     max_half = half
@@ -291,7 +320,7 @@ def local_grades(
         empty = np.zeros((0, 0))
         return {"origin": (0, 0), "grades": empty.astype(np.int8), "index": empty, "haem_um2": empty,
                 "area_by_grade": area_by_grade, "window_cells": n,
-                "window_cells_used": empty.astype(np.int16)}
+                "window_cells_used": empty.astype(np.int16), "window_offset": np.zeros((0, 0, 2), np.int16)}
     keys = np.array(sorted(cells), np.int64).reshape(-1, 2)
     r0, c0 = keys.min(axis=0)
     shape = tuple(int(v) for v in keys.max(axis=0) - (r0, c0) + 1)
@@ -310,25 +339,70 @@ def local_grades(
                 out += p[dr : dr + shape[0], dc : dc + shape[1]]
         return out
 
+    def shifted(a: np.ndarray, dr: int, dc: int, fill: float) -> np.ndarray:
+        # out[r, c] = a[r + dr, c + dc]: the value of the window centred (dr, dc) cells away
+        m = max(abs(dr), abs(dc))
+        p = np.pad(a, m, constant_values=fill)
+        return p[m + dr : m + dr + shape[0], m + dc : m + dc + shape[1]]
+
     px_um2 = mpp * mpp
     haem_um2 = grids["haem_px"] * px_um2
     need_um2 = min_haem_frac * (n * cell_um) ** 2
     grade = np.full(shape, -1, np.int8)
     idx = np.full(shape, np.nan)
     used = np.zeros(shape, np.int16)
+    offset = np.zeros(shape + (2,), np.int16)
     todo = haem_um2 > 0
+    if placement == "homogeneous":
+        # per-cell log length density, weighted by the cell's marrow: the homogeneity criterion
+        dens = np.where(haem_um2 > 0, grids["fibre_length_um"] / np.where(haem_um2 > 0, haem_um2, 1.0) * 1e4, 0.0)
+        x = np.log(dens + density_floor)
+        moments = {"w": haem_um2, "wx": haem_um2 * x, "wxx": haem_um2 * x * x}
     for h in range(half, max_half + 1):
         if not todo.any():
             break
         win = {k: box(v, h) for k, v in grids.items()}
-        ok = todo & (win["haem_px"] * px_um2 >= need_um2)
-        g, i = grade_index_array(window_readouts(win, mpp), thresholds)
-        grade[ok], idx[ok], used[ok] = g[ok], i[ok], 2 * h + 1
-        todo &= ~ok
-    for g in range(4):
-        area_by_grade[g] = float(haem_um2[grade == g].sum())
+        ok = win["haem_px"] * px_um2 >= need_um2
+        readouts = window_readouts(win, mpp)
+        g, i = grade_index_array(readouts, thresholds)
+        if placement == "centred":
+            sel = todo & ok
+            grade[sel], idx[sel], used[sel] = g[sel], i[sel], 2 * h + 1
+            todo &= ~sel
+            continue
+        mom = {k: box(v, h) for k, v in moments.items()}
+        sw = np.where(mom["w"] > 0, mom["w"], 1.0)
+        mean = mom["wx"] / sw
+        var = np.where(ok, np.maximum(mom["wxx"] / sw - mean * mean, 0.0), np.inf)
+        logd = np.log(readouts["fibre_length_um_per_1e4um2"] + density_floor)
+        lo, hi = np.where(ok, logd, np.inf), np.where(ok, logd, -np.inf)
+        shifts = [(dr, dc) for dr in range(-h, h + 1) for dc in range(-h, h + 1) if (dr, dc) != (0, 0)]
+        lo_all, hi_all = lo.copy(), hi.copy()
+        for dr, dc in shifts:
+            lo_all = np.minimum(lo_all, shifted(lo, dr, dc, np.inf))
+            hi_all = np.maximum(hi_all, shifted(hi, dr, dc, -np.inf))
+        border = np.isfinite(lo_all) & (hi_all - lo_all > math.log(border_ratio))
+        # the centred window first; an off-centre one only at a border and only when strictly
+        # more homogeneous (ties keep the earlier, so the choice does not depend on float order)
+        best = np.where(ok, var, np.inf)
+        bg, bi = g.copy(), i.copy()
+        boff = np.zeros(shape + (2,), np.int16)
+        for dr, dc in shifts:
+            v = shifted(var, dr, dc, np.inf)
+            better = border & (v < best)
+            if better.any():
+                best = np.where(better, v, best)
+                bg = np.where(better, shifted(g, dr, dc, 0), bg)
+                bi = np.where(better, shifted(i, dr, dc, 0.0), bi)
+                boff[better] = (dr, dc)
+        sel = todo & np.isfinite(best)
+        grade[sel], idx[sel], used[sel], offset[sel] = bg[sel], bi[sel], 2 * h + 1, boff[sel]
+        todo &= ~sel
+    for gr in range(4):
+        area_by_grade[gr] = float(haem_um2[grade == gr].sum())
     return {"origin": (int(r0), int(c0)), "grades": grade, "index": idx, "haem_um2": haem_um2,
-            "area_by_grade": area_by_grade, "window_cells": n, "window_cells_used": used}
+            "area_by_grade": area_by_grade, "window_cells": n, "window_cells_used": used,
+            "window_offset": offset}
 
 
 def apply_grade_rule(area_by_grade: dict[int, float], rule: str, frac: float) -> int:
@@ -728,7 +802,9 @@ class ReticulinAnalyzer(Analyzer):
 
         loc = local_grades(windows, mpp, c.grade_thresholds, cell_um=c.window_um,
                            window_um=c.grade_window_um, min_haem_frac=c.window_min_haem_frac,
-                           max_window_um=c.grade_window_max_um)
+                           max_window_um=c.grade_window_max_um, placement=c.grade_window_placement,
+                           border_ratio=c.grade_border_ratio,
+                           density_floor=c.grade_border_density_floor_um_per_1e4um2)
         area_by_grade = loc["area_by_grade"]
         n_graded = int((loc["grades"] >= 0).sum())
         graded_um2 = sum(area_by_grade.values())
@@ -776,6 +852,7 @@ class ReticulinAnalyzer(Analyzer):
             "measurements": {
                 "window_um": c.window_um,  # grid cell side
                 "grade_window_um": float(loc["window_cells"] * c.window_um),  # local grade measured over
+                "grade_window_placement": c.grade_window_placement,
                 "length_estimator": "Vossepoel-Smeulders chain code (0.980 even, 1.406 odd, -0.091 corner) "
                 "x Boolean-model overlap factor -ln(1-p)/p, p = local fibre fraction of the marrow"
                 + (" less the fibre's own share (Palm/Slivnyak)" if c.overlap_palm else ""),

@@ -80,6 +80,12 @@ class ReticulinConfig(Strict):
     window_um: float = Field(gt=0, description="side of the slide-aligned grid cells the per-tile sums are kept on, µm")
     grade_window_um: float = Field(gt=0, description="side of the sliding window, centred on each cell, that grades it, µm")
     grade_window_max_um: float = Field(gt=0, description="largest window a cell in fatty marrow is graded over, µm")
+    grade_window_placement: Literal["centred", "homogeneous"] = Field(
+        description="window grading a cell: centred on it, or at region borders the most homogeneous one containing it")
+    grade_border_ratio: float = Field(
+        gt=1, description="ratio of pooled length densities among a cell's candidate windows that marks a border")
+    grade_border_density_floor_um_per_1e4um2: float = Field(
+        ge=0, description="added to length densities before the border ratio and the homogeneity log, µm/1e4 µm²")
     window_min_haem_frac: float = Field(
         ge=0, le=1, description="haematopoietic area a grading window needs, as a fraction of grade_window_um²")
     grade_rule: Literal["eumnet_30pct", "max", "majority"]

@@ -215,9 +215,10 @@ def local_grade_grid(slide: SlideOutput) -> dict[str, Any] | None:
 
     Uses :func:`marrowseg.analyzers.reticulin.local_grades` with the config recorded in the
     slide's provenance: each cell of ``windows.csv`` is graded over the ``grade_window_um``
-    window centred on it, and cells whose window holds less than ``window_min_haem_frac`` of
-    haematopoietic area are not graded. Tile cores (no ``windows.csv``) are graded one by one,
-    each when it holds any marrow.
+    window centred on it (with ``grade_window_placement: homogeneous``, at region borders the
+    most homogeneous window containing it), and cells whose window holds less than
+    ``window_min_haem_frac`` of haematopoietic area are not graded. Tile cores (no
+    ``windows.csv``) are graded one by one, each when it holds any marrow.
 
     Returns
     -------
@@ -245,8 +246,14 @@ def local_grade_grid(slide: SlideOutput) -> dict[str, Any] | None:
     max_window_um = recorded.get("grade_window_max_um") if source == "windows" else None
     # a tile core is several grading windows wide: any marrow in one is enough to grade it
     min_frac = float(recorded["window_min_haem_frac"]) if source == "windows" else 0.0
+    # outputs from before the border-aware grade recorded no placement: their cells were centred
+    placement = str(recorded.get("grade_window_placement") or "centred") if source == "windows" else "centred"
+    border = {"border_ratio": float(recorded["grade_border_ratio"]),
+              "density_floor": float(recorded["grade_border_density_floor_um_per_1e4um2"])} \
+        if placement != "centred" else {}
     loc = local_grades(windows, mpp, thresholds, cell_um=side_um, window_um=max(grade_window_um, side_um),
-                       min_haem_frac=min_frac, max_window_um=None if max_window_um is None else float(max_window_um))
+                       min_haem_frac=min_frac, max_window_um=None if max_window_um is None else float(max_window_um),
+                       placement=placement, **border)
     grades, index = loc["grades"], loc["index"].astype(np.float32)
     haem, area_by_grade = loc["haem_um2"], loc["area_by_grade"]
     r0, c0 = loc["origin"]
