@@ -206,7 +206,12 @@ def skimage_rate(path: Path, stain: str, max_tiles: int, engine_tiles: list[dict
     # where the halo reads blank glass and the post-processing has less to do per core pixel
     pick = np.unique(np.linspace(0, len(layout.tiles) - 1, min(max_tiles, len(layout.tiles))).round().astype(int))
     tiles = [layout.tiles[i] for i in pick]
-    analyzer.prepare(np.zeros((0, 3), np.uint8))
+    # the same per-slide preparation as the engine (E-cadherin estimates its stain vectors from
+    # this sample), so that both sides analyse with the same stain matrix
+    from marrowseg.engine import _prepare_sample
+
+    sample = _prepare_sample(reader, layout, cfg.engine.seed) if analyzer.needs_sample else np.zeros((0, 3), np.uint8)
+    analyzer.prepare(sample)
     totals_ref: dict = {}
     t0 = time.perf_counter()
     for t in tiles:
