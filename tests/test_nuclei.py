@@ -446,7 +446,7 @@ def test_area_split_cuts_a_row_of_three_into_three():
     """Three flat 7 µm disks 2.5 µm apart in a row (~75 µm²) with a 25 µm² nucleus: three parts."""
     img = _disks(0.5, 7.0, 0.8, [(30.0, 27.5), (30.0, 30.0), (30.0, 32.5)], size_um=60.0)
     labels = (img > 0).astype(np.int32)
-    labels, table = nuc._measure(labels, img, 0.5, 0.0)
+    labels, table = nuc.measure_labels(labels, img, 0.5, 0.0)
     out_labels, out = nuc.split_by_area(img, 0.5, labels, table, nucleus_area_um2=25.0)
     assert len(out["row"]) == 3
     assert sorted((out["col"] * 0.5 + 0.25).tolist()) == pytest.approx([27.0, 30.0, 33.0], abs=1.0)

@@ -400,15 +400,12 @@ def ring_enclosed_cells(
     lut = np.zeros(n + 1, np.int32)
     lut[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
     labels = lut[lab]
-    m = nuc.label_measurements(labels, np.asarray(h_od, np.float32))
-    sel = m["area_px"] > 0
+    _, table = nuc.measure_labels(labels, np.asarray(h_od, np.float32), mpp, 0.0)
     if allowed is not None:
-        rr = np.clip(np.round(m["row"]).astype(np.int64), 0, h - 1)
-        cc = np.clip(np.round(m["col"]).astype(np.int64), 0, w - 1)
-        sel &= np.asarray(allowed, bool)[rr, cc]
-    table = {"row": m["row"][sel], "col": m["col"][sel], "area_um2": m["area_px"][sel] * mpp * mpp,
-             "eccentricity": m["eccentricity"][sel], "solidity": m["solidity"][sel], "h_od_mean": m["mean"][sel],
-             "h_od_cv": (m["std"] / np.maximum(m["mean"], 1e-6))[sel], "label": m["label"][sel].astype(np.int32)}
+        rr = np.clip(np.round(table["row"]).astype(np.int64), 0, h - 1)
+        cc = np.clip(np.round(table["col"]).astype(np.int64), 0, w - 1)
+        sel = np.asarray(allowed, bool)[rr, cc]
+        table = {k: v[sel] for k, v in table.items()}
     return labels, table
 
 
@@ -810,19 +807,11 @@ class ECadAnalyzer(Analyzer):
         neg[kept_mask] = 0  # a new region's watershed may have spread into a kept one
         offset = int(neg.max())
         out = np.where(kept_mask, labels + offset, neg).astype(np.int32)
-        m = nuc.label_measurements(out, d["det_od"])
-        area = m["area_px"] * mpp * mpp
-        keep = (m["area_px"] > 0) & (area >= ncfg.min_area_um2)
-        lut = np.zeros(int(out.max()) + 1, np.int32)
-        lut[m["label"][keep]] = m["label"][keep]
-        new_table = {"row": m["row"][keep], "col": m["col"][keep], "area_um2": area[keep],
-                     "eccentricity": m["eccentricity"][keep], "solidity": m["solidity"][keep],
-                     "h_od_mean": m["mean"][keep], "h_od_cv": (m["std"] / np.maximum(m["mean"], 1e-6))[keep],
-                     "label": m["label"][keep].astype(np.int32)}
+        out, new_table = nuc.measure_labels(out, d["det_od"], mpp, ncfg.min_area_um2)
         pos_by_old = np.zeros(int(labels.max()) + 1, bool)
         pos_by_old[table["label"][old_pos]] = True
         old_label = np.where(new_table["label"] > offset, new_table["label"] - offset, 0)
-        return lut[out], new_table, pos_by_old[old_label]
+        return out, new_table, pos_by_old[old_label]
 
     def post(self, dense: dict[str, np.ndarray], rgb: np.ndarray, ctx: TileContext) -> TileResult:
         cfg = self.config

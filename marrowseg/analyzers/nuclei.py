@@ -69,6 +69,7 @@ __all__ = [
     "classify_nuclei",
     "empty_table",
     "label_measurements",
+    "measure_labels",
     "fill_holes",
     "local_peaks",
     "gaussian_reference",
@@ -708,7 +709,7 @@ def group_lobes(
         gc = np.round(np.bincount(g_px, weights=cc, minlength=n_groups + 1) / safe).astype(np.intp)
         ok &= np.asarray(allowed, bool)[gr, gc]
     merged = np.where(inside & ok[groups], groups, 0).astype(np.int32)
-    g_labels, g_table = _measure(merged, h_od, mpp, 0.0)
+    g_labels, g_table = measure_labels(merged, h_od, mpp, 0.0)
     return _replace_regions(labels, table, lut[labels], big_rows, g_labels, g_table)
 
 
@@ -814,7 +815,7 @@ def merge_megakaryocytes(
     joined = lut[labels]
     free = (cores > 0) & (labels == 0)
     joined[free] = cores[free]
-    m_labels, m_table = _measure(joined, h_od, mpp, 0.0)
+    m_labels, m_table = measure_labels(joined, h_od, mpp, 0.0)
     if max_od_cv is not None:
         uneven = m_table["h_od_cv"] > max_od_cv
         if uneven.all():
@@ -923,7 +924,7 @@ def split_by_shape(
     if not split_ids:
         return labels, table
     # measure only the new parts; the other rows stay as they are
-    p_labels, p_table = _measure(parts_img, h_od, mpp, keep_area_um2)
+    p_labels, p_table = measure_labels(parts_img, h_od, mpp, keep_area_um2)
     return _replace_regions(labels, table, np.isin(labels, split_ids), ~np.isin(table["label"], split_ids),
                             p_labels, p_table)
 
@@ -999,7 +1000,7 @@ def split_by_area(
         parts_img[sl][rr, cc] = part + 1 + n_parts
         n_parts += int(k)
         split_ids.append(int(lab_id))
-    p_labels, p_table = _measure(parts_img, h_od, mpp, 0.0)
+    p_labels, p_table = measure_labels(parts_img, h_od, mpp, 0.0)
     return _replace_regions(labels, table, np.isin(labels, split_ids), ~np.isin(table["label"], split_ids),
                             p_labels, p_table)
 
@@ -1035,8 +1036,12 @@ def _replace_regions(
     return out, result
 
 
-def _measure(labels: np.ndarray, h_od: np.ndarray, mpp: float, min_area_um2: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Table of :data:`NUCLEUS_COLUMNS` for ``labels``; regions below ``min_area_um2`` (µm²) are dropped."""
+def measure_labels(labels: np.ndarray, h_od: np.ndarray, mpp: float, min_area_um2: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Table of :data:`NUCLEUS_COLUMNS` for ``labels``; regions below ``min_area_um2`` (µm²) are dropped.
+
+    Returns the labels (dropped regions set to 0; ids otherwise kept) and the table; ``h_od``
+    (OD) gives the density columns, ``mpp`` (µm per pixel) the areas.
+    """
     px_um2 = float(mpp) ** 2
     m = label_measurements(labels, h_od)
     area_um2 = m["area_px"] * px_um2
@@ -1149,7 +1154,7 @@ def nuclei_from_centres(
     grow = mask.copy()
     grow[centres[:, 0], centres[:, 1]] = True
     labels = watershed(-relief, markers, mask=grow).astype(np.int32)
-    return _measure(labels, h_od, mpp, min_area_um2)
+    return measure_labels(labels, h_od, mpp, min_area_um2)
 
 
 def label_measurements(labels: np.ndarray, intensity: np.ndarray) -> dict[str, np.ndarray]:
