@@ -230,6 +230,29 @@ class ECadModule(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------- per cell
+def _band_pixels(labels: np.ndarray, inner_px: float,
+                 outer_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Background pixels whose distance to the nearest labelled pixel is in (inner_px, outer_px].
+
+    Returns the background mask, the pixels' rows and columns (raster order) and the label of
+    their nearest labelled pixel: ``expand_labels`` for a band, from one feature transform.
+    Distances are computed only near the labels (within a square of half-width
+    ``floor(outer_px)``: the Euclidean distance is at least the Chebyshev one); over the
+    whole tile they cost several times the transform itself.
+    """
+    bg = labels == 0
+    ft = ndi.distance_transform_edt(bg, sampling=1, return_distances=False, return_indices=True)
+    r_sq = int(math.floor(outer_px))
+    near = cv2.dilate((~bg).view(np.uint8), np.ones((2 * r_sq + 1, 2 * r_sq + 1), np.uint8)).view(bool)
+    rr, cc = np.nonzero(near & bg)
+    fr, fc = ft[0][rr, cc], ft[1][rr, cc]
+    dr = (fr - rr).astype(np.float64)
+    dc = (fc - cc).astype(np.float64)
+    dist = np.sqrt(dr * dr + dc * dc)
+    ok = (dist <= outer_px) & (dist > inner_px)
+    return bg, rr[ok], cc[ok], labels[fr[ok], fc[ok]]
+
+
 def ring_scores(
     labels: np.ndarray,
     table: dict[str, np.ndarray],
@@ -283,28 +306,10 @@ def ring_scores(
     n = len(table["label"])
     if n == 0:
         return np.zeros(0, np.float64)
-    outer_px = (gap_um + width_um) / mpp
-    inner_px = gap_um / mpp
-    # expand_labels(labels, outer_px) and (..., inner_px) from one feature transform: a
-    # background pixel within outer_px of a nucleus goes to the nucleus of its nearest
-    # labelled pixel, and the ring is where that distance is in (inner_px, outer_px]
-    # (expand_labels' own transform and distances, computed only once)
-    bg = labels == 0
-    ft = ndi.distance_transform_edt(bg, sampling=1, return_distances=False, return_indices=True)
-    # only background pixels within a square of half-width floor(outer_px) of a nucleus can be
-    # that close (the Euclidean distance is at least the Chebyshev one); same raster order
-    r_sq = int(math.floor(outer_px))
-    near = cv2.dilate((~bg).view(np.uint8), np.ones((2 * r_sq + 1, 2 * r_sq + 1), np.uint8)).view(bool)
-    rr, cc = np.nonzero(near & bg)
-    fr, fc = ft[0][rr, cc], ft[1][rr, cc]
-    dr = (fr - rr).astype(np.float64)
-    dc = (fc - cc).astype(np.float64)
-    dist = np.sqrt(dr * dr + dc * dc)
-    ok = (dist <= outer_px) & (dist > inner_px)
-    rr, cc = rr[ok], cc[ok]
+    bg, rr, cc, owner = _band_pixels(labels, gap_um / mpp, (gap_um + width_um) / mpp)
     lut = np.full(int(labels.max()) + 1 if labels.size else 1, -1, np.int64)
     lut[table["label"]] = np.arange(n)
-    idx = lut[labels[fr[ok], fc[ok]]]
+    idx = lut[owner]
     ok = idx >= 0
     rr, cc, idx = rr[ok], cc[ok], idx[ok]
     ang = np.arctan2(rr - table["row"][idx], cc - table["col"][idx])
@@ -446,12 +451,7 @@ def rim_density(
     out = np.full(n, np.nan)
     if n == 0:
         return out
-    bg = labels == 0
-    dist, ft = ndi.distance_transform_edt(bg, return_indices=True)
-    dist *= mpp
-    band = bg & (dist > inner_um) & (dist <= outer_um)
-    rr, cc = np.nonzero(band)
-    owner = labels[ft[0][rr, cc], ft[1][rr, cc]]
+    _, rr, cc, owner = _band_pixels(labels, inner_um / mpp, outer_um / mpp)
     lut = np.full(max(int(labels.max()), int(np.max(table["label"]))) + 1, -1, np.int64)
     lut[table["label"]] = np.arange(n)
     idx = lut[owner]
