@@ -70,7 +70,8 @@ def eval_bombr() -> None:
           f"{ro['intersections_per_mm2']:.0f} /mm², thick {ro['thick_fibre_frac']:.3f}, grade MF-{ro['mf_grade']}")
 
 
-def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[str]) -> None:
+def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[str],
+                  save_windows: Path | None = None) -> None:
     from marrowseg.synth import make_phantom
 
     cfg = load_config("reticulin")
@@ -99,6 +100,9 @@ def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[s
         res = analyze_array(rgb, mpp, get_analyzer("reticulin", cfg), cfg)
         ro = res.report["readouts"]
         cnt = res.report["counts"]
+        if save_windows is not None:
+            _save_windows(save_windows / f"{seed}_{het or f'MF-{grade}'}.npz", res.windows, truth, size, mpp,
+                          cfg.reticulin.window_um)
         # crossings the skeleton shows, before the overlap model's correction
         j_seen = ro["intersections_per_mm2"] * cnt.get("n_junctions_seen", 0.0) / cnt["n_junctions"] \
             if cnt["n_junctions"] else 0.0
@@ -145,6 +149,25 @@ def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[s
         means = [float(index[g_true == g].mean()) for g in sorted(set(g_true.tolist()))]
         print("  mean index by grade: " + "  ".join(f"{m:.2f}" for m in means)
               + f"  (rises with the grade: {bool(np.all(np.diff(means) > 0))})")
+
+
+def _save_windows(path: Path, windows: dict, truth: dict, size: int, mpp: float, cell_um: float) -> None:
+    """The analyzer's per-cell sums and the truth per cell (haematopoietic pixels of each intended
+    grade), so that grading rules can be compared later without analysing the phantom again."""
+    keys = np.array(sorted(windows), np.int64).reshape(-1, 2)
+    cols = sorted({k for w in windows.values() for k in w})
+    vals = np.array([[float(windows[tuple(k)].get(c, 0.0)) for c in cols] for k in keys], np.float64)
+    cp = int(round(cell_um / mpp))
+    n = -(-size // cp)
+    haem = truth["labels"] == 1
+    by_grade = np.zeros((n, n, 4), np.int64)
+    for g in range(4):
+        m = np.zeros((n * cp, n * cp), np.int64)
+        m[:size, :size] = haem & (truth["grade"] == g)
+        by_grade[..., g] = m.reshape(n, cp, n, cp).sum(axis=(1, 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, keys=keys, cols=np.array(cols), vals=vals, truth_haem_px_by_grade=by_grade,
+                        mpp=mpp, cell_um=cell_um)
 
 
 def _centred_map(windows: dict, c) -> tuple[list[float], int]:
@@ -219,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=4096, help="phantom side, pixels at --mpp (the synth default)")
     ap.add_argument("--mpp", type=float, default=0.25, help="phantom pixel size, µm/px")
     ap.add_argument("--heterogeneous", nargs="*", default=[], help="e.g. half-0-2 patch-1-3")
+    ap.add_argument("--save-windows", type=Path, default=None, metavar="DIR",
+                    help="save each phantom's per-cell sums and truth (npz) to DIR, to compare grading rules")
     ap.add_argument("--bombr", action="store_true", help="fibre-mask F1 on the BoMBR crop")
     ap.add_argument("--dose-response", type=int, default=None, metavar="SEED",
                     help="one seed at several fibre densities (--dose-grade, --densities)")
@@ -232,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bombr:
         eval_bombr()
     if args.seeds:
-        eval_phantoms(_seeds(args.seeds), args.size, args.mpp, args.heterogeneous)
+        eval_phantoms(_seeds(args.seeds), args.size, args.mpp, args.heterogeneous, args.save_windows)
     if not args.bombr and not args.seeds and args.dose_response is None:
         ap.print_help()
     return 0
