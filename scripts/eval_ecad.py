@@ -17,6 +17,9 @@ prints what the late-erythroid calls are in truth (late erythroid, lymphocyte, o
 none), the share of truth late erythroid cells that own a detection (nearest truth
 cell of some detection), and what the truth late erythroid cells are called (the class of
 their own detection, the nearest one they own; ``none`` when they own none).
+It also prints, per truth class, the share of truth cells that own a detection (recall), and
+the share of detections that are some truth cell's own (precision; the others are second
+detections of a cell or lie on no cell).
 ``--size-bound`` prints, over the seeds run, the late count and ratio errors that a cut on
 the phantoms' *true* nuclear area would give to a perfect detector that could not tell
 late erythroid cells from lymphocytes otherwise: a bound on what any nuclear-size rule can
@@ -125,6 +128,40 @@ def match_calls(det: dict[str, np.ndarray], truth: dict[str, np.ndarray], radius
     return out
 
 
+def detection_by_class(det: dict[str, np.ndarray], truth: dict[str, np.ndarray],
+                       radius_um: float = MATCH_UM) -> dict[str, int]:
+    """How many truth cells of each class own a detection, and how many detections are a cell's own.
+
+    Parameters
+    ----------
+    det, truth, radius_um
+        As :func:`match_calls`.
+
+    Returns
+    -------
+    dict of str to int
+        ``n_<class>`` and ``owned_<class>`` for each truth ``cell_class`` (a truth cell owns a
+        detection when it is the nearest truth cell within ``radius_um`` of one);
+        ``detections`` and ``detections_own``: detections that are the nearest detection of
+        the truth cell they are matched to (the others are a second detection of a cell, or
+        lie farther than ``radius_um`` from every truth cell).
+    """
+    tcls = np.asarray(truth["cell_class"], dtype=object)
+    n_det = len(det.get("x_um", ()))
+    out = {"detections": int(n_det), "detections_own": 0}
+    owned = np.zeros(len(tcls), bool)
+    if n_det and len(tcls):
+        dist, j = cKDTree(np.column_stack([truth["x_um"], truth["y_um"]])).query(
+            np.column_stack([det["x_um"], det["y_um"]]))
+        k = np.flatnonzero(dist <= radius_um)
+        owned[j[k]] = True
+        out["detections_own"] = int(len(np.unique(j[k])))
+    for c in sorted(set(tcls.tolist())):
+        out[f"n_{c}"] = int((tcls == c).sum())
+        out[f"owned_{c}"] = int((owned & (tcls == c)).sum())
+    return out
+
+
 def size_bound_counts(truth: dict[str, np.ndarray], cuts_um2=SIZE_CUTS_UM2) -> np.ndarray:
     """Late erythroid + lymphocyte nuclei with true area <= each cut (µm²): (len(cuts),) int."""
     tcls = np.asarray(truth["cell_class"], dtype=object)
@@ -142,9 +179,10 @@ def run_one(seed: int, size_px: int, mpp: float, sets: list[str], tmp: Path, jit
     config = load_config("ecad", overrides=sets)
     metrics, _ = analyze_slide(tiff, "ecad", tmp / f"out_{seed}", config=config)
     truth_cells = read_cells(tmp / f"ecad_{seed}.cells.csv")
+    det_cells = read_cells(tmp / f"out_{seed}" / "cells.csv")
     return {"seed": seed, "ratio_req": ratio, "jitter": jitter, "truth": truth, "meas": metrics["readouts"],
             "vectors": metrics.get("stain_vectors_source"),
-            "match": match_calls(read_cells(tmp / f"out_{seed}" / "cells.csv"), truth_cells),
+            "match": match_calls(det_cells, truth_cells), "by_class": detection_by_class(det_cells, truth_cells),
             "size_bound": size_bound_counts(truth_cells)}
 
 
@@ -166,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = []
     matches = []
+    by_class: list[dict[str, int]] = []
     bound = []
     print(f"{'seed':>5}{'jit':>5}{'vec':>5} | {'pos t/m':>11}{'err':>7} | {'late t/m':>11}{'err':>7} | "
           f"{'ratio t/m':>13}{'err':>7} | {'nucl t/m':>11}{'err':>7}")
@@ -185,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t['left_shift_ratio']:>6.3f}/{mr:<6.3f}{e_r:>+7.3f} | "
                   f"{t['nucleated_cells']:>5}/{m['nucleated_cells']:<5}{e_n:>+7.2f}", flush=True)
             matches.append((seed, r["match"]))
+            by_class.append(r["by_class"])
             bound.append((t["late_erythroid_cells"], t["ecad_pos_cells"], r["size_bound"]))
     a = np.abs(np.array(rows, dtype=np.float64))
     names = ("pos count (rel)", "late count (rel)", "ratio (abs)", "nucleated (rel)")
@@ -204,6 +244,17 @@ def main(argv: list[str] | None = None) -> int:
             n = sum(mt["truth_late"] for mt in sel)
             print(f"{ratio:>6.2f}{n:>7} | " + "".join(
                 f"{100.0 * sum(mt[f'truth_late_as_{c}'] for mt in sel) / max(n, 1):>14.0f}%" for c in CALL_CLASSES))
+    if args.match:
+        tot: dict[str, int] = {}
+        for bc in by_class:
+            for key, v in bc.items():
+                tot[key] = tot.get(key, 0) + v
+        print(f"\ntruth cells with a detection of their own (nearest truth cell within {MATCH_UM:g} µm), all seeds")
+        for c in sorted(key[2:] for key in tot if key.startswith("n_")):
+            n = tot[f"n_{c}"]
+            print(f"{c:>16} {tot[f'owned_{c}']:>6} of {n:>6}  {100.0 * tot[f'owned_{c}'] / max(n, 1):5.1f}%")
+        print(f"{'detections':>16} {tot['detections_own']:>6} of {tot['detections']:>6}  "
+              f"{100.0 * tot['detections_own'] / max(tot['detections'], 1):5.1f}% are a truth cell's own")
     if args.size_bound:
         print("\nbound: perfect detection, late = late erythroid + lymphocyte nuclei with TRUE area <= cut")
         print(f"{'cut um2':>8} | {'late err mean':>13}{'min':>7}{'max':>7} | {'ratio |err| max':>15}")

@@ -208,6 +208,24 @@ def test_phantom_counts_and_ratio_near_truth():
     assert abs(r["left_shift_ratio"] - n_pos / (n_pos + n_late)) <= 0.1
 
 
+def test_phantom_nucleated_count_needs_the_faint_nuclei():
+    """A small tuning phantom (seed 7, black box): the nucleated count is near truth only with faint_nuclei."""
+    from marrowseg.synth import make_phantom
+
+    w = 1600
+    ph = make_phantom("ecad", seed=7, size_px=(w, w), mpp=0.25, left_shift_ratio=0.1, stain_jitter=0.3)
+    rgb = ph.render(0, 0, w, w)
+    n_true = len(ph.truth_region(0, 0, w, w)["cells"]["cell_class"])
+    cfg = load_config("ecad")
+    r = analyze_array(rgb, 0.25, ECadAnalyzer(cfg.ecad), cfg, device="cpu").readouts
+    off = load_config("ecad", overrides=["ecad.faint_nuclei=null"])
+    r_off = analyze_array(rgb, 0.25, ECadAnalyzer(off.ecad), off, device="cpu").readouts
+    assert abs(r["nucleated_cells"] - n_true) <= 0.1 * n_true
+    assert r_off["nucleated_cells"] < 0.85 * n_true  # pale myeloid nuclei and caps missed
+    for key in ("ecad_pos_cells", "late_erythroid_cells"):
+        assert r[key] == r_off[key]
+
+
 def test_ki67_tile_positive_calls(shared_data):
     """Real Ki67 tile through the engine with the nucleus compartment: positive-class F1 >= 0.75."""
     import sys
@@ -275,7 +293,7 @@ def test_eval_match_calls_and_size_bound_on_hand_made_tables():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-    from eval_ecad import match_calls, size_bound_counts
+    from eval_ecad import detection_by_class, match_calls, size_bound_counts
 
     truth = {
         "x_um": np.array([10.0, 30.0, 50.0, 70.0]),
@@ -304,6 +322,11 @@ def test_eval_match_calls_and_size_bound_on_hand_made_tables():
     assert m2["truth_late_owned"] == 2 and m2["truth_late_as_none"] == 0
     # late + lymphocyte nuclei at or under each cut; the myeloid nucleus never counts
     assert size_bound_counts(truth, cuts_um2=(20, 24, 30, 36, 100)).tolist() == [0, 1, 2, 3, 3]
+    # recall by truth class and the detections that are some cell's own (det: the 5th is a second
+    # detection of the myeloid cell, the 4th lies on no cell)
+    assert detection_by_class(det, truth) == {
+        "detections": 5, "detections_own": 3, "n_late_erythroid": 2, "owned_late_erythroid": 1,
+        "n_lymphocyte": 1, "owned_lymphocyte": 1, "n_myeloid": 1, "owned_myeloid": 1}
 
 
 def _pairs_scene(n_side: int = 6, spacing_um: float = 26.0):
@@ -604,3 +627,113 @@ def test_late_rules_keep_small_pale_caps_and_drop_dense_rimmed_or_large_pale_nuc
     out = an._late_rules(d, labels, table, classes, 0.5)
     assert list(out) == ["late_erythroid", "other", "other", "late_erythroid"]
     assert list(classes) == ["late_erythroid"] * 4  # the input is not modified
+
+
+def _faint_scene():
+    """Dense nuclei (H 0.8, 7 µm) with pale ones between them on a faint background (H 0.05).
+
+    Returns the H image, the dense nuclei's mask, the pale nuclei's centres (px) and the
+    centre of a pale three-lobed (band-shaped) nucleus.
+    """
+    size = 240
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    h = np.full((size, size), 0.05)
+    dense = np.zeros((size, size), bool)
+    for r0, c0 in ((40, 40), (40, 200), (200, 40), (200, 200), (120, 60)):
+        d = np.hypot(yy - r0, xx - c0)
+        dense |= d <= 7
+    h[dense] = 0.8
+    pale = [(40, 120), (120, 120), (200, 120), (120, 180)]
+    for r0, c0 in pale:
+        h[np.hypot(yy - r0, xx - c0) <= 8] = 0.28       # 8 µm pale nucleus, below the 0.4 mask
+    # a band: a horseshoe of three 2 x 1.3 µm (semi-axes) lobes round an empty centre (the cell centre)
+    band = (170, 175)
+    for dr, dc, ang in ((-1, -6, 1.1), (-6, 0, 0.0), (-1, 6, -1.1)):
+        u = (yy - band[0] - dr) * np.cos(ang) + (xx - band[1] - dc) * np.sin(ang)
+        v = -(yy - band[0] - dr) * np.sin(ang) + (xx - band[1] - dc) * np.cos(ang)
+        h[(v / 4.0) ** 2 + (u / 2.6) ** 2 <= 1] = 0.3
+    h[150:152, 10:100] = 0.3                               # a 1-µm line (a fat-cell membrane)
+    return h, dense, np.array(pale, np.float64), np.array(band, np.float64)
+
+
+def test_faint_nuclei_find_pale_nuclei_once_and_not_edges_or_lines():
+    """Pale nuclei below the mask are found by local contrast: one per nucleus (a band too), no line, no crescent."""
+    from scipy import ndimage as ndi
+
+    from marrowseg.analyzers.ecad import faint_nuclei
+
+    h, dense, pale, band = _faint_scene()
+    fc = load_config("ecad").ecad.faint_nuclei
+    assert fc is not None
+    kw = {k: getattr(fc, k) for k in ("background_um", "contrast_od", "gap_um", "min_radius_um",
+                                      "min_distance_um", "min_area_um2", "max_area_um2")}
+    mask_od = ndi.gaussian_filter(h, 0.5 / MPP).astype(np.float32)
+    peak_od = ndi.gaussian_filter(h, 1.5 / MPP).astype(np.float32)
+    labels, table = faint_nuclei(mask_od, peak_od, h.astype(np.float32), MPP, dense, **kw)
+    want = np.vstack([pale, band])
+    got = np.column_stack([table["row"], table["col"]])
+    d = np.hypot(got[:, None, 0] - want[None, :, 0], got[:, None, 1] - want[None, :, 1])
+    assert len(got) == len(want), got
+    # each wanted nucleus has exactly one detection within 3 µm (the band's lobes make one)
+    assert sorted(d.argmin(axis=1).tolist()) == list(range(len(want)))
+    assert (d.min(axis=1) <= 3.0 / MPP).all()
+    assert not (labels[dense] > 0).any()                   # never on a nucleus already found
+    assert set(np.unique(labels)) == {0, *table["label"].tolist()}
+    # what matters is the contrast with the background: raised to the pale nuclei's level, none
+    assert len(faint_nuclei(mask_od, peak_od, h, MPP, dense, **(kw | {"contrast_od": 0.3}))[1]["label"]) == 0
+    # only seeds in the allowed tissue
+    allowed = np.zeros(h.shape, bool)
+    allowed[:80] = True
+    _, t_top = faint_nuclei(mask_od, peak_od, h, MPP, dense, allowed=allowed, **kw)
+    assert np.allclose(np.column_stack([t_top["row"], t_top["col"]]), pale[:1], atol=2)
+
+
+def test_analyzer_counts_pale_nuclei_as_other_cells():
+    """With faint_nuclei on, pale nuclei count as nucleated 'other' cells; the E-cad+ and late counts do not change."""
+    h, dense, pale, band = _faint_scene()
+    # a frame of ordinary dense nuclei makes the tissue haematopoietic round the scene
+    big = np.full((360, 360), 0.05)
+    big[60:300, 60:300] = h
+    yy, xx = np.mgrid[:360, :360]
+    for k in range(0, 360, 24):
+        for r0, c0 in ((12, k), (348, k), (k, 12), (k, 348)):
+            big[np.hypot(yy - r0, xx - c0) <= 7] = 0.8
+    dab = np.zeros_like(big)
+    sets = ["ecad.stain.vectors=standard", "ecad.stain.h_reference_od=null", *SMALL]
+    cfg = load_config("ecad", overrides=sets)
+    res = analyze_array(_render(big, dab), MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
+    off = load_config("ecad", overrides=[*sets, "ecad.faint_nuclei=null"])
+    res_off = analyze_array(_render(big, dab), MPP, ECadAnalyzer(off.ecad), off, device="cpu")
+    n_new = res.readouts["nucleated_cells"] - res_off.readouts["nucleated_cells"]
+    assert n_new == len(pale) + 1
+    for key in ("ecad_pos_cells", "late_erythroid_cells"):
+        assert res.readouts[key] == res_off.readouts[key]
+    # the new cells sit on the pale nuclei and are 'other'
+    want = np.vstack([pale, band]) + 60
+    det = np.column_stack([res.cells["y"], res.cells["x"]])
+    d = np.hypot(det[:, None, 0] - want[None, :, 0], det[:, None, 1] - want[None, :, 1])
+    near = d.min(axis=1) <= 3.0 / MPP
+    assert near.sum() == len(want)
+    assert set(np.asarray(res.cells["class"])[near]) == {"other"}
+
+
+def test_grow_seeds_equals_the_full_tile_watershed():
+    """ecad._grow_seeds: one watershed per multi-seed component gives the full-tile watershed's labels."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    from marrowseg.analyzers.ecad import _grow_seeds
+
+    rng = np.random.default_rng(3)
+    relief = ndi.gaussian_filter(rng.random((200, 200)), 3).astype(np.float32)
+    mask = relief > np.percentile(relief, 55)              # components of many sizes and shapes
+    cand = np.argwhere(mask)
+    centres = cand[rng.choice(len(cand), 60, replace=False)]
+    markers = np.zeros(mask.shape, np.int32)
+    markers[centres[:, 0], centres[:, 1]] = np.arange(1, 61)
+    want = watershed(-relief, markers, mask=mask)
+    got = _grow_seeds(centres, relief, mask)
+    comp, _ = ndi.label(mask)
+    per_comp = np.bincount(comp[centres[:, 0], centres[:, 1]])
+    assert (per_comp >= 2).any() and (per_comp == 1).any()  # both paths are exercised
+    np.testing.assert_array_equal(got, want)

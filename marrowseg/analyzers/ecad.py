@@ -10,8 +10,10 @@ of positive cells. With ``negative_nuclei`` set, the nuclei found negative are d
 second time with that detector (distance seeds split touching nuclei), while positive and
 megakaryocyte nuclei keep their first region. With the membrane compartment, late-erythroid
 calls must also pass the analyzer's own tests (:meth:`ECadAnalyzer._late_rules`: an OD that
-rises with nuclear area, a pale rim, :func:`rim_density`), and E-cad+ cells whose nucleus the
-detector missed are added from their closed membrane (:func:`ring_enclosed_cells`).
+rises with nuclear area, a pale rim, :func:`rim_density`), E-cad+ cells whose nucleus the
+detector missed are added from their closed membrane (:func:`ring_enclosed_cells`), and pale
+nuclei below the nuclear mask (myeloid nuclei, caps) from their local contrast
+(:func:`faint_nuclei`, ``other`` cells that count in the nucleated total).
 ``finalize`` forms every ratio from the summed counts.
 
 Clusters are counted exactly once per slide: a tile reports the clusters whose lowest
@@ -35,6 +37,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import pdist
+from skimage.segmentation import watershed
 
 from marrowseg import stains
 from marrowseg.analyzers import filters
@@ -52,6 +55,7 @@ __all__ = [
     "haematoxylin_scale",
     "ring_scores",
     "ring_enclosed_cells",
+    "faint_nuclei",
     "rim_density",
     "count_clusters",
     "wilson_interval",
@@ -412,6 +416,151 @@ def ring_enclosed_cells(
         sel = np.asarray(allowed, bool)[rr, cc]
         table = {k: v[sel] for k, v in table.items()}
     return labels, table
+
+
+def faint_nuclei(
+    mask_od: np.ndarray,
+    peak_od: np.ndarray,
+    h_od: np.ndarray,
+    mpp: float,
+    taken: np.ndarray,
+    *,
+    background_um: float,
+    contrast_od: float,
+    gap_um: float,
+    min_radius_um: float,
+    min_distance_um: float,
+    min_area_um2: float,
+    max_area_um2: float,
+    allowed: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Pale nuclei below the nuclear mask, found by their contrast with the local background.
+
+    Parameters
+    ----------
+    mask_od, peak_od : (H, W) float ndarray
+        Haematoxylin OD (scaled) smoothed as the nuclear detector's mask and peak maps
+        (``mask_sigma_um``, ``peak_sigma_um``).
+    h_od : (H, W) float ndarray
+        Haematoxylin OD, for the density columns of the table.
+    mpp : float
+        µm per pixel.
+    taken : (H, W) int or bool ndarray
+        Nuclei (and cells) already found: their pixels and those within ``gap_um`` of them
+        are left out.
+    background_um : float
+        Half-side of the square whose grey-level opening is the local background, µm: a
+        nucleus into which the square does not fit stands out of it (white top-hat).
+    contrast_od : float
+        A faint nuclear pixel's ``mask_od`` exceeds its background by at least this, OD (so
+        ``mask_od`` itself reaches it: the background is never negative).
+    gap_um : float
+        Margin round ``taken``, µm.
+    min_radius_um : float
+        A seed lies at least this deep inside the faint mask, µm: a crescent or a line (the
+        blurred edge of a nucleus already found, a fat-cell membrane) holds none.
+    min_distance_um : float
+        Minimum distance between two seeds, µm. Seeds are the maxima of the top-hat of
+        ``peak_od``: smoothed over 1.5 µm, the two to four lobes of a band or segmented
+        nucleus make one maximum.
+    min_area_um2, max_area_um2 : float
+        Area of a kept region, µm².
+    allowed : (H, W) bool ndarray, optional
+        Where seeds may lie (haematopoietic tissue).
+
+    Returns
+    -------
+    labels : (H, W) int32 ndarray
+        The new nuclei (0 elsewhere), numbered from 1.
+    table : dict of str to (M,) ndarray
+        Their nucleus table (:data:`marrowseg.analyzers.nuclei.NUCLEUS_COLUMNS`).
+
+    Notes
+    -----
+    The counterstain of an IHC section is light, and the nuclei of myeloid cells (open
+    chromatin, lobed) and the caps of nuclei cut near a pole are pale: on the sectioned
+    phantoms (tuning seeds 0-11, 2,048 px) the nuclear mask (0.4 OD) misses 51 % of the
+    myeloid cells (91 % of bands, 66 % of segmented cells) and 20 % of late erythroid cells;
+    at their centres the mask map reads a median 0.14 OD. An absolute threshold low enough
+    for them runs into cytoplasm and stroma, a threshold on the excess over the local
+    background does not.
+    """
+    m = np.asarray(mask_od, np.float32)
+    h, w = m.shape
+    faint = _white_tophat(m, background_um / mpp) >= np.float32(contrast_od)
+    busy = (np.asarray(taken) != 0).astype(np.uint8)
+    g = int(round(gap_um / mpp))
+    if g > 0:
+        busy = cv2.dilate(busy, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * g + 1, 2 * g + 1)))
+    faint &= busy == 0
+    empty = np.zeros((h, w), np.int32), nuc.empty_table()
+    if not faint.any():
+        return empty
+    # exact Euclidean distance (DIST_MASK_PRECISE), several times faster than scipy's on a tile
+    depth = cv2.distanceTransform(faint.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    search = depth * np.float32(mpp) >= np.float32(min_radius_um)
+    if allowed is not None:
+        search &= np.asarray(allowed, bool)
+    if not search.any():
+        return empty
+    relief = _white_tophat(np.asarray(peak_od, np.float32), background_um / mpp)
+    centres = nuc.local_peaks(relief, max(1, int(round(min_distance_um / mpp))), 0.0, search)
+    labels, table = nuc.measure_labels(_grow_seeds(centres, relief, faint), np.asarray(h_od, np.float32), mpp,
+                                       min_area_um2)
+    big = table["area_um2"] > max_area_um2
+    if big.any():
+        labels[np.isin(labels, table["label"][big])] = 0
+        table = {k: v[~big] for k, v in table.items()}
+    return labels, table
+
+
+def _grow_seeds(centres: np.ndarray, relief: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """:func:`marrowseg.analyzers.nuclei.nuclei_from_centres`' watershed, by connected component.
+
+    ``watershed(-relief, markers, mask=mask)`` (markers 1..N at ``centres``, all inside
+    ``mask``) floods each 4-connected component of the mask from its own seeds only: a
+    component with one seed is that seed's region whole, and only those with several go
+    through the watershed, on their bounding box. Over a whole tile of scattered faint
+    regions the full-tile watershed cost about three times the rest of :func:`faint_nuclei`.
+    """
+    n, comp = cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    labels = np.zeros(mask.shape, np.int32)
+    if len(centres) == 0:
+        return labels
+    centres = np.asarray(centres, np.intp).reshape(-1, 2)
+    seed_comp = comp[centres[:, 0], centres[:, 1]]
+    count = np.bincount(seed_comp, minlength=n)
+    lut = np.zeros(n, np.int32)
+    single = count[seed_comp] == 1
+    lut[seed_comp[single]] = np.flatnonzero(single).astype(np.int32) + 1
+    lut[0] = 0
+    labels = lut[comp]
+    multi = np.flatnonzero(count >= 2)
+    multi = multi[multi > 0]
+    if len(multi):
+        boxes = ndi.find_objects(comp)
+        for c in multi.tolist():
+            sl = boxes[c - 1]
+            inside = comp[sl] == c
+            markers = np.zeros(inside.shape, np.int32)
+            k = np.flatnonzero(seed_comp == c)
+            markers[centres[k, 0] - sl[0].start, centres[k, 1] - sl[1].start] = k.astype(np.int32) + 1
+            ws = watershed(-relief[sl], markers, mask=inside)
+            labels[sl][inside] = ws[inside]
+    return labels
+
+
+def _white_tophat(img: np.ndarray, half_side_px: float) -> np.ndarray:
+    """``img`` minus its grey-level opening by a square of half-side ``half_side_px`` (float32).
+
+    A square rather than a disc: OpenCV opens by a rectangle in separable passes, about five
+    times faster on a 2,048² tile (0.08 vs 0.37 s), and on the phantoms a square of half-side
+    6 µm and a disc of radius 6 µm give the same figures (tuning seeds 0-11: matched truth
+    cells 0.831 vs 0.829).
+    """
+    r = max(1, int(round(half_side_px)))
+    return cv2.morphologyEx(np.asarray(img, np.float32), cv2.MORPH_TOPHAT, np.ones((2 * r + 1, 2 * r + 1), np.uint8),
+                            borderType=cv2.BORDER_REPLICATE)
 
 
 def rim_density(
@@ -848,9 +997,14 @@ class ECadAnalyzer(Analyzer):
         positive, classes = self.classify_cells(table, score, may_be_positive)
         if cfg.positivity_compartment == "membrane":
             classes = self._late_rules(d, nuc_labels, table, classes, mpp)
+        hole_labels = None
         if cfg.positivity_compartment == "membrane" and cfg.ring_holes is not None:
-            table, classes, positive, ring_od, nucleus_od = self._add_ring_enclosed(
+            table, classes, positive, ring_od, nucleus_od, hole_labels = self._add_ring_enclosed(
                 d, table, classes, positive, ring_od, nucleus_od, allowed, mpp)
+        if cfg.positivity_compartment == "membrane" and cfg.faint_nuclei is not None:
+            table, classes, positive, ring_od, nucleus_od = self._add_faint(
+                d, nuc_labels, hole_labels, table, classes, positive, ring_od, nucleus_od,
+                labels == tis.HAEMATOPOIETIC, mpp)
 
         keep = ctx.in_core(table["row"], table["col"])
         cells = {"row": table["row"][keep], "col": table["col"][keep], "class": classes[keep].astype(str),
@@ -899,7 +1053,8 @@ class ECadAnalyzer(Analyzer):
 
     def _add_ring_enclosed(self, d: dict[str, np.ndarray], table: dict[str, np.ndarray], classes: np.ndarray,
                            positive: np.ndarray, ring_od: np.ndarray, nucleus_od: np.ndarray, allowed: np.ndarray,
-                           mpp: float) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                           mpp: float) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                np.ndarray]:
         """Append the E-cad+ cells found by their membrane alone (:func:`ring_enclosed_cells`).
 
         An enclosure must also score positive on its own ring (the membrane all round it),
@@ -915,6 +1070,7 @@ class ECadAnalyzer(Analyzer):
         h_ring = ring_scores(hl, ht, d["dab_od"], mpp, gap_um=cfg.ring_gap_um, width_um=cfg.ring_width_um,
                              sectors=cfg.ring_sectors)
         ok = h_ring >= cfg.membrane_min_dab_od
+        hl = np.where(np.isin(hl, ht["label"][ok]), hl, 0)
         ht = {k: v[ok] for k, v in ht.items()}
         n_new = int(ok.sum())
         table = {k: np.concatenate([np.asarray(table[k]), ht[k].astype(np.asarray(table[k]).dtype)]) for k in table}
@@ -922,6 +1078,46 @@ class ECadAnalyzer(Analyzer):
         positive = np.concatenate([positive, np.ones(n_new, bool)])
         ring_od = np.concatenate([ring_od, h_ring[ok]])
         nucleus_od = np.concatenate([nucleus_od, _region_means(d["dab_od"], hl, ht["label"])])
+        return table, classes, positive, ring_od, nucleus_od, hl
+
+    def _add_faint(self, d: dict[str, np.ndarray], nuc_labels: np.ndarray, hole_labels: np.ndarray | None,
+                   table: dict[str, np.ndarray], classes: np.ndarray, positive: np.ndarray, ring_od: np.ndarray,
+                   nucleus_od: np.ndarray, marrow: np.ndarray,
+                   mpp: float) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Append the pale nuclei below the nuclear mask (:func:`faint_nuclei`) as ``other`` cells.
+
+        Only in haematopoietic tissue, away from the nuclei and the membrane-enclosed cells
+        already found. They are never E-cad+ or late erythroid: an E-cad+ cell whose nucleus
+        is a faint cap is found by its closed membrane, and a faint cap's density and shape do
+        not tell a late normoblast from a myeloid cell or a lymphocyte. Scoring them on their
+        own ring took the E-cad+ count error mean from 0.069 to 0.161 (tuning seeds 0-11,
+        2,048 px); calling the round, small, dense-enough ones with a pale rim late erythroid
+        took the ratio error max from 0.082 to 0.091-0.099 and the late max from 0.58 to
+        0.73-0.79 (seeds 0-23). The membrane ring is still measured (``dab_ring_od`` in
+        cells.csv).
+        """
+        cfg = self.config
+        fc = cfg.faint_nuclei
+        taken = nuc_labels != 0
+        if hole_labels is not None:
+            taken |= hole_labels != 0
+        fl, ft = faint_nuclei(d["mask"], d["peak"], d["h_od"], mpp, taken, background_um=fc.background_um,
+                              contrast_od=fc.contrast_od, gap_um=fc.gap_um,
+                              min_radius_um=fc.min_radius_um, min_distance_um=fc.min_distance_um,
+                              min_area_um2=fc.min_area_um2, max_area_um2=fc.max_area_um2, allowed=marrow)
+        n_new = len(ft["label"])
+        if n_new == 0:
+            return table, classes, positive, ring_od, nucleus_od
+        offset = int(nuc_labels.max())
+        both = np.where(fl > 0, fl + offset, nuc_labels).astype(np.int32)
+        ft = dict(ft, label=ft["label"] + offset)
+        f_ring = ring_scores(both, ft, d["dab_od"], mpp, gap_um=cfg.ring_gap_um, width_um=cfg.ring_width_um,
+                             sectors=cfg.ring_sectors, min_own_sectors=cfg.ring_min_own_sectors)
+        table = {k: np.concatenate([np.asarray(table[k]), ft[k].astype(np.asarray(table[k]).dtype)]) for k in table}
+        classes = np.concatenate([classes, np.full(n_new, "other", dtype=object)])
+        positive = np.concatenate([positive, np.zeros(n_new, bool)])
+        ring_od = np.concatenate([ring_od, f_ring])
+        nucleus_od = np.concatenate([nucleus_od, _region_means(d["dab_od"], both, ft["label"])])
         return table, classes, positive, ring_od, nucleus_od
 
     def _clusters(self, table: dict[str, np.ndarray], positive: np.ndarray, ctx: TileContext,
