@@ -120,3 +120,66 @@ def test_only_cells_near_the_border_move_and_the_map_ignores_cell_order():
     again = _grade(dict(items), "homogeneous")
     np.testing.assert_array_equal(again["grades"], loc["grades"])
     np.testing.assert_array_equal(again["index"], loc["index"])
+
+
+# ----------------------------------------------------------------------------- small foci
+def test_small_foci_take_the_grade_around_them():
+    from marrowseg.analyzers.reticulin import absorb_small_foci
+
+    g = np.array([[1, 1, 1, 1, 1],
+                  [1, 2, 1, 1, 1],
+                  [1, 1, 1, 3, 3],
+                  [-1, -1, 1, 3, 3],
+                  [0, -1, 1, 1, 1]], np.int8)
+    h = np.full(g.shape, 2500.0)  # µm² of marrow per 50 µm cell
+    out = absorb_small_foci(g, h, 10000.0)
+    assert out[1, 1] == 1  # one cell of MF-2 in MF-1
+    assert (out[2:4, 3:5] == 3).all()  # four cells: 10,000 µm², kept
+    assert out[4, 0] == 0  # borders only ungraded cells: nothing to take
+    assert (out[g < 0] == -1).all() and out.dtype == np.int8
+    np.testing.assert_array_equal(g[1, 1], 2)  # the input is not modified
+    # larger bound: the MF-3 block joins the MF-1 around it
+    assert (absorb_small_foci(g, h, 12500.0)[2:4, 3:5] == 1).all()
+    # the result does not depend on the map's orientation
+    np.testing.assert_array_equal(absorb_small_foci(g.T, h.T, 10000.0), out.T)
+    np.testing.assert_array_equal(absorb_small_foci(g[::-1], h[::-1], 10000.0), out[::-1])
+
+
+def test_small_foci_tie_goes_to_the_lower_grade_and_area_counts_marrow():
+    from marrowseg.analyzers.reticulin import absorb_small_foci
+
+    g = np.array([[1, 1, 1], [1, 2, 3], [3, 3, 3]], np.int8)
+    h = np.full(g.shape, 2500.0)
+    # the MF-2 cell's rim: two MF-1, two MF-3 cells of equal marrow -> MF-1
+    assert absorb_small_foci(g, h, 5000.0)[1, 1] == 1
+    h2 = h.copy()
+    h2[1, 2] = 5000.0  # more marrow on the MF-3 side of the rim -> MF-3
+    assert absorb_small_foci(g, h2, 5000.0)[1, 1] == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_noisy_mf1_loses_its_stray_foci_but_keeps_the_mf3_patch(seed):
+    """Clumpy MF-1 marrow (cv 1.0) with an MF-3 patch of ~25 %: window noise scatters MF-0 and
+    MF-2 foci over the MF-1 region. Absorbed, most of them go (what stays is foci larger than a
+    window: part of the patch's border band), MF-1 comes closer to its true share and the
+    patch keeps its area."""
+    c = _cfg()
+    cells = _grid(_patch, cv=1.0, seed=seed)
+    true3 = np.mean([_patch(r, col) == {3: 1.0} for r in range(N) for col in range(N)])
+    kw = dict(min_haem_frac=c.window_min_haem_frac, max_window_um=c.grade_window_max_um,
+              placement=c.grade_window_placement, border_ratio=c.grade_border_ratio,
+              density_floor=c.grade_border_density_floor_um_per_1e4um2)
+    raw = local_grades(cells, c.mpp, c.grade_thresholds, cell_um=c.window_um, window_um=c.grade_window_um, **kw)
+    loc = local_grades(cells, c.mpp, c.grade_thresholds, cell_um=c.window_um, window_um=c.grade_window_um,
+                       min_focus_um2=c.grade_min_focus_um2, **kw)
+    before, after = _shares(raw), _shares(loc)
+    assert before[0] + before[2] >= 0.10  # the noise is there to remove
+    assert after[0] + after[2] <= 0.6 * (before[0] + before[2])
+    assert after[3] >= before[3] - 0.005
+    assert abs(after[1] - (1 - true3)) < abs(before[1] - (1 - true3)) - 0.05
+    np.testing.assert_array_equal(loc["window_grades"], raw["grades"])
+
+
+def test_config_min_focus_is_one_grading_window():
+    c = _cfg()
+    assert c.grade_min_focus_um2 == pytest.approx(c.grade_window_um**2)

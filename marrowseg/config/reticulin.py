@@ -86,6 +86,8 @@ class ReticulinConfig(Strict):
         gt=1, description="ratio of pooled length densities among a cell's candidate windows that marks a border")
     grade_border_density_floor_um_per_1e4um2: float = Field(
         ge=0, description="added to length densities before the border ratio and the homogeneity log, µm/1e4 µm²")
+    grade_min_focus_um2: float = Field(
+        0.0, ge=0, description="foci of one local grade with less haematopoietic area take the grade around them, µm²")
     window_min_haem_frac: float = Field(
         ge=0, le=1, description="haematopoietic area a grading window needs, as a fraction of grade_window_um²")
     grade_rule: Literal["eumnet_30pct", "max", "majority"]

@@ -216,7 +216,8 @@ def local_grade_grid(slide: SlideOutput) -> dict[str, Any] | None:
     Uses :func:`marrowseg.analyzers.reticulin.local_grades` with the config recorded in the
     slide's provenance: each cell of ``windows.csv`` is graded over the ``grade_window_um``
     window centred on it (with ``grade_window_placement: homogeneous``, at region borders the
-    most homogeneous window containing it), and cells whose window holds less than
+    most homogeneous window containing it), foci smaller than ``grade_min_focus_um2`` take the
+    grade around them, and cells whose window holds less than
     ``window_min_haem_frac`` of haematopoietic area are not graded. Tile cores (no
     ``windows.csv``) are graded one by one, each when it holds any marrow.
 
@@ -251,9 +252,11 @@ def local_grade_grid(slide: SlideOutput) -> dict[str, Any] | None:
     border = {"border_ratio": float(recorded["grade_border_ratio"]),
               "density_floor": float(recorded["grade_border_density_floor_um_per_1e4um2"])} \
         if placement != "centred" else {}
+    # outputs from before small foci were absorbed recorded no size: every window kept its grade
+    min_focus = float(recorded.get("grade_min_focus_um2") or 0.0) if source == "windows" else 0.0
     loc = local_grades(windows, mpp, thresholds, cell_um=side_um, window_um=max(grade_window_um, side_um),
                        min_haem_frac=min_frac, max_window_um=None if max_window_um is None else float(max_window_um),
-                       placement=placement, **border)
+                       placement=placement, min_focus_um2=min_focus, **border)
     grades, index = loc["grades"], loc["index"].astype(np.float32)
     haem, area_by_grade = loc["haem_um2"], loc["area_by_grade"]
     r0, c0 = loc["origin"]
