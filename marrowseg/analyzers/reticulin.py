@@ -416,16 +416,18 @@ def local_grades(
 
 
 def absorb_small_foci(grades: np.ndarray, haem_um2: np.ndarray, min_focus_um2: float) -> np.ndarray:
-    """Give foci of one local grade smaller than ``min_focus_um2`` the grade around them.
+    """Give speckles of one local grade, smaller than ``min_focus_um2``, the grade around them.
 
-    A focus is a 4-connected set of cells of one grade. The smallest focus below
-    ``min_focus_um2`` of haematopoietic area that touches graded cells takes the grade
-    holding most haematopoietic area among the cells bordering it (ties: the lower grade),
-    and joins the foci of that grade it touches; this repeats until every focus is large
-    enough or borders no graded cell. Why: a 150 µm window holds a few hundred µm of fibre in
-    MF-1 marrow, so single windows scatter by a grade (phantom MF-1 regions read 0.03-0.14 of
-    their area as MF-0 and as much as MF-2), and the EUMNET rule grades regions, not single
-    fields. Smallest first, so the result depends only on the map, not on any order.
+    A focus is a 4-connected set of cells of one grade. A focus below ``min_focus_um2`` of
+    haematopoietic area whose bordering graded cells are all of lower grades, or all of
+    higher grades, is a speckle inside a region: it takes the grade holding most
+    haematopoietic area among those cells (ties: the lower grade) and joins the foci of that
+    grade it touches. A small focus bordered by both lower and higher grades lies between two
+    regions (the band a window reads where MF-1 meets MF-3) and keeps its grade: giving it to
+    either side would move the border. The smallest eligible focus goes first, and this
+    repeats until none is left, so the result depends only on the map, not on any order.
+    Why: a 150 µm window holds a few hundred µm of fibre in MF-1 marrow, so single windows
+    scatter by a grade, and the EUMNET rule grades regions, not single fields.
 
     Parameters
     ----------
@@ -434,7 +436,7 @@ def absorb_small_foci(grades: np.ndarray, haem_um2: np.ndarray, min_focus_um2: f
     haem_um2 : (R, C) float ndarray
         Each cell's own haematopoietic area, µm².
     min_focus_um2 : float
-        Smallest focus kept, µm² of haematopoietic area.
+        Smallest focus kept whatever surrounds it, µm² of haematopoietic area.
 
     Returns
     -------
@@ -442,33 +444,33 @@ def absorb_small_foci(grades: np.ndarray, haem_um2: np.ndarray, min_focus_um2: f
         The grades after absorption (a new array; ungraded cells stay -1).
     """
     out = np.array(grades, np.int8, copy=True)
+    haem = np.asarray(haem_um2, np.float64)
     four = ndi.generate_binary_structure(2, 1)
-    stuck: set[tuple[int, int]] = set()  # (grade, first cell) of small foci that border no graded cell
     while True:
         best = None
         for g in range(4):
             lab, n = ndi.label(out == g, structure=four)
             if n == 0:
                 continue
-            area = ndi.sum(haem_um2, lab, index=np.arange(1, n + 1))
-            first = ndi.minimum(np.arange(lab.size).reshape(lab.shape), lab, index=np.arange(1, n + 1))
+            area = ndi.sum(haem, lab, index=np.arange(1, n + 1))
+            boxes = ndi.find_objects(lab)
             for i in np.flatnonzero(area < min_focus_um2):
-                key = (g, int(first[i]))
-                if key in stuck:
+                sl = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[i])
+                focus = lab[sl] == i + 1
+                sub = out[sl]
+                rim = ndi.binary_dilation(focus, four) & ~focus & (sub >= 0)
+                if not rim.any():
                     continue
-                cand = (float(area[i]), g, int(first[i]), lab, i + 1)
-                if best is None or cand[:3] < best[:3]:
-                    best = cand
+                by_grade = np.bincount(sub[rim].astype(np.int64), weights=haem[sl][rim], minlength=4)
+                if by_grade[:g].any() and by_grade[g + 1 :].any():
+                    continue
+                first = (sl[0].start + int(np.argmax(focus.any(axis=1))), sl[1].start)
+                key = (float(area[i]), g, first)
+                if best is None or key < best[0]:
+                    best = (key, lab == i + 1, int(np.argmax(by_grade)))
         if best is None:
             return out
-        _, g, first_cell, lab, i = best
-        focus = lab == i
-        rim = ndi.binary_dilation(focus, four) & ~focus & (out >= 0)
-        if not rim.any():
-            stuck.add((g, first_cell))
-            continue
-        by_grade = np.bincount(out[rim].astype(np.int64), weights=haem_um2[rim], minlength=4)
-        out[focus] = int(np.argmax(by_grade))
+        out[best[1]] = best[2]
 
 
 def apply_grade_rule(area_by_grade: dict[int, float], rule: str, frac: float) -> int:
