@@ -71,6 +71,10 @@ from marrowseg.config import load_config
 # The area split of clumps (he.nuclei.clump_nucleus_area_um2, nuclei.split_by_area) was offered
 # the same way from {off, 35, 40, 45, 50} µm² and from {off, 30, 32, 35} µm² with a solidity
 # limit of 0.97: every fold chose off (fixed at 35: held-out 0.891 / 8.66), so it stays off.
+# The pale-nucleus pass (he.faint_nuclei) is held at he.yaml's value too. Offered as {off, on}
+# with this grid on cached detector inputs: with he.yaml's setting patients 0002-0004 chose on,
+# 0001 off (held-out 0.891 / 8.50; always on 0.892 / 8.34); with the E-cadherin-like setting
+# (contrast 0.13 OD, no background or eccentricity limit) every fold chose off. See configs/he.yaml.
 GRID = {
     "he.nuclei.peak_sigma_um": [1.25, 1.5, 1.75],
     "he.nuclei.min_peak_od": [0.25, 0.3, 0.35],

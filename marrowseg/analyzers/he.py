@@ -3,7 +3,8 @@
 Dense step (torch, on the device): optical density, haematoxylin/eosin deconvolution,
 the smoothed haematoxylin maps of the nuclear detector and the pooled maps of the tissue
 classes. Per tile (CPU): tissue labels (:mod:`marrowseg.analyzers.tissue`), nuclei
-(:mod:`marrowseg.analyzers.nuclei`), counting only the tile core. ``finalize`` turns the
+(:mod:`marrowseg.analyzers.nuclei`; with ``faint_nuclei`` set, also the pale nuclei below the
+nuclear mask, :func:`marrowseg.analyzers.nuclei.faint_nuclei`), counting only the tile core. ``finalize`` turns the
 summed pixel counts and counts into readouts; every ratio is formed there.
 """
 
@@ -314,10 +315,12 @@ class HEAnalyzer(Analyzer):
                 mask_map=d["mask"][box], allowed=allowed[box]
             )
         else:
-            _, table = nuc.detect_nuclei(
+            nuc_labels, table = nuc.detect_nuclei(
                 d["h_od"][box], mpp, cfg.nuclei, peak_map=d["peak"][box], mask_map=d["mask"][box],
                 allowed=allowed[box], background_map=d["background"][box] if "background" in d else None,
             )
+            if cfg.faint_nuclei is not None:
+                table = self._add_faint(d, box, nuc_labels, table, labels[box] == tis.HAEMATOPOIETIC, mpp)
         table = dict(table, row=table["row"] + r_off, col=table["col"] + c_off)
         keep = ctx.in_core(table["row"], table["col"])
         classes = nuc.classify_nuclei(table, cfg.classes)[keep]
@@ -330,6 +333,28 @@ class HEAnalyzer(Analyzer):
 
         windows = self._windows(core_labels, cells, ctx) if cfg.window_um is not None else {}
         return TileResult(stats=stats, maps={"labels": self._map(labels, ctx)}, cells=cells, windows=windows)
+
+    def _add_faint(self, d: dict[str, np.ndarray], box: tuple[slice, slice], nuc_labels: np.ndarray,
+                   table: dict[str, np.ndarray], marrow: np.ndarray, mpp: float) -> dict[str, np.ndarray]:
+        """Append the pale nuclei below the nuclear mask (:func:`nuclei.faint_nuclei`) to ``table``.
+
+        Only in haematopoietic tissue (not fat septa: a fat-cell membrane is a line, and the
+        seeds' depth rule is the only guard there), away from the nuclei already found; the new
+        rows are classified with the others by :func:`nuclei.classify_nuclei`.
+        """
+        fc = self.config.faint_nuclei
+        _, ft = nuc.faint_nuclei(
+            d["mask"][box], d["peak"][box], d["h_od"][box], mpp, nuc_labels, background_um=fc.background_um,
+            contrast_od=fc.contrast_od, gap_um=fc.gap_um, min_radius_um=fc.min_radius_um,
+            min_distance_um=fc.min_distance_um, min_area_um2=fc.min_area_um2, max_area_um2=fc.max_area_um2,
+            allowed=marrow, max_background_od=fc.max_background_od, max_eccentricity=fc.max_eccentricity,
+        )
+        if len(ft["label"]) == 0:
+            return table
+        offset = int(nuc_labels.max()) if nuc_labels.size else 0
+        ft = dict(ft, label=ft["label"] + offset)
+        return {k: np.concatenate([np.asarray(table[k]), np.asarray(ft[k]).astype(np.asarray(table[k]).dtype)])
+                for k in table}
 
     def _map(self, labels: np.ndarray, ctx: TileContext) -> np.ndarray:
         """The core's labels on the slide-aligned grid of every k-th analysis pixel."""

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from marrowseg.config._base import Strict
-from marrowseg.config.nuclei import NucleiConfig, NucleusClassesConfig
+from marrowseg.config.nuclei import FaintNucleiConfig, NucleiConfig, NucleusClassesConfig
 from marrowseg.config.tissue_classes import TissueClassesConfig
 from marrowseg.errors import ConfigError
 
@@ -41,6 +41,9 @@ class HEConfig(Strict):
     tissue: TissueClassesConfig
     nuclei: NucleiConfig
     classes: NucleusClassesConfig
+    faint_nuclei: FaintNucleiConfig | None = Field(
+        None, description="classical detector: add pale nuclei below the nuclear mask, found by local contrast in "
+        "haematopoietic tissue (nuclei.faint_nuclei; null: off)")
     adipocyte_bins_um2: list[float] = Field(min_length=2, description="fixed edges of the adipocyte area histogram, µm²")
     window_um: float | None = Field(gt=0, description="side of the slide-aligned windows for local cellularity, µm (null: none)")
     cellularity_rule: str = Field(min_length=1, description="name of a rule in configs/cellularity_reference.yaml")

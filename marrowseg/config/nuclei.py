@@ -12,7 +12,7 @@ from pydantic import Field
 
 from marrowseg.config._base import Strict
 
-__all__ = ["NucleiConfig", "NucleusClassesConfig"]
+__all__ = ["NucleiConfig", "NucleusClassesConfig", "FaintNucleiConfig"]
 
 
 class NucleiConfig(Strict):
@@ -117,3 +117,24 @@ class NucleusClassesConfig(Strict):
         None, ge=0, description="a megakaryocyte nucleus is one even mass; a clump of several nuclei with "
         "gaps between them has a higher std/mean of OD (null: size alone)"
     )
+
+
+class FaintNucleiConfig(Strict):
+    """Pale nuclei below the nuclear mask, found by local contrast (:func:`marrowseg.analyzers.nuclei.faint_nuclei`)."""
+
+    background_um: float = Field(gt=0, description="half-side of the square whose grey-level opening is the local "
+                                 "background (white top-hat); the square must not fit in the nuclei it should find, µm")
+    contrast_od: float = Field(gt=0, description="a faint nuclear pixel's mask map exceeds that background by at "
+                               "least this, haematoxylin OD")
+    gap_um: float = Field(ge=0, description="margin round the nuclei already found where no faint pixel lies, µm")
+    min_radius_um: float = Field(gt=0, description="a seed lies at least this far inside the faint mask, µm: thin "
+                                 "crescents and lines (a nucleus' blurred edge, a fat-cell membrane) have none")
+    min_distance_um: float = Field(gt=0, description="minimum distance between two seeds, µm")
+    min_area_um2: float = Field(ge=0, description="smaller faint regions are dropped, µm²")
+    max_area_um2: float = Field(gt=0, description="larger faint regions are dropped, µm²")
+    max_background_od: float | None = Field(
+        None, ge=0, description="a seed's local background (the opening) is at most this, haematoxylin OD: a pale "
+        "nucleus lies in pale cytoplasm (null: no limit)")
+    max_eccentricity: float | None = Field(
+        None, ge=0, le=1, description="more eccentric faint regions are dropped: elongated pale strands between "
+        "cells (null: no limit)")
