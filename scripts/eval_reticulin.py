@@ -6,6 +6,8 @@ Usage::
     python scripts/eval_reticulin.py --bombr
     python scripts/eval_reticulin.py --seeds 1000-1003 --heterogeneous half-0-2 patch-1-3
     python scripts/eval_reticulin.py --dose-response 1001 --size 2048   # one seed, density scaled
+    python scripts/eval_reticulin.py --seeds 0-7 --heterogeneous half-0-2 --save-windows DIR
+    python scripts/eval_reticulin.py --regrade DIR --set reticulin.grade_min_focus_um2=22500
 
 Phantom grade cycles with the seed (grade = seed %% 4). Tune only on seeds 0-99; report on
 seeds >= 1000. Every image runs through the real tiling + engine path
@@ -170,6 +172,47 @@ def _save_windows(path: Path, windows: dict, truth: dict, size: int, mpp: float,
                         mpp=mpp, cell_um=cell_um)
 
 
+def regrade_saved(folder: Path, overrides: list[str]) -> None:
+    """Grade the per-cell sums saved by ``--save-windows`` again, with config ``overrides``
+    (``reticulin.KEY=VALUE``): grading rules compared on the same analyses, in seconds.
+
+    Prints, per phantom, the intended grade, the truth's and the map's area share per grade,
+    and the slide grade; then the count of grades recovered and the mean and largest total
+    variation between the map's and the truth's shares (half the sum of absolute differences).
+    """
+    from marrowseg.analyzers.reticulin import apply_grade_rule, local_grades
+
+    c = load_config("reticulin", overrides=overrides).reticulin
+    ok, tv = 0, []
+    files = sorted(folder.glob("*.npz"))
+    for f in files:
+        d = np.load(f)
+        cols = [str(x) for x in d["cols"]]
+        windows = {(int(k[0]), int(k[1])): dict(zip(cols, v.tolist(), strict=True)) for k, v in zip(d["keys"], d["vals"])}
+        by_grade = d["truth_haem_px_by_grade"].sum(axis=(0, 1)).astype(np.float64)
+        share = by_grade / max(by_grade.sum(), 1.0)
+        case = f.stem.split("_", 1)[1]
+        g_true = _intended_grade(int(case[3]) if case.startswith("MF-") else None,
+                                 None if case.startswith("MF-") else case, share)
+        loc = local_grades(windows, float(d["mpp"]), c.grade_thresholds, cell_um=c.window_um,
+                           window_um=c.grade_window_um, min_haem_frac=c.window_min_haem_frac,
+                           max_window_um=c.grade_window_max_um, placement=c.grade_window_placement,
+                           border_ratio=c.grade_border_ratio,
+                           density_floor=c.grade_border_density_floor_um_per_1e4um2,
+                           min_focus_um2=c.grade_min_focus_um2)
+        area = loc["area_by_grade"]
+        total = sum(area.values()) or 1.0
+        got = apply_grade_rule(area, c.grade_rule, c.grade_rule_frac)
+        ok += int(got == g_true)
+        tv.append(0.5 * sum(abs(area[g] / total - share[g]) for g in range(4)))
+        print(f"{f.stem:<18} truth MF-{g_true} " + "/".join(f"{v:.2f}" for v in share)
+              + f"   map " + "/".join(f"{area[g] / total:.2f}" for g in range(4))
+              + f"   -> MF-{got}{'' if got == g_true else '  MISS'}")
+    if files:
+        print(f"grade recovered {ok}/{len(files)}; map vs truth shares, total variation mean {np.mean(tv):.3f} "
+              f"max {np.max(tv):.3f}")
+
+
 def _centred_map(windows: dict, c) -> tuple[list[float], int]:
     """Share of the graded marrow at each local grade, and the slide grade, when every cell is
     graded over its centred window (the local grade before ``grade_window_placement``)."""
@@ -244,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heterogeneous", nargs="*", default=[], help="e.g. half-0-2 patch-1-3")
     ap.add_argument("--save-windows", type=Path, default=None, metavar="DIR",
                     help="save each phantom's per-cell sums and truth (npz) to DIR, to compare grading rules")
+    ap.add_argument("--regrade", type=Path, default=None, metavar="DIR",
+                    help="grade the sums saved by --save-windows in DIR again (with --set overrides)")
+    ap.add_argument("--set", action="append", default=[], metavar="reticulin.KEY=VALUE",
+                    help="config override for --regrade, e.g. reticulin.grade_min_focus_um2=22500")
     ap.add_argument("--bombr", action="store_true", help="fibre-mask F1 on the BoMBR crop")
     ap.add_argument("--dose-response", type=int, default=None, metavar="SEED",
                     help="one seed at several fibre densities (--dose-grade, --densities)")
@@ -258,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         eval_bombr()
     if args.seeds:
         eval_phantoms(_seeds(args.seeds), args.size, args.mpp, args.heterogeneous, args.save_windows)
-    if not args.bombr and not args.seeds and args.dose_response is None:
+    if args.regrade is not None:
+        regrade_saved(args.regrade, args.set)
+    if not args.bombr and not args.seeds and args.dose_response is None and args.regrade is None:
         ap.print_help()
     return 0
 
