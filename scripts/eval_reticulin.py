@@ -180,7 +180,7 @@ def regrade_saved(folder: Path, overrides: list[str]) -> None:
     and the slide grade; then the count of grades recovered and the mean and largest total
     variation between the map's and the truth's shares (half the sum of absolute differences).
     """
-    from marrowseg.analyzers.reticulin import apply_grade_rule, local_grades
+    from marrowseg.analyzers.reticulin import apply_grade_rule, local_grades_from_config
 
     c = load_config("reticulin", overrides=overrides).reticulin
     ok, tv = 0, []
@@ -188,25 +188,21 @@ def regrade_saved(folder: Path, overrides: list[str]) -> None:
     for f in files:
         d = np.load(f)
         cols = [str(x) for x in d["cols"]]
-        windows = {(int(k[0]), int(k[1])): dict(zip(cols, v.tolist(), strict=True)) for k, v in zip(d["keys"], d["vals"])}
+        windows = {(int(k[0]), int(k[1])): dict(zip(cols, v.tolist(), strict=True))
+                   for k, v in zip(d["keys"], d["vals"], strict=True)}
         by_grade = d["truth_haem_px_by_grade"].sum(axis=(0, 1)).astype(np.float64)
         share = by_grade / max(by_grade.sum(), 1.0)
         case = f.stem.split("_", 1)[1]
         g_true = _intended_grade(int(case[3]) if case.startswith("MF-") else None,
                                  None if case.startswith("MF-") else case, share)
-        loc = local_grades(windows, float(d["mpp"]), c.grade_thresholds, cell_um=c.window_um,
-                           window_um=c.grade_window_um, min_haem_frac=c.window_min_haem_frac,
-                           max_window_um=c.grade_window_max_um, placement=c.grade_window_placement,
-                           border_ratio=c.grade_border_ratio,
-                           density_floor=c.grade_border_density_floor_um_per_1e4um2,
-                           min_focus_um2=c.grade_min_focus_um2)
+        loc = local_grades_from_config(windows, float(d["mpp"]), c)
         area = loc["area_by_grade"]
         total = sum(area.values()) or 1.0
         got = apply_grade_rule(area, c.grade_rule, c.grade_rule_frac)
         ok += int(got == g_true)
         tv.append(0.5 * sum(abs(area[g] / total - share[g]) for g in range(4)))
         print(f"{f.stem:<18} truth MF-{g_true} " + "/".join(f"{v:.2f}" for v in share)
-              + f"   map " + "/".join(f"{area[g] / total:.2f}" for g in range(4))
+              + "   map " + "/".join(f"{area[g] / total:.2f}" for g in range(4))
               + f"   -> MF-{got}{'' if got == g_true else '  MISS'}")
     if files:
         print(f"grade recovered {ok}/{len(files)}; map vs truth shares, total variation mean {np.mean(tv):.3f} "
@@ -216,11 +212,9 @@ def regrade_saved(folder: Path, overrides: list[str]) -> None:
 def _centred_map(windows: dict, c) -> tuple[list[float], int]:
     """Share of the graded marrow at each local grade, and the slide grade, when every cell is
     graded over its centred window (the local grade before ``grade_window_placement``)."""
-    from marrowseg.analyzers.reticulin import apply_grade_rule, local_grades
+    from marrowseg.analyzers.reticulin import apply_grade_rule, local_grades_from_config
 
-    loc = local_grades(windows, c.mpp, c.grade_thresholds, cell_um=c.window_um, window_um=c.grade_window_um,
-                       min_haem_frac=c.window_min_haem_frac, max_window_um=c.grade_window_max_um,
-                       placement="centred")
+    loc = local_grades_from_config(windows, c.mpp, c, placement="centred", min_focus_um2=0.0)
     area = loc["area_by_grade"]
     total = sum(area.values())
     return [area[g] / total if total > 0 else 0.0 for g in range(4)], apply_grade_rule(area, c.grade_rule,

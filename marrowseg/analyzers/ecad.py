@@ -959,7 +959,8 @@ class ECadAnalyzer(Analyzer):
         fl, ft = faint_nuclei(d["mask"], d["peak"], d["h_od"], mpp, taken, background_um=fc.background_um,
                               contrast_od=fc.contrast_od, gap_um=fc.gap_um,
                               min_radius_um=fc.min_radius_um, min_distance_um=fc.min_distance_um,
-                              min_area_um2=fc.min_area_um2, max_area_um2=fc.max_area_um2, allowed=marrow)
+                              min_area_um2=fc.min_area_um2, max_area_um2=fc.max_area_um2, allowed=marrow,
+                              max_background_od=fc.max_background_od, max_eccentricity=fc.max_eccentricity)
         n_new = len(ft["label"])
         if n_new == 0:
             return table, classes, positive, ring_od, nucleus_od

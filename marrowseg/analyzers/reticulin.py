@@ -38,6 +38,7 @@ __all__ = [
     "apply_grade_rule",
     "window_readouts",
     "local_grades",
+    "local_grades_from_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -413,6 +414,35 @@ def local_grades(
             "haem_um2": haem_um2,
             "area_by_grade": area_by_grade, "window_cells": n, "window_cells_used": used,
             "window_offset": offset}
+
+
+def local_grades_from_config(cells: dict[tuple[int, int], dict[str, float]], mpp: float, c: Any,
+                             **overrides: Any) -> dict[str, Any]:
+    """:func:`local_grades` with every grading setting taken from a ``ReticulinConfig``.
+
+    Parameters
+    ----------
+    cells : dict of (int, int) to dict of str to float
+        Per-cell sums, as for :func:`local_grades`.
+    mpp : float
+        Pixel size of ``haem_px``, µm per pixel.
+    c : ReticulinConfig
+        Grade thresholds, window sizes (µm), placement, border and focus settings.
+    **overrides
+        Keyword arguments of :func:`local_grades` that replace the config's (e.g.
+        ``placement='centred'``).
+
+    Returns
+    -------
+    dict
+        As :func:`local_grades`.
+    """
+    kw = dict(cell_um=c.window_um, window_um=c.grade_window_um, min_haem_frac=c.window_min_haem_frac,
+              max_window_um=c.grade_window_max_um, placement=c.grade_window_placement,
+              border_ratio=c.grade_border_ratio, density_floor=c.grade_border_density_floor_um_per_1e4um2,
+              min_focus_um2=c.grade_min_focus_um2)
+    kw.update(overrides)
+    return local_grades(cells, mpp, c.grade_thresholds, **kw)
 
 
 def absorb_small_foci(grades: np.ndarray, haem_um2: np.ndarray, min_focus_um2: float) -> np.ndarray:
@@ -868,12 +898,7 @@ class ReticulinAnalyzer(Analyzer):
         slide = window_readouts(totals, mpp)
         _, index = grade_from_measurements(slide, c.grade_thresholds)
 
-        loc = local_grades(windows, mpp, c.grade_thresholds, cell_um=c.window_um,
-                           window_um=c.grade_window_um, min_haem_frac=c.window_min_haem_frac,
-                           max_window_um=c.grade_window_max_um, placement=c.grade_window_placement,
-                           border_ratio=c.grade_border_ratio,
-                           density_floor=c.grade_border_density_floor_um_per_1e4um2,
-                           min_focus_um2=c.grade_min_focus_um2)
+        loc = local_grades_from_config(windows, mpp, c)
         area_by_grade = loc["area_by_grade"]
         n_graded = int((loc["grades"] >= 0).sum())
         graded_um2 = sum(area_by_grade.values())

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from marrowseg.config._base import Strict
-from marrowseg.config.nuclei import NucleiConfig, NucleusClassesConfig
+from marrowseg.config.nuclei import FaintNucleiConfig, NucleiConfig, NucleusClassesConfig
 from marrowseg.config.tissue_classes import TissueClassesConfig
 
 __all__ = [
@@ -99,21 +99,6 @@ class ECadLateRimConfig(Strict):
     max_od: float = Field(gt=0, description="late-erythroid calls with a denser rim are 'other' (lymphocytes)")
 
 
-class ECadFaintNucleiConfig(Strict):
-    """Pale nuclei below the nuclear mask, found by local contrast (``ecad.faint_nuclei``)."""
-
-    background_um: float = Field(gt=0, description="half-side of the square whose grey-level opening is the local "
-                                 "background (white top-hat); the square must not fit in the nuclei it should find, µm")
-    contrast_od: float = Field(gt=0, description="a pixel is nuclear where the smoothed counterstain exceeds its "
-                               "local background by this much, OD")
-    gap_um: float = Field(ge=0, description="pixels this close to a nucleus already detected are left out, µm")
-    min_radius_um: float = Field(gt=0, description="a seed lies at least this far inside the faint mask, µm: thin "
-                                 "crescents and lines (a nucleus' blurred edge, a fat-cell membrane) have none")
-    min_distance_um: float = Field(gt=0, description="minimum distance between two seeds, µm")
-    min_area_um2: float = Field(ge=0, description="smaller faint regions are dropped, µm²")
-    max_area_um2: float = Field(gt=0, description="larger faint regions are dropped, µm²")
-
-
 class ECadConfig(Strict):
     mpp: float = Field(gt=0, description="analysis resolution, µm/px")
     halo_um: float = Field(ge=0, description="context needed around each tile core, µm; covers the largest fat space and the largest cluster counted exactly")
@@ -141,7 +126,7 @@ class ECadConfig(Strict):
     late_erythroid_od_per_um2: float = Field(
         0.0, ge=0, description="membrane compartment: OD a late-erythroid nucleus needs per µm² above "
         "classes.late_erythroid_min_area_um2, on top of classes.late_erythroid_min_od (0: off)")
-    faint_nuclei: ECadFaintNucleiConfig | None = Field(
+    faint_nuclei: FaintNucleiConfig | None = Field(
         None, description="membrane compartment: add pale nuclei below the nuclear mask found by local contrast "
         "in haematopoietic tissue (null: off)")
     nucleus_min_dab_od: float = Field(gt=0, description="mean nuclear DAB OD at or above which a cell is positive (compartment nucleus)")
