@@ -660,7 +660,7 @@ def test_faint_nuclei_find_pale_nuclei_once_and_not_edges_or_lines():
     """Pale nuclei below the mask are found by local contrast: one per nucleus (a band too), no line, no crescent."""
     from scipy import ndimage as ndi
 
-    from marrowseg.analyzers.ecad import faint_nuclei
+    from marrowseg.analyzers.nuclei import faint_nuclei
 
     h, dense, pale, band = _faint_scene()
     fc = load_config("ecad").ecad.faint_nuclei
@@ -718,11 +718,11 @@ def test_analyzer_counts_pale_nuclei_as_other_cells():
 
 
 def test_grow_seeds_equals_the_full_tile_watershed():
-    """ecad._grow_seeds: one watershed per multi-seed component gives the full-tile watershed's labels."""
+    """nuclei._grow_seeds (faint_nuclei, nuclei_from_centres): one watershed per multi-seed component gives the full-tile watershed's labels."""
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
-    from marrowseg.analyzers.ecad import _grow_seeds
+    from marrowseg.analyzers.nuclei import _grow_seeds
 
     rng = np.random.default_rng(3)
     relief = ndi.gaussian_filter(rng.random((200, 200)), 3).astype(np.float32)

@@ -43,7 +43,7 @@ from marrowseg.analyzers import filters
 from marrowseg.analyzers import nuclei as nuc
 from marrowseg.analyzers import tissue as tis
 from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
-from marrowseg.analyzers.nuclei import _grow_seeds, faint_nuclei  # noqa: F401 (shared with H&E; tests import _grow_seeds here)
+from marrowseg.analyzers.nuclei import faint_nuclei
 from marrowseg.config.ecad import ECadConfig, ECadReference, load_ecad_reference
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "haematoxylin_scale",
     "ring_scores",
     "ring_enclosed_cells",
-    "faint_nuclei",
     "rim_density",
     "count_clusters",
     "wilson_interval",

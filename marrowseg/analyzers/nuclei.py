@@ -1151,13 +1151,10 @@ def nuclei_from_centres(
     if len(centres) == 0:
         return np.zeros(shape, np.int32), empty_table()
     centres = np.asarray(centres, dtype=np.intp).reshape(-1, 2)
-    markers = np.zeros(shape, np.int32)
-    markers[centres[:, 0], centres[:, 1]] = np.arange(1, len(centres) + 1, dtype=np.int32)
     # a seed outside the mask still gets a minimal region: the mask must include it
-    grow = mask.copy()
+    grow = np.asarray(mask, bool).copy()
     grow[centres[:, 0], centres[:, 1]] = True
-    labels = watershed(-relief, markers, mask=grow).astype(np.int32)
-    return measure_labels(labels, h_od, mpp, min_area_um2)
+    return measure_labels(_grow_seeds(centres, relief, grow), h_od, mpp, min_area_um2)
 
 
 def label_measurements(labels: np.ndarray, intensity: np.ndarray) -> dict[str, np.ndarray]:
@@ -1428,13 +1425,13 @@ def faint_nuclei(
 
 
 def _grow_seeds(centres: np.ndarray, relief: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """:func:`nuclei_from_centres`' watershed, by connected component.
+    """``watershed(-relief, markers, mask=mask)``, by connected component (labels 1..N, int32).
 
-    ``watershed(-relief, markers, mask=mask)`` (markers 1..N at ``centres``, all inside
-    ``mask``) floods each 4-connected component of the mask from its own seeds only: a
-    component with one seed is that seed's region whole, and only those with several go
-    through the watershed, on their bounding box. Over a whole tile of scattered faint
-    regions the full-tile watershed cost about three times the rest of :func:`faint_nuclei`.
+    With markers 1..N at ``centres`` (all inside ``mask``) the watershed floods each
+    4-connected component of the mask from its own seeds only: a component with one seed is
+    that seed's region whole, and only those with several go through the watershed, on their
+    bounding box. Same labels as the full-tile watershed; over a tile of scattered regions
+    that one cost about three times the rest of :func:`faint_nuclei`.
     """
     n, comp = cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
     labels = np.zeros(mask.shape, np.int32)
