@@ -378,17 +378,30 @@ def test_negative_nuclei_split_touching_negatives_but_not_positive_nuclei():
 
 
 def _ring_scores_reference(labels, table, dab_od, mpp, *, gap_um, width_um, sectors):
-    """ring_scores written plainly with skimage's expand_labels and a per-(cell, sector) loop."""
+    """ring_scores written plainly: expand_labels' band, brute-force nearest labels, a per-(cell, sector) loop.
+
+    Where two labels are equally near a ring pixel either may own it: the reference checks
+    that the owner ``nearest_label_band`` chose is one of the nearest and then uses it.
+    """
     from skimage.segmentation import expand_labels
+
+    from marrowseg.analyzers.distance import nearest_label_band
 
     n = len(table["label"])
     grown = expand_labels(labels, distance=(gap_um + width_um) / mpp)
     inside = expand_labels(labels, distance=gap_um / mpp) if gap_um > 0 else labels
     rr, cc = np.nonzero((grown > 0) & (inside == 0))
+    _, br, bc, owner = nearest_label_band(labels, gap_um / mpp, (gap_um + width_um) / mpp)
+    assert np.array_equal(rr, br) and np.array_equal(cc, bc)
+    lr, lc = np.nonzero(labels)
+    lab = labels[lr, lc]
+    for r, c, o in zip(rr, cc, owner, strict=True):
+        d2 = (lr - r) ** 2 + (lc - c) ** 2
+        assert o in set(lab[d2 == d2.min()].tolist())
     row_of = {int(lab): i for i, lab in enumerate(table["label"])}
     peak = np.full((n, sectors), np.nan)
-    for r, c in zip(rr, cc, strict=True):
-        i = row_of.get(int(grown[r, c]))
+    for r, c, o in zip(rr, cc, owner, strict=True):
+        i = row_of.get(int(o))
         if i is None:
             continue
         ang = np.arctan2(r - table["row"][i], c - table["col"][i])
@@ -400,7 +413,7 @@ def _ring_scores_reference(labels, table, dab_od, mpp, *, gap_um, width_um, sect
 
 
 def test_ring_scores_equal_expand_labels_reference():
-    """ring_scores (one feature transform, ufunc maximum) equals the plain expand_labels version."""
+    """ring_scores (exact distance transform, ufunc maximum) equals the plain expand_labels version."""
     from scipy import ndimage as ndi
 
     from marrowseg.analyzers import nuclei as nuc

@@ -43,6 +43,7 @@ from marrowseg.analyzers import filters
 from marrowseg.analyzers import nuclei as nuc
 from marrowseg.analyzers import tissue as tis
 from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
+from marrowseg.analyzers.distance import nearest_label_band
 from marrowseg.analyzers.nuclei import faint_nuclei
 from marrowseg.config.ecad import ECadConfig, ECadReference, load_ecad_reference
 
@@ -235,25 +236,11 @@ class ECadModule(torch.nn.Module):
 # ----------------------------------------------------------------------------- per cell
 def _band_pixels(labels: np.ndarray, inner_px: float,
                  outer_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Background pixels whose distance to the nearest labelled pixel is in (inner_px, outer_px].
+    """Background mask, and the pixels at a distance in (inner_px, outer_px] of a nucleus with its label.
 
-    Returns the background mask, the pixels' rows and columns (raster order) and the label of
-    their nearest labelled pixel: ``expand_labels`` for a band, from one feature transform.
-    Distances are computed only near the labels (within a square of half-width
-    ``floor(outer_px)``: the Euclidean distance is at least the Chebyshev one); over the
-    whole tile they cost several times the transform itself.
+    ``expand_labels`` for a band (:func:`marrowseg.analyzers.distance.nearest_label_band`).
     """
-    bg = labels == 0
-    ft = ndi.distance_transform_edt(bg, sampling=1, return_distances=False, return_indices=True)
-    r_sq = int(math.floor(outer_px))
-    near = cv2.dilate((~bg).view(np.uint8), np.ones((2 * r_sq + 1, 2 * r_sq + 1), np.uint8)).view(bool)
-    rr, cc = np.nonzero(near & bg)
-    fr, fc = ft[0][rr, cc], ft[1][rr, cc]
-    dr = (fr - rr).astype(np.float64)
-    dc = (fc - cc).astype(np.float64)
-    dist = np.sqrt(dr * dr + dc * dc)
-    ok = (dist <= outer_px) & (dist > inner_px)
-    return bg, rr[ok], cc[ok], labels[fr[ok], fc[ok]]
+    return nearest_label_band(labels, inner_px, outer_px)
 
 
 def ring_scores(

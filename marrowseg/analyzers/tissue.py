@@ -47,6 +47,7 @@ from skimage.morphology import convex_hull_image, disk, h_maxima
 from skimage.segmentation import watershed
 
 from marrowseg.analyzers.base import LabelClass
+from marrowseg.analyzers.distance import distance_to_background
 from marrowseg.analyzers.nuclei import gaussian_blur_torch, gaussian_reference
 
 __all__ = [
@@ -442,16 +443,15 @@ def _closing_edt(mask: np.ndarray, radius_px: float) -> np.ndarray:
 def _within(sites: np.ndarray, radius_px: float) -> np.ndarray:
     """``ndi.distance_transform_edt(~sites) <= radius_px``: pixels within ``radius_px`` of a site.
 
-    OpenCV's precise L2 transform is exact (Felzenszwalb & Huttenlocher) and an order of
-    magnitude faster than SciPy's. Its float32 distances are square roots of integers, so they
-    fall on the same side of the radius as SciPy's float64 ones unless the radius is within
-    float32 rounding of such a root (tests/test_tissue.py checks equality). Without any site,
-    or for images too large for exact float32 squares, SciPy is used.
+    Through OpenCV's exact transform (:func:`~marrowseg.analyzers.distance.distance_to_background`):
+    its float32 distances are square roots of integers, so they fall on the same side of the
+    radius as SciPy's float64 ones unless the radius is within float32 rounding of such a root
+    (tests/test_tissue.py checks equality). Without any site nothing is within reach (SciPy
+    would measure from a site of its own outside the image).
     """
-    if not sites.any() or sites.size >= 2**22:
-        return ndi.distance_transform_edt(~sites) <= radius_px
-    d = cv2.distanceTransform((~sites).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    return d.astype(np.float64) <= float(radius_px)
+    if not sites.any():
+        return np.zeros(sites.shape, bool)
+    return distance_to_background(~sites).astype(np.float64) <= float(radius_px)
 
 
 def convex_area_px(mask: np.ndarray) -> int:
