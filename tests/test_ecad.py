@@ -750,3 +750,40 @@ def test_grow_seeds_equals_the_full_tile_watershed():
     per_comp = np.bincount(comp[centres[:, 0], centres[:, 1]])
     assert (per_comp >= 2).any() and (per_comp == 1).any()  # both paths are exercised
     np.testing.assert_array_equal(got, want)
+
+
+def _territory_border_reference(labels, lut, rr, cc, idx):
+    """The territory border over the whole image, then read at the ring pixels."""
+    owner = np.zeros(labels.shape, np.int64)
+    owner[labels != 0] = lut[labels[labels != 0]] + 1
+    owner[rr, cc] = idx + 1
+    border = np.zeros(labels.shape, bool)
+    for a, b, sa, sb in ((owner[:, 1:], owner[:, :-1], np.s_[:, 1:], np.s_[:, :-1]),
+                         (owner[1:, :], owner[:-1, :], np.s_[1:, :], np.s_[:-1, :])):
+        meet = (a != b) & (a > 0) & (b > 0)
+        border[sa] |= meet
+        border[sb] |= meet
+    return border[rr, cc]
+
+
+def test_territory_border_at_ring_pixels_equals_whole_image_reference():
+    from scipy import ndimage as ndi
+
+    from marrowseg.analyzers.distance import nearest_label_band
+    from marrowseg.analyzers.ecad import _territory_border
+
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        shape = tuple(int(v) for v in rng.integers(20, 80, 2))
+        labels = ndi.label(ndi.gaussian_filter(rng.random(shape), 1.5) > 0.55)[0].astype(np.int32)
+        n = int(labels.max())
+        lut = np.full(n + 1, -1, np.int64)
+        kept = np.flatnonzero(rng.random(n) < 0.8) + 1  # some labels are not in the table
+        lut[kept] = np.arange(len(kept))
+        bg, rr, cc, owner = nearest_label_band(labels, 0.0, 4.0)
+        idx = lut[owner]
+        ok = idx >= 0
+        rr, cc, idx = rr[ok], cc[ok], idx[ok]
+        got = _territory_border(labels, bg, lut, rr, cc, idx)
+        assert got.shape == rr.shape and got.any()
+        assert np.array_equal(got, _territory_border_reference(labels, lut, rr, cc, idx))

@@ -308,7 +308,7 @@ def ring_scores(
     key = idx * sectors + sec
     peak = _sector_peaks(key, vals, n, sectors)
     if min_own_sectors is not None:
-        own = ~_territory_border(labels, bg, lut, rr, cc, idx)[rr, cc]
+        own = ~_territory_border(labels, bg, lut, rr, cc, idx)
         own_peak = _sector_peaks(key[own], vals[own], n, sectors)
         use = (~np.isnan(own_peak)).sum(axis=1) >= min_own_sectors
         peak[use] = own_peak[use]
@@ -468,7 +468,7 @@ def _sector_peaks(key: np.ndarray, vals: np.ndarray, n: int, sectors: int) -> np
 
 def _territory_border(labels: np.ndarray, bg: np.ndarray, lut: np.ndarray, rr: np.ndarray, cc: np.ndarray,
                       idx: np.ndarray) -> np.ndarray:
-    """Pixels with a 4-neighbour owned by another cell (owner: the nucleus, or the ring it is in).
+    """Which ring pixels have a 4-neighbour owned by another cell (owner: the nucleus, or the ring it is in).
 
     Parameters
     ----------
@@ -481,17 +481,20 @@ def _territory_border(labels: np.ndarray, bg: np.ndarray, lut: np.ndarray, rr: n
 
     Returns
     -------
-    border : (H, W) bool ndarray
+    border : (M,) bool ndarray
+        Looked up at the ring pixels' neighbours only, not over the tile.
     """
-    owner = np.zeros(labels.shape, np.int64)  # 0: nobody's
-    owner[~bg] = lut[labels[~bg]] + 1
-    owner[rr, cc] = idx + 1
-    border = np.zeros(labels.shape, bool)
-    for a, b, sa, sb in ((owner[:, 1:], owner[:, :-1], np.s_[:, 1:], np.s_[:, :-1]),
-                         (owner[1:, :], owner[:-1, :], np.s_[1:, :], np.s_[:-1, :])):
-        meet = (a != b) & (a > 0) & (b > 0)
-        border[sa] |= meet
-        border[sb] |= meet
+    h, w = labels.shape
+    lut1 = np.asarray(lut, np.int64) + 1  # 0: nobody's (background, or a label not in the table)
+    owner = lut1[labels].astype(np.int32)
+    own = (np.asarray(idx) + 1).astype(np.int32)
+    owner[rr, cc] = own
+    border = np.zeros(len(rr), bool)
+    for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        r, c = rr + dr, cc + dc
+        ok = np.flatnonzero((r >= 0) & (r < h) & (c >= 0) & (c < w))
+        nb = owner[r[ok], c[ok]]
+        border[ok] |= (nb != own[ok]) & (nb > 0)
     return border
 
 
@@ -500,8 +503,10 @@ def _region_means(values: np.ndarray, labels: np.ndarray, label_ids: np.ndarray)
     if len(label_ids) == 0:
         return np.zeros(0, np.float64)
     m = int(labels.max()) + 1
-    s = np.bincount(labels.ravel(), weights=values.ravel().astype(np.float64), minlength=m)
-    c = np.bincount(labels.ravel(), minlength=m)
+    at = np.flatnonzero(labels)  # the same sums in the same order, without the background's pixels
+    lab = labels.ravel()[at]
+    s = np.bincount(lab, weights=values.ravel()[at].astype(np.float64), minlength=m)
+    c = np.bincount(lab, minlength=m)
     return s[label_ids] / np.maximum(c[label_ids], 1)
 
 
