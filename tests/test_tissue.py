@@ -120,6 +120,6 @@ def test_opencv_opening_and_closing_equal_scipy(radius):
     for p in (0.05, 0.5, 0.9):
         m = ndi.binary_dilation(rng.random((83, 121)) < p * 0.2) if p < 0.5 else rng.random((83, 121)) < p
         se = disk(radius)
-        np.testing.assert_array_equal(tis._binary_opening(m, se), ndi.binary_opening(m, structure=se))
-        np.testing.assert_array_equal(tis._binary_closing(m, se), ndi.binary_closing(m, structure=se))
+        np.testing.assert_array_equal(tis.binary_opening(m, se), ndi.binary_opening(m, structure=se))
+        np.testing.assert_array_equal(tis.binary_closing(m, se), ndi.binary_closing(m, structure=se))
         np.testing.assert_array_equal(tis._dilate_cross(m), ndi.binary_dilation(m))

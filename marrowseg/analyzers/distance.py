@@ -25,29 +25,31 @@ __all__ = ["distance_to_background", "nearest_label_band"]
 _EXACT_SQUARED = 2**20
 
 
-def distance_to_background(mask: np.ndarray) -> np.ndarray:
+def distance_to_background(mask: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     """Distance of each pixel of ``mask`` to the nearest pixel outside it, in pixels.
 
     Parameters
     ----------
     mask : (H, W) bool ndarray
+    dtype : np.float32 or np.float64
+        Of the result.
 
     Returns
     -------
-    distance : (H, W) float32 ndarray
+    distance : (H, W) ndarray
         0 outside the mask; equal to
-        ``scipy.ndimage.distance_transform_edt(mask).astype(np.float32)``.
+        ``scipy.ndimage.distance_transform_edt(mask).astype(dtype)``.
     """
     mask = np.ascontiguousarray(mask, dtype=bool)
     if mask.size == 0 or mask.all():
-        return ndi.distance_transform_edt(mask).astype(np.float32)
+        return ndi.distance_transform_edt(mask).astype(dtype)
     d = cv2.distanceTransform(mask.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     d2 = np.rint(np.square(d, out=d), out=d).astype(np.int32)
     top = int(d2.max())
     if top >= _EXACT_SQUARED:
-        return ndi.distance_transform_edt(mask).astype(np.float32)
+        return ndi.distance_transform_edt(mask).astype(dtype)
     # SciPy's root: float64, then float32 (a float32 root of the integer can differ by one unit)
-    return np.sqrt(np.arange(top + 1, dtype=np.float64)).astype(np.float32)[d2]
+    return np.sqrt(np.arange(top + 1, dtype=np.float64)).astype(dtype)[d2]
 
 
 def nearest_label_band(labels: np.ndarray, inner_px: float,

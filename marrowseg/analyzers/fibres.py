@@ -16,6 +16,8 @@ from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 
 from marrowseg.analyzers import filters
+from marrowseg.analyzers.distance import distance_to_background
+from marrowseg.analyzers.morphology import binary_dilation
 
 __all__ = [
     "gaussian_blur_torch",
@@ -298,7 +300,7 @@ def prune_spurs(skel: np.ndarray, max_len_px: float) -> np.ndarray:
         bp = deg >= 3
         if not bp.any():
             break
-        bp_zone = ndi.binary_dilation(bp, structure=np.ones((3, 3), bool))
+        bp_zone = binary_dilation(bp, np.ones((3, 3), bool))
         pieces, n = ndi.label(skel & ~bp_zone, structure=np.ones((3, 3), bool))
         if n == 0:
             break
@@ -306,7 +308,7 @@ def prune_spurs(skel: np.ndarray, max_len_px: float) -> np.ndarray:
         size = ndi.sum(np.ones_like(pieces), pieces, idx)
         has_end = ndi.maximum((deg == 1) & (pieces > 0), pieces, idx) > 0
         # a piece touches a junction when it is adjacent to the junction zone
-        near_bp = ndi.binary_dilation(bp_zone, structure=np.ones((3, 3), bool))
+        near_bp = binary_dilation(bp_zone, np.ones((3, 3), bool))
         touches = ndi.maximum(near_bp, pieces, idx) > 0
         spur = has_end & touches & (size < max_len_px)
         if not spur.any():
@@ -347,7 +349,7 @@ def _groups_within(points: np.ndarray, radius_px: float) -> tuple[np.ndarray, in
     ri = int(math.floor(r))
     yy, xx = np.mgrid[-ri : ri + 1, -ri : ri + 1]
     disk = (yy**2 + xx**2) <= r * r + 1e-9
-    zone = ndi.binary_dilation(points, structure=disk) if ri > 0 else points
+    zone = binary_dilation(points, disk) if ri > 0 else points
     lab, n = ndi.label(zone, structure=np.ones((3, 3), bool))
     return lab, int(n)
 
@@ -615,7 +617,7 @@ def arm_width(skel: np.ndarray, width: np.ndarray, sigma_px: float) -> np.ndarra
     skel = np.asarray(skel, bool)
     width = np.asarray(width, np.float64)
     bp = branch_points(skel)
-    arms = skel & ~ndi.binary_dilation(bp, structure=np.ones((5, 5), bool))
+    arms = skel & ~binary_dilation(bp, np.ones((5, 5), bool))
     num = ndi.gaussian_filter(np.where(arms, width, 0.0), sigma_px, mode="constant", truncate=3.0)
     den = ndi.gaussian_filter(arms.astype(np.float64), sigma_px, mode="constant", truncate=3.0)
     return np.where(den > 1e-6, num / np.maximum(den, 1e-6), width)
@@ -641,7 +643,7 @@ def local_width_px(mask: np.ndarray, skel: np.ndarray, dist: np.ndarray | None =
     (H, W) float32 ndarray
         Width at skeleton pixels, 0 elsewhere.
     """
-    dist = ndi.distance_transform_edt(mask) if dist is None else dist
+    dist = distance_to_background(mask, np.float64) if dist is None else dist
     width = np.where(skel, np.maximum(2.0 * dist - 1.0, 1.0), 0.0)
     return width.astype(np.float32)
 
@@ -683,14 +685,14 @@ def branch_width_px(mask: np.ndarray, skel: np.ndarray, *, dist: np.ndarray | No
     """
     mask = np.asarray(mask, bool)
     skel = np.asarray(skel, bool)
-    edt = ndi.distance_transform_edt(mask) if dist is None else dist
+    edt = distance_to_background(mask, np.float64) if dist is None else dist
     width = local_width_px(mask, skel, edt).astype(np.float64)
     bp = branch_points(skel)
     if not bp.any():
         return width
     dist, (ir, ic) = ndi.distance_transform_edt(~bp, return_indices=True)
     in_disc = dist <= edt[ir, ic]
-    branch = skel & ~ndi.binary_dilation(bp, structure=np.ones((3, 3), bool))
+    branch = skel & ~binary_dilation(bp, np.ones((3, 3), bool))
     if not branch.any():
         return width
     lab, n = ndi.label(branch, structure=np.ones((3, 3), bool))
@@ -749,10 +751,10 @@ def half_max_width_px(contrast_od: np.ndarray, mask: np.ndarray, skel: np.ndarra
     _, (ir, ic) = ndi.distance_transform_edt(~skel, return_indices=True)
     peak = contrast_od[ir, ic]
     # the ridge mask may be narrower than a wide, flat-topped bundle: search a little beyond it
-    zone = ndi.binary_dilation(mask | skel, structure=np.ones((3, 3), bool), iterations=2)
+    zone = binary_dilation(mask | skel, np.ones((3, 3), bool), iterations=2)
     body = zone & (contrast_od >= 0.5 * peak)
     body |= skel
-    dist = ndi.distance_transform_edt(body)
+    dist = distance_to_background(body, np.float64)
     out[skel] = np.maximum(2.0 * dist[skel] - 1.0, 1.0)
     return out
 

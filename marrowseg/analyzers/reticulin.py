@@ -27,6 +27,7 @@ from skimage.morphology import skeletonize
 
 from marrowseg.analyzers import fibres
 from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
+from marrowseg.analyzers.distance import distance_to_background
 from marrowseg.stains import od_from_rgb, od_from_rgb_torch
 from marrowseg.tiling import fill_enclosed_holes
 
@@ -751,7 +752,7 @@ class ReticulinAnalyzer(Analyzer):
             # the ridge filter rings around dark nuclei; nothing within the filter's reach of
             # a nucleus is trusted as fibre
             reach = c.blob_halo_um / ctx.mpp
-            mask &= ndi.distance_transform_edt(~blobs) > reach
+            mask &= distance_to_background(~blobs, np.float64) > reach
         # a hole of one analysis pixel is below what the ridge filter resolves (its smallest
         # scale); its skeleton ring would count a crossing that is not a mesh hole
         mask = fill_enclosed_holes(mask, c.fibre_hole_max_um2 / (ctx.mpp * ctx.mpp))
@@ -775,7 +776,7 @@ class ReticulinAnalyzer(Analyzer):
         haem = labels == HAEM
 
         weights = fibres.skeleton_length_weights(skel) * mpp  # µm per skeleton pixel
-        dist = ndi.distance_transform_edt(mask)  # widths and the junction discs of branch_width_px
+        dist = distance_to_background(mask, np.float64)  # widths and the junction discs of branch_width_px
         width_um = fibres.local_width_px(mask, skel, dist) * mpp
         counted = skel & haem  # fibre measures are per haematopoietic area
         sigma_px = c.overlap_sigma_um / mpp

@@ -48,6 +48,7 @@ from skimage.segmentation import watershed
 
 from marrowseg.analyzers.base import LabelClass
 from marrowseg.analyzers.distance import distance_to_background
+from marrowseg.analyzers.morphology import binary_closing, binary_opening
 from marrowseg.analyzers.nuclei import gaussian_blur_torch, gaussian_reference
 
 __all__ = [
@@ -289,7 +290,7 @@ def classify_tissue(
     bone = tissue & (e_ctx >= cfg.bone_min_eosin_od) & (h_ctx <= cfg.bone_max_haem_od)
     r_open = int(round(cfg.bone_open_um / class_mpp))
     if r_open > 0 and bone.any():
-        bone = _binary_opening(bone, disk(r_open))
+        bone = binary_opening(bone, disk(r_open))
     if bone.any():
         comp_b, nb = ndi.label(bone)
         area_b = np.bincount(comp_b.ravel(), minlength=nb + 1) * px_um2
@@ -308,7 +309,7 @@ def classify_tissue(
     r_mem = int(round(cfg.membrane_um / class_mpp))
     if r_mem > 0 and fat.row.size:
         is_fat = labels == FAT
-        closed = _binary_closing(is_fat, disk(r_mem))
+        closed = binary_closing(is_fat, disk(r_mem))
         labels[closed & ~is_fat & (labels == HAEMATOPOIETIC)] = FAT
     # the membrane around each space (its own rim, drawn by stained pixels) is the adipocyte's
     rim_um = getattr(cfg, "fat_rim_um", None)
@@ -390,27 +391,6 @@ def _dilate_cross(mask: np.ndarray) -> np.ndarray:
 def _touches(piece: np.ndarray, other: np.ndarray) -> bool:
     """``(ndi.binary_dilation(piece) & other).any()``, without SciPy's per-call cost."""
     return bool((_dilate_cross(piece) & other).any())
-
-
-def _cv_morph(mask: np.ndarray, footprint: np.ndarray, ops: tuple[str, ...]) -> np.ndarray:
-    # SciPy's binary morphology sees False beyond the image (border_value=0) for erosion and
-    # dilation alike; OpenCV's default erosion border is True, so it is set explicitly.
-    img = np.ascontiguousarray(mask, dtype=np.uint8)
-    se = np.ascontiguousarray(footprint, dtype=np.uint8)
-    for op in ops:
-        fn = cv2.erode if op == "erode" else cv2.dilate
-        img = fn(img, se, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    return img.astype(bool)
-
-
-def _binary_opening(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
-    """``ndi.binary_opening(mask, structure=footprint)`` for a symmetric footprint, by OpenCV."""
-    return _cv_morph(mask, footprint, ("erode", "dilate"))
-
-
-def _binary_closing(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
-    """``ndi.binary_closing(mask, structure=footprint)`` for a symmetric footprint, by OpenCV."""
-    return _cv_morph(mask, footprint, ("dilate", "erode"))
 
 
 def _split_necks(mask: np.ndarray, h_px: float) -> list[np.ndarray]:
