@@ -97,6 +97,32 @@ class ECadLateRimConfig(Strict):
     outer_um: float = Field(gt=0, description="and ends this far outside it, µm")
     quantile: float = Field(gt=0, lt=1, description="quantile of H + DAB OD over the band")
     max_od: float = Field(gt=0, description="late-erythroid calls with a denser rim are 'other' (lymphocytes)")
+    od_per_um2: float = Field(
+        0.0, ge=0, description="max_od falls by this much per µm² of nuclear area above "
+        "classes.late_erythroid_min_area_um2, OD/µm² (0: one max_od for all sizes)")
+
+
+class ECadLateCapsConfig(Strict):
+    """Small dense nuclear caps called late erythroid (``ECadAnalyzer._late_caps``).
+
+    A section through a late normoblast's round nucleus near its pole is a small, even, round
+    disc below ``classes.late_erythroid_min_area_um2``; small pieces of a myeloid nucleus are
+    lobes of a cell whose other lobes lie close by.
+    """
+
+    min_area_um2: float = Field(gt=0, description="smallest cap, µm² (up to classes.late_erythroid_min_area_um2)")
+    min_spacing_um: float = Field(gt=0, description="the nearest other nucleus lies at least this far, µm (centre to centre)")
+    max_od_cv: float = Field(gt=0, description="largest coefficient of variation of the counterstain OD over the cap")
+    max_eccentricity: float = Field(gt=0, le=1, description="most elongated cap")
+
+
+class ECadLateCrowdedConfig(Strict):
+    """Late-erythroid calls with a close neighbour (``ECadAnalyzer._late_caps``): lobes of a myeloid nucleus."""
+
+    spacing_um: float = Field(gt=0, description="a nucleus whose nearest other nucleus is closer than this (centre to "
+                              "centre) is crowded, µm")
+    min_od: float = Field(gt=0, description="a crowded late call needs at least this mean counterstain OD (scaled)")
+    max_eccentricity: float = Field(gt=0, le=1, description="and at most this eccentricity; otherwise it is 'other'")
 
 
 class ECadConfig(Strict):
@@ -126,6 +152,12 @@ class ECadConfig(Strict):
     late_erythroid_od_per_um2: float = Field(
         0.0, ge=0, description="membrane compartment: OD a late-erythroid nucleus needs per µm² above "
         "classes.late_erythroid_min_area_um2, on top of classes.late_erythroid_min_od (0: off)")
+    late_caps: ECadLateCapsConfig | None = Field(
+        None, description="membrane compartment: small round even caps far from other nuclei are late erythroid "
+        "(null: off)")
+    late_crowded: ECadLateCrowdedConfig | None = Field(
+        None, description="membrane compartment: a late-erythroid call with another nucleus close by must be "
+        "dense and round (null: off)")
     faint_nuclei: FaintNucleiConfig | None = Field(
         None, description="membrane compartment: add pale nuclei below the nuclear mask found by local contrast "
         "in haematopoietic tissue (null: off)")
