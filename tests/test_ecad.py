@@ -222,8 +222,9 @@ def test_phantom_nucleated_count_needs_the_faint_nuclei():
     r_off = analyze_array(rgb, 0.25, ECadAnalyzer(off.ecad), off, device="cpu").readouts
     assert abs(r["nucleated_cells"] - n_true) <= 0.1 * n_true
     assert r_off["nucleated_cells"] < 0.85 * n_true  # pale myeloid nuclei and caps missed
-    for key in ("ecad_pos_cells", "late_erythroid_cells"):
-        assert r[key] == r_off[key]
+    assert r["ecad_pos_cells"] == r_off["ecad_pos_cells"]  # pale nuclei are never E-cad+
+    # the late calls of the main detection do not depend on the pale nuclei; late_faint only adds
+    assert r["late_erythroid_cells"] >= r_off["late_erythroid_cells"]
 
 
 def test_ki67_tile_positive_calls(shared_data):

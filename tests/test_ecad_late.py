@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from marrowseg.analyzers.ecad import ECadAnalyzer
 from marrowseg.config import load_config
@@ -10,6 +11,9 @@ from marrowseg.config import load_config
 MPP = 0.5
 CAPS = "ecad.late_caps={min_area_um2: 6, min_spacing_um: 5.5, max_od_cv: 0.15, max_eccentricity: 0.85}"
 CROWDED = "ecad.late_crowded={spacing_um: 5, min_od: 0.5, max_eccentricity: 0.7}"
+NO_PALE = "ecad.late_rim.pale_od=null"
+FAINT = ("ecad.late_faint={min_area_um2: 10, max_area_um2: 24, max_eccentricity: 0.7, min_solidity: 0.9, "
+         "max_od_cv: 0.35, min_od: 0.28}")
 
 
 def _analyzer(*sets: str) -> ECadAnalyzer:
@@ -87,11 +91,62 @@ def test_rim_limit_falls_with_nuclear_area():
     d = {"h_od": h, "dab_od": np.zeros(shape, np.float32)}
     # a cap called late by _late_caps (under the minimum area) is left to its own tests
     cap = dict(table, area_um2=np.array([9.0, 32.0]))
-    out = _analyzer("ecad.late_rim.od_per_um2=0", "ecad.late_rim.max_od=0.05")._late_rules(d, labels, cap, classes, MPP)
+    out = _analyzer("ecad.late_rim.od_per_um2=0", "ecad.late_rim.max_od=0.05",
+                    NO_PALE)._late_rules(d, labels, cap, classes, MPP)
     assert list(out) == ["late_erythroid", "other"]
     d = {"h_od": h, "dab_od": np.zeros(shape, np.float32)}
-    flat = _analyzer("ecad.late_rim.od_per_um2=0")._late_rules(d, labels, table, classes, MPP)
+    flat = _analyzer("ecad.late_rim.od_per_um2=0", NO_PALE)._late_rules(d, labels, table, classes, MPP)
     assert list(flat) == ["late_erythroid", "late_erythroid"]
     # 0.11 - 0.001 * (area - 13): 0.109 at 14 µm², 0.091 at 32 µm²
-    sloped = _analyzer("ecad.late_rim.od_per_um2=0.001")._late_rules(d, labels, table, classes, MPP)
+    sloped = _analyzer("ecad.late_rim.od_per_um2=0.001", NO_PALE)._late_rules(d, labels, table, classes, MPP)
     assert list(sloped) == ["late_erythroid", "other"]
+
+
+def test_pale_share_limit_rises_with_nuclear_area():
+    """late_rim.pale_share_per_um2: the same part-pale rim keeps a small late call and drops a large one."""
+    from marrowseg.analyzers.ecad import _rim_stats, rim_density
+
+    shape = (40, 120)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.int32)
+    h = np.zeros(shape, np.float32)
+    for i, c in enumerate((30, 90), 1):
+        d = np.hypot(yy - 20, xx - c)
+        labels[d <= 5] = i
+        ring = (d > 5) & (d <= 9)
+        h[ring] = 0.09  # dense enough to be no cytoplasm, pale enough to pass the rim quantile (0.11)
+        h[ring & (xx > c + 6)] = 0.02  # a pale cap of cytoplasm on one side (~10 % of the band)
+    d = {"h_od": h, "dab_od": np.zeros(shape, np.float32)}
+    table = {"label": np.array([1, 2], np.int32), "area_um2": np.array([14.0, 32.0]),
+             "h_od_mean": np.array([0.8, 0.8])}
+    rim, pale = _rim_stats(labels, table, h, MPP, inner_um=0.5, outer_um=1.5, quantile=0.25, pale_od=0.08)
+    assert np.allclose(rim, rim_density(labels, table, h, MPP, inner_um=0.5, outer_um=1.5, quantile=0.25))
+    # the hand count: share of each nucleus' band pixels below 0.08 OD
+    from marrowseg.analyzers.distance import nearest_label_band
+
+    _, rr, cc, owner = nearest_label_band(labels, 0.5 / MPP, 1.5 / MPP)
+    for i in (1, 2):
+        assert pale[i - 1] == pytest.approx(np.mean(h[rr[owner == i], cc[owner == i]] < 0.08))
+    # needs 0.0075 * (14 - 13) and 0.0075 * (32 - 13) = 0.14: the share lies between
+    assert 0.0075 < pale[0] < 0.14 and 0.0075 < pale[1] < 0.14
+    classes = np.array(["late_erythroid"] * 2, dtype=object)
+    flat = "ecad.late_rim.od_per_um2=0"
+    out = _analyzer(flat, "ecad.late_rim.pale_od=0.08", "ecad.late_rim.pale_share_per_um2=0.0075")._late_rules(
+        d, labels, table, classes, MPP)
+    assert list(out) == ["late_erythroid", "other"]
+    assert list(_analyzer(flat, NO_PALE)._late_rules(d, labels, table, classes, MPP)) == ["late_erythroid"] * 2
+    # an all-pale rim keeps both
+    h2 = np.where((labels == 0) & (h > 0), 0.02, h).astype(np.float32)
+    out = _analyzer(flat, "ecad.late_rim.pale_od=0.08", "ecad.late_rim.pale_share_per_um2=0.0075")._late_rules(
+        {"h_od": h2, "dab_od": d["dab_od"]}, labels, table, classes, MPP)
+    assert list(out) == ["late_erythroid"] * 2
+
+
+def test_round_solid_even_faint_nuclei_are_late():
+    an = _analyzer(FAINT)
+    # 0: a faint late cap; 1: too small; 2: too large; 3: elongated; 4: notched; 5: uneven; 6: too pale
+    ft = _table([0] * 7, [0] * 7, area_um2=[16, 8, 30, 16, 16, 16, 16],
+                eccentricity=[0.4, 0.4, 0.4, 0.8, 0.4, 0.4, 0.4], solidity=[0.98, 0.98, 0.98, 0.98, 0.8, 0.98, 0.98],
+                h_od_cv=[0.2, 0.2, 0.2, 0.2, 0.2, 0.45, 0.2], h_od_mean=[0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.2])
+    assert list(an._late_faint(ft)) == ["late_erythroid"] + ["other"] * 6
+    assert list(_analyzer("ecad.late_faint=null")._late_faint(ft)) == ["other"] * 7

@@ -10,10 +10,12 @@ of positive cells. With ``negative_nuclei`` set, the nuclei found negative are d
 second time with that detector (distance seeds split touching nuclei), while positive and
 megakaryocyte nuclei keep their first region. With the membrane compartment, late-erythroid
 calls must also pass the analyzer's own tests (:meth:`ECadAnalyzer._late_rules`: an OD that
-rises with nuclear area, a pale rim, :func:`rim_density`), E-cad+ cells whose nucleus the
-detector missed are added from their closed membrane (:func:`ring_enclosed_cells`), and pale
-nuclei below the nuclear mask (myeloid nuclei, caps) from their local contrast
-(:func:`faint_nuclei`, ``other`` cells that count in the nucleated total).
+rises with nuclear area, a pale rim, :func:`rim_density`, with enough pale pixels), E-cad+
+cells whose nucleus the detector missed are added from their closed membrane
+(:func:`ring_enclosed_cells`), and pale nuclei below the nuclear mask (myeloid nuclei, caps)
+from their local contrast
+(:func:`faint_nuclei`, cells that count in the nucleated total: ``other``, or late
+erythroid when round, solid, even and dense enough, :meth:`ECadAnalyzer._late_faint`).
 ``finalize`` forms every ratio from the summed counts.
 
 Clusters are counted exactly once per slide: a tile reports the clusters whose lowest
@@ -437,10 +439,21 @@ def rim_density(
     rim_od : (N,) float64 ndarray
         NaN for a nucleus without band pixels (boxed in by its neighbours).
     """
+    return _rim_stats(labels, table, od, mpp, inner_um=inner_um, outer_um=outer_um, quantile=quantile)[0]
+
+
+def _rim_stats(labels: np.ndarray, table: dict[str, np.ndarray], od: np.ndarray, mpp: float, *, inner_um: float,
+               outer_um: float, quantile: float, pale_od: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rim_density` and the share of the band's pixels below ``pale_od`` (OD), from one band.
+
+    Returns ``(rim_od, pale_share)``, (N,) float64 each; NaN for a nucleus without band
+    pixels, and ``pale_share`` all NaN when ``pale_od`` is None.
+    """
     n = len(table["label"])
     out = np.full(n, np.nan)
+    pale = np.full(n, np.nan)
     if n == 0:
-        return out
+        return out, pale
     _, rr, cc, owner = _band_pixels(labels, inner_um / mpp, outer_um / mpp)
     lut = np.full(max(int(labels.max()), int(np.max(table["label"]))) + 1, -1, np.int64)
     lut[table["label"]] = np.arange(n)
@@ -448,14 +461,16 @@ def rim_density(
     ok = idx >= 0
     idx, vals = idx[ok], np.asarray(od, np.float64)[rr[ok], cc[ok]]
     if len(idx) == 0:
-        return out
+        return out, pale
     order = np.lexsort((vals, idx))
     idx, vals = idx[order], vals[order]
     cnt = np.bincount(idx, minlength=n)
     start = np.searchsorted(idx, np.arange(n))
     have = cnt > 0
     out[have] = vals[start[have] + np.minimum((cnt[have] * quantile).astype(np.int64), cnt[have] - 1)]
-    return out
+    if pale_od is not None:
+        pale[have] = np.bincount(idx, weights=(vals < pale_od).astype(np.float64), minlength=n)[have] / cnt[have]
+    return out, pale
 
 
 def _sector_peaks(key: np.ndarray, vals: np.ndarray, n: int, sectors: int) -> np.ndarray:
@@ -882,7 +897,10 @@ class ECadAnalyzer(Analyzer):
         small, faint cap, while a small lymphocyte's nucleus is as dense but larger), and
         (b) its rim is pale (:func:`rim_density` at most ``late_rim.max_od``, less
         ``late_rim.od_per_um2`` per µm² above ``late_erythroid_min_area_um2``: the larger late
-        calls are mostly lymphocytes): otherwise ``other``. Small caps called late by
+        calls are mostly lymphocytes) and, with ``late_rim.pale_od``, at least
+        ``late_rim.pale_share_per_um2`` per µm² above ``late_erythroid_min_area_um2`` of the
+        band's pixels are paler than ``pale_od`` (a lymphocyte's scant cytoplasm leaves little
+        pale rim, the more so the larger the nucleus): otherwise ``other``. Small caps called late by
         :meth:`_late_caps` (below ``late_erythroid_min_area_um2``) have their own tests and are
         left as they are.
         """
@@ -898,11 +916,13 @@ class ECadAnalyzer(Analyzer):
         rim_cfg = cfg.late_rim
         if rim_cfg is not None and late.any():
             sub = {"label": table["label"][late]}
-            rim = rim_density(labels, sub, d["h_od"] + d["dab_od"], mpp, inner_um=rim_cfg.inner_um,
-                              outer_um=rim_cfg.outer_um, quantile=rim_cfg.quantile)
-            max_od = rim_cfg.max_od - rim_cfg.od_per_um2 * (
-                np.asarray(table["area_um2"], np.float64)[late] - cfg.classes.late_erythroid_min_area_um2)
+            rim, pale = _rim_stats(labels, sub, d["h_od"] + d["dab_od"], mpp, inner_um=rim_cfg.inner_um,
+                                   outer_um=rim_cfg.outer_um, quantile=rim_cfg.quantile, pale_od=rim_cfg.pale_od)
+            above = np.asarray(table["area_um2"], np.float64)[late] - cfg.classes.late_erythroid_min_area_um2
+            max_od = rim_cfg.max_od - rim_cfg.od_per_um2 * above
             classes[np.flatnonzero(late)[rim > max_od]] = "other"  # NaN (no rim: boxed in) stays late
+            if rim_cfg.pale_od is not None:
+                classes[np.flatnonzero(late)[pale < rim_cfg.pale_share_per_um2 * above]] = "other"  # NaN stays
         return classes
 
     def _late_caps(self, table: dict[str, np.ndarray], classes: np.ndarray, mpp: float) -> np.ndarray:
@@ -958,6 +978,36 @@ class ECadAnalyzer(Analyzer):
             classes[cap] = "late_erythroid"
         return classes
 
+    def _late_faint(self, ft: dict[str, np.ndarray]) -> np.ndarray:
+        """Class of each pale nucleus of the faint pass: ``late_erythroid`` or ``other``.
+
+        A section near the pole of a late normoblast's round pyknotic nucleus can fall below
+        the nuclear mask; it stays a round, solid, even disc, denser than the open chromatin
+        of a myeloid nucleus (``late_faint``; null: all ``other``).
+
+        Parameters
+        ----------
+        ft : dict of (M,) ndarray
+            The faint pass' nucleus table (``area_um2`` µm², ``eccentricity``, ``solidity``,
+            ``h_od_mean`` OD, ``h_od_cv``).
+
+        Returns
+        -------
+        classes : (M,) object ndarray of str
+        """
+        lf = self.config.late_faint
+        out = np.full(len(ft["label"]), "other", dtype=object)
+        if lf is None:
+            return out
+        area = np.asarray(ft["area_um2"], np.float64)
+        late = ((area >= lf.min_area_um2) & (area <= lf.max_area_um2)
+                & (np.asarray(ft["eccentricity"], np.float64) <= lf.max_eccentricity)
+                & (np.asarray(ft["solidity"], np.float64) >= lf.min_solidity)
+                & (np.asarray(ft["h_od_cv"], np.float64) <= lf.max_od_cv)
+                & (np.asarray(ft["h_od_mean"], np.float64) >= lf.min_od))
+        out[late] = "late_erythroid"
+        return out
+
     def _add_ring_enclosed(self, d: dict[str, np.ndarray], table: dict[str, np.ndarray], classes: np.ndarray,
                            positive: np.ndarray, ring_od: np.ndarray, nucleus_od: np.ndarray, allowed: np.ndarray,
                            mpp: float) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray,
@@ -991,19 +1041,17 @@ class ECadAnalyzer(Analyzer):
                    table: dict[str, np.ndarray], classes: np.ndarray, positive: np.ndarray, ring_od: np.ndarray,
                    nucleus_od: np.ndarray, marrow: np.ndarray,
                    mpp: float) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Append the pale nuclei below the nuclear mask (:func:`faint_nuclei`) as ``other`` cells.
+        """Append the pale nuclei below the nuclear mask (:func:`faint_nuclei`): ``other`` or late-erythroid cells.
 
         Only in haematopoietic tissue, away from the nuclei and the membrane-enclosed cells
-        already found. They are never E-cad+ or late erythroid: an E-cad+ cell whose nucleus
-        is a faint cap is found by its closed membrane, and a faint cap's density and shape do
-        not tell a late normoblast from a myeloid cell or a lymphocyte. Scoring them on their
+        already found. They are never E-cad+ (an E-cad+ cell whose nucleus is a faint cap is
+        found by its closed membrane), and late erythroid only by :meth:`_late_faint`
+        (``late_faint``: round, solid, even and not too pale). Scoring them on their
         own ring took the E-cad+ count error mean from 0.069 to 0.161 (tuning seeds 0-11,
         2,048 px); calling the round, small, dense-enough ones with a pale rim late erythroid
         took the ratio error max from 0.082 to 0.091-0.099 and the late max from 0.58 to
         0.73-0.79 (seeds 0-23). The membrane ring is still measured (``dab_ring_od`` in
-        cells.csv). Calling only the round, solid, even ones of >= 0.28 OD late erythroid
-        (97 % of such calls true late cells) still raised the late max error (seventh session's
-        neighbour rules, seeds 0-11 | 12-23: 0.364 | 0.247 -> 0.455 | 0.293).
+        cells.csv).
         """
         cfg = self.config
         fc = cfg.faint_nuclei
@@ -1024,7 +1072,7 @@ class ECadAnalyzer(Analyzer):
         f_ring = ring_scores(both, ft, d["dab_od"], mpp, gap_um=cfg.ring_gap_um, width_um=cfg.ring_width_um,
                              sectors=cfg.ring_sectors, min_own_sectors=cfg.ring_min_own_sectors)
         table = {k: np.concatenate([np.asarray(table[k]), ft[k].astype(np.asarray(table[k]).dtype)]) for k in table}
-        classes = np.concatenate([classes, np.full(n_new, "other", dtype=object)])
+        classes = np.concatenate([classes, self._late_faint(ft)])
         positive = np.concatenate([positive, np.zeros(n_new, bool)])
         ring_od = np.concatenate([ring_od, f_ring])
         nucleus_od = np.concatenate([nucleus_od, _region_means(d["dab_od"], both, ft["label"])])

@@ -100,6 +100,11 @@ class ECadLateRimConfig(Strict):
     od_per_um2: float = Field(
         0.0, ge=0, description="max_od falls by this much per µm² of nuclear area above "
         "classes.late_erythroid_min_area_um2, OD/µm² (0: one max_od for all sizes)")
+    pale_od: float | None = Field(
+        None, gt=0, description="band pixels below this H + DAB OD are pale cytoplasm (null: no pale-share test)")
+    pale_share_per_um2: float = Field(
+        0.0, ge=0, description="a late-erythroid call needs at least this share of pale band pixels per µm² of "
+        "nuclear area above classes.late_erythroid_min_area_um2, 1/µm²")
 
 
 class ECadLateCapsConfig(Strict):
@@ -114,6 +119,22 @@ class ECadLateCapsConfig(Strict):
     min_spacing_um: float = Field(gt=0, description="the nearest other nucleus lies at least this far, µm (centre to centre)")
     max_od_cv: float = Field(gt=0, description="largest coefficient of variation of the counterstain OD over the cap")
     max_eccentricity: float = Field(gt=0, le=1, description="most elongated cap")
+
+
+class ECadLateFaintConfig(Strict):
+    """Pale nuclei of the faint pass called late erythroid (``ECadAnalyzer._late_faint``).
+
+    A section near the pole of a late normoblast's round nucleus can fall below the nuclear
+    mask; it is still a round, solid, even disc, denser than the open chromatin of a myeloid
+    nucleus.
+    """
+
+    min_area_um2: float = Field(gt=0, description="smallest pale nucleus called late, µm²")
+    max_area_um2: float = Field(gt=0, description="largest pale nucleus called late, µm²")
+    max_eccentricity: float = Field(gt=0, le=1, description="most elongated")
+    min_solidity: float = Field(gt=0, le=1, description="least solid (lobes and notches are myeloid)")
+    max_od_cv: float = Field(gt=0, description="largest coefficient of variation of the counterstain OD")
+    min_od: float = Field(gt=0, description="least mean counterstain OD (scaled)")
 
 
 class ECadLateCrowdedConfig(Strict):
@@ -158,6 +179,9 @@ class ECadConfig(Strict):
     late_crowded: ECadLateCrowdedConfig | None = Field(
         None, description="membrane compartment: a late-erythroid call with another nucleus close by must be "
         "dense and round (null: off)")
+    late_faint: ECadLateFaintConfig | None = Field(
+        None, description="membrane compartment: round, solid, even pale nuclei of the faint pass are late "
+        "erythroid (null: all are 'other')")
     faint_nuclei: FaintNucleiConfig | None = Field(
         None, description="membrane compartment: add pale nuclei below the nuclear mask found by local contrast "
         "in haematopoietic tissue (null: off)")
