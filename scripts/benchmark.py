@@ -9,7 +9,9 @@ analyzer's resolution):
 2. ``pipeline_mp_s``: the full engine on the CPU with its default batch size and workers;
 3. ``skimage_mp_s``: a straightforward per-tile NumPy/scikit-image implementation of the same
    analysis (the analyzer's ``reference_dense`` instead of its torch module, serial reads, no
-   workers) on the same tiles, checked to give the same totals;
+   workers, and the post-processing's exact fast paths swapped back for the plain SciPy /
+   scikit-image calls they stand for, :func:`scikit_image_only`) on the same tiles, checked to
+   give the same totals;
 4. ``peak_rss_mb``: peak resident memory of the full run, summed over the process and its
    DataLoader workers (sampled every 0.1 s; pages shared after the fork count once per process, so
    this is an upper bound), for the slide and for one 4x larger (``--rss-scale 2`` doubles each
@@ -33,11 +35,86 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+
+
+def _plain_edt(mask, dtype=np.float32):
+    from scipy import ndimage as ndi
+
+    return ndi.distance_transform_edt(mask).astype(dtype)
+
+
+def _plain_dilation(mask, footprint, iterations=1):
+    from scipy import ndimage as ndi
+
+    for _ in range(iterations):  # single steps: SciPy's own iterations > 1 corrupts memory on small images
+        mask = ndi.binary_dilation(mask, structure=footprint)
+    return mask
+
+
+def _plain_opening(mask, footprint):
+    from scipy import ndimage as ndi
+
+    return ndi.binary_opening(mask, structure=footprint)
+
+
+def _plain_closing(mask, footprint):
+    from scipy import ndimage as ndi
+
+    return ndi.binary_closing(mask, structure=footprint)
+
+
+def _plain_peaks(image, size, threshold, search):
+    from skimage.feature import peak_local_max
+
+    return peak_local_max(image, min_distance=1, footprint=np.ones((size, size), bool), threshold_abs=threshold,
+                          labels=np.asarray(search).astype(np.uint8), exclude_border=False)
+
+
+def _plain_watershed(image, markers, mask):
+    from skimage.segmentation import watershed
+
+    return watershed(image, markers, mask=mask)
+
+
+def _plain_split(labels, boxes, mpp, h_um, open_sides=None):
+    from marrowseg.analyzers import nuclei
+
+    return [nuclei._split_box(labels[r0:r1, c0:c1] == lab, mpp, h_um) for lab, r0, r1, c0, c1 in boxes]
+
+
+@contextmanager
+def scikit_image_only():
+    """The analyzers' post-processing with its exact fast paths swapped for plain SciPy / scikit-image.
+
+    The way a user would write it with those libraries alone: distance transforms by
+    ``ndi.distance_transform_edt``, binary morphology by ``ndi.binary_*``, peak candidates by
+    ``peak_local_max``, one ``watershed`` call per region, nuclear splitting box by box. Each
+    fast path is tested equal to the call it replaces (tests/test_distance.py,
+    test_morphology.py, test_nuclei.py, test_nuclei_speed.py), and the totals are compared
+    below. The rest of the post-processing (labelling, measurements, the E-cadherin ring band)
+    is shared with the pipeline.
+    """
+    from marrowseg.analyzers import fibres, nuclei, reticulin, tissue
+
+    swaps = [(nuclei, "distance_to_background", _plain_edt), (tissue, "distance_to_background", _plain_edt),
+             (fibres, "distance_to_background", _plain_edt), (reticulin, "distance_to_background", _plain_edt),
+             (fibres, "binary_dilation", _plain_dilation), (tissue, "binary_opening", _plain_opening),
+             (tissue, "binary_closing", _plain_closing), (nuclei, "_peak_candidates", _plain_peaks),
+             (nuclei, "_watershed", _plain_watershed), (nuclei, "_split_boxes_packed", _plain_split)]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in swaps]
+    try:
+        for mod, name, fn in swaps:
+            setattr(mod, name, fn)
+        yield
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
 
 
 _MOSAIC_BASE = 4096
@@ -213,13 +290,14 @@ def skimage_rate(path: Path, stain: str, max_tiles: int, engine_tiles: list[dict
     sample = _prepare_sample(reader, layout, cfg.engine.seed) if analyzer.needs_sample else np.zeros((0, 3), np.uint8)
     analyzer.prepare(sample)
     totals_ref: dict = {}
-    t0 = time.perf_counter()
-    for t in tiles:
-        rgb = reader.read_region(t.origin_px[1], t.origin_px[0], t.size_px, t.size_px, layout.mpp)
-        res = analyzer.post(ref(rgb), rgb, layout.context(t))
-        for k, v in res.stats.items():
-            totals_ref[k] = totals_ref.get(k, 0) + v
-    dt = time.perf_counter() - t0
+    with scikit_image_only():
+        t0 = time.perf_counter()
+        for t in tiles:
+            rgb = reader.read_region(t.origin_px[1], t.origin_px[0], t.size_px, t.size_px, layout.mpp)
+            res = analyzer.post(ref(rgb), rgb, layout.context(t))
+            for k, v in res.stats.items():
+                totals_ref[k] = totals_ref.get(k, 0) + v
+        dt = time.perf_counter() - t0
     core = sum((t.core[0].stop - t.core[0].start) * (t.core[1].stop - t.core[1].start) for t in tiles) / 1e6
     by_index = {int(r["tile"]): r for r in engine_tiles}
     totals_t = {k: sum(float(by_index[t.index].get(k, 0)) for t in tiles) for k in totals_ref}

@@ -1,0 +1,42 @@
+"""The benchmark's scikit-image baseline: plain SciPy / scikit-image calls, the pipeline's figures."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from marrowseg import synth
+from marrowseg.analyzers import fibres, get_analyzer, nuclei, reticulin, tissue
+from marrowseg.config import load_config
+from marrowseg.engine import analyze_array
+
+MPP = 0.5
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", Path(__file__).parents[1] / "scripts" / "benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("stain", ["he", "ecad", "reticulin"])
+def test_scikit_image_only_swaps_the_fast_paths_and_gives_the_same_totals(stain):
+    bench = _benchmark()
+    ph = synth.make_phantom(stain, seed=3, size_px=(640, 640), mpp=MPP)
+    rgb = ph.render(0, 0, 640, 640)
+    cfg = load_config(stain)
+    fast = analyze_array(rgb, MPP, get_analyzer(stain, cfg), cfg, device="cpu")
+    before = {name: getattr(nuclei, name) for name in ("_peak_candidates", "_watershed", "_split_boxes_packed")}
+    with bench.scikit_image_only():
+        assert nuclei._watershed is bench._plain_watershed and nuclei._split_boxes_packed is bench._plain_split
+        assert tissue.distance_to_background is bench._plain_edt and fibres.binary_dilation is bench._plain_dilation
+        assert reticulin.distance_to_background is bench._plain_edt
+        plain = analyze_array(rgb, MPP, get_analyzer(stain, cfg), cfg, device="cpu")
+    assert {name: getattr(nuclei, name) for name in before} == before  # restored
+    assert len(fast.cells.get("x", [])) == len(plain.cells.get("x", [])) and fast.report["readouts"] == plain.report["readouts"]
+    for a, b in zip(fast.tiles, plain.tiles, strict=True):
+        assert a == b
