@@ -238,6 +238,7 @@ def test_ki67_tile_positive_calls(shared_data):
     tile = shared_data("ihc-ki67/34_3.png")
     r = evaluate(tile, tile.parent / "34_3_gt.png", 0.25, [])
     assert r["f1_pos"] >= 0.75 and r["recall"] >= 0.4, r
+    assert 0 < r["f1_pos_all"] <= r["f1_pos"] and r["fn_all"] >= r["fn"], r  # the strict score never exceeds the matched one
 
 
 def test_ome_tiff_ki67_runs_end_to_end(shared_data, tmp_path):
