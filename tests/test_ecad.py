@@ -782,10 +782,10 @@ def test_territory_border_at_ring_pixels_equals_whole_image_reference():
         lut = np.full(n + 1, -1, np.int64)
         kept = np.flatnonzero(rng.random(n) < 0.8) + 1  # some labels are not in the table
         lut[kept] = np.arange(len(kept))
-        bg, rr, cc, owner = nearest_label_band(labels, 0.0, 4.0)
+        _, rr, cc, owner = nearest_label_band(labels, 0.0, 4.0)
         idx = lut[owner]
         ok = idx >= 0
         rr, cc, idx = rr[ok], cc[ok], idx[ok]
-        got = _territory_border(labels, bg, lut, rr, cc, idx)
+        got = _territory_border(labels, lut, rr, cc, idx)
         assert got.shape == rr.shape and got.any()
         assert np.array_equal(got, _territory_border_reference(labels, lut, rr, cc, idx))

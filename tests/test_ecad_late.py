@@ -75,26 +75,33 @@ def test_classify_cells_calls_caps_late_for_the_membrane_compartment_only():
     assert list(classes) == ["ecad_pos", "late_erythroid"] and list(positive) == [True, False]
 
 
-def test_rim_limit_falls_with_nuclear_area():
-    """late_rim.od_per_um2: the same rim density keeps a small late call and drops a large one."""
+def _two_nuclei():
+    """Two 5-px nuclei of 14 and 32 µm² (table), 60 px apart, and their 5-9 px rims (blank: fill them)."""
     shape = (40, 120)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     labels = np.zeros(shape, np.int32)
-    h = np.zeros(shape, np.float32)
+    rings = np.zeros(shape, bool)
     for i, c in enumerate((30, 90), 1):
         d = np.hypot(yy - 20, xx - c)
         labels[d <= 5] = i
-        h[(d > 5) & (d <= 9)] = 0.10  # the same rim round both, under late_rim.max_od (0.11)
+        rings |= (d > 5) & (d <= 9)
     table = {"label": np.array([1, 2], np.int32), "area_um2": np.array([14.0, 32.0]),
              "h_od_mean": np.array([0.8, 0.8])}
+    return labels, np.zeros(shape, np.float32), table, xx, rings
+
+
+def test_rim_limit_falls_with_nuclear_area():
+    """late_rim.od_per_um2: the same rim density keeps a small late call and drops a large one."""
+    labels, h, table, xx, rings = _two_nuclei()
+    h[rings] = 0.10  # the same rim round both, under late_rim.max_od (0.11)
     classes = np.array(["late_erythroid"] * 2, dtype=object)
-    d = {"h_od": h, "dab_od": np.zeros(shape, np.float32)}
+    d = {"h_od": h, "dab_od": np.zeros(h.shape, np.float32)}
     # a cap called late by _late_caps (under the minimum area) is left to its own tests
     cap = dict(table, area_um2=np.array([9.0, 32.0]))
     out = _analyzer("ecad.late_rim.od_per_um2=0", "ecad.late_rim.max_od=0.05",
                     NO_PALE)._late_rules(d, labels, cap, classes, MPP)
     assert list(out) == ["late_erythroid", "other"]
-    d = {"h_od": h, "dab_od": np.zeros(shape, np.float32)}
+    d = {"h_od": h, "dab_od": np.zeros(h.shape, np.float32)}
     flat = _analyzer("ecad.late_rim.od_per_um2=0", NO_PALE)._late_rules(d, labels, table, classes, MPP)
     assert list(flat) == ["late_erythroid", "late_erythroid"]
     # 0.11 - 0.001 * (area - 13): 0.109 at 14 µm², 0.091 at 32 µm²
@@ -106,19 +113,11 @@ def test_pale_share_limit_rises_with_nuclear_area():
     """late_rim.pale_share_per_um2: the same part-pale rim keeps a small late call and drops a large one."""
     from marrowseg.analyzers.ecad import _rim_stats, rim_density
 
-    shape = (40, 120)
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    labels = np.zeros(shape, np.int32)
-    h = np.zeros(shape, np.float32)
-    for i, c in enumerate((30, 90), 1):
-        d = np.hypot(yy - 20, xx - c)
-        labels[d <= 5] = i
-        ring = (d > 5) & (d <= 9)
-        h[ring] = 0.09  # dense enough to be no cytoplasm, pale enough to pass the rim quantile (0.11)
-        h[ring & (xx > c + 6)] = 0.02  # a pale cap of cytoplasm on one side (~10 % of the band)
-    d = {"h_od": h, "dab_od": np.zeros(shape, np.float32)}
-    table = {"label": np.array([1, 2], np.int32), "area_um2": np.array([14.0, 32.0]),
-             "h_od_mean": np.array([0.8, 0.8])}
+    labels, h, table, xx, rings = _two_nuclei()
+    h[rings] = 0.09  # dense enough to be no cytoplasm, pale enough to pass the rim quantile (0.11)
+    for c in (30, 90):
+        h[rings & (xx > c + 6) & (xx < c + 20)] = 0.02  # a pale cap of cytoplasm on one side (~10 % of the band)
+    d = {"h_od": h, "dab_od": np.zeros(h.shape, np.float32)}
     rim, pale = _rim_stats(labels, table, h, MPP, inner_um=0.5, outer_um=1.5, quantile=0.25, pale_od=0.08)
     assert np.allclose(rim, rim_density(labels, table, h, MPP, inner_um=0.5, outer_um=1.5, quantile=0.25))
     # the hand count: share of each nucleus' band pixels below 0.08 OD

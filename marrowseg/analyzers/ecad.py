@@ -236,15 +236,6 @@ class ECadModule(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------- per cell
-def _band_pixels(labels: np.ndarray, inner_px: float,
-                 outer_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Background mask, and the pixels at a distance in (inner_px, outer_px] of a nucleus with its label.
-
-    ``expand_labels`` for a band (:func:`marrowseg.analyzers.distance.nearest_label_band`).
-    """
-    return nearest_label_band(labels, inner_px, outer_px)
-
-
 def ring_scores(
     labels: np.ndarray,
     table: dict[str, np.ndarray],
@@ -298,7 +289,7 @@ def ring_scores(
     n = len(table["label"])
     if n == 0:
         return np.zeros(0, np.float64)
-    bg, rr, cc, owner = _band_pixels(labels, gap_um / mpp, (gap_um + width_um) / mpp)
+    _, rr, cc, owner = nearest_label_band(labels, gap_um / mpp, (gap_um + width_um) / mpp)
     lut = np.full(int(labels.max()) + 1 if labels.size else 1, -1, np.int64)
     lut[table["label"]] = np.arange(n)
     idx = lut[owner]
@@ -310,7 +301,7 @@ def ring_scores(
     key = idx * sectors + sec
     peak = _sector_peaks(key, vals, n, sectors)
     if min_own_sectors is not None:
-        own = ~_territory_border(labels, bg, lut, rr, cc, idx)
+        own = ~_territory_border(labels, lut, rr, cc, idx)
         own_peak = _sector_peaks(key[own], vals[own], n, sectors)
         use = (~np.isnan(own_peak)).sum(axis=1) >= min_own_sectors
         peak[use] = own_peak[use]
@@ -454,7 +445,7 @@ def _rim_stats(labels: np.ndarray, table: dict[str, np.ndarray], od: np.ndarray,
     pale = np.full(n, np.nan)
     if n == 0:
         return out, pale
-    _, rr, cc, owner = _band_pixels(labels, inner_um / mpp, outer_um / mpp)
+    _, rr, cc, owner = nearest_label_band(labels, inner_um / mpp, outer_um / mpp)
     lut = np.full(max(int(labels.max()), int(np.max(table["label"]))) + 1, -1, np.int64)
     lut[table["label"]] = np.arange(n)
     idx = lut[owner]
@@ -481,14 +472,14 @@ def _sector_peaks(key: np.ndarray, vals: np.ndarray, n: int, sectors: int) -> np
     return peak.reshape(n, sectors)
 
 
-def _territory_border(labels: np.ndarray, bg: np.ndarray, lut: np.ndarray, rr: np.ndarray, cc: np.ndarray,
+def _territory_border(labels: np.ndarray, lut: np.ndarray, rr: np.ndarray, cc: np.ndarray,
                       idx: np.ndarray) -> np.ndarray:
     """Which ring pixels have a 4-neighbour owned by another cell (owner: the nucleus, or the ring it is in).
 
     Parameters
     ----------
-    labels, bg : (H, W) ndarray
-        Nucleus labels and their background (``labels == 0``).
+    labels : (H, W) ndarray
+        Nucleus labels (0 background).
     lut : ndarray
         Label -> table row (-1: not in the table).
     rr, cc, idx : (M,) ndarray

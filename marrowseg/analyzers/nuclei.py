@@ -826,7 +826,8 @@ def merge_megakaryocytes(
     deep = _deep_pixels(mask, np.float32(min_radius_um / float(mpp)))
     if not deep.any():
         return labels, table
-    comp, found = _deep_components(mask, deep)
+    comp, _ = ndi.label(mask)
+    objs = ndi.find_objects(comp)
     r_px = max(1, int(round(core_radius_um / float(mpp))))
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_px + 1, 2 * r_px + 1))
     px_um2 = float(mpp) ** 2
@@ -834,7 +835,8 @@ def merge_megakaryocytes(
     cols = np.clip(np.round(table["col"]).astype(np.intp), 0, labels.shape[1] - 1)
     cores = np.zeros(labels.shape, np.int32)
     n_cores = 0
-    for cid, sl in found:
+    for cid in np.unique(comp[deep]):
+        sl = objs[int(cid) - 1]
         # margin of the disk so that the opening sees the component's edge
         r0, r1 = max(sl[0].start - r_px, 0), min(sl[0].stop + r_px, labels.shape[0])
         c0, c1 = max(sl[1].start - r_px, 0), min(sl[1].stop + r_px, labels.shape[1])
@@ -876,78 +878,22 @@ def merge_megakaryocytes(
     return _replace_regions(labels, table, joined > 0, ~merged, m_labels, m_table)
 
 
-def _deep_components(
-    mask: np.ndarray, deep: np.ndarray,
-) -> tuple[np.ndarray, list[tuple[int, tuple[slice, slice]]]]:
-    """The 4-connected components of ``mask`` that hold a ``deep`` pixel, in ``ndi.label``'s order.
-
-    Returns an image in which each such component's pixels carry its id, and ``(id, box)`` for
-    each, ordered by the component's first pixel in raster order (SciPy's numbering). Each is
-    flood-filled from one of its deep pixels (cost: the component, not the tile); with more
-    than 253 of them, SciPy labels the whole mask.
-    """
-    work = mask.astype(np.uint8, order="C")  # filled in place: C order, as the flat indices
-    w = mask.shape[1]
-    todo = np.flatnonzero(deep)
-    found = []
-    value = 2
-    while True:
-        todo = todo[work.ravel()[todo] == 1]
-        if not len(todo):
-            break
-        if value > 255:
-            comp, _ = ndi.label(mask)
-            objs = ndi.find_objects(comp)
-            return comp, [(int(c), objs[int(c) - 1]) for c in np.unique(comp[deep])]
-        r, c = divmod(int(todo[0]), w)
-        _, _, _, (x, y, bw, bh) = cv2.floodFill(work, None, (c, r), value, flags=4)
-        inside = work[y:y + bh, x:x + bw] == value
-        first_row = int(np.argmax(inside.any(axis=1)))
-        first = (y + first_row) * w + x + int(np.argmax(inside[first_row]))
-        found.append((first, value, (slice(y, y + bh), slice(x, x + bw))))
-        value += 1
-    found.sort()
-    return work, [(v, sl) for _, v, sl in found]
-
-
-def _deep_pixels(mask: np.ndarray, radius_px: np.float32, block: int = 256) -> np.ndarray:
-    """``distance_to_background(mask) >= radius_px``, computing the distance only where it can be that deep.
+def _deep_pixels(mask: np.ndarray, radius_px: np.float32) -> np.ndarray:
+    """``distance_to_background(mask) >= radius_px``, with an early exit for tiles without such a pixel.
 
     A pixel that deep has no background within Chebyshev distance ``k`` (``k sqrt 2 < radius``),
-    so it survives an erosion by that square (separable, a few ms a tile); the distance is
-    then taken on the blocks that hold such pixels, each widened by more than the radius (a
-    background pixel nearer than the radius lies inside the widened block, so the comparison
-    comes out the same). Most tiles hold no megakaryocyte and stop after the erosion.
+    so it survives an erosion by that square (separable, a few ms a tile): most tiles hold no
+    megakaryocyte and stop there without a distance transform.
     """
     mask = np.ascontiguousarray(mask, dtype=bool)
-    r = float(radius_px)
-    k = int(math.floor((r - 1e-3) / math.sqrt(2.0)))
-    if mask.size == 0 or mask.all() or k < 1:
-        return distance_to_background(mask) >= radius_px
-    square = np.ones((2 * k + 1, 2 * k + 1), np.uint8)
-    # outside the image is not background (as for the distance): the border never erodes
-    near = cv2.erode(mask.view(np.uint8), square, borderType=cv2.BORDER_CONSTANT, borderValue=1).view(bool)
-    deep = np.zeros(mask.shape, bool)
-    if not near.any():
-        return deep
-    h, w = mask.shape
-    nbr, nbc = -(-h // block), -(-w // block)
-    padded = np.zeros((nbr * block, nbc * block), bool)
-    padded[:h, :w] = near
-    busy = padded.reshape(nbr, block, nbc, block).any(axis=(1, 3))
-    reach = int(math.ceil(r)) + 1
-    for bi, bj in zip(*np.nonzero(busy), strict=True):
-        r0, c0 = int(bi) * block, int(bj) * block
-        r1, c1 = min(r0 + block, h), min(c0 + block, w)
-        wr0, wc0 = max(r0 - reach, 0), max(c0 - reach, 0)
-        wr1, wc1 = min(r1 + reach, h), min(c1 + reach, w)
-        win = mask[wr0:wr1, wc0:wc1]
-        if win.all():  # no background within reach: every pixel of the block is that deep
-            deep[r0:r1, c0:c1] = True
-            continue
-        d = distance_to_background(win)[r0 - wr0:r1 - wr0, c0 - wc0:c1 - wc0]
-        deep[r0:r1, c0:c1] = d >= radius_px
-    return deep
+    k = int(math.floor((float(radius_px) - 1e-3) / math.sqrt(2.0)))
+    if k >= 1 and mask.size and not mask.all():
+        # outside the image is not background (as for the distance): the border never erodes
+        near = cv2.erode(mask.view(np.uint8), np.ones((2 * k + 1, 2 * k + 1), np.uint8),
+                         borderType=cv2.BORDER_CONSTANT, borderValue=1)
+        if not near.any():
+            return np.zeros(mask.shape, bool)
+    return distance_to_background(mask) >= radius_px
 
 
 def split_by_shape(
@@ -1777,8 +1723,9 @@ def _grow_seeds(centres: np.ndarray, relief: np.ndarray, mask: np.ndarray) -> np
     With markers 1..N at ``centres`` (all inside ``mask``) the watershed floods each
     4-connected component of the mask from its own seeds only: a component with one seed is
     that seed's region whole, and only those with several go through the watershed, on their
-    bounding box. Same labels as the full-tile watershed; over a tile of scattered regions
-    that one cost about three times the rest of :func:`faint_nuclei`. The watershed of each
+    bounding box. Same labels as the full-tile watershed where no two pixels of a component
+    tie in ``relief`` (between ties the flooding order may differ); over a tile of scattered
+    regions that one cost about three times the rest of :func:`faint_nuclei`. The watershed of each
     box is :func:`_watershed`.
     """
     n, comp = cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
