@@ -32,6 +32,15 @@ class HEStainConfig(Strict):
     macenko_min_od: float = Field(ge=0, description="summed OD of pixels used by the estimate")
     macenko_percentile: float = Field(gt=0, lt=50, description="robust angle extreme, percent")
     max_angle_deg: float = Field(gt=0, le=90, description="largest accepted deviation from Ruifrok, degrees")
+    h_reference_od: float | None = Field(
+        None, gt=0, description="haematoxylin intensity normalisation: the slide's haematoxylin is scaled so that "
+        "its h_reference_percentile over tissue pixels (summed OD >= h_tissue_min_od, from the stain sample) "
+        "equals this OD; null: no scaling")
+    h_reference_percentile: float = Field(99.0, gt=50, lt=100, description="percentile of tissue haematoxylin, %")
+    h_tissue_min_od: float = Field(0.15, ge=0, description="summed RGB OD of a tissue pixel for the percentile")
+    h_scale_limits: tuple[float, float] = Field(
+        (0.67, 1.5), description="the scale is clipped to these bounds (a sample without nuclei is not stained "
+        "differently, it is a different tissue)")
 
 
 class HEConfig(Strict):
