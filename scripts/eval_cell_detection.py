@@ -98,6 +98,12 @@ def read_rgb(path: Path) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
 
 
+def scale_od(rgb: np.ndarray, factor: float) -> np.ndarray:
+    """The image as stained ``factor`` times as strongly (Beer-Lambert: every OD times ``factor``)."""
+    od = -np.log10(np.clip(rgb.astype(np.float64), 1, 255) / 255.0)
+    return np.clip(np.round(255.0 * 10.0 ** (-factor * od)), 0, 255).astype(np.uint8)
+
+
 def mbm_pairs(folder: Path) -> list[tuple[Path, Path]]:
     """(image, dots) pairs of an MBM-style folder."""
     pairs = []
@@ -339,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. he.nuclei.min_peak_od=0.3")
     ap.add_argument("--phantoms", default=None, metavar="SEEDS", help="synthetic phantoms, e.g. 1000-1004")
     ap.add_argument("--phantom-px", type=int, default=1024, help="phantom side, px at --mpp")
+    ap.add_argument("--od-scale", type=float, default=1.0, metavar="F",
+                    help="multiply every optical density of the images by F (a paler or darker staining run)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -366,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     if not items:
         print(f"eval_cell_detection: no annotated images in {args.images_dir}", file=sys.stderr)
         return 1
+    if args.od_scale != 1.0:
+        items = [(n, scale_od(rgb, args.od_scale), t) for n, rgb, t in items]
     log(f"{len(items)} images, mpp {args.mpp}, match radius {radius} px")
     if args.lopo and args.weights_per_patient is not None:
         lopo_learned(items, args.mpp, radius, args.weights_per_patient, overrides)
