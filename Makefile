@@ -13,11 +13,11 @@ $(BIN)/python:
 # torch is installed on its own first: a bare requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e ".[openslide]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,openslide]"
 	touch $@
 
 install: $(VENV)/.installed

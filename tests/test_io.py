@@ -647,3 +647,17 @@ def test_real_slides_open_read_and_thumbnail(shared_data, name, size, mpp, vendo
         assert tile.std() > 5  # tissue, not a blank fill
         thumb = r.thumbnail(256)
         assert max(thumb.shape[:2]) == 256
+
+
+def test_openslide_backend_reads_a_real_slide_as_tiffslide_does(shared_data):
+    """The real OpenSlide library (MIRAX, DICOM, ... go through it) reads CMU-1 to the bit as tiffslide."""
+    from marrowseg.io.openslide import OpenSlideReader, openslide_available
+    from marrowseg.io.tiff import TiffReader
+
+    if not openslide_available():
+        pytest.skip("OpenSlide is not installed (pip install 'marrowseg[openslide]')")
+    path = shared_data("wsi/CMU-1-Small-Region.svs")
+    with OpenSlideReader(path) as a, TiffReader(path) as b:
+        assert (a.dimensions, a.mpp, a.vendor) == (b.dimensions, b.mpp, b.vendor)
+        for x, y, mpp in [(1000, 1500, b.mpp), (300, 700, 1.0), (2000, 2800, 0.5)]:  # the last runs off the edge
+            np.testing.assert_array_equal(a.read_region(x, y, 256, 192, mpp), b.read_region(x, y, 256, 192, mpp))
