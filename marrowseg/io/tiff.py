@@ -1,4 +1,4 @@
-"""Tiled and pyramidal TIFF slides through tiffslide: SVS, generic TIFF, OME-TIFF, NDPI."""
+"""Tiled and pyramidal TIFF slides through tiffslide: SVS, generic TIFF, OME-TIFF, NDPI (planar RGB through tifffile)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import tifffile
+import zarr
 
 from marrowseg.errors import MarrowsegError, SlideError, UnsupportedFormatError
 from marrowseg.io._colour import ColourPlan, plan_colour, to_rgb_uint8
@@ -99,6 +100,29 @@ def check_data_in_file(
             )
 
 
+class _PlanarTiff:
+    """What :class:`TiffReader` uses of a ``TiffSlide``, from tifffile alone, for planar RGB.
+
+    tiffslide refuses series with axes ``'SYX'`` (PlanarConfiguration 2: one plane per colour, as
+    some OME-TIFF converters write); tifffile's zarr store reads their tiles all the same.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.ts_tifffile = tifffile.TiffFile(path)
+        try:
+            series = self.ts_tifffile.series[0]
+            group = zarr.open(series.aszarr(), mode="r")
+            self.zarr_group = {"0": group} if isinstance(group, zarr.Array) else group
+            self.level_dimensions = tuple((int(lvl.shape[2]), int(lvl.shape[1])) for lvl in series.levels)
+        except BaseException:
+            self.ts_tifffile.close()
+            raise
+        self.properties = {"tiffslide.series-index": 0, "tiffslide.series-axes": "SYX"}
+
+    def close(self) -> None:
+        self.ts_tifffile.close()
+
+
 class TiffReader(SlideReader):
     """A TIFF slide read with tiffslide, one window of one level at a time.
 
@@ -156,7 +180,7 @@ class TiffReader(SlideReader):
         self._axes = axes
         if axes == "YXS":
             n_channels = int(series.shape[-1])
-        elif axes == "CYX":
+        elif axes in ("CYX", "SYX"):
             n_channels = int(series.shape[0])
         elif axes == "YX":
             n_channels = 1
@@ -188,7 +212,11 @@ class TiffReader(SlideReader):
         import tiffslide
 
         try:
-            return tiffslide.TiffSlide(self.path)
+            slide = tiffslide.TiffSlide(self.path)
+            if slide.ts_tifffile.series and slide.ts_tifffile.series[0].axes == "SYX":
+                slide.close()
+                return _PlanarTiff(self.path)
+            return slide
         except tifffile.TiffFileError as exc:
             raise SlideError(f"{self.path}: corrupt or truncated TIFF: {exc}") from exc
         except Exception as exc:
@@ -201,7 +229,7 @@ class TiffReader(SlideReader):
         self, handle: Any, level: int, x0: int, y0: int, x1: int, y1: int
     ) -> np.ndarray:
         arr = handle.zarr_group[str(level)]
-        if self._axes == "CYX":
+        if self._axes in ("CYX", "SYX"):
             data = np.moveaxis(np.asarray(arr[:, y0:y1, x0:x1]), 0, -1)
         else:
             data = np.asarray(arr[y0:y1, x0:x1])
