@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from marrowseg import __version__
 from marrowseg.analyzers.base import Analyzer, TileContext, TileResult
 from marrowseg.config import Config, config_hash
-from marrowseg.errors import AnalysisError, ConfigError, MarrowsegError, NoTissueError
+from marrowseg.errors import AnalysisError, ConfigError, MarrowsegError, NoTissueError, SlideError
 from marrowseg.tiling import Tile, tiles_over_mask, tissue_mask
 
 __all__ = [
@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 #: Number of tissue pixels handed to ``Analyzer.prepare``.
 _SAMPLE_PIXELS = 250_000
+# Greyscale: 99 % of tissue pixels within this many levels between their brightest and darkest
+# channel. Stained tissue reads 76-130 (mbm-dev H&E, Ki67 DAB, BoMBR silver, MoNuSeg); a grey
+# image stored as RGB reads 0, a few levels after JPEG.
+_GREY_MAX_CHROMA = 8
 _SAMPLE_TILES = 8
 
 
@@ -172,6 +176,12 @@ def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     frac = float(mask.mean()) if mask.size else 0.0
     if not mask.any():
         raise NoTissueError(f"{reader.name}: no tissue found (tissue mask empty at {mask_mpp:.3g} µm/px)")
+    if analyzer.needs_colour:
+        tissue_px = view[mask].astype(np.int16)
+        chroma = tissue_px.max(axis=1) - tissue_px.min(axis=1)
+        if np.percentile(chroma, 99) < _GREY_MAX_CHROMA:
+            raise SlideError(f"{reader.name}: greyscale image: --stain {analyzer.stain} tells the stains apart "
+                             "by colour and needs a colour scan")
     # Crops and photographed fields are tissue by intent: analyse all of them and let the
     # analyzer's own classes exclude glass.
     tiles = tiles_over_mask(shape, None if small else mask, tile_px=tile_px, overlap_px=overlap_px)

@@ -109,3 +109,21 @@ def test_synth_writes_slide_and_truth(tmp_path, capsys):
 def test_synth_rejects_malformed_size(tmp_path, capsys):
     code, _, err = _main(["synth", str(tmp_path), "--size", "big"], capsys)
     assert code == 2 and "WIDTHxHEIGHT" in err
+
+
+@pytest.mark.parametrize("stain", ["he", "ecad"])
+def test_greyscale_image_is_refused_for_stains_told_apart_by_colour(tissue_tiff, tmp_path, capsys, stain):
+    """A grey copy of a stained core is one clear error for H&E and E-cadherin, not a measurement."""
+    with tifffile.TiffFile(tissue_tiff) as tf:
+        img = tf.pages[0].asarray()
+    grey = tmp_path / "grey core.tif"
+    tifffile.imwrite(grey, np.repeat(img.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2),
+                     photometric="rgb", tile=(256, 256), resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    code, out, err = _main(["analyze", str(grey), "--stain", stain, "--out", str(tmp_path / "g"), "-q"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "grey core.tif: greyscale image" in lines[0], err
+    assert not (tmp_path / "g" / "metrics.json").exists()
+    # the colour original passes the same check and is measured
+    code, _, err = _main(["analyze", str(tissue_tiff), "--stain", stain, "--out", str(tmp_path / "c"), "-q"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "c" / "metrics.json").exists()

@@ -224,24 +224,35 @@ def test_corrupt_tile_in_a_tile_worker_is_reported_and_excluded(tmp_path):
 
 
 @pytest.mark.parametrize("stain", ["he", "ecad", "reticulin"])
-def test_planar_input_is_bit_identical(stain):
-    # the engine hands modules contiguous planes for speed; the maps must not change by a bit
+def test_module_maps_do_not_depend_on_threads_or_batch(stain):
+    """The engine hands modules contiguous planes; on them each tile's maps are the same to the bit
+    whatever the torch thread count (workers run one thread, the main process several) and
+    whichever tiles share its batch."""
     import torch
 
     from marrowseg.analyzers import get_analyzer
     from marrowseg.engine import planar
 
     rng = np.random.default_rng(3)
-    rgb = rng.integers(40, 250, size=(1, 160, 192, 3), dtype=np.uint8)
+    rgb = rng.integers(40, 250, size=(2, 160, 192, 3), dtype=np.uint8)
     rgb[0, 40:90, 50:120] //= 3  # a dark patch, so thresholds and filters see structure
     analyzer = get_analyzer(stain, load_config(stain))
     analyzer.prepare(np.zeros((0, 3), np.uint8))
     module = analyzer.module.eval()
     t = torch.from_numpy(rgb)
     x = planar(t)
-    assert x.is_contiguous() and x.shape == (1, 3, 160, 192) and x.dtype == torch.float32
-    with torch.inference_mode():
-        a, b = module(x), module(t.permute(0, 3, 1, 2).float())
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert x.is_contiguous() and x.shape == (2, 3, 160, 192) and x.dtype == torch.float32
+    assert torch.equal(x, t.permute(0, 3, 1, 2).float())
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n, batch in [(1, x), (2, x), (1, x[:1]), (2, x[:1])]:
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                runs.append({k: v[:1] for k, v in module(batch).items()})
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert other.keys() == runs[0].keys()
+        for k in other:
+            assert torch.equal(other[k], runs[0][k]), k

@@ -130,6 +130,8 @@ class Analyzer(ABC):
     cell_classes: ClassVar[tuple[LabelClass, ...]] = ()
     #: whether ``module`` may run under autocast (float16/bfloat16) on CUDA
     allow_amp: ClassVar[bool] = True
+    #: whether the stains are told apart by hue: a greyscale image is then refused, not measured
+    needs_colour: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -624,6 +624,7 @@ class ECadAnalyzer(Analyzer):
         LabelClass(4, "other", (30, 180, 30)),
     )
     allow_amp: ClassVar[bool] = False  # OD thresholds near 0.15 do not survive float16 logs
+    needs_colour: ClassVar[bool] = True
 
     def __init__(self, config: ECadConfig, reference: ECadReference | None = None) -> None:
         super().__init__(config)

@@ -141,6 +141,7 @@ class HEAnalyzer(Analyzer):
         LabelClass(3, "other", (30, 180, 30)),
     )
     allow_amp: ClassVar[bool] = False  # OD thresholds near 0.25 do not survive float16 rounding of logs
+    needs_colour: ClassVar[bool] = True
 
     def __init__(self, config: HEConfig) -> None:
         super().__init__(config)
