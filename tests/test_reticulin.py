@@ -551,3 +551,33 @@ def test_fibrosis_index_is_monotone_in_every_measurement():
         gb, ib = grade_index_array(b, t)
         assert (ib >= ia - 1e-12).all() and (gb >= ga).all()
         assert ia.min() < 1 and ib.max() > 2  # the draws span the grades
+
+
+@pytest.mark.parametrize("min_width_um", [12.0, 0.0])
+def test_narrow_empty_space_in_marrow_is_not_fat(min_width_um):
+    """An empty space as large as an adipocyte section but narrow (pale marrow) stays marrow.
+
+    A round empty space 30 µm across (an adipocyte) is fat either way; an empty band 8 µm wide and
+    60 µm long (~400 µm², above ``fat_min_um2``) is fat only when ``fat_min_width_um`` is off.
+    """
+    from marrowseg.analyzers.reticulin import FAT, HAEM
+
+    mpp = 0.5
+    img = _draw(200, mpp)
+    empty_rgb = (242, 240, 242)  # mean OD ~0.03, below fat_max_od
+    cv2.circle(img, (round(60 / mpp), round(60 / mpp)), round(15 / mpp), empty_rgb, -1)
+    img[round(120 / mpp):round(128 / mpp), round(70 / mpp):round(130 / mpp)] = empty_rgb
+    cfg = _config(mpp=mpp, fat_min_width_um=min_width_um)
+    an = ReticulinAnalyzer(cfg.reticulin)
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        dense = {k: v[0].numpy() for k, v in an.module(x).items()}
+    h, w = img.shape[:2]
+    labels = an.post(dense, img, TileContext(0, (0, 0), (slice(0, h), slice(0, w)), (h, w), mpp)).maps["labels"]
+    disk = labels[round(50 / mpp):round(70 / mpp), round(50 / mpp):round(70 / mpp)]
+    band = labels[round(122 / mpp):round(126 / mpp), round(80 / mpp):round(120 / mpp)]
+    assert (disk == FAT).all()
+    if min_width_um > 0:
+        assert (band == HAEM).all()
+    else:
+        assert (band == FAT).all()

@@ -703,6 +703,17 @@ class ReticulinAnalyzer(Analyzer):
         lab, n = ndi.label(empty)
         sizes = np.bincount(lab.ravel(), minlength=n + 1) * px_um2
         fat_lut = (sizes >= c.fat_min_um2) & (sizes < c.excluded_min_um2)
+        if c.fat_min_width_um > 0 and fat_lut.any():
+            # an adipocyte section is a convex, nearly round space: it holds a disk about as wide
+            # as its area says. Pale marrow (megakaryocyte cytoplasm, pale cell clusters) leaves
+            # empty spaces of the same area that are narrow and branched; dense
+            # fibres cross and darken them, so counting them as fat lost marrow area in
+            # fibre-poor marrow only. The widest inscribed disk is twice the largest distance
+            # to a non-empty pixel (the tile edge is not one)
+            dist_um = cv2.distanceTransform(empty.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) * ctx.mpp
+            widest = np.zeros(n + 1)
+            np.maximum.at(widest, lab[empty], dist_um[empty])
+            fat_lut &= 2.0 * widest >= c.fat_min_width_um
         excl_lut = sizes >= c.excluded_min_um2
         fat_lut[0] = excl_lut[0] = False
 

@@ -69,6 +69,8 @@ class ReticulinConfig(Strict):
     tissue_smooth_um: float = Field(gt=0, description="Gaussian scale of the OD used for tissue classes, µm")
     fat_max_od: float = Field(gt=0, description="mean-channel OD below which a pixel is empty (fat or glass)")
     fat_min_um2: float = Field(ge=0, description="empty regions at least this large are fat, µm²")
+    fat_min_width_um: float = Field(
+        default=0.0, ge=0, description="empty regions are fat only if they hold a disk this wide, µm (0: any)")
     excluded_min_um2: float = Field(gt=0, description="empty regions at least this large are glass/artefact, µm²")
     orange_min_od: float = Field(gt=0, description="blue minus red OD of golden-orange bone/collagen")
     bone_open_um: float = Field(ge=0, description="opening radius separating bone from thin collagen, µm")
