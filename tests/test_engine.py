@@ -256,3 +256,15 @@ def test_module_maps_do_not_depend_on_threads_or_batch(stain):
         assert other.keys() == runs[0].keys()
         for k in other:
             assert torch.equal(other[k], runs[0][k]), k
+
+
+def test_post_threads_take_the_cores_the_decode_workers_leave_beside_a_gpu(monkeypatch):
+    """Beside an accelerator post carries all the CPU work; on the CPU the module's threads share the cores."""
+    from marrowseg import engine
+
+    monkeypatch.setattr(engine, "_available_cores", lambda: 16)
+    assert engine._resolve_post_threads("auto", "cuda", 4) == 11
+    assert engine._resolve_post_threads("auto", "cpu", 0) == 1
+    assert engine._resolve_post_threads(3, "cuda", 4) == 3
+    monkeypatch.setattr(engine, "_available_cores", lambda: 2)
+    assert engine._resolve_post_threads("auto", "cuda", 1) == 1
