@@ -127,6 +127,11 @@ def _reticulin_lines(m: Mapping[str, Any]) -> list[str]:
              f"{_num(ro.get('fibre_length_um_per_1e4um2'), ',.0f')} µm per 10,000 µm²; "
              f"{_num(ro.get('intersections_per_mm2'), ',.0f')} intersections per mm²); local grades: {local_txt} "
              f"({_GRADING_REFERENCE}; slide grade = {rule_txt})")
+    alt = ro.get("mf_grade_borderline_with")
+    if alt is not None:
+        margin = (m.get("provenance", {}).get("config", {}).get("reticulin", {}) or {}).get("grade_borderline_margin")
+        first += (f"; borderline between MF-{grade} and MF-{alt}: the deciding share lies within "
+                  f"{100 * (margin or 0):.0f} points of the rule's {100 * (frac or 0.3):.0f}%")
     second = (f"Thick fibres {_pct(ro.get('thick_fibre_frac'))} of fibre length; collagen "
               f"{_num(None if ro.get('collagen_area_frac') is None else 100 * ro['collagen_area_frac'], '.1f')}% "
               f"of haematopoietic area; bone {_pct(ro.get('bone_area_frac'))} of the core")

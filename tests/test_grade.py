@@ -40,6 +40,18 @@ def test_report_lines_use_pathology_wording_with_reference(out):
     assert "per 10,000 µm²" in ret and "intersections per mm²" in ret and "local grades: MF-0 " in ret
 
 
+def test_borderline_reticulin_grade_is_worded_with_both_grades():
+    """A deciding share near the 30 % rule reads as borderline between the two grades; otherwise nothing."""
+    cfg = {"provenance": {"config": {"reticulin": {"grade_rule_frac": 0.3, "grade_borderline_margin": 0.05}}}}
+    ro = {"mf_grade": 0, "grade_rule": "eumnet_30pct", "local_grade_frac": {"MF-0": 0.63, "MF-2": 0.28},
+          "mf_grade_borderline_with": 2}
+    line = slide_report_lines({"stain": "reticulin", "readouts": ro, **cfg})[0]
+    assert line.startswith("Reticulin fibrosis MF-0 ")
+    assert "borderline between MF-0 and MF-2: the deciding share lies within 5 points of the rule's 30%" in line
+    ro["mf_grade_borderline_with"] = None
+    assert "borderline" not in slide_report_lines({"stain": "reticulin", "readouts": ro, **cfg})[0]
+
+
 def test_cellularity_line_without_age_says_so():
     """No age: the cellularity is reported without a reference, and says why."""
     m = {"stain": "he", "age": None, "readouts": {"cellularity_pct": 41.6}}

@@ -14,6 +14,7 @@ from marrowseg.analyzers.base import TileContext
 from marrowseg.analyzers.reticulin import (
     ReticulinAnalyzer,
     apply_grade_rule,
+    borderline_grade,
     grade_from_measurements,
 )
 from marrowseg.config import load_config
@@ -276,6 +277,18 @@ def test_finalize_grades_half_and_half_by_eumnet():
     assert ro["grade_rule"] == "eumnet_30pct"
     assert abs(ro["local_grade_frac"]["MF-2"] - 0.5) <= 0.1
     assert ro["local_grade_frac"]["MF-0"] >= 0.3
+    assert ro["mf_grade_borderline_with"] is None  # half the marrow is far from the 30 % rule
+
+
+def test_borderline_grade_names_the_other_grade_near_the_30_pct_rule():
+    """A deciding share within the margin of 30 % names the grade it would give across it."""
+    assert borderline_grade({0: 63, 1: 9, 2: 28}, 0.3, 0.05) == 2  # MF-0, MF-2 just short
+    assert borderline_grade({1: 69, 3: 31}, 0.3, 0.05) == 1  # MF-3, just over
+    assert borderline_grade({1: 50, 2: 18, 3: 32}, 0.3, 0.05) == 1  # without MF-3's share MF-1 leads
+    assert borderline_grade({0: 50, 2: 50}, 0.3, 0.05) is None
+    assert borderline_grade({1: 78, 3: 22}, 0.3, 0.05) is None  # 8 points short
+    assert borderline_grade({1: 69, 3: 31}, 0.3, 0.0) is None  # margin 0: off
+    assert borderline_grade({3: 100}, 0.3, 0.05) is None and borderline_grade({}, 0.3, 0.05) is None
 
 
 @pytest.mark.parametrize("pct, want", [(25, 1), (40, 3)])
@@ -291,6 +304,11 @@ def test_finalize_patch_graded_by_its_area(pct, want):
     true_frac = side * side / (n * n)
     assert abs(ro["local_grade_frac"]["MF-3"] - true_frac) <= 0.07
     assert ro["mf_grade"] == want
+    share = ro["local_grade_frac"]["MF-3"]
+    near = abs(share - 0.3) <= 0.05
+    assert (ro["mf_grade_borderline_with"] is not None) == near
+    if near:
+        assert ro["mf_grade_borderline_with"] == 4 - want  # MF-1 <-> MF-3
 
 
 def test_fatty_marrow_is_graded_over_a_larger_window_not_dropped():

@@ -37,6 +37,7 @@ __all__ = [
     "grade_index_array",
     "absorb_small_foci",
     "apply_grade_rule",
+    "borderline_grade",
     "window_readouts",
     "local_grades",
     "local_grades_from_config",
@@ -545,6 +546,46 @@ def apply_grade_rule(area_by_grade: dict[int, float], rule: str, frac: float) ->
     raise ValueError(f"unknown grade rule {rule!r}; expected eumnet_30pct, max or majority")
 
 
+def borderline_grade(area_by_grade: dict[int, float], frac: float, margin: float) -> int | None:
+    """The other grade of a heterogeneous marrow whose ``eumnet_30pct`` grade hangs on a share near ``frac``.
+
+    Parameters
+    ----------
+    area_by_grade : dict of int to float
+        Haematopoietic area (any unit) graded 0..3.
+    frac : float
+        The rule's share (0.30).
+    margin : float
+        How close to ``frac`` a deciding share must lie, as a share of the area.
+
+    Returns
+    -------
+    int or None
+        The grade :func:`apply_grade_rule` would give if the deciding share nearest to ``frac``
+        crossed it (a higher grade just short of it, or the graded one just over it), when that
+        share lies within ``margin`` of ``frac``; None otherwise.
+    """
+    total = float(sum(area_by_grade.values()))
+    if total <= 0 or margin <= 0:
+        return None
+    share = {g: area_by_grade.get(g, 0.0) / total for g in range(4)}
+    grade = apply_grade_rule(area_by_grade, "eumnet_30pct", frac)
+    nearest: tuple[float, int] | None = None
+    for g in range(grade + 1, 4):  # a higher grade just short of the share
+        d = frac - share[g]
+        if 0 < d <= margin and share[g] > 0 and (nearest is None or d < nearest[0]):
+            nearest = (d, g)
+    d = share[grade] - frac  # the graded one just over it
+    if 0 <= d <= margin and (nearest is None or d < nearest[0]):
+        fewer = dict(area_by_grade)
+        rest = total - area_by_grade.get(grade, 0.0)
+        fewer[grade] = (1 - 1e-6) * frac * rest / (1 - frac)  # just under frac of the new total
+        other = apply_grade_rule(fewer, "eumnet_30pct", frac)
+        if other != grade:
+            nearest = (d, other)
+    return None if nearest is None else nearest[1]
+
+
 class ReticulinAnalyzer(Analyzer):
     """Gomori reticulin: fibre length density, intersections, thick fibres and MF grade.
 
@@ -936,6 +977,10 @@ class ReticulinAnalyzer(Analyzer):
             "fibrosis_index": float(index),
             "local_grade_frac": local,
             "grade_rule": c.grade_rule,
+            # the other grade when the rule's deciding share lies within the margin of its threshold
+            "mf_grade_borderline_with": (
+                borderline_grade(area_by_grade, c.grade_rule_frac, c.grade_borderline_margin)
+                if c.grade_rule == "eumnet_30pct" and n_graded > 0 else None),
         }
         return {
             "readouts": readouts,

@@ -94,6 +94,9 @@ class ReticulinConfig(Strict):
         ge=0, le=1, description="haematopoietic area a grading window needs, as a fraction of grade_window_um²")
     grade_rule: Literal["eumnet_30pct", "max", "majority"]
     grade_rule_frac: float = Field(gt=0, le=1, description="share of haematopoietic area for eumnet_30pct")
+    grade_borderline_margin: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="eumnet_30pct: a deciding share this close to grade_rule_frac names the other grade (0: never)")
     grade_thresholds: GradeThresholds
 
     @model_validator(mode="after")
