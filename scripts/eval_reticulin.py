@@ -110,11 +110,14 @@ def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[s
             if cnt["n_junctions"] else 0.0
         l_err = ro["fibre_length_um_per_1e4um2"] / l_true - 1 if l_true else float("nan")
         j_err = ro["intersections_per_mm2"] / j_true - 1 if j_true else float("nan")
-        rows.append((g_true, ro["mf_grade"], l_err, j_err, l_true, ro["fibrosis_index"], ro["fibre_length_um_per_1e4um2"]))
+        alt = ro.get("mf_grade_borderline_with")
+        rows.append((g_true, ro["mf_grade"], l_err, j_err, l_true, ro["fibrosis_index"], ro["fibre_length_um_per_1e4um2"],
+                     -1 if alt is None else alt))
         print(f"{seed:6d} {het or f'MF-{grade}':<10} {l_true:9.0f} {ro['fibre_length_um_per_1e4um2']:9.0f} "
               f"{100 * l_err:+6.1f}% {j_true:9.0f} {j_seen:9.0f} {ro['intersections_per_mm2']:9.0f} {100 * j_err:+6.1f}% "
               f"{t_true:6.3f} {ro['thick_fibre_frac']:6.3f} {g_true:5d} {ro['mf_grade']:6d} "
-              f"{ro['fibrosis_index']:5.2f}  ({time.time() - t0:.0f}s)", flush=True)
+              f"{ro['fibrosis_index']:5.2f}  ({time.time() - t0:.0f}s)"
+              + (f"  borderline with MF-{alt}" if alt is not None else ""), flush=True)
         if het is not None:
             local = ro["local_grade_frac"]
             print("         haematopoietic area by grade, truth / local-grade map: "
@@ -131,6 +134,9 @@ def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[s
     print(f"\nsummary over {len(rows)} phantoms (size {size} px at {mpp:.2f} µm/px)")
     ok = int((g_true == g_meas).sum())
     print(f"  grade recovered: {ok}/{len(rows)} ({100 * ok / len(rows):.0f}%)")
+    alt = np.array([r[7] for r in rows])
+    print(f"  named borderline: {int((alt >= 0).sum())}/{len(rows)}; of the {int((g_true != g_meas).sum())} misgraded, "
+          f"{int(((g_true != g_meas) & (alt == g_true)).sum())} with the true grade as the other grade")
     if heterogeneous and cfg.reticulin.grade_window_placement != "centred":
         print(f"  grade recovered with centred windows on the same cells: {centred_ok}/{len(rows)}")
     for g in sorted(set(g_true.tolist())):

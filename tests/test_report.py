@@ -98,3 +98,17 @@ def test_report_renders_in_headless_chromium(slides, tmp_path):
     screen = {tuple(c) for c in np.unique(img.reshape(-1, 3), axis=0)}
     found = sum(tuple(c) in screen for c in top)
     assert found >= 15, f"only {found} of the overview's 20 main colours on the screenshot"
+
+
+def test_qa_flags_a_borderline_reticulin_grade(tmp_path):
+    """The QA notebook's flag follows the analyzer's borderline readout, and only it."""
+    from marrowseg.report.qa import slide_flags
+    from marrowseg.report.slides import SlideOutput
+
+    ro = {"mf_grade": 0, "fibrosis_index": 1.45, "mf_grade_borderline_with": 2,
+          "local_grade_frac": {"MF-0": 0.63, "MF-1": 0.09, "MF-2": 0.28, "MF-3": 0.0}}
+    metrics = {"stain": "reticulin", "readouts": ro, "areas_um2": {"haematopoietic": 2e6}}
+    flags = slide_flags(SlideOutput("s", tmp_path, metrics))
+    assert any("borderline between MF-0 and MF-2" in f for f in flags), flags
+    ro["mf_grade_borderline_with"] = None
+    assert not any("borderline" in f for f in slide_flags(SlideOutput("s", tmp_path, metrics)))

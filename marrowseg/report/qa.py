@@ -15,8 +15,10 @@ at first; they never change a measurement:
     cellularity within ``cellularity_margin_pct`` points of the age-adjusted limits; fibrosis
     index within ``index_margin`` of a grade boundary (the grade is ``floor(index)``, so the
     boundaries are 1, 2 and 3; see :func:`marrowseg.analyzers.reticulin.grade_from_measurements`);
-    the share of the slide's local grade within ``share_margin`` of the heterogeneity rule's
-    fraction (EUMNET 30 %); a left-shift 95% interval that contains the verdict threshold.
+    a heterogeneous marrow the analyzer names borderline between two grades (readout
+    ``mf_grade_borderline_with``: the share deciding the EUMNET grade within
+    ``reticulin.grade_borderline_margin`` of 30 %); a left-shift 95% interval that contains the
+    verdict threshold.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _fallback(prepare: Any) -> str:
 
 
 def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_margin_pct: float = 5.0,
-                index_margin: float = 0.15, share_margin: float = 0.05, min_stain_confidence: float = 0.5) -> list[str]:
+                index_margin: float = 0.15, min_stain_confidence: float = 0.5) -> list[str]:
     """Review flags of one analysed slide (see the module docstring), each a short phrase."""
     m = slide.metrics
     ro = slide.readouts
@@ -86,17 +88,10 @@ def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_
             near = [b for b in (1, 2, 3) if abs(float(idx) - b) <= index_margin]
             if near:
                 flags.append(f"near a grade boundary (fibrosis index {idx:.2f} vs MF-{near[0]} at {near[0]})")
-        frac = ((m.get("provenance") or {}).get("config", {}).get("reticulin", {}) or {}).get("grade_rule_frac")
-        local = ro.get("local_grade_frac") or {}
-        g = ro.get("mf_grade")
-        if frac and ro.get("grade_rule") == "eumnet_30pct" and g is not None:
-            # the grade above the reported one nearly reached the rule's share, or the reported one barely did
-            for gg in (g, g + 1):
-                share = local.get(f"MF-{gg}")
-                if share and abs(float(share) - frac) <= share_margin:
-                    flags.append(f"near a grade boundary (MF-{gg} covers {100 * share:.0f}% of the area, "
-                                 f"rule {100 * frac:.0f}%)")
-                    break
+        alt = ro.get("mf_grade_borderline_with")
+        if alt is not None:  # the analyzer's own test: reticulin.borderline_grade
+            flags.append(f"near a grade boundary (borderline between MF-{ro.get('mf_grade')} and MF-{alt}: "
+                         "the share deciding the EUMNET grade lies near 30%)")
     elif slide.stain == "ecad":
         shift = ((m.get("interpretation") or {}).get("left_shift")) or {}
         ci, thr = ro.get("left_shift_ratio_ci95"), shift.get("threshold")
