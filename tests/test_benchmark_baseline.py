@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from marrowseg import synth
 from marrowseg.analyzers import fibres, get_analyzer, nuclei, reticulin, tissue
 from marrowseg.config import load_config
 from marrowseg.engine import analyze_array
+from tests._scripts import load_script
 
 MPP = 0.5
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", Path(__file__).parents[1] / "scripts" / "benchmark.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmark")
 
 
 @pytest.mark.parametrize("stain", ["he", "ecad", "reticulin"])

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests._scripts import load_script
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "scripts" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("stain", ["he", "ecad", "reticulin"])
@@ -27,7 +19,7 @@ def test_cuda_matches_cpu_within_the_documented_tolerance(tmp_path, stain):
     """
     from marrowseg.synth import write_phantom
 
-    gc = _gpu_check()
+    gc = load_script("gpu_check")
     path, _ = write_phantom(tmp_path, stain, name=stain, seed=11, size_px=(2048, 2048), mpp=0.25, **gc._PARAMS[stain])
     ref, other = gc.run(path, stain, "cpu", []), gc.run(path, stain, "cuda", [])
     cmp = gc.compare(ref, other)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_reticulin.py"
+from tests._scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("eval_reticulin", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("eval_reticulin")
 
 
 def test_regrade_of_saved_windows_reproduces_the_analyzer_grade(tmp_path, capsys):
