@@ -15,7 +15,9 @@ analyzer's resolution):
 4. ``peak_rss_mb``: peak resident memory of the full run, summed over the process and its
    DataLoader workers (sampled every 0.1 s; pages shared after the fork count once per process, so
    this is an upper bound), for the slide and for one 4x larger (``--rss-scale 2`` doubles each
-   side), to show it is flat; ``peak_rss_largest_process_mb`` is the largest single process;
+   side), to show it is flat; ``peak_rss_largest_process_mb`` is the largest single process, and
+   ``peak_pss_mb`` the summed proportional set size (shared pages split among the processes that
+   map them: what the run really holds, where RSS counts torch's libraries once per worker);
 5. ``gpu_mp_s``: the same run on CUDA when a GPU is present.
 
 Prints a table; ``--json FILE`` writes the figures with the machine and versions.
@@ -221,13 +223,14 @@ def decode_rate(path: Path, stain: str) -> dict:
 _CHILD = r"""
 import json, resource, sys, threading, time
 import psutil
-peak = [0]
-def _watch():  # peak of the summed RSS of this process and its workers (shared pages count twice)
+peak = [0, 0]
+def _watch():  # peaks of the summed RSS (shared pages count once per process) and PSS (shared pages split)
     me = psutil.Process()
     while True:
         try:
-            procs = [me] + me.children(recursive=True)
-            peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs if p.is_running()))
+            procs = [p for p in [me] + me.children(recursive=True) if p.is_running()]
+            peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs))
+            peak[1] = max(peak[1], sum(getattr(p.memory_full_info(), "pss", 0) for p in procs))
         except psutil.Error:
             pass
         time.sleep(0.1)
@@ -250,7 +253,7 @@ with open_slide(path) as reader:
 dt = time.perf_counter() - t0
 core = sum(r["core_rows"] * r["core_cols"] for r in res.tiles) / 1e6
 rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-print(json.dumps({"seconds": dt, "core_mp": core, "rss_kb": rss, "tree_rss_kb": peak[0] // 1024, "totals": res.totals,
+print(json.dumps({"seconds": dt, "core_mp": core, "rss_kb": rss, "tree_rss_kb": peak[0] // 1024, "tree_pss_kb": peak[1] // 1024, "totals": res.totals,
                   "readouts": res.readouts, "device": res.provenance["device"], "tiles": res.tiles}, default=str))
 """
 
@@ -263,6 +266,7 @@ def pipeline_run(path: Path, stain: str, device: str = "cpu") -> dict:
     doc["mp_s"] = doc["core_mp"] / doc["seconds"]
     doc["peak_rss_mb"] = doc["tree_rss_kb"] / 1024  # all processes together
     doc["peak_rss_largest_process_mb"] = doc["rss_kb"] / 1024
+    doc["peak_pss_mb"] = doc["tree_pss_kb"] / 1024  # the memory the run really holds
     return doc
 
 
@@ -346,18 +350,19 @@ def main(argv: list[str] | None = None) -> int:
         row.update(decode_rate(path, stain))
         run = pipeline_run(path, stain, "cpu")
         row.update(pipeline_mp_s=run["mp_s"], pipeline_s=run["seconds"], peak_rss_mb=run["peak_rss_mb"],
-                   peak_rss_largest_process_mb=run["peak_rss_largest_process_mb"], readouts=run["readouts"])
+                   peak_rss_largest_process_mb=run["peak_rss_largest_process_mb"], peak_pss_mb=run["peak_pss_mb"],
+                   readouts=run["readouts"])
         row.update(skimage_rate(path, stain, nbase, run["tiles"]))
         if args.rss_scale and stain in args.rss_stains.split(","):
             big = _slide(args.workdir, stain, side * args.rss_scale)
             rb = pipeline_run(big, stain, "cpu")
-            row.update(peak_rss_mb_4x=rb["peak_rss_mb"], pipeline_mp_s_4x=rb["mp_s"])
+            row.update(peak_rss_mb_4x=rb["peak_rss_mb"], peak_pss_mb_4x=rb["peak_pss_mb"], pipeline_mp_s_4x=rb["mp_s"])
         if torch.cuda.is_available():
             g = pipeline_run(path, stain, "cuda")
             row.update(gpu_mp_s=g["mp_s"])
         rows.append(row)
     hdr = ("stain", "slide px", "core Mpx", "decode Mpx/s", "pipeline Mpx/s", "skimage Mpx/s", "pipe/decode",
-           "pipe/skimage", "ref vs torch", "peak RSS MB", "RSS 4x MB", "GPU Mpx/s")
+           "pipe/skimage", "ref vs torch", "peak RSS MB", "RSS 4x MB", "peak PSS MB", "PSS 4x MB", "GPU Mpx/s")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for r in rows:
@@ -367,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{r['pipeline_mp_s'] / r['decode_mp_s']:.2f}",
                  f"{r['pipeline_mp_s'] / sk:.1f}" if sk else "n/a",
                  f"{r['max_rel_diff_vs_torch']:.1e}" if sk else "n/a", f"{r['peak_rss_mb']:.0f}",
-                 f"{r.get('peak_rss_mb_4x', float('nan')):.0f}",
+                 f"{r.get('peak_rss_mb_4x', float('nan')):.0f}", f"{r['peak_pss_mb']:.0f}",
+                 f"{r.get('peak_pss_mb_4x', float('nan')):.0f}",
                  f"{r['gpu_mp_s']:.1f}" if "gpu_mp_s" in r else "n/a"]
         print("| " + " | ".join(cells) + " |")
     if args.json:
