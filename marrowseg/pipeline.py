@@ -94,6 +94,11 @@ def analyze_slide(
             result = run_slide(reader, analyzer, config, sink=sink, age=age, progress=progress)
             write_rows_csv(out / "tiles.csv", result.tiles, first=("tile", "status"))
             write_windows_csv(out, result.windows)
+            for name, content in analyzer.window_outputs(result.windows).items():
+                if name.endswith(".png"):
+                    write_png(out / name, content)
+                else:
+                    write_rows_csv(out / name, content, first=("win_row", "win_col"))
             _write_images(reader, analyzer, result, sink, out, small, config)
             sink.commit()
         except BaseException:

@@ -124,3 +124,33 @@ def test_atomic_open_leaves_the_old_file_when_writing_fails(tmp_path):
     with atomic_open(target, "w") as fh:
         fh.write("new")
     assert target.read_text() == "new"
+
+
+def test_reticulin_writes_the_local_grade_map_its_grade_is_made_of(analysed):
+    """local_grades.csv holds the graded grid cells whose areas give ``local_grade_frac``;
+    local_grades.png draws the same grades, one block per cell."""
+    stain, tiff, out = analysed
+    if stain != "reticulin":
+        assert not (out / "local_grades.csv").exists()
+        return
+    m = json.loads((out / "metrics.json").read_text())
+    with open(out / "local_grades.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {"win_row", "win_col", "x_um", "y_um", "haem_um2", "local_grade"} <= set(rows[0])
+    area = np.zeros(4)
+    for r in rows:
+        area[int(r["local_grade"])] += float(r["haem_um2"])
+    frac = m["readouts"]["local_grade_frac"]
+    np.testing.assert_allclose(area / area.sum(), [frac[f"MF-{g}"] for g in range(4)], atol=1e-9)
+    cell_um = m["measurements"]["window_um"]
+    assert all(float(r["x_um"]) == int(r["win_col"]) * cell_um for r in rows)
+    img = cv2.cvtColor(cv2.imread(str(out / "local_grades.png")), cv2.COLOR_BGR2RGB)
+    with open(out / "windows.csv", newline="") as fh:
+        n_rows = max(int(w["win_row"]) for w in csv.DictReader(fh)) + 1  # the map spans every window
+    k = img.shape[0] // n_rows
+    assert img.shape[0] == k * n_rows
+    colours = {0: (27, 158, 119), 1: (230, 171, 2), 2: (217, 95, 2), 3: (200, 30, 30)}
+    for r in rows[:: max(1, len(rows) // 40)]:
+        px = img[int(r["win_row"]) * k + k // 2, int(r["win_col"]) * k + k // 2]
+        assert tuple(int(v) for v in px) == colours[int(r["local_grade"])]
+    assert {"local_grades.csv", "local_grades.png"} <= set(m["outputs"])

@@ -208,6 +208,21 @@ class Analyzer(ABC):
             Geometry of the tile.
         """
 
+    def window_outputs(self, windows: dict[tuple[int, int], dict[str, float]]) -> dict[str, Any]:
+        """Files derived from the slide's window sums, beside ``windows.csv``; none by default.
+
+        Parameters
+        ----------
+        windows : dict
+            Sum over tiles of every window's stats (as for :meth:`finalize`).
+
+        Returns
+        -------
+        dict of str to (list of dict or (H, W, 3) uint8 ndarray)
+            ``name.csv`` -> table rows, ``name.png`` -> an RGB image.
+        """
+        return {}
+
     @abstractmethod
     def finalize(
         self,

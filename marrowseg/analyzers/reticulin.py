@@ -932,6 +932,35 @@ class ReticulinAnalyzer(Analyzer):
         return TileResult(stats=stats, maps=maps, cells={}, windows=windows)
 
     # -- per slide ----------------------------------------------------------------------
+    def window_outputs(self, windows: dict[tuple[int, int], dict[str, float]]) -> dict[str, Any]:
+        """The local-grade map: ``local_grades.csv`` (a row per graded grid cell) and ``local_grades.png``.
+
+        The grades are those the slide grade is made of (:func:`local_grades_from_config` on the
+        same sums as :meth:`finalize`). In the image each grid cell (``window_um`` a side, the
+        slide's top-left cell first) is one block: MF-0 green, MF-1 yellow, MF-2 orange, MF-3
+        red, white where not graded.
+        """
+        c = self.config
+        loc = local_grades_from_config(windows, self.mpp, c)
+        grades = loc["grades"]
+        if grades.size == 0:
+            return {}
+        r0, c0 = loc["origin"]
+        rows = []
+        for i, j in zip(*np.nonzero(grades >= 0), strict=True):
+            rows.append({"win_row": int(r0 + i), "win_col": int(c0 + j),
+                         "x_um": float((c0 + j) * c.window_um), "y_um": float((r0 + i) * c.window_um),
+                         "haem_um2": float(loc["haem_um2"][i, j]), "local_grade": int(grades[i, j]),
+                         "window_index": float(loc["index"][i, j]),
+                         "window_um": float(loc["window_cells_used"][i, j] * c.window_um)})
+        # the whole slide from its top-left corner, cells scaled to blocks of up to 1,024 px a side
+        full = np.full((r0 + grades.shape[0], c0 + grades.shape[1]), -1, np.int16)
+        full[r0:, c0:] = grades
+        lut = np.array([[27, 158, 119], [230, 171, 2], [217, 95, 2], [200, 30, 30], [255, 255, 255]], np.uint8)
+        img = lut[np.where(full >= 0, full, 4)]
+        k = max(1, 1024 // max(full.shape))
+        return {"local_grades.csv": rows, "local_grades.png": np.repeat(np.repeat(img, k, axis=0), k, axis=1)}
+
     def finalize(
         self,
         totals: dict[str, float],
