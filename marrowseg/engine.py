@@ -48,11 +48,11 @@ log = logging.getLogger(__name__)
 
 #: Number of tissue pixels handed to ``Analyzer.prepare``.
 _SAMPLE_PIXELS = 250_000
+_SAMPLE_TILES = 8
 # Greyscale: 99 % of tissue pixels within this many levels between their brightest and darkest
 # channel. Stained tissue reads 76-130 (mbm-dev H&E, Ki67 DAB, BoMBR silver, MoNuSeg); a grey
 # image stored as RGB reads 0, a few levels after JPEG.
 _GREY_MAX_CHROMA = 8
-_SAMPLE_TILES = 8
 
 
 # ----------------------------------------------------------------------------- geometry
