@@ -12,6 +12,7 @@ import pytest
 import zarr
 
 from marrowseg import cli
+from marrowseg.analyzers.reticulin import GRADE_RGB
 from marrowseg.demo import available_stains
 
 STAINS = available_stains()
@@ -149,7 +150,7 @@ def test_reticulin_writes_the_local_grade_map_its_grade_is_made_of(analysed):
         n_rows = max(int(w["win_row"]) for w in csv.DictReader(fh)) + 1  # the map spans every window
     k = img.shape[0] // n_rows
     assert img.shape[0] == k * n_rows
-    colours = {0: (27, 158, 119), 1: (230, 171, 2), 2: (217, 95, 2), 3: (200, 30, 30)}
+    colours = dict(enumerate(GRADE_RGB))
     for r in rows[:: max(1, len(rows) // 40)]:
         px = img[int(r["win_row"]) * k + k // 2, int(r["win_col"]) * k + k // 2]
         assert tuple(int(v) for v in px) == colours[int(r["local_grade"])]

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 EXCLUDED, HAEM, FAT, BONE = 0, 1, 2, 3
 GRADE_NAMES = ("MF-0", "MF-1", "MF-2", "MF-3")
+#: display colours of MF-0..MF-3 (local-grade map, report heatmap)
+GRADE_RGB: tuple[tuple[int, int, int], ...] = ((60, 170, 90), (245, 205, 60), (240, 130, 40), (200, 30, 40))
 MEASURES = ("fibre_length_um_per_1e4um2", "intersections_per_mm2", "thick_fibre_frac")
 
 
@@ -937,8 +939,8 @@ class ReticulinAnalyzer(Analyzer):
 
         The grades are those the slide grade is made of (:func:`local_grades_from_config` on the
         same sums as :meth:`finalize`). In the image each grid cell (``window_um`` a side, the
-        slide's top-left cell first) is one block: MF-0 green, MF-1 yellow, MF-2 orange, MF-3
-        red, white where not graded.
+        slide's top-left cell first) is one block in its grade's colour (:data:`GRADE_RGB`), white
+        where not graded.
         """
         c = self.config
         loc = local_grades_from_config(windows, self.mpp, c)
@@ -956,7 +958,7 @@ class ReticulinAnalyzer(Analyzer):
         # the whole slide from its top-left corner, cells scaled to blocks of up to 1,024 px a side
         full = np.full((r0 + grades.shape[0], c0 + grades.shape[1]), -1, np.int16)
         full[r0:, c0:] = grades
-        lut = np.array([[27, 158, 119], [230, 171, 2], [217, 95, 2], [200, 30, 30], [255, 255, 255]], np.uint8)
+        lut = np.array([*GRADE_RGB, (255, 255, 255)], np.uint8)
         img = lut[np.where(full >= 0, full, 4)]
         k = max(1, 1024 // max(full.shape))
         return {"local_grades.csv": rows, "local_grades.png": np.repeat(np.repeat(img, k, axis=0), k, axis=1)}

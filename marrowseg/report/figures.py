@@ -7,6 +7,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from marrowseg.analyzers.reticulin import GRADE_RGB
+
 __all__ = ["grid_thumbnail", "GRADE_RGB", "fit_size", "cell_class_colours", "draw_cells", "draw_fibres", "grade_heatmap"]
 
 
@@ -38,8 +40,7 @@ def grid_thumbnail(thumb: np.ndarray, layout: Any) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- report figures
-#: colour of each local MF grade (0..3) in heatmaps; "not graded" is left as the slide
-GRADE_RGB: tuple[tuple[int, int, int], ...] = ((60, 170, 90), (245, 205, 60), (240, 130, 40), (200, 30, 40))
+# colours of the local MF grades: analyzers.reticulin.GRADE_RGB ("not graded" is left as the slide)
 
 
 def fit_size(img: np.ndarray, max_px: int) -> np.ndarray:
