@@ -51,6 +51,17 @@ def _plain_edt(mask, dtype=np.float32):
     return ndi.distance_transform_edt(mask).astype(dtype)
 
 
+def _whole_tile_band(labels, inner_px, outer_px, wanted=None):
+    """The ring band over the whole tile, then the wanted owners' share (no windows)."""
+    from marrowseg.analyzers.distance import nearest_label_band
+
+    bg, rr, cc, owner = nearest_label_band(labels, inner_px, outer_px)
+    if wanted is None:
+        return bg, rr, cc, owner
+    ok = np.isin(owner, wanted)
+    return bg, rr[ok], cc[ok], owner[ok]
+
+
 def _plain_dilation(mask, footprint, iterations=1):
     from scipy import ndimage as ndi
 
@@ -96,15 +107,17 @@ def scikit_image_only():
 
     The way a user would write it with those libraries alone: distance transforms by
     ``ndi.distance_transform_edt``, binary morphology by ``ndi.binary_*``, peak candidates by
-    ``peak_local_max``, one ``watershed`` call per region, nuclear splitting box by box. Each
+    ``peak_local_max``, one ``watershed`` call per region, nuclear splitting box by box, the
+    E-cadherin ring band over the whole tile (not in windows around the cells it is for). Each
     fast path is tested equal to the call it replaces (tests/test_distance.py,
     test_morphology.py, test_nuclei.py, test_nuclei_speed.py), and the totals are compared
-    below. The rest of the post-processing (labelling, measurements, the E-cadherin ring band)
-    is shared with the pipeline.
+    below. The rest of the post-processing (labelling, measurements, the ring band's own
+    transforms) is shared with the pipeline.
     """
-    from marrowseg.analyzers import fibres, nuclei, reticulin, tissue
+    from marrowseg.analyzers import ecad, fibres, nuclei, reticulin, tissue
 
-    swaps = [(nuclei, "distance_to_background", _plain_edt), (tissue, "distance_to_background", _plain_edt),
+    swaps = [(ecad, "nearest_label_band", _whole_tile_band),
+             (nuclei, "distance_to_background", _plain_edt), (tissue, "distance_to_background", _plain_edt),
              (fibres, "distance_to_background", _plain_edt), (reticulin, "distance_to_background", _plain_edt),
              (fibres, "binary_dilation", _plain_dilation), (tissue, "binary_opening", _plain_opening),
              (tissue, "binary_closing", _plain_closing), (nuclei, "_peak_candidates", _plain_peaks),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from marrowseg import synth
-from marrowseg.analyzers import fibres, get_analyzer, nuclei, reticulin, tissue
+from marrowseg.analyzers import ecad, fibres, get_analyzer, nuclei, reticulin, tissue
 from marrowseg.config import load_config
 from marrowseg.engine import analyze_array
 from tests._scripts import load_script
@@ -29,6 +29,7 @@ def test_scikit_image_only_swaps_the_fast_paths_and_gives_the_same_totals(stain)
         assert nuclei._watershed is bench._plain_watershed and nuclei._split_boxes_packed is bench._plain_split
         assert tissue.distance_to_background is bench._plain_edt and fibres.binary_dilation is bench._plain_dilation
         assert reticulin.distance_to_background is bench._plain_edt
+        assert ecad.nearest_label_band is bench._whole_tile_band
         plain = analyze_array(rgb, MPP, get_analyzer(stain, cfg), cfg, device="cpu")
     assert {name: getattr(nuclei, name) for name in before} == before  # restored
     assert len(fast.cells.get("x", [])) == len(plain.cells.get("x", [])) and fast.report["readouts"] == plain.report["readouts"]

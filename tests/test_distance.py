@@ -79,3 +79,44 @@ def test_distance_to_background_far_from_background_falls_back_exactly():
     mask = np.ones((1100, 1100), bool)
     mask[0, 0] = False
     assert np.array_equal(distance_to_background(mask), ndi.distance_transform_edt(mask).astype(np.float32))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nearest_label_band_of_wanted_labels_is_their_part_of_the_band(seed, monkeypatch):
+    # a few wanted labels among many: the windowed transform must give exactly the wanted
+    # owners' share of the whole band, and must really run on windows, not on the tile
+    import marrowseg.analyzers.distance as dist
+
+    rng = np.random.default_rng(100 + seed)
+    labels = np.zeros((160, 170), np.int32)
+    centres = rng.integers(0, (160, 170), (90, 2))
+    for k, (r, c) in enumerate(centres, start=1):
+        rad = int(rng.integers(1, 4))
+        labels[max(r - rad, 0) : r + rad + 1, max(c - rad, 0) : c + rad + 1] = k
+    present = np.unique(labels[labels > 0])
+    wanted = rng.choice(present, 4, replace=False)
+    sizes = []
+    band = dist._band
+    monkeypatch.setattr(dist, "_band", lambda lab, *a: (sizes.append(lab.size), band(lab, *a))[1])
+    _, rr, cc, owner = nearest_label_band(labels, 0.5, 6.2, wanted=wanted)
+    assert sizes and max(sizes) < labels.size  # windows, not the whole tile
+    er, ec, nearest = _brute_force_band(labels, 0.5, 6.2)
+    mine = np.array([bool(s & set(wanted.tolist())) for s in nearest])
+    # ties between a wanted and an unwanted label may go either way: compare the sure pixels
+    sure = np.array([len(s) == 1 for s in nearest])
+    got = set(zip(rr.tolist(), cc.tolist()))
+    assert {p for p, m, s in zip(zip(er.tolist(), ec.tolist()), mine, sure) if m and s} <= got
+    assert got <= {p for p, m in zip(zip(er.tolist(), ec.tolist()), mine) if m}
+    lookup = {p: s for p, s in zip(zip(er.tolist(), ec.tolist()), nearest)}
+    assert all(int(o) in lookup[p] for p, o in zip(zip(rr.tolist(), cc.tolist()), owner))
+    assert np.all(np.diff(rr * labels.shape[1] + cc) > 0)  # raster order
+
+
+def test_nearest_label_band_of_many_wanted_labels_is_the_whole_tile_band():
+    rng = np.random.default_rng(7)
+    labels = ndi.label(ndi.gaussian_filter(rng.random((80, 90)), 1.2) > 0.6)[0].astype(np.int32)
+    everyone = np.unique(labels[labels > 0])
+    full = nearest_label_band(labels, 0.0, 4.0)
+    some = nearest_label_band(labels, 0.0, 4.0, wanted=everyone)
+    for a, b in zip(full[1:], some[1:]):
+        assert np.array_equal(a, b)

@@ -52,8 +52,8 @@ def distance_to_background(mask: np.ndarray, dtype: type = np.float32) -> np.nda
     return np.sqrt(np.arange(top + 1, dtype=np.float64)).astype(dtype)[d2]
 
 
-def nearest_label_band(labels: np.ndarray, inner_px: float,
-                       outer_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def nearest_label_band(labels: np.ndarray, inner_px: float, outer_px: float,
+                       wanted: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Background pixels at a distance in ``(inner_px, outer_px]`` of a label, and that label.
 
     Parameters
@@ -62,6 +62,9 @@ def nearest_label_band(labels: np.ndarray, inner_px: float,
         Labelled regions, 0 the background.
     inner_px, outer_px : float
         The band's distance limits, pixels.
+    wanted : (K,) int ndarray, optional
+        Only the band pixels owned by these labels are returned (all labels still compete for
+        the pixels). Where they are few, only the windows around them are transformed.
 
     Returns
     -------
@@ -81,6 +84,14 @@ def nearest_label_band(labels: np.ndarray, inner_px: float,
     phantom tile) is re-assigned by looking at the offsets of exactly that length. SciPy's
     feature transform gave the same band at about twice the cost (0.37 against 0.16-0.18 s on
     a 2,048² tile).
+
+    With ``wanted``, the transforms run on the bounding boxes of the groups of wanted labels
+    lying within ``2 floor(outer_px)`` of each other: a band pixel's nearest label lies
+    within ``outer_px`` of it, so inside its group's box, and labels whose bands could
+    touch share a box. The band is the same; only which of two equidistant labels owns a
+    pixel may differ from the whole-tile transform. The late-erythroid rim and the rings of
+    pale and membrane-enclosed cells (a few hundred cells of a tile) cost a fifth of the
+    whole-tile transform or less.
     """
     labels = np.asarray(labels)
     bg = labels == 0
@@ -88,6 +99,55 @@ def nearest_label_band(labels: np.ndarray, inner_px: float,
     r_sq = int(math.floor(outer_px))
     if r_sq < 1 or bg.all() or not bg.any():
         return bg, empty, empty, labels[empty, empty]
+    if wanted is None:
+        return (bg, *_band(labels, bg, inner_px, outer_px))
+    top = int(labels.max())
+    lut = np.zeros(max(top, int(np.max(wanted, initial=0))) + 1, bool)
+    lut[np.asarray(wanted, np.int64)] = True
+    if lut.sum() > _WINDOW_LABELS * top:  # most labels wanted: their windows would cover the tile
+        rr, cc, owner = _band(labels, bg, inner_px, outer_px)
+        ok = lut[owner]
+        return bg, rr[ok], cc[ok], owner[ok]
+    keep = lut[labels]
+    if not keep.any():
+        return bg, empty, empty, labels[empty, empty]
+    reach = 2 * r_sq + 1
+    groups = cv2.dilate(keep.view(np.uint8), np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
+    n, group, stats, _ = cv2.connectedComponentsWithStats(groups, connectivity=8, ltype=cv2.CV_32S)
+    boxes = stats[1:, :4]
+    if n == 1 or boxes[:, 2].astype(np.int64) @ boxes[:, 3] > _WINDOW_SHARE * labels.size:
+        rr, cc, owner = _band(labels, bg, inner_px, outer_px)
+        ok = lut[owner]
+        return bg, rr[ok], cc[ok], owner[ok]
+    w = labels.shape[1]
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    for g, (x, y, bw, bh) in enumerate(boxes, start=1):
+        win = (slice(y, y + bh), slice(x, x + bw))
+        rr, cc, owner = _band(labels[win], bg[win], inner_px, outer_px)
+        rr, cc = rr + y, cc + x
+        # boxes overlap; a pixel is its own group's (the dilation holds every band pixel of the group)
+        ok = lut[owner] & (group[rr, cc] == g)
+        parts.append((rr[ok] * w + cc[ok], owner[ok]))
+    flat = np.concatenate([f for f, _ in parts])
+    owner = np.concatenate([o for _, o in parts])
+    order = np.argsort(flat, kind="stable")
+    rr, cc = np.divmod(flat[order], w)
+    return bg, rr, cc, owner[order]
+
+
+#: above this share of the tile in group boxes, one whole-tile transform is cheaper
+_WINDOW_SHARE = 0.5
+#: above this share of the labels wanted, the boxes are not even looked for
+_WINDOW_LABELS = 0.4
+
+
+def _band(labels: np.ndarray, bg: np.ndarray, inner_px: float,
+          outer_px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`nearest_label_band` over the whole of ``labels`` (rows, cols, owner)."""
+    empty = np.zeros(0, np.intp)
+    if bg.all() or not bg.any():
+        return empty, empty, labels[empty, empty]
+    r_sq = int(math.floor(outer_px))
     w = labels.shape[1]
     near = cv2.dilate((~bg).view(np.uint8), np.ones((2 * r_sq + 1, 2 * r_sq + 1), np.uint8)).view(bool)
     flat = np.flatnonzero(near & bg)
@@ -106,7 +166,7 @@ def nearest_label_band(labels: np.ndarray, inner_px: float,
     wrong = np.flatnonzero(got != d2)
     if len(wrong):
         _fix_nearest(labels, rr[wrong], cc[wrong], d2[wrong], fr, fc, wrong)
-    return bg, rr, cc, labels[fr, fc]
+    return rr, cc, labels[fr, fc]
 
 
 def _fix_nearest(labels: np.ndarray, rr: np.ndarray, cc: np.ndarray, d2: np.ndarray,

@@ -289,7 +289,7 @@ def ring_scores(
     n = len(table["label"])
     if n == 0:
         return np.zeros(0, np.float64)
-    _, rr, cc, owner = nearest_label_band(labels, gap_um / mpp, (gap_um + width_um) / mpp)
+    _, rr, cc, owner = nearest_label_band(labels, gap_um / mpp, (gap_um + width_um) / mpp, wanted=table["label"])
     lut = np.full(int(labels.max()) + 1 if labels.size else 1, -1, np.int64)
     lut[table["label"]] = np.arange(n)
     idx = lut[owner]
@@ -445,7 +445,7 @@ def _rim_stats(labels: np.ndarray, table: dict[str, np.ndarray], od: np.ndarray,
     pale = np.full(n, np.nan)
     if n == 0:
         return out, pale
-    _, rr, cc, owner = nearest_label_band(labels, inner_um / mpp, outer_um / mpp)
+    _, rr, cc, owner = nearest_label_band(labels, inner_um / mpp, outer_um / mpp, wanted=table["label"])
     lut = np.full(max(int(labels.max()), int(np.max(table["label"]))) + 1, -1, np.int64)
     lut[table["label"]] = np.arange(n)
     idx = lut[owner]
@@ -491,8 +491,8 @@ def _territory_border(labels: np.ndarray, lut: np.ndarray, rr: np.ndarray, cc: n
         Looked up at the ring pixels' neighbours only, not over the tile.
     """
     h, w = labels.shape
-    lut1 = np.asarray(lut, np.int64) + 1  # 0: nobody's (background, or a label not in the table)
-    owner = lut1[labels].astype(np.int32)
+    lut1 = (np.asarray(lut, np.int64) + 1).astype(np.int32)  # 0: nobody's (background, or a label not in the table)
+    owner = lut1[labels]
     own = (np.asarray(idx) + 1).astype(np.int32)
     owner[rr, cc] = own
     border = np.zeros(len(rr), bool)
