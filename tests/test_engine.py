@@ -191,6 +191,36 @@ def test_an_error_inside_post_propagates():
         _run(img, analyzer=Broken(), config=_cfg(post_threads=1))
 
 
+class _SlowFirstTile(DiscAnalyzer):
+    """Tile 0 takes long: the other worker must go on with the next tiles meanwhile."""
+
+    def post(self, dense, rgb, ctx):
+        if ctx.index == 0:
+            import time
+
+            time.sleep(1.5)
+        return super().post(dense, rgb, ctx)
+
+
+def test_a_free_worker_takes_the_next_tile_and_results_stay_in_tile_order(tmp_path):
+    img, _ = disc_image(seed=8)
+    path = tmp_path / "discs.tif"
+    tifffile.imwrite(path, img, photometric="rgb", tile=(64, 64), resolution=(1e4, 1e4),
+                     resolutionunit="CENTIMETER")
+    cfg = _cfg(tile_px=64, overlap_px=8, prefetch_batches=1)
+    with open_slide(path) as reader:
+        r0 = run_slide(reader, DiscAnalyzer(), cfg, workers=0)
+        r2 = run_slide(reader, _SlowFirstTile(), cfg, workers=2)
+    per = r2.provenance["device"]["tiles_per_worker"]
+    assert len(r2.tiles) >= 8
+    # in turn, each worker would take every other tile whatever the time they take
+    assert max(per) > min(per) + 2, per
+    assert [r["tile"] for r in r2.tiles] == [r["tile"] for r in r0.tiles]
+    assert r0.totals == r2.totals and r0.windows == r2.windows
+    np.testing.assert_array_equal(r0.cells["x"], r2.cells["x"])
+    np.testing.assert_array_equal(r0.maps["labels"], r2.maps["labels"])
+
+
 def test_an_error_inside_post_propagates_from_tile_workers(tmp_path):
     """On the CPU with worker processes each worker runs whole tiles: an analyzer bug still stops the slide."""
 
