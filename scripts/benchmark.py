@@ -51,6 +51,12 @@ def _plain_edt(mask, dtype=np.float32):
     return ndi.distance_transform_edt(mask).astype(dtype)
 
 
+def _plain_gaussian(img, sigma_px):
+    from scipy import ndimage as ndi
+
+    return ndi.gaussian_filter(img, sigma_px, mode="constant", truncate=3.0)
+
+
 def _whole_tile_band(labels, inner_px, outer_px, wanted=None):
     """The ring band over the whole tile, then the wanted owners' share (no windows)."""
     from marrowseg.analyzers.distance import nearest_label_band
@@ -107,7 +113,8 @@ def scikit_image_only():
 
     The way a user would write it with those libraries alone: distance transforms by
     ``ndi.distance_transform_edt``, binary morphology by ``ndi.binary_*``, peak candidates by
-    ``peak_local_max``, one ``watershed`` call per region, nuclear splitting box by box, the
+    ``peak_local_max``, Gaussians by ``ndi.gaussian_filter``, one ``watershed`` call per region,
+    nuclear splitting box by box, the
     E-cadherin ring band over the whole tile (not in windows around the cells it is for). Each
     fast path is tested equal to the call it replaces (tests/test_distance.py,
     test_morphology.py, test_nuclei.py, test_nuclei_speed.py), and the totals are compared
@@ -119,6 +126,7 @@ def scikit_image_only():
     swaps = [(ecad, "nearest_label_band", _whole_tile_band),
              (nuclei, "distance_to_background", _plain_edt), (tissue, "distance_to_background", _plain_edt),
              (fibres, "distance_to_background", _plain_edt), (reticulin, "distance_to_background", _plain_edt),
+             (fibres, "gaussian_zero_border", _plain_gaussian),
              (fibres, "binary_dilation", _plain_dilation), (tissue, "binary_opening", _plain_opening),
              (tissue, "binary_closing", _plain_closing), (nuclei, "_peak_candidates", _plain_peaks),
              (nuclei, "_watershed", _plain_watershed), (nuclei, "_split_boxes_packed", _plain_split)]

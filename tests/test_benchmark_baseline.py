@@ -30,8 +30,20 @@ def test_scikit_image_only_swaps_the_fast_paths_and_gives_the_same_totals(stain)
         assert tissue.distance_to_background is bench._plain_edt and fibres.binary_dilation is bench._plain_dilation
         assert reticulin.distance_to_background is bench._plain_edt
         assert ecad.nearest_label_band is bench._whole_tile_band
+        assert fibres.gaussian_zero_border is bench._plain_gaussian
         plain = analyze_array(rgb, MPP, get_analyzer(stain, cfg), cfg, device="cpu")
     assert {name: getattr(nuclei, name) for name in before} == before  # restored
-    assert len(fast.cells.get("x", [])) == len(plain.cells.get("x", [])) and fast.report["readouts"] == plain.report["readouts"]
+    assert len(fast.cells.get("x", [])) == len(plain.cells.get("x", []))
+    # every fast path is exact but OpenCV's Gaussian (float rounding: 1e-9 of a fibre length)
+    _same(fast.report["readouts"], plain.report["readouts"])
     for a, b in zip(fast.tiles, plain.tiles, strict=True):
-        assert a == b
+        _same(a, b)
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if isinstance(v, float) and not float(v).is_integer():
+            assert b[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+        else:
+            assert b[k] == v, k

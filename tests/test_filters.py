@@ -49,3 +49,17 @@ def test_cache_slabs_give_the_bit_identical_blur(shape, monkeypatch):
     whole = filters.gaussian_blur(x, 2.7)
     monkeypatch.setattr(filters, "_SLAB_ELEMENTS", 1000)  # a few rows per slab
     np.testing.assert_array_equal(filters.gaussian_blur(x, 2.7).numpy(), whole.numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sigma", [0.8, 4.0, 20.0])
+def test_gaussian_zero_border_is_scipys_constant_mode_gaussian(dtype, sigma):
+    from marrowseg.analyzers.fibres import gaussian_zero_border
+
+    rng = np.random.default_rng(int(sigma * 10))
+    img = (rng.random((90, 130)) > 0.6).astype(dtype) * rng.random((90, 130)).astype(dtype)
+    got = gaussian_zero_border(img, sigma)
+    want = ndi.gaussian_filter(img, sigma, mode="constant", truncate=3.0)
+    assert got.dtype == dtype
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol * float(img.max()))
