@@ -213,6 +213,18 @@ def evaluate(items: list[tuple[str, np.ndarray, np.ndarray]], mpp: float, radius
     return rows
 
 
+def evaluate_held_out_masks(items, mpp: float, radius_px: float, weights_dir: Path, overrides: dict) -> list[dict]:
+    """Each image with the learned nuclear mask trained without it (``DIR/holdout_<image>.pt``)."""
+    rows = []
+    for name, rgb, truth in items:
+        w = weights_dir / f"holdout_{name}.pt"
+        if not w.is_file():
+            raise SystemExit(f"eval_cell_detection: {w}: no mask net trained without {name}")
+        over = _merge(overrides, _nested({"he.nuclei.mask_net": True, "he.nuclei.mask_net_weights": str(w)}))
+        rows += evaluate([(name, rgb, truth)], mpp, radius_px, over)
+    return rows
+
+
 def print_rows(rows: list[dict], out=sys.stdout) -> None:
     print("| crop | truth | pred | abs err | precision | recall | F1 |", file=out)
     print("|---|---|---|---|---|---|---|", file=out)
@@ -342,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights-per-patient", type=Path, default=None, metavar="DIR",
                     help="with --lopo: learned detector, DIR/<patient>.pt (+ .json) trained without that patient")
     ap.add_argument("--monuseg", action="store_true", help="MoNuSeg tiles with Aperio XML polygons")
+    ap.add_argument("--mask-net-per-image", type=Path, default=None, metavar="DIR",
+                    help="learned nuclear mask, DIR/holdout_<image>.pt trained without that image "
+                         "(scripts/train_nuclear_mask.py train)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. he.nuclei.min_peak_od=0.3")
     ap.add_argument("--phantoms", default=None, metavar="SEEDS", help="synthetic phantoms, e.g. 1000-1004")
     ap.add_argument("--phantom-px", type=int, default=1024, help="phantom side, px at --mpp")
@@ -381,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         lopo_learned(items, args.mpp, radius, args.weights_per_patient, overrides)
     elif args.lopo:
         lopo(items, args.mpp, radius, log, overrides)
+    elif args.mask_net_per_image is not None:
+        print_rows(evaluate_held_out_masks(items, args.mpp, radius, args.mask_net_per_image, overrides))
     else:
         print_rows(evaluate(items, args.mpp, radius, overrides))
     return 0

@@ -43,7 +43,8 @@ class HEModule(torch.nn.Module):
     """``(B, 3, H, W)`` RGB 0..255 -> haematoxylin OD, nuclear maps and tissue maps.
 
     Outputs at the analysis resolution: ``h_od``, ``peak``, ``mask`` (B, 1, H, W), and with
-    ``he.nuclei.detector: unet`` the learned ``centre`` map; at the
+    ``he.nuclei.detector: unet`` the learned ``centre`` map, with ``he.nuclei.mask_net`` the
+    learned ``nuclear_prob``; at the
     tissue-class resolution: ``bright``, ``h_ctx``, ``e_ctx`` (B, 1, ceil(H/k), ceil(W/k)); with
     ``he.nuclei.mask_contrast_od`` the nuclear mask's ``background`` on its own coarse grid
     (B, 1, ceil(H/f), ceil(W/f)), f = :func:`marrowseg.analyzers.nuclei.background_factor`.
@@ -58,6 +59,8 @@ class HEModule(torch.nn.Module):
         self.tissue = tis.TissueMaps(config.mpp, config.tissue)
         # he.nuclei.detector: unet adds the learned centre map (output "centre")
         self.centre_net = nmod.load_centre_net(config.nuclei.unet_weights) if config.nuclei.detector == "unet" else None
+        # he.nuclei.mask_net adds the learned nuclear probability (output "nuclear_prob")
+        self.mask_net = nmod.load_mask_net(config.nuclei.mask_net_weights) if config.nuclei.mask_net else None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # od = -log10(I / 255) with I clamped to 1..255 (as stains.od_from_rgb_torch), in one pass
@@ -69,6 +72,8 @@ class HEModule(torch.nn.Module):
         out.update(self.tissue(od.sum(dim=1, keepdim=True), conc[:, 0:2]))
         if self.centre_net is not None:
             out["centre"] = self.centre_net(x.float())
+        if self.mask_net is not None:
+            out["nuclear_prob"] = self.mask_net(x.float())
         return out
 
 
@@ -156,6 +161,8 @@ class HEAnalyzer(Analyzer):
         self.edges_um2 = np.asarray(config.adipocyte_bins_um2, np.float64)
         if config.nuclei.detector == "unet" and not math.isclose(float(config.mpp), nmod.TRAIN_MPP):
             raise ConfigError(f"he.nuclei.detector unet is trained at {nmod.TRAIN_MPP} µm/px; he.mpp is {config.mpp}")
+        if config.nuclei.mask_net and not math.isclose(float(config.mpp), nmod.TRAIN_MPP):
+            raise ConfigError(f"he.nuclei.mask_net is trained at {nmod.TRAIN_MPP} µm/px; he.mpp is {config.mpp}")
 
     @property
     def map_downsample(self) -> int:
@@ -260,6 +267,10 @@ class HEAnalyzer(Analyzer):
             with torch.no_grad():
                 net = nmod.load_centre_net(cfg.nuclei.unet_weights)
                 out["centre"] = net(torch.from_numpy(rgb).permute(2, 0, 1)[None].float())[0, 0].numpy()
+        if cfg.nuclei.mask_net:
+            with torch.no_grad():
+                net = nmod.load_mask_net(cfg.nuclei.mask_net_weights)
+                out["nuclear_prob"] = net(torch.from_numpy(rgb).permute(2, 0, 1)[None].float())[0, 0].numpy()
         return {key: np.asarray(v, np.float32)[None] for key, v in out.items()}
 
     # -- per tile -------------------------------------------------------------------------
@@ -344,6 +355,7 @@ class HEAnalyzer(Analyzer):
             nuc_labels, table = nuc.detect_nuclei(
                 d["h_od"][box], mpp, cfg.nuclei, peak_map=d["peak"][box], mask_map=d["mask"][box],
                 allowed=allowed[box], background_map=d["background"][box] if "background" in d else None,
+                mask=d["nuclear_prob"][box] >= np.float32(cfg.nuclei.mask_net_threshold) if cfg.nuclei.mask_net else None,
             )
             if cfg.faint_nuclei is not None:
                 table = self._add_faint(d, box, nuc_labels, table, labels[box] == tis.HAEMATOPOIETIC, mpp)

@@ -361,6 +361,7 @@ def detect_nuclei(
     mask_map: np.ndarray | None = None,
     allowed: np.ndarray | None = None,
     background_map: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Detect and segment nuclei in a haematoxylin OD image (classical detector).
 
@@ -392,6 +393,9 @@ def detect_nuclei(
     background_map : (H, W) float32 ndarray, optional
         ``h_od`` smoothed with ``mask_background_sigma_um`` on the full grid (used only with
         ``mask_contrast_od``; see :func:`nuclear_mask`); computed here with scipy when omitted.
+    mask : (H, W) bool ndarray, optional
+        Nuclear pixels from elsewhere (the learned mask net, ``he.nuclei.mask_net``) in place
+        of :func:`nuclear_mask`'s thresholds; also what the megakaryocyte merge looks at.
 
     Returns
     -------
@@ -408,7 +412,13 @@ def detect_nuclei(
     maskm = _smooth(h_od, cfg.mask_sigma_um, mpp) if mask_map is None else _check_image(mask_map, "mask_map")
     if peak.shape != h_od.shape or maskm.shape != h_od.shape:
         raise ValueError(f"peak/mask maps {peak.shape}/{maskm.shape} differ from h_od {h_od.shape}")
-    mask, filled = nuclear_mask(h_od, mpp, cfg, maskm, background_map)
+    if mask is None:
+        mask, filled = nuclear_mask(h_od, mpp, cfg, maskm, background_map)
+    else:
+        mask = np.asarray(mask, bool)
+        if mask.shape != h_od.shape:
+            raise ValueError(f"mask {mask.shape} differs from h_od {h_od.shape}")
+        filled = mask
     min_dist_px = max(1, int(round(float(cfg.min_distance_um) / mpp)))
     search = mask if allowed is None else (mask & allowed)
     if not search.any():

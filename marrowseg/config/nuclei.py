@@ -94,6 +94,12 @@ class NucleiConfig(Strict):
     megakaryocyte_merge_max_od_cv: float | None = Field(
         None, ge=0, description="a merged region with a higher std/mean of haematoxylin is a clump, not one "
         "nucleus: its nuclei stay apart (null: no check)")
+    # optional: a learned nuclear mask in place of the thresholded one (classical detector)
+    mask_net: bool = Field(False, description="nuclear mask from the learned mask net (weights/nuclear_mask_monuseg.pt, "
+                           "trained on MoNuSeg by scripts/train_nuclear_mask.py) instead of the haematoxylin thresholds")
+    mask_net_weights: str | None = Field(None, description="state dict of the mask net (null: the packaged weights)")
+    mask_net_threshold: float = Field(0.5, gt=0, lt=1, description="a pixel is nuclear where the mask net's "
+                                      "probability reaches this value")
     # optional, detector: unet only
     unet_weights: str | None = Field(None, description="state dict of the centre net (null: the packaged weights/nuclei_unet.pt)")
     unet_min_score: float = Field(0.5, ge=0, le=1, description="a learned centre-map peak must reach this value (detector: unet)")
