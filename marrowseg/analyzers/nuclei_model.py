@@ -78,14 +78,7 @@ def load_centre_net(path: str | Path | None = None) -> CentreNet:
     The file is a state dict saved with ``torch.save``, read with ``weights_only=True``;
     its ``base`` width is inferred from the first convolution.
     """
-    p = Path(path) if path else WEIGHTS_DIR / "nuclei_unet.pt"
-    if not p.is_file():
-        raise FileNotFoundError(f"centre-net weights {p} not found: train them with scripts/train_nuclei.py "
-                                "and set he.nuclei.unet_weights")
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    net = CentreNet(base=int(state["enc1.0.weight"].shape[0]))
-    net.load_state_dict(state)
-    return net.eval()
+    return _load(path, "nuclei_unet.pt", "centre-net", "scripts/train_nuclei.py", "he.nuclei.unet_weights")
 
 
 def load_mask_net(path: str | Path | None = None) -> CentreNet:
@@ -96,10 +89,14 @@ def load_mask_net(path: str | Path | None = None) -> CentreNet:
     nuclear polygons, borders between touching nuclei as background). Read with
     ``weights_only=True``.
     """
-    p = Path(path) if path else WEIGHTS_DIR / "nuclear_mask_monuseg.pt"
+    return _load(path, "nuclear_mask_monuseg.pt", "mask-net", "scripts/train_nuclear_mask.py",
+                 "he.nuclei.mask_net_weights")
+
+
+def _load(path: str | Path | None, packaged: str, what: str, trainer: str, setting: str) -> CentreNet:
+    p = Path(path) if path else WEIGHTS_DIR / packaged
     if not p.is_file():
-        raise FileNotFoundError(f"mask-net weights {p} not found: train them with scripts/train_nuclear_mask.py "
-                                "and set he.nuclei.mask_net_weights")
+        raise FileNotFoundError(f"{what} weights {p} not found: train them with {trainer} and set {setting}")
     state = torch.load(p, map_location="cpu", weights_only=True)
     net = CentreNet(base=int(state["enc1.0.weight"].shape[0]))
     net.load_state_dict(state)
