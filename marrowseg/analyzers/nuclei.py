@@ -395,7 +395,7 @@ def detect_nuclei(
         ``mask_contrast_od``; see :func:`nuclear_mask`); computed here with scipy when omitted.
     mask : (H, W) bool ndarray, optional
         Nuclear pixels from elsewhere (the learned mask net, ``he.nuclei.mask_net``) in place
-        of :func:`nuclear_mask`'s thresholds; also what the megakaryocyte merge looks at.
+        of :func:`nuclear_mask`'s thresholds (the megakaryocyte merge still looks at theirs).
 
     Returns
     -------
@@ -418,7 +418,9 @@ def detect_nuclei(
         mask = np.asarray(mask, bool)
         if mask.shape != h_od.shape:
             raise ValueError(f"mask {mask.shape} differs from h_od {h_od.shape}")
-        filled = mask
+        # a megakaryocyte is still found as one dense mass of the thresholded, hole-filled mask
+        # (a learned mask cuts it into lobes: phantom megakaryocytes 3 -> 0 of 3 on that mask)
+        _, filled = nuclear_mask(h_od, mpp, cfg, maskm, background_map)
     min_dist_px = max(1, int(round(float(cfg.min_distance_um) / mpp)))
     search = mask if allowed is None else (mask & allowed)
     if not search.any():
