@@ -127,16 +127,21 @@ def dots_rc(path: Path) -> np.ndarray:
     return np.argwhere(m > 0).astype(np.float64)
 
 
+def monuseg_polygons(xml_path: Path) -> list[np.ndarray]:
+    """The Aperio XML regions of at least 3 vertices, each (N, 2) (x, y) float64, image pixels."""
+    out = []
+    for region in ET.parse(xml_path).getroot().iter("Region"):
+        pts = np.array([(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")], np.float64)
+        if len(pts) >= 3:
+            out.append(pts)
+    return out
+
+
 def monuseg_centroids(xml_path: Path) -> np.ndarray:
     """(N, 2) (row, col) centroids of the Aperio XML polygons (shoelace formula)."""
     out = []
-    for region in ET.parse(xml_path).getroot().iter("Region"):
-        pts = np.array(
-            [(float(v.get("Y")), float(v.get("X"))) for v in region.iter("Vertex")], dtype=np.float64
-        )
-        if len(pts) < 3:
-            continue
-        y, x = pts[:, 0], pts[:, 1]
+    for pts in monuseg_polygons(xml_path):
+        x, y = pts[:, 0], pts[:, 1]
         y1, x1 = np.roll(y, -1), np.roll(x, -1)
         cross = x * y1 - x1 * y
         a = cross.sum() / 2.0

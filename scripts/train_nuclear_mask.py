@@ -27,7 +27,6 @@ import argparse
 import json
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import cv2
@@ -35,19 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from marrowseg.analyzers.nuclei_model import CentreNet
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_cell_detection import monuseg_polygons  # noqa: E402
+
+from marrowseg.analyzers.nuclei_model import CentreNet  # noqa: E402
 
 MPP_IN, MPP = 0.25, 0.5
-
-
-def polygons(xml_path: Path) -> list[np.ndarray]:
-    """Aperio XML regions as (N, 2) (x, y) float arrays, input pixels."""
-    out = []
-    for region in ET.parse(xml_path).getroot().iter("Region"):
-        pts = np.array([(float(v.get("X")), float(v.get("Y"))) for v in region.iter("Vertex")], np.float64)
-        if len(pts) >= 3:
-            out.append(pts)
-    return out
 
 
 def prep(folder: Path, out: Path) -> None:
@@ -60,7 +52,7 @@ def prep(folder: Path, out: Path) -> None:
         h, w = rgb.shape[0] // f, rgb.shape[1] // f
         small = cv2.resize(np.ascontiguousarray(rgb[: h * f, : w * f]), (w, h), interpolation=cv2.INTER_AREA)
         inst = np.zeros((h, w), np.int32)
-        for k, poly in enumerate(polygons(tif.with_suffix(".xml")), start=1):
+        for k, poly in enumerate(monuseg_polygons(tif.with_suffix(".xml")), start=1):
             pts = np.round(((poly + 0.5) / f - 0.5) * 8).astype(np.int32)  # 3 fractional bits
             cv2.fillPoly(inst, [pts], k, lineType=cv2.LINE_8, shift=3)
         # a pixel next to another nucleus's pixel is border: background, so touching nuclei stay apart

@@ -104,18 +104,16 @@ def nearest_label_band(labels: np.ndarray, inner_px: float, outer_px: float,
     top = int(labels.max())
     lut = np.zeros(max(top, int(np.max(wanted, initial=0))) + 1, bool)
     lut[np.asarray(wanted, np.int64)] = True
-    if lut.sum() > _WINDOW_LABELS * top:  # most labels wanted: their windows would cover the tile
-        rr, cc, owner = _band(labels, bg, inner_px, outer_px)
-        ok = lut[owner]
-        return bg, rr[ok], cc[ok], owner[ok]
-    keep = lut[labels]
-    if not keep.any():
-        return bg, empty, empty, labels[empty, empty]
-    reach = 2 * r_sq + 1
-    groups = cv2.dilate(keep.view(np.uint8), np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
-    n, group, stats, _ = cv2.connectedComponentsWithStats(groups, connectivity=8, ltype=cv2.CV_32S)
-    boxes = stats[1:, :4]
-    if n == 1 or boxes[:, 2].astype(np.int64) @ boxes[:, 3] > _WINDOW_SHARE * labels.size:
+    boxes = None
+    if lut.sum() <= _WINDOW_LABELS * top:  # with most labels wanted the windows would cover the tile
+        keep = lut[labels]
+        if not keep.any():
+            return bg, empty, empty, labels[empty, empty]
+        reach = 2 * r_sq + 1
+        groups = cv2.dilate(keep.view(np.uint8), np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
+        _, group, stats, _ = cv2.connectedComponentsWithStats(groups, connectivity=8, ltype=cv2.CV_32S)
+        boxes = stats[1:, :4]
+    if boxes is None or boxes[:, 2].astype(np.int64) @ boxes[:, 3] > _WINDOW_SHARE * labels.size:
         rr, cc, owner = _band(labels, bg, inner_px, outer_px)
         ok = lut[owner]
         return bg, rr[ok], cc[ok], owner[ok]

@@ -491,12 +491,7 @@ def overlap_factor(
         raise ValueError(f"max_frac must be in (0, 1), got {max_frac}")
     if not fibre.any():
         return np.ones(fibre.shape, np.float64)
-    s = float(sigma_px)
-    mf = gaussian_zero_border((fibre & region).astype(np.float32), s)
-    mr = gaussian_zero_border(region.astype(np.float32), s)
-    ok = mr > 1e-3
-    p = np.clip(np.where(ok, mf / np.where(ok, mr, 1.0), 0.0), 0.0, max_frac).astype(np.float64)
-    return boolean_factor(p)
+    return boolean_factor(np.minimum(overlap_fraction(fibre, region, sigma_px), max_frac))
 
 
 def overlap_fraction(fibre: np.ndarray, region: np.ndarray, sigma_px: float) -> np.ndarray:

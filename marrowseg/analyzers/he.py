@@ -152,6 +152,7 @@ class HEAnalyzer(Analyzer):
         super().__init__(config)
         self.rgb_from_stains = stains.stain_matrix(stains.RUIFROK_H, stains.RUIFROK_E)
         self.k = tis.class_factor(config.mpp, config.tissue.class_mpp)
+        self._ref_nets: dict[str, torch.nn.Module] | None = None  # reference_dense's learned nets
         self.reference = load_cellularity_reference()
         if config.cellularity_rule not in self.reference.rules:
             raise ConfigError(
@@ -263,14 +264,17 @@ class HEAnalyzer(Analyzer):
         out = {"h_od": h}
         out.update(nuc.reference_maps(h, mpp, cfg.nuclei))
         out.update(tis.reference_maps(od.sum(axis=2), conc[..., :2], mpp, cfg.tissue))
-        if cfg.nuclei.detector == "unet":  # the learned map has no SciPy twin: the same net, one tile
-            with torch.no_grad():
-                net = nmod.load_centre_net(cfg.nuclei.unet_weights)
-                out["centre"] = net(torch.from_numpy(rgb).permute(2, 0, 1)[None].float())[0, 0].numpy()
-        if cfg.nuclei.mask_net:
-            with torch.no_grad():
-                net = nmod.load_mask_net(cfg.nuclei.mask_net_weights)
-                out["nuclear_prob"] = net(torch.from_numpy(rgb).permute(2, 0, 1)[None].float())[0, 0].numpy()
+        # the learned maps have no SciPy twin: the same nets, one tile, loaded once per analyzer
+        # (not the module's: the engine may have moved those to a GPU)
+        if self._ref_nets is None:
+            self._ref_nets = {}
+            if cfg.nuclei.detector == "unet":
+                self._ref_nets["centre"] = nmod.load_centre_net(cfg.nuclei.unet_weights)
+            if cfg.nuclei.mask_net:
+                self._ref_nets["nuclear_prob"] = nmod.load_mask_net(cfg.nuclei.mask_net_weights)
+        with torch.no_grad():
+            for key, net in self._ref_nets.items():
+                out[key] = net(torch.from_numpy(rgb).permute(2, 0, 1)[None].float())[0, 0].numpy()
         return {key: np.asarray(v, np.float32)[None] for key, v in out.items()}
 
     # -- per tile -------------------------------------------------------------------------
