@@ -118,7 +118,7 @@ def train_one(rgb, mask, idx, steps: int, device, seed: int, base: int) -> dict:
     net = CentreNet(base=base).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    for step in range(steps):
+    for _ in range(steps):
         x, y, sc = _batch(rgb, mask, idx, 24, 192, rng)
         x, y = _stain_jitter(x.to(device, non_blocking=True), sc), y.to(device, non_blocking=True)
         p = net(x).clamp(1e-6, 1 - 1e-6)

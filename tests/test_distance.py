@@ -104,11 +104,11 @@ def test_nearest_label_band_of_wanted_labels_is_their_part_of_the_band(seed, mon
     mine = np.array([bool(s & set(wanted.tolist())) for s in nearest])
     # ties between a wanted and an unwanted label may go either way: compare the sure pixels
     sure = np.array([len(s) == 1 for s in nearest])
-    got = set(zip(rr.tolist(), cc.tolist()))
-    assert {p for p, m, s in zip(zip(er.tolist(), ec.tolist()), mine, sure) if m and s} <= got
-    assert got <= {p for p, m in zip(zip(er.tolist(), ec.tolist()), mine) if m}
-    lookup = {p: s for p, s in zip(zip(er.tolist(), ec.tolist()), nearest)}
-    assert all(int(o) in lookup[p] for p, o in zip(zip(rr.tolist(), cc.tolist()), owner))
+    got = set(zip(rr.tolist(), cc.tolist(), strict=True))
+    assert {p for p, m, s in zip(zip(er.tolist(), ec.tolist(), strict=True), mine, sure, strict=True) if m and s} <= got
+    assert got <= {p for p, m in zip(zip(er.tolist(), ec.tolist(), strict=True), mine, strict=True) if m}
+    lookup = {p: s for p, s in zip(zip(er.tolist(), ec.tolist(), strict=True), nearest, strict=True)}
+    assert all(int(o) in lookup[p] for p, o in zip(zip(rr.tolist(), cc.tolist(), strict=True), owner, strict=True))
     assert np.all(np.diff(rr * labels.shape[1] + cc) > 0)  # raster order
 
 
@@ -118,5 +118,5 @@ def test_nearest_label_band_of_many_wanted_labels_is_the_whole_tile_band():
     everyone = np.unique(labels[labels > 0])
     full = nearest_label_band(labels, 0.0, 4.0)
     some = nearest_label_band(labels, 0.0, 4.0, wanted=everyone)
-    for a, b in zip(full[1:], some[1:]):
+    for a, b in zip(full[1:], some[1:], strict=True):
         assert np.array_equal(a, b)

@@ -89,6 +89,30 @@ def test_nucleus_compartment_reads_dab_inside_the_nucleus():
     assert res.readouts["nucleated_cells"] == len(truth)
 
 
+@pytest.mark.parametrize("compartment", ["nucleus", "membrane"])
+def test_large_stained_nucleus_is_positive_in_the_nucleus_compartment_only(compartment):
+    """A nucleus above the megakaryocyte size scoring positive is ``ecad_pos`` when the nucleus is scored.
+
+    With the membrane compartment the size rule comes first (megakaryocytes are E-cadherin
+    negative, and a neighbour's membrane must not make one positive).
+    """
+    cfg = load_config("ecad", overrides=[f"ecad.positivity_compartment={compartment}"]).ecad
+    analyzer = ECadAnalyzer(cfg)
+    big = cfg.classes.megakaryocyte_min_area_um2 + 40.0
+    table = {  # rows: large stained, large unstained, small stained, small unstained (8 µm round nuclei)
+        "row": np.array([10.0, 60.0, 110.0, 160.0]), "col": np.array([10.0, 60.0, 110.0, 160.0]),
+        "area_um2": np.array([big, big, 50.0, 50.0]), "eccentricity": np.full(4, 0.5),
+        "solidity": np.full(4, 0.95), "h_od_mean": np.full(4, 0.6), "h_od_cv": np.full(4, 0.2),
+        "label": np.arange(1, 5, dtype=np.int32),
+    }
+    thr = cfg.membrane_min_dab_od if compartment == "membrane" else cfg.nucleus_min_dab_od
+    score = np.array([thr + 0.3, thr - 0.2, thr + 0.3, thr - 0.2])
+    positive, classes = analyzer.classify_cells(table, score)
+    first = "ecad_pos" if compartment == "nucleus" else "megakaryocyte"
+    assert list(classes) == [first, "megakaryocyte", "ecad_pos", "other"]
+    assert list(positive) == [compartment == "nucleus", False, True, False]
+
+
 def test_vector_estimate_falls_back_on_an_all_haematoxylin_image(caplog):
     """No DAB in the sample: standard Ruifrok vectors, with the reason, in provenance and report."""
     rng = np.random.default_rng(1)
@@ -228,17 +252,18 @@ def test_phantom_nucleated_count_needs_the_faint_nuclei():
 
 
 def test_ki67_tile_positive_calls(shared_data):
-    """Real Ki67 tile through the engine with the nucleus compartment: positive-class F1 >= 0.75."""
+    """Real Ki67 tiles through the engine with the nucleus compartment: positive-class F1 >= 0.85 on each."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
     from eval_ki67 import evaluate
 
-    tile = shared_data("ihc-ki67/34_3.png")
-    r = evaluate(tile, tile.parent / "34_3_gt.png", 0.25, [])
-    assert r["f1_pos"] >= 0.75 and r["recall"] >= 0.4, r
-    assert 0 < r["f1_pos_all"] <= r["f1_pos"] and r["fn_all"] >= r["fn"], r  # the strict score never exceeds the matched one
+    for name in ("34_3", "22_2"):  # 22_2: 0.800 while large stained nuclei were called megakaryocytes
+        tile = shared_data(f"ihc-ki67/{name}.png")
+        r = evaluate(tile, tile.parent / f"{name}_gt.png", 0.25, [])
+        assert r["f1_pos"] >= 0.85 and r["recall"] >= 0.4, (name, r)
+        assert 0 < r["f1_pos_all"] <= r["f1_pos"] and r["fn_all"] >= r["fn"], r  # the strict score never exceeds the matched one
 
 
 def test_ome_tiff_ki67_runs_end_to_end(shared_data, tmp_path):

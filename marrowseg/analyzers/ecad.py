@@ -741,8 +741,10 @@ class ECadAnalyzer(Analyzer):
         positive : (N,) bool ndarray
             DAB score at or above the compartment's threshold.
         classes : (N,) object ndarray of str
-            ``megakaryocyte`` by size first (megakaryocytes are E-cadherin negative; a
-            neighbour's membrane must not relabel them), then ``ecad_pos``, then the
+            With the membrane compartment ``megakaryocyte`` by size first (megakaryocytes
+            are E-cadherin negative; a neighbour's membrane must not relabel them), then
+            ``ecad_pos``; with the nucleus compartment ``ecad_pos`` first (the score is the
+            nucleus's own DAB, and large proliferating nuclei are stained), then the
             morphology class of the H&E rules (``late_erythroid`` or ``other``); for the
             membrane compartment with the E-cadherin analyzer's neighbour tests
             (:meth:`_late_caps`: crowded late calls, small caps).
@@ -753,7 +755,11 @@ class ECadAnalyzer(Analyzer):
         if may_be_positive is not None:
             positive &= np.asarray(may_be_positive, bool)
         morph = nuc.classify_nuclei(table, cfg.classes)
-        classes = np.where(morph == "megakaryocyte", "megakaryocyte", np.where(positive, "ecad_pos", morph)).astype(object)
+        if cfg.positivity_compartment == "membrane":
+            classes = np.where(morph == "megakaryocyte", "megakaryocyte", np.where(positive, "ecad_pos", morph))
+        else:  # a nucleus's own DAB: no neighbour can lend it, and a large stained nucleus is positive
+            classes = np.where(positive, "ecad_pos", morph)
+        classes = classes.astype(object)
         if cfg.positivity_compartment == "membrane":
             classes = self._late_caps(table, classes, self.mpp)
         return positive & (classes == "ecad_pos"), classes
