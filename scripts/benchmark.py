@@ -115,15 +115,18 @@ def scikit_image_only():
     ``ndi.distance_transform_edt``, binary morphology by ``ndi.binary_*``, peak candidates by
     ``peak_local_max``, Gaussians by ``ndi.gaussian_filter``, one ``watershed`` call per region,
     nuclear splitting box by box, the
-    E-cadherin ring band over the whole tile (not in windows around the cells it is for). Each
+    E-cadherin ring band over the whole tile (not in windows around the cells it is for) and
+    its distances from OpenCV's precise transform of the whole tile (not the band-limited
+    separable one). Each
     fast path is tested equal to the call it replaces (tests/test_distance.py,
     test_morphology.py, test_nuclei.py, test_nuclei_speed.py), and the totals are compared
-    below. The rest of the post-processing (labelling, measurements, the ring band's own
-    transforms) is shared with the pipeline.
+    below. The rest of the post-processing (labelling, measurements, the ring band's nearest
+    labels) is shared with the pipeline.
     """
-    from marrowseg.analyzers import ecad, fibres, nuclei, reticulin, tissue
+    from marrowseg.analyzers import distance, ecad, fibres, nuclei, reticulin, tissue
 
     swaps = [(ecad, "nearest_label_band", _whole_tile_band),
+             (distance, "_SEPARABLE_MAX_PX", -1),  # the band's distances by OpenCV's precise whole-tile transform
              (nuclei, "distance_to_background", _plain_edt), (tissue, "distance_to_background", _plain_edt),
              (fibres, "distance_to_background", _plain_edt), (reticulin, "distance_to_background", _plain_edt),
              (fibres, "gaussian_zero_border", _plain_gaussian),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from marrowseg import synth
-from marrowseg.analyzers import ecad, fibres, get_analyzer, nuclei, reticulin, tissue
+from marrowseg.analyzers import distance, ecad, fibres, get_analyzer, nuclei, reticulin, tissue
 from marrowseg.config import load_config
 from marrowseg.engine import analyze_array
 from tests._scripts import load_script
@@ -31,8 +31,10 @@ def test_scikit_image_only_swaps_the_fast_paths_and_gives_the_same_totals(stain)
         assert reticulin.distance_to_background is bench._plain_edt
         assert ecad.nearest_label_band is bench._whole_tile_band
         assert fibres.gaussian_zero_border is bench._plain_gaussian
+        assert distance._SEPARABLE_MAX_PX == -1  # the ring band's distances by the precise whole-tile transform
         plain = analyze_array(rgb, MPP, get_analyzer(stain, cfg), cfg, device="cpu")
     assert {name: getattr(nuclei, name) for name in before} == before  # restored
+    assert distance._SEPARABLE_MAX_PX > 0
     assert len(fast.cells.get("x", [])) == len(plain.cells.get("x", []))
     # every fast path is exact but OpenCV's Gaussian (float rounding: 1e-9 of a fibre length)
     _same(fast.report["readouts"], plain.report["readouts"])

@@ -120,3 +120,24 @@ def test_nearest_label_band_of_many_wanted_labels_is_the_whole_tile_band():
     some = nearest_label_band(labels, 0.0, 4.0, wanted=everyone)
     for a, b in zip(full[1:], some[1:], strict=True):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(("inner", "outer"), [(0.0, 6.0), (1.0, 3.0), (0.0, 6.5), (2.5, 12.0), (0.0, 1.0)])
+def test_separable_band_equals_the_precise_transform_band(monkeypatch, inner, outer):
+    """The band-limited separable transform gives the band, distances and owners of OpenCV's precise one."""
+    from marrowseg.analyzers import distance as dist_mod
+
+    rng = np.random.default_rng(11)
+    labels = ndi.label(ndi.gaussian_filter(rng.random((150, 170)), 2.0) > 0.56)[0].astype(np.int32)
+    labels[0, :5] = labels.max() + 1  # a label on the image edge
+    fast = nearest_label_band(labels, inner, outer)
+    d2 = dist_mod._squared_distance_within(labels == 0, int(outer))
+    exact = np.rint(ndi.distance_transform_edt(labels == 0) ** 2)
+    reach = int(outer)
+    sure = exact < (reach + 1) ** 2
+    assert np.array_equal(d2[sure], exact[sure]) and (d2[~sure] >= (reach + 1) ** 2).all()
+    monkeypatch.setattr(dist_mod, "_SEPARABLE_MAX_PX", -1)
+    slow = nearest_label_band(labels, inner, outer)
+    for a, b in zip(fast, slow, strict=True):
+        assert np.array_equal(a, b)
+    assert len(fast[1]) > 100
