@@ -388,18 +388,45 @@ def _resolve_post_threads(post_threads: int | str, device_type: str = "cpu", wor
     return int(post_threads)
 
 
-def _resolve_workers(workers: int | str, reader: Any, device_type: str = "cpu") -> int:
+def _resolve_workers(workers: int | str, reader: Any, device_type: str = "cpu", *,
+                     analyzer: Any = None, tile_px: int | None = None,
+                     memory_mb: float | None = None) -> int:
     """DataLoader worker processes.
 
     ``auto``: on the CPU one per core (up to 8), each running whole tiles (decode, module,
-    post); on an accelerator ``min(cores - 1, 4)`` decode-only workers feed it.
+    post), but no more than keep the analyzer's memory estimate
+    (:meth:`~marrowseg.analyzers.base.Analyzer.memory_estimate_mb`) within ``memory_mb`` and
+    within the memory the system reports available; on an accelerator ``min(cores - 1, 4)``
+    decode-only workers feed it.
     """
     if getattr(reader, "path", None) is None:
         return 0  # an in-memory array would be copied into every worker
-    if workers == "auto":
-        cores = _available_cores()
-        return min(cores, 8) if device_type == "cpu" else max(0, min(cores - 1, 4))
-    return int(workers)
+    if workers != "auto":
+        return int(workers)
+    cores = _available_cores()
+    if device_type != "cpu":
+        return max(0, min(cores - 1, 4))
+    n = min(cores, 8)
+    budget = _memory_budget_mb(memory_mb)
+    if budget is not None and analyzer is not None and tile_px:
+        while n > 1 and analyzer.memory_estimate_mb(tile_px, n) > budget:
+            n -= 1
+    return n
+
+
+def _memory_budget_mb(memory_mb: float | None) -> float | None:
+    """The smaller of ``memory_mb`` and the memory the system reports available (MB), or None."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) / 1024
+                    break
+    except OSError:  # not Linux: the configured budget alone
+        pass
+    found = [v for v in (memory_mb, avail) if v is not None]
+    return min(found) if found else None
 
 
 # ----------------------------------------------------------------------------- results
@@ -536,7 +563,8 @@ def run_slide(
     ecfg = config.engine
     dev = resolve_device(device or ecfg.device)
     bs = int(batch_size or ecfg.batch_size)
-    nw = _resolve_workers(ecfg.workers if workers is None else workers, reader, dev.type)
+    nw = _resolve_workers(ecfg.workers if workers is None else workers, reader, dev.type, analyzer=analyzer,
+                          tile_px=config.tiling.tile_px, memory_mb=ecfg.memory_mb)
     # On the CPU with worker processes, each worker runs whole tiles (see _TileWorkDataset);
     # otherwise the module runs here and post in threads beside it.
     tile_workers = dev.type == "cpu" and nw > 0
@@ -693,6 +721,8 @@ def run_slide(
                    "threads": 1 if tile_workers else torch.get_num_threads(), "workers": nw,
                    "tile_workers": tile_workers, "post_threads": n_post,
                    "tiles_per_worker": [per_worker.get(i, 0) for i in range(nw)] if tile_workers else None,
+                   "memory_estimate_mb": (round(analyzer.memory_estimate_mb(config.tiling.tile_px, nw))
+                                          if tile_workers else None),
                    "batch_size": bs, "amp": amp},
         "prepare": prep,
         "tissue": layout.tissue,

@@ -298,3 +298,40 @@ def test_post_threads_take_the_cores_the_decode_workers_leave_beside_a_gpu(monke
     assert engine._resolve_post_threads(3, "cuda", 4) == 3
     monkeypatch.setattr(engine, "_available_cores", lambda: 2)
     assert engine._resolve_post_threads("auto", "cuda", 1) == 1
+
+
+def test_auto_cpu_workers_stay_within_the_memory_budget(monkeypatch, tmp_path):
+    """On many cores the automatic worker count stops where the analyzer's memory estimate meets the budget."""
+    from types import SimpleNamespace
+
+    from marrowseg import engine
+    from marrowseg.analyzers.ecad import ECadAnalyzer
+
+    monkeypatch.setattr(engine, "_available_cores", lambda: 16)
+    reader = SimpleNamespace(path=tmp_path / "slide.tiff")
+    analyzer = ECadAnalyzer(load_config("ecad").ecad)
+    est = analyzer.memory_estimate_mb
+    assert est(2048, 4) - est(2048, 3) == pytest.approx(est(2048, 1) - est(2048, 0))  # linear in workers
+    assert est(2048, 1) > est(1024, 1)
+    budget = est(2048, 5) + 1.0
+    n = engine._resolve_workers("auto", reader, "cpu", analyzer=analyzer, tile_px=2048, memory_mb=budget)
+    assert n == 5
+    # unbounded: one per core up to 8; smaller tiles fit more workers in the same budget
+    monkeypatch.setattr(engine, "_memory_budget_mb", lambda mb: mb)
+    assert engine._resolve_workers("auto", reader, "cpu", analyzer=analyzer, tile_px=2048, memory_mb=None) == 8
+    assert engine._resolve_workers("auto", reader, "cpu", analyzer=analyzer, tile_px=1024, memory_mb=budget) == 8
+    # never below one worker, an explicit count is taken as given, and a GPU's decode workers are light
+    assert engine._resolve_workers("auto", reader, "cpu", analyzer=analyzer, tile_px=2048, memory_mb=300) == 1
+    assert engine._resolve_workers(12, reader, "cpu", analyzer=analyzer, tile_px=2048, memory_mb=300) == 12
+    assert engine._resolve_workers("auto", reader, "cuda", analyzer=analyzer, tile_px=2048, memory_mb=300) == 4
+
+
+def test_memory_budget_is_the_smaller_of_the_setting_and_the_available_memory():
+    from marrowseg import engine
+
+    avail = engine._memory_budget_mb(None)
+    if avail is None:
+        pytest.skip("no /proc/meminfo on this system: the configured budget is used alone")
+    assert avail > 0
+    assert engine._memory_budget_mb(avail * 2) == avail
+    assert engine._memory_budget_mb(avail / 2) == avail / 2

@@ -132,6 +132,12 @@ class Analyzer(ABC):
     allow_amp: ClassVar[bool] = True
     #: whether the stains are told apart by hue: a greyscale image is then refused, not measured
     needs_colour: ClassVar[bool] = False
+    #: resident memory (PSS) of a CPU run with tile workers, MB: ``(main, main per Mpx of
+    #: tile, worker, worker per Mpx of tile)``; a run with ``n`` workers holds about
+    #: ``main + n * worker`` plus the per-Mpx terms times ``tile_px ** 2 / 1e6`` (see
+    #: :meth:`memory_estimate_mb`). The engine bounds its automatic worker count with it.
+    #: Subclasses set figures measured with ``scripts/worker_memory.py``; these are generous.
+    memory_model_mb: ClassVar[tuple[float, float, float, float]] = (600.0, 100.0, 150.0, 200.0)
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -157,6 +163,25 @@ class Analyzer(ABC):
     def window_um(self) -> float | None:
         """Side of the slide-aligned windows of ``TileResult.windows`` (µm), or None."""
         return None
+
+    def memory_estimate_mb(self, tile_px: int, workers: int) -> float:
+        """Expected peak resident memory (PSS, all processes) of a CPU run, MB.
+
+        Parameters
+        ----------
+        tile_px : int
+            Side of a tile with its halo, analysis pixels.
+        workers : int
+            Tile worker processes.
+
+        Returns
+        -------
+        float
+            ``main + workers * worker``, each grown by its per-Mpx term.
+        """
+        main, main_mpx, worker, worker_mpx = self.memory_model_mb
+        mpx = tile_px * tile_px / 1e6
+        return main + main_mpx * mpx + workers * (worker + worker_mpx * mpx)
 
     # -- the three steps ---------------------------------------------------------------
     def prepare(self, sample_rgb: np.ndarray) -> dict[str, Any]:

@@ -625,6 +625,8 @@ class ECadAnalyzer(Analyzer):
     )
     allow_amp: ClassVar[bool] = False  # OD thresholds near 0.15 do not survive float16 logs
     needs_colour: ClassVar[bool] = True
+    # PSS with 1 and 4 tile workers at tile_px 1024 and 2048 (scripts/worker_memory.py, docs/validation.md)
+    memory_model_mb: ClassVar[tuple[float, float, float, float]] = (440.0, 25.0, 50.0, 80.0)
 
     def __init__(self, config: ECadConfig, reference: ECadReference | None = None) -> None:
         super().__init__(config)

@@ -147,6 +147,8 @@ class HEAnalyzer(Analyzer):
     )
     allow_amp: ClassVar[bool] = False  # OD thresholds near 0.25 do not survive float16 rounding of logs
     needs_colour: ClassVar[bool] = True
+    # PSS with 1 and 4 tile workers at tile_px 1024 and 2048 (scripts/worker_memory.py, docs/validation.md)
+    memory_model_mb: ClassVar[tuple[float, float, float, float]] = (335.0, 20.0, 125.0, 45.0)
 
     def __init__(self, config: HEConfig) -> None:
         super().__init__(config)

@@ -607,6 +607,8 @@ class ReticulinAnalyzer(Analyzer):
     )
     cell_classes = ()
     allow_amp = False  # contrasts of 0.02 OD do not survive float16
+    # PSS with 1 and 4 tile workers at tile_px 1024 and 2048 (scripts/worker_memory.py, docs/validation.md)
+    memory_model_mb = (375.0, 110.0, 140.0, 180.0)
 
     @property
     def window_um(self) -> float:

@@ -39,6 +39,10 @@ class EngineConfig(_Strict):
     threads: Annotated[int, Field(ge=1, le=512)] | Literal["auto"]
     post_threads: Annotated[int, Field(ge=0, le=64)] | Literal["auto"]
     prefetch_batches: int = Field(ge=1, le=16)
+    memory_mb: int | None = Field(
+        3000, ge=256, description="automatic CPU tile workers are as many as keep the run's estimated resident "
+        "memory (Analyzer.memory_estimate_mb) within this and within the memory the system reports available, "
+        "MB (null: cores alone decide)")
     amp: bool
     seed: int = Field(ge=0)
 
