@@ -866,7 +866,7 @@ class ECadAnalyzer(Analyzer):
         if cfg.positivity_compartment == "membrane" and cfg.ring_holes is not None:
             table, classes, positive, ring_od, nucleus_od, hole_labels = self._add_ring_enclosed(
                 d, table, classes, positive, ring_od, nucleus_od, allowed, mpp)
-        if cfg.positivity_compartment == "membrane" and cfg.faint_nuclei is not None:
+        if cfg.faint_nuclei is not None:  # either compartment: pale nuclei are nucleated cells too
             table, classes, positive, ring_od, nucleus_od = self._add_faint(
                 d, nuc_labels, hole_labels, table, classes, positive, ring_od, nucleus_od,
                 labels == tis.HAEMATOPOIETIC, mpp)
