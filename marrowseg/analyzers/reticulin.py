@@ -486,7 +486,7 @@ def absorb_small_foci(grades: np.ndarray, haem_um2: np.ndarray, min_focus_um2: f
             lab, n = ndi.label(out == g, structure=four)
             if n == 0:
                 continue
-            area = ndi.sum(haem, lab, index=np.arange(1, n + 1))
+            area = fibres.label_sums(haem, lab, n)
             boxes = ndi.find_objects(lab)
             for i in np.flatnonzero(area < min_focus_um2):
                 sl = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[i])
@@ -818,7 +818,7 @@ class ReticulinAnalyzer(Analyzer):
             # drop whole fibre pieces (mask components) whose skeleton is too short
             lab, n = ndi.label(mask, structure=np.ones((3, 3), bool))
             weights = fibres.skeleton_length_weights(skel)
-            length = ndi.sum(weights, lab, np.arange(1, n + 1)) * ctx.mpp
+            length = fibres.label_sums(weights, lab, n) * ctx.mpp
             keep = np.concatenate([[False], length >= c.min_fibre_um])
             mask &= keep[lab]
             skel &= mask
