@@ -141,3 +141,29 @@ def test_separable_band_equals_the_precise_transform_band(monkeypatch, inner, ou
     for a, b in zip(fast, slow, strict=True):
         assert np.array_equal(a, b)
     assert len(fast[1]) > 100
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_nearest_feature_in_windows_equals_the_whole_image_feature_transform(seed):
+    """Windows around the query pixels name the very feature SciPy's whole-image transform names, ties included."""
+    from marrowseg.analyzers.distance import nearest_feature
+
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(40, 200, 2))
+    if seed % 2:  # sparse single pixels: many equidistant features
+        features = rng.random((h, w)) < rng.uniform(0.002, 0.05)
+    else:
+        features = ndi.gaussian_filter(rng.random((h, w)), 2.0) > rng.uniform(0.5, 0.6)
+    features[0, 0] = True
+    query = (rng.random((h, w)) < 0.02) & ~features
+    d, (ir, ic) = ndi.distance_transform_edt(~features, return_indices=True)
+    qr, qc = np.nonzero(query)
+    dist, fr, fc = nearest_feature(features, query, margin=int(rng.integers(1, 6)))
+    assert np.array_equal(dist, d[qr, qc])
+    assert np.array_equal(fr, ir[qr, qc]) and np.array_equal(fc, ic[qr, qc])
+    # with a reach, pixels farther than it may be left unnamed; the rest are exact
+    dist, fr, fc = nearest_feature(features, query, reach=3.0, margin=1)
+    near = d[qr, qc] <= 3.0
+    assert np.array_equal(dist[near], d[qr, qc][near])
+    assert np.array_equal(fr[near], ir[qr, qc][near]) and np.array_equal(fc[near], ic[qr, qc][near])
+    assert np.all((dist[~near] > 3.0) & ((fr[~near] == -1) | (fr[~near] == ir[qr, qc][~near])))

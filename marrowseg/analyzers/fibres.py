@@ -18,7 +18,7 @@ from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
 
 from marrowseg.analyzers import filters
-from marrowseg.analyzers.distance import distance_to_background
+from marrowseg.analyzers.distance import distance_to_background, nearest_feature
 from marrowseg.analyzers.morphology import binary_dilation
 
 __all__ = [
@@ -738,11 +738,20 @@ def branch_width_px(mask: np.ndarray, skel: np.ndarray, *, dist: np.ndarray | No
     bp = branch_points(skel)
     if not bp.any():
         return width
-    dist, (ir, ic) = ndi.distance_transform_edt(~bp, return_indices=True)
-    in_disc = dist <= edt[ir, ic]
     branch = skel & ~binary_dilation(bp, np.ones((3, 3), bool))
     if not branch.any():
         return width
+    # a junction disc is no wider than the widest fibre at a branch point: only branch pixels
+    # that close to one can lie in the disc of their nearest branch point
+    reach = float(edt[bp].max())
+    k = int(math.ceil(reach))
+    near = branch & (cv2.dilate(bp.view(np.uint8), np.ones((2 * k + 1, 2 * k + 1), np.uint8)) > 0)
+    in_disc = np.zeros(skel.shape, bool)
+    if near.any():
+        dist, ir, ic = nearest_feature(bp, near, reach=reach)
+        named = ir >= 0
+        nr, nc = np.nonzero(near)
+        in_disc[nr[named], nc[named]] = dist[named] <= edt[ir[named], ic[named]]
     lab, n = ndi.label(branch, structure=np.ones((3, 3), bool))
     free = _label_median(width, np.where(in_disc, 0, lab), n)
     whole = _label_median(width, lab, n)
@@ -751,8 +760,8 @@ def branch_width_px(mask: np.ndarray, skel: np.ndarray, *, dist: np.ndarray | No
     out[branch] = per_branch[lab[branch] - 1]
     # pixels next to branch points take the width of their nearest branch
     rest = skel & ~branch
-    _, (jr, jc) = ndi.distance_transform_edt(~branch, return_indices=True)
-    out[rest] = out[jr[rest], jc[rest]]
+    _, jr, jc = nearest_feature(branch, rest)
+    out[rest] = out[jr, jc]
     return out
 
 

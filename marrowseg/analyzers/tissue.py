@@ -47,7 +47,7 @@ from skimage.morphology import convex_hull_image, disk, h_maxima
 from skimage.segmentation import watershed
 
 from marrowseg.analyzers.base import LabelClass
-from marrowseg.analyzers.distance import distance_to_background
+from marrowseg.analyzers.distance import distance_to_background, nearest_feature
 from marrowseg.analyzers.morphology import binary_closing, binary_opening
 from marrowseg.analyzers.nuclei import gaussian_blur_torch, gaussian_reference
 
@@ -302,8 +302,8 @@ def classify_tissue(
 
     # small unstained holes take the class of the nearest tissue pixel around them
     if hole.any() and tissue.any():
-        _, (ir, ic) = ndi.distance_transform_edt(~tissue, return_indices=True)
-        labels[hole] = labels[ir[hole], ic[hole]]
+        _, ir, ic = nearest_feature(tissue, hole)
+        labels[hole] = labels[ir, ic]
 
     # thin membranes between fat spaces are part of the fat
     r_mem = int(round(cfg.membrane_um / class_mpp))
