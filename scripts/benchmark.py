@@ -68,6 +68,21 @@ def _whole_tile_band(labels, inner_px, outer_px, wanted=None):
     return bg, rr[ok], cc[ok], owner[ok]
 
 
+def _plain_nearest_feature(features, query, reach=None, margin=8):
+    """SciPy's feature transform of the whole image, read at the query pixels."""
+    from scipy import ndimage as ndi
+
+    d, (ir, ic) = ndi.distance_transform_edt(~np.asarray(features, bool), return_indices=True)
+    q = np.asarray(query, bool)
+    return d[q], ir[q], ic[q]
+
+
+def _plain_label_sums(values, labels, n):
+    from scipy import ndimage as ndi
+
+    return np.asarray(ndi.sum(np.asarray(values, np.float64), labels, np.arange(1, n + 1)), np.float64).reshape(-1)
+
+
 def _plain_dilation(mask, footprint, iterations=1):
     from scipy import ndimage as ndi
 
@@ -117,7 +132,8 @@ def scikit_image_only():
     nuclear splitting box by box, the
     E-cadherin ring band over the whole tile (not in windows around the cells it is for) and
     its distances from OpenCV's precise transform of the whole tile (not the band-limited
-    separable one). Each
+    separable one), nearest features by SciPy's whole-image feature transform (not in windows),
+    per-label sums by ``ndi.sum``. Each
     fast path is tested equal to the call it replaces (tests/test_distance.py,
     test_morphology.py, test_nuclei.py, test_nuclei_speed.py), and the totals are compared
     below. The rest of the post-processing (labelling, measurements, the ring band's nearest
@@ -127,6 +143,8 @@ def scikit_image_only():
 
     swaps = [(ecad, "nearest_label_band", _whole_tile_band),
              (distance, "_SEPARABLE_MAX_PX", -1),  # the band's distances by OpenCV's precise whole-tile transform
+             (fibres, "nearest_feature", _plain_nearest_feature), (tissue, "nearest_feature", _plain_nearest_feature),
+             (fibres, "label_sums", _plain_label_sums),
              (nuclei, "distance_to_background", _plain_edt), (tissue, "distance_to_background", _plain_edt),
              (fibres, "distance_to_background", _plain_edt), (reticulin, "distance_to_background", _plain_edt),
              (fibres, "gaussian_zero_border", _plain_gaussian),

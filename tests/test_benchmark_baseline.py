@@ -32,6 +32,8 @@ def test_scikit_image_only_swaps_the_fast_paths_and_gives_the_same_totals(stain)
         assert ecad.nearest_label_band is bench._whole_tile_band
         assert fibres.gaussian_zero_border is bench._plain_gaussian
         assert distance._SEPARABLE_MAX_PX == -1  # the ring band's distances by the precise whole-tile transform
+        assert fibres.nearest_feature is bench._plain_nearest_feature is tissue.nearest_feature
+        assert fibres.label_sums is bench._plain_label_sums
         plain = analyze_array(rgb, MPP, get_analyzer(stain, cfg), cfg, device="cpu")
     assert {name: getattr(nuclei, name) for name in before} == before  # restored
     assert distance._SEPARABLE_MAX_PX > 0
