@@ -183,8 +183,8 @@ def _squared_distance_within(bg: np.ndarray, reach: int) -> np.ndarray:
     The Euclidean transform is separable (Felzenszwalb & Huttenlocher): the squared distance
     is the least ``dc**2 + g(r, c + dc)**2`` over the columns, ``g`` the distance to the
     nearest labelled pixel in the same column. A band ``reach`` pixels wide needs ``g`` and
-    ``dc`` only up to ``reach``, which ``reach`` vertical dilations and ``2 reach`` shifted
-    minima give on small integers (about 20 ms on a 2,048² tile with ``reach`` 6, against
+    ``dc`` only up to ``reach``, which ``reach`` one-pixel vertical dilations and ``2 reach``
+    shifted minima give on small integers (about 20 ms on a 2,048² tile with ``reach`` 6, against
     100 ms for OpenCV's precise transform of the whole tile).
 
     Returns
@@ -196,8 +196,10 @@ def _squared_distance_within(bg: np.ndarray, reach: int) -> np.ndarray:
     fg = (~np.asarray(bg, bool)).view(np.uint8)
     h, w = fg.shape
     count = fg.copy()  # how many of the windows 0..reach around a pixel hold a labelled pixel
-    for k in range(1, reach + 1):
-        cv2.add(count, cv2.dilate(fg, np.ones((2 * k + 1, 1), np.uint8)), dst=count)
+    grown = fg
+    for _ in range(reach):  # the (2k + 1)-row window, one row more each side per step
+        grown = cv2.dilate(grown, np.ones((3, 1), np.uint8))
+        cv2.add(count, grown, dst=count)
     g = (reach + 1) - count  # column distance, reach + 1 where none is within reach
     dtype = np.uint8 if (reach + 1) ** 2 + reach * reach <= 255 else np.uint16
     g2 = np.square(g.astype(dtype))
@@ -273,6 +275,7 @@ def nearest_feature(features: np.ndarray, query: np.ndarray, reach: float | None
     fr = np.full(len(qr), -1, np.intp)
     fc = np.full(len(qr), -1, np.intp)
     todo = np.arange(len(qr))
+    big = float(h + w)
     m = max(1, int(margin))
     if reach is not None:
         m = max(m, int(math.ceil(reach)) + 1)
@@ -294,26 +297,19 @@ def nearest_feature(features: np.ndarray, query: np.ndarray, reach: float | None
             bh, bw = min(br + _BLOCK_PX + m, h) - y, min(bc + _BLOCK_PX + m, w) - x
             sub = features[y:y + bh, x:x + bw]
             r, c = qr[mine] - y, qc[mine] - x
-            if not sub.any():
-                d = np.full(len(mine), np.inf)
-            else:
-                dd, (ir, ic) = ndi.distance_transform_edt(~sub, return_indices=True)
-                d = dd[r, c]
             # distance to the nearest pixel outside the window (none beyond the image's edge)
-            big = float(h + w)
             edge_d = np.minimum.reduce([
                 np.where(y > 0, r + 1, big), np.where(y + bh < h, bh - r, big),
                 np.where(x > 0, c + 1, big), np.where(x + bw < w, bw - c, big)])
-            sure = d < edge_d
-            if reach is not None:
-                far = ~sure & (edge_d > reach)  # nothing within reach, inside or out
-                sure_or_far = sure | far
-            else:
-                sure_or_far = sure
+            sure = np.zeros(len(mine), bool)
             if sub.any():
-                ok = mine[sure]
-                dist[ok], fr[ok], fc[ok] = d[sure], ir[r[sure], c[sure]] + y, ic[r[sure], c[sure]] + x
-            retry.append(mine[~sure_or_far])
+                dd, (ir, ic) = ndi.distance_transform_edt(~sub, return_indices=True)
+                sure = dd[r, c] < edge_d
+                ok, r, c = mine[sure], r[sure], c[sure]
+                dist[ok], fr[ok], fc[ok] = dd[r, c], ir[r, c] + y, ic[r, c] + x
+            # with a reach, a window edge beyond it leaves nothing within reach, inside or out
+            done = sure | (edge_d > reach) if reach is not None else sure
+            retry.append(mine[~done])
         todo = np.concatenate(retry) if retry else np.zeros(0, np.intp)
         m *= 2
     return dist, fr, fc

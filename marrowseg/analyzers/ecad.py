@@ -759,11 +759,9 @@ class ECadAnalyzer(Analyzer):
         morph = nuc.classify_nuclei(table, cfg.classes)
         if cfg.positivity_compartment == "membrane":
             classes = np.where(morph == "megakaryocyte", "megakaryocyte", np.where(positive, "ecad_pos", morph))
+            classes = self._late_caps(table, classes.astype(object), self.mpp)
         else:  # a nucleus's own DAB: no neighbour can lend it, and a large stained nucleus is positive
-            classes = np.where(positive, "ecad_pos", morph)
-        classes = classes.astype(object)
-        if cfg.positivity_compartment == "membrane":
-            classes = self._late_caps(table, classes, self.mpp)
+            classes = np.where(positive, "ecad_pos", morph).astype(object)
         return positive & (classes == "ecad_pos"), classes
 
     def _scores(self, labels: np.ndarray, table: dict[str, np.ndarray], dab_od: np.ndarray,
