@@ -325,12 +325,31 @@ def test_shape_split_keeps_convex_nuclei_whole(cfg):
 def test_shape_split_leaves_regions_above_max_area_whole(cfg):
     """Two overlapping 14 µm disks (~280 µm² together) are cut without a limit, kept whole above it."""
     img = _disks(0.5, 14.0, 0.7, [(30.0, 25.0)], size_um=60.0) + _disks(0.5, 14.0, 0.7, [(30.0, 37.0)], size_um=60.0)
+    # peak seeds give the pair one seed, so the split alone decides (distance seeds cut it anyway)
     split = cfg.nuclei.model_copy(update={"split_max_solidity": 0.95, "split_min_area_um2": 40.0, "split_h_um": 0.25,
-                                          "split_max_area_um2": None, "min_distance_um": 8.0})
+                                          "split_max_area_um2": None, "min_distance_um": 8.0, "seeds": "peaks"})
     _, cut = nuc.detect_nuclei(img, 0.5, split)
     assert len(cut["row"]) == 2
     _, whole = nuc.detect_nuclei(img, 0.5, split.model_copy(update={"split_max_area_um2": 250.0}))
     assert len(whole["row"]) == 1 and whole["area_um2"][0] > 250.0
+
+
+def test_touching_nuclei_get_one_distance_seed_each_and_single_nuclei_one(cfg):
+    """he.yaml's distance seeds: two 6 µm nuclei 3.5 µm apart (one haematoxylin maximum between
+    them, no waist deep enough for the shape split) are two cells, where peak seeds find one;
+    a round or elongated single nucleus (up to 20 µm long) is still one."""
+    assert cfg.nuclei.seeds == "distance"
+    pair = np.maximum(_disks(0.25, 6.0, 0.6, [(30.0, 28.25)], size_um=60.0),
+                      _disks(0.25, 6.0, 0.6, [(30.0, 31.75)], size_um=60.0))
+    _, table = nuc.detect_nuclei(pair, 0.25, cfg.nuclei)
+    assert len(table["row"]) == 2
+    assert np.sort(table["col"] * 0.25 + 0.125) == pytest.approx([28.25, 31.75], abs=1.0)  # one in each nucleus
+    _, peaks = nuc.detect_nuclei(pair, 0.25, cfg.nuclei.model_copy(update={"seeds": "peaks", "min_distance_um": 1.5}))
+    assert len(peaks["row"]) == 1
+    rr, cc = np.mgrid[0:240, 0:240] * 0.25 + 0.125
+    for a_um, b_um in [(5.0, 5.0), (7.0, 3.5), (10.0, 4.0), (10.0, 10.0)]:  # semi-axes
+        img = np.where(((rr - 30.0) / b_um) ** 2 + ((cc - 30.0) / a_um) ** 2 <= 1.0, 0.6, 0.0).astype(np.float32)
+        assert len(nuc.detect_nuclei(img, 0.25, cfg.nuclei)[1]["row"]) == 1, (a_um, b_um)
 
 
 def test_regions_below_min_area_are_dropped(cfg):
@@ -491,13 +510,15 @@ def _megakaryocyte(mpp: float, size_um: float = 100.0, mottle: float = 0.15) -> 
     return np.maximum(img, _disks(mpp, 7.0, 0.7, small, size_um))
 
 
+@pytest.mark.parametrize("seeds", ["distance", "peaks"])
 @pytest.mark.parametrize("mpp", [0.25, 0.5])
-def test_lobulated_megakaryocyte_is_one_nucleus_and_classified(cfg, mpp):
-    """he.yaml: the lobulated nucleus is one megakaryocyte at its centre, the four small nuclei
-    stay four; without the megakaryocyte merge the peak seeds cut it into fragments, each
-    counted as a cell."""
+def test_lobulated_megakaryocyte_is_one_nucleus_and_classified(cfg, mpp, seeds):
+    """he.yaml, with either seed rule: the lobulated nucleus is one megakaryocyte at its centre,
+    the four small nuclei stay four; without the megakaryocyte merge the peak seeds cut it into
+    fragments, each counted as a cell."""
     img = _megakaryocyte(mpp)
-    _, table = nuc.detect_nuclei(img, mpp, cfg.nuclei)
+    ncfg = cfg.nuclei.model_copy(update={"seeds": seeds})
+    _, table = nuc.detect_nuclei(img, mpp, ncfg)
     classes = nuc.classify_nuclei(table, cfg.classes)
     assert len(table["row"]) == 5
     mk = classes == "megakaryocyte"
@@ -507,8 +528,9 @@ def test_lobulated_megakaryocyte_is_one_nucleus_and_classified(cfg, mpp):
     lobes_um2 = float((_megakaryocyte(mpp) > 0).sum()) * mpp**2 - 4 * np.pi * 3.5**2
     assert table["area_um2"][mk][0] == pytest.approx(lobes_um2, rel=0.1)
     assert (table["area_um2"][~mk] < 60.0).all()
-    _, frag = nuc.detect_nuclei(img, mpp, cfg.nuclei.model_copy(update={"megakaryocyte_min_radius_um": None}))
-    assert len(frag["row"]) >= 4 + 3  # the small nuclei and at least three fragments
+    if seeds == "peaks":
+        _, frag = nuc.detect_nuclei(img, mpp, ncfg.model_copy(update={"megakaryocyte_min_radius_um": None}))
+        assert len(frag["row"]) >= 4 + 3  # the small nuclei and at least three fragments
 
 
 def test_megakaryocyte_merge_leaves_an_uneven_mass_in_pieces(cfg):

@@ -433,10 +433,9 @@ def detect_nuclei(
         # threshold still applies to every seed
         dist_um = distance_to_background(mask) * np.float32(mpp)
         relief = dist_um + np.float32(cfg.distance_od_weight_um) * peak
+        # no early exit without seeds: lobes too small to hold one are still grouped below
         search = search & (peak >= threshold) & (dist_um >= np.float32(cfg.min_radius_um))
         threshold = float(cfg.min_radius_um)
-        if not search.any():
-            return np.zeros(h_od.shape, np.int32), empty_table()
     centres = local_peaks(relief, min_dist_px, threshold, search)
     lobe_gap_um = getattr(cfg, "lobe_max_gap_um", None)
     # with lobe grouping the regions below min_area_um2 are kept until the lobes among them
