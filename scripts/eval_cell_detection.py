@@ -330,9 +330,9 @@ def phantoms(seeds: list[int], size_px: int, mpp: float, radius_px: float, overr
 
     cfg = _config(overrides)
     print("| seed | truth cells | pred cells | count err % | F1 | truth MK | pred MK | MK matched | truth cell. % "
-          "| pred cell. % | err points |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    errs, cerrs, f1s = [], [], []
+          "| pred cell. % | err points | truth late/100 | pred late/100 | late F1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    errs, cerrs, f1s, lerrs, lf1s = [], [], [], [], []
     for seed in seeds:
         ph = synth.make_phantom("he", seed=seed, size_px=(size_px, size_px), mpp=mpp)
         truth = ph.truth_region(0, 0, size_px, size_px)
@@ -348,14 +348,25 @@ def phantoms(seeds: list[int], size_px: int, mpp: float, radius_px: float, overr
         t_mk = int(t_is_mk.sum())
         p_is_mk = np.asarray(res.cells.get("class", []), dtype=object) == "megakaryocyte"
         mk_tp = match(p_rc[p_is_mk], t_rc[t_is_mk], 10.0 / mpp)
+        # late erythroid precursors: the readout against the truth's share, and the class's own F1
+        # (a late call matched one-to-one to a true late cell within the same radius)
+        t_is_late = np.asarray(tc["cell_class"]) == "late_erythroid"
+        p_is_late = np.asarray(res.cells.get("class", []), dtype=object) == "late_erythroid"
+        t_late = 100.0 * t_is_late.sum() / max(len(t_rc), 1)
+        p_late = r["late_erythroid_per_100"] or 0.0
+        late_tp = match(p_rc[p_is_late], t_rc[t_is_late], radius_px)
+        lf1s.append(2 * late_tp / max(p_is_late.sum() + t_is_late.sum(), 1))
+        lerrs.append(p_late - t_late)
         err = 100.0 * (r["nucleated_cells"] / len(t_rc) - 1)
         errs.append(err)
         cerrs.append(r["cellularity_pct"] - t_cell)
         f1s.append(s["f1"])
         print(f"| {seed} | {len(t_rc)} | {r['nucleated_cells']} | {err:+.1f} | {s['f1']:.3f} | {t_mk} "
-              f"| {res.report['counts']['megakaryocyte']} | {mk_tp} | {t_cell:.1f} | {r['cellularity_pct']:.1f} | {cerrs[-1]:+.1f} |")
+              f"| {res.report['counts']['megakaryocyte']} | {mk_tp} | {t_cell:.1f} | {r['cellularity_pct']:.1f} | {cerrs[-1]:+.1f} "
+              f"| {t_late:.1f} | {p_late:.1f} | {lf1s[-1]:.3f} |")
     print(f"| **mean** | | | {np.mean(errs):+.1f} (abs {np.mean(np.abs(errs)):.1f}) | {np.mean(f1s):.3f} | | | | | "
-          f"| {np.mean(cerrs):+.1f} (abs {np.mean(np.abs(cerrs)):.1f}) |")
+          f"| {np.mean(cerrs):+.1f} (abs {np.mean(np.abs(cerrs)):.1f}) | | {np.mean(lerrs):+.1f} (abs "
+          f"{np.mean(np.abs(lerrs)):.1f}) | {np.mean(lf1s):.3f} |")
 
 
 def main(argv: list[str] | None = None) -> int:

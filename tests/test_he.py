@@ -211,6 +211,7 @@ def phantom_run(request):
         "bone_area_frac": n[3] / n[1:].sum(),
         "nucleated_cells": len(truth["cells"]["x_px"]),
         "megakaryocyte_rc": mk_rc,
+        "late_erythroid_per_100": 100.0 * float(np.mean(np.asarray(truth["cells"]["cell_class"]) == "late_erythroid")),
     }
 
 
@@ -226,6 +227,17 @@ def test_phantom_cellularity_within_10_points(phantom_run):
     """Cellularity within 10 points (the 3-point target is not met yet, see the xfail below)."""
     got, truth = phantom_run
     assert abs(got["cellularity_pct"] - truth["cellularity_pct"]) <= 10.0
+
+
+@pytest.mark.slow
+def test_phantom_late_erythroid_share_within_4_points(phantom_run):
+    """Late erythroid precursors per 100 nucleated cells within 4 points of the phantom's share (~23).
+
+    The class limits of he.yaml (14-38 µm², eccentricity <= 0.7, cv <= 0.5) give 22.4 and 21.9 here;
+    the former 6-30 µm² / 0.75 / 0.35 read 6.7 and 14.6: the dense nuclei's measured area runs above
+    30 µm²."""
+    got, truth = phantom_run
+    assert abs(got["late_erythroid_per_100"] - truth["late_erythroid_per_100"]) <= 4.0
 
 
 @pytest.mark.slow
