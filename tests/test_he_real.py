@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from marrowseg import cli
+from tests._cli import run_cli
 from tests._scripts import load_script
 
 ev = load_script("eval_cell_detection")
@@ -23,14 +22,8 @@ ev = load_script("eval_cell_detection")
 
 def _analyze(path: Path, out: Path, *extra: str) -> dict:
     """``marrowseg analyze PATH --stain he --out OUT [EXTRA]`` in-process; the metrics document."""
-    old = sys.argv
-    sys.argv = ["marrowseg", "analyze", str(path), "--stain", "he", "--out", str(out), *extra]
-    try:
-        cli.main()
-    except SystemExit as exc:
-        assert not exc.code, f"analyze {path.name} exited {exc.code}"
-    finally:
-        sys.argv = old
+    code = run_cli("analyze", str(path), "--stain", "he", "--out", str(out), *extra)
+    assert code == 0, f"analyze {path.name} exited {code}"
     return json.loads((out / "metrics.json").read_text())
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 
 import cv2
 import numpy as np
 import pytest
 import zarr
 
-from marrowseg import cli
 from marrowseg.analyzers.reticulin import GRADE_RGB
 from marrowseg.demo import available_stains
+from tests._cli import run_cli
 
 STAINS = available_stains()
 
@@ -35,14 +34,8 @@ def analysed(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"contract-{stain}")
     tiff, _ = write_phantom(root, stain, name="ph", seed=1001, size_px=(1200, 1000), mpp=0.5)
     out = root / "out"
-    argv = ["marrowseg", "analyze", str(tiff), "--stain", stain, "--out", str(out), "--age", "45", "-q"]
-    old, sys.argv = sys.argv, argv
-    try:
-        cli.main()
-    except SystemExit as exc:
-        assert not exc.code, f"analyze exited {exc.code}"
-    finally:
-        sys.argv = old
+    code = run_cli("analyze", str(tiff), "--stain", stain, "--out", str(out), "--age", "45", "-q")
+    assert code == 0, f"analyze exited {code}"
     return stain, tiff, out
 
 
