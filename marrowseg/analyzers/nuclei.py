@@ -10,7 +10,9 @@ Pipeline (classical detector)::
     mask     = mask_map > mask_od
     mask    &= mask_map > gaussian(h_od, mask_background_sigma_um) + mask_contrast_od   # optional
     centres  = local maxima of peak_map, >= min_peak_od, >= min_distance_um apart, inside mask
-    labels   = watershed(-peak_map, centres, mask)
+               (seeds: distance -- maxima of the distance to the mask's edge + a little peak_map,
+               so touching nuclei sharing one haematoxylin maximum get a seed each; he.yaml)
+    labels   = watershed(-peak_map (or that distance relief), centres, mask)
     labels   = split_by_shape(labels)                # optional: large, non-convex regions cut
                                                      # at their waists (overlapping nuclei)
     labels   = merge_megakaryocytes(labels)          # optional: the lobes and chromatin peaks of
