@@ -11,7 +11,8 @@ Modes
 ``--lopo``
     Leave one patient out (patient = ``BM_GRAZ_HE_NNNN``): the free detector parameters are
     chosen on the other patients from a small grid (best pooled F1), then measured on the
-    held-out patient; the held-out figures and their mean are reported.
+    held-out patient; the held-out figures and their mean are reported. ``--grid KEY=V1,V2``
+    (repeatable) offers more settings to every fold, e.g. ``he.nuclei.seeds=peaks,distance``.
 ``--lopo --weights-per-patient DIR``
     The learned detector (``he.nuclei.detector=unet``): for each held-out patient P, the
     centre net ``DIR/P.pt`` trained without P by ``scripts/train_nuclei.py`` and its peak
@@ -22,8 +23,9 @@ Modes
 ``eval_cell_detection.py --phantoms 1000-1004 [--phantom-px 1024] [--mpp 0.5]``
     Synthetic H&E phantoms (:mod:`marrowseg.synth`, default cellularity; seeds >= 1000 are held
     out, 0-99 are for tuning): per seed, nucleated count, megakaryocytes (truth, predicted, and
-    matched one-to-one within 10 µm) and cellularity against the phantom's truth, and detection
-    F1 within ``radius-px`` (default 4 µm).
+    matched one-to-one within 10 µm) and cellularity against the phantom's truth, detection
+    F1 within ``radius-px`` (default 4 µm), and late erythroid precursors per 100 nucleated cells
+    with the late class's F1.
 
 Detections come from the analyzer run through the engine
 (:func:`marrowseg.engine.analyze_array`), the code path of ``marrowseg analyze``.
@@ -395,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = parse_overrides(args.set)
 
+    if args.grid and not args.lopo:
+        ap.error("--grid needs --lopo")
     if args.phantoms:
         radius = 4.0 / args.mpp if args.radius_px is None else args.radius_px
         phantoms(parse_seeds(args.phantoms), args.phantom_px, args.mpp, radius, overrides)
