@@ -18,12 +18,12 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from marrowseg import cli
 from marrowseg.batch import run_batch
 from marrowseg.batch_plan import find_slides, load_stain_rules, plan_jobs, slide_ids
 from marrowseg.batch_slide import BatchSettings, process_slide, slide_lock
 from marrowseg.demo import available_stains
 from marrowseg.errors import ConfigError
+from tests._cli import run_cli
 
 STAINS = [s for s in ("he", "ecad") if s in available_stains()]
 #: decode in-process on the CPU (2-core CI); 768 px phantoms keep each slide to seconds
@@ -63,14 +63,7 @@ def cohort(tmp_path_factory) -> Path:
 
 
 def _cli(argv: list[str]) -> int:
-    old, sys.argv = sys.argv, ["marrowseg", *argv]
-    try:
-        cli.main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    finally:
-        sys.argv = old
-    return 0
+    return run_cli(*argv)
 
 
 @pytest.fixture(scope="module")

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import tifffile
 
-from marrowseg import cli
+from tests._cli import run_cli
 
 
 def _main(argv, capsys):
     """Run ``marrowseg ARGV`` in-process; return (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["marrowseg", *argv]
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old
+    code = run_cli(*argv)
     cap = capsys.readouterr()
     return code, cap.out, cap.err
 
