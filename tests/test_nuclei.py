@@ -352,6 +352,38 @@ def test_touching_nuclei_get_one_distance_seed_each_and_single_nuclei_one(cfg):
         assert len(nuc.detect_nuclei(img, 0.25, cfg.nuclei)[1]["row"]) == 1, (a_um, b_um)
 
 
+def test_a_pale_thin_nucleus_the_seeds_miss_still_gets_one(cfg):
+    """he.yaml's seed_unseeded: a 5.6 x 2.8 µm nucleus at 0.45 OD (a neutrophil lobe's size) is in
+    the nuclear mask, but smoothed over 1.5 µm it stays under min_peak_od, so no seed rule
+    finds it; it is one cell at its centre, and lost without the rule."""
+    assert cfg.nuclei.seed_unseeded
+    rr, cc = np.mgrid[0:120, 0:120] * 0.5 + 0.25
+    img = np.where(((rr - 30.0) / 1.4) ** 2 + ((cc - 30.0) / 2.8) ** 2 <= 1.0, 0.45, 0.0).astype(np.float32)
+    _, table = nuc.detect_nuclei(img, 0.5, cfg.nuclei)
+    assert len(table["row"]) == 1
+    assert np.array([table["row"][0], table["col"][0]]) * 0.5 + 0.25 == pytest.approx([30.0, 30.0], abs=0.5)
+    assert table["area_um2"][0] == pytest.approx(np.pi * 2.8 * 1.4, rel=0.2)
+    _, off = nuc.detect_nuclei(img, 0.5, cfg.nuclei.model_copy(update={"seed_unseeded": False}))
+    assert len(off["row"]) == 0
+
+
+def test_unseeded_components_seed_only_large_seedless_components_at_their_highest_relief():
+    mask = np.zeros((20, 40), bool)
+    mask[2:8, 2:8] = True      # 36 px, seeded below
+    mask[2:8, 12:18] = True    # 36 px, no seed
+    mask[12:14, 2:4] = True    # 4 px, too small
+    mask[12:18, 22:30] = True  # 48 px, no seed, its right half outside the search region
+    search = mask.copy()
+    search[:, 26:] = False
+    relief = np.zeros(mask.shape, np.float32)
+    relief[5, 14] = 2.0
+    relief[13, 28] = 9.0  # highest of its component, but not searchable
+    relief[15, 24] = 3.0
+    got = nuc.unseeded_components(mask, search, relief, np.array([[4, 4]]), min_area_px=10)
+    assert sorted(map(tuple, got.tolist())) == [(5, 14), (15, 24)]
+    assert len(nuc.unseeded_components(mask, search, relief, np.array([[4, 4], [3, 13], [16, 23]]), 10)) == 0
+
+
 def test_regions_below_min_area_are_dropped(cfg):
     """A 3 µm blob (7 µm²) is debris under he.yaml's min_area_um2 of 8 µm²; a 4 µm nucleus is kept."""
     assert cfg.nuclei.min_area_um2 == 8
@@ -384,10 +416,10 @@ def test_lobes_of_a_segmented_nucleus_are_one_cell_at_its_centre(cfg):
 
 
 def test_small_regions_apart_alone_or_too_wide_are_not_grouped(cfg):
-    """Lobes 3 µm apart, a lone 3 µm blob, and a row of four 2.8 µm blobs 1.2 µm apart but 15 µm long
+    """Lobes 3 µm apart, a lone 2.8 µm blob, and a row of four 2.8 µm blobs 1.2 µm apart but 15 µm long
     (wider than lobe_max_extent_um, 10 µm: not one nucleus) all stay debris."""
     apart = _lobes((30.0, 30.0), 3.5)
-    lone = _disks(0.5, 3.0, 0.7, [(30.0, 30.0)], size_um=60.0)
+    lone = _disks(0.5, 2.8, 0.7, [(30.0, 30.0)], size_um=60.0)  # 6 µm² (3 µm: 8 µm² in pixels, a nucleus)
     row = _disks(0.5, 2.8, 0.7, [(30.0, 22.5 + 4.0 * k) for k in range(4)], size_um=60.0)
     for img in (apart, lone, row):
         _, table = nuc.detect_nuclei(img, 0.5, cfg.nuclei)

@@ -61,6 +61,7 @@ __all__ = [
     "detect_nuclei",
     "detect_nuclei_from_centre_map",
     "nuclei_from_centres",
+    "unseeded_components",
     "nuclear_mask",
     "core_centroids",
     "background_factor",
@@ -375,7 +376,8 @@ def detect_nuclei(
         Pixel size, µm per pixel (> 0).
     cfg : NucleiConfig
         ``peak_sigma_um``, ``min_distance_um``, ``min_peak_od``, ``mask_sigma_um``,
-        ``mask_od``, ``min_area_um2``; ``mask_contrast_od`` (null: no contrast test),
+        ``mask_od``, ``min_area_um2``; ``seed_unseeded`` (a seed for every mask component
+        of a nucleus's size that has none: :func:`unseeded_components`); ``mask_contrast_od`` (null: no contrast test),
         ``mask_background_sigma_um`` and ``mask_fill_holes_um2`` for :func:`nuclear_mask`; ``split_max_solidity`` (null: no split),
         ``split_min_area_um2``, ``split_h_um`` for :func:`split_by_shape`;
         ``megakaryocyte_min_radius_um`` (null: no merge), ``megakaryocyte_core_radius_um``,
@@ -429,6 +431,7 @@ def detect_nuclei(
         return np.zeros(h_od.shape, np.int32), empty_table()
     relief = peak
     threshold = float(cfg.min_peak_od)
+    seedable = search
     if getattr(cfg, "seeds", "peaks") == "distance":
         # touching and overlapping nuclei: one seed per maximum of the distance to the
         # nuclear boundary (µm), tie-broken by the smoothed haematoxylin; the haematoxylin
@@ -439,6 +442,9 @@ def detect_nuclei(
         search = search & (peak >= threshold) & (dist_um >= np.float32(cfg.min_radius_um))
         threshold = float(cfg.min_radius_um)
     centres = local_peaks(relief, min_dist_px, threshold, search)
+    if getattr(cfg, "seed_unseeded", False):
+        extra = unseeded_components(mask, seedable, relief, centres, float(cfg.min_area_um2) / float(mpp) ** 2)
+        centres = np.concatenate([centres, extra]) if len(extra) else centres
     lobe_gap_um = getattr(cfg, "lobe_max_gap_um", None)
     # with lobe grouping the regions below min_area_um2 are kept until the lobes among them
     # are grouped (after the split and the merge, which never act on regions that small)
@@ -529,6 +535,53 @@ def local_peaks(image: np.ndarray, min_distance: int, threshold: float, search: 
         if not rejected[i]:  # kept: it removes every later peak that close
             rejected[pairs[a:b, 1]] = True
     return coords[~rejected]
+
+
+def unseeded_components(
+    mask: np.ndarray, search: np.ndarray, relief: np.ndarray, centres: np.ndarray, min_area_px: float,
+) -> np.ndarray:
+    """One seed for each nuclear-mask component that holds none and is a nucleus's size.
+
+    The seed rules (a smoothed-OD threshold, a depth inside the mask, one maximum per
+    ``min_distance``) miss small or thin nuclei whose smoothed haematoxylin stays under the
+    threshold: a neutrophil lobe 2.5 µm wide, a pale myelocyte. Without a seed their pixels are
+    grown into no region, so a component that the mask found and that is at least a nucleus's
+    area is lost whole. Its seed is its highest ``relief`` inside ``search``.
+
+    Parameters
+    ----------
+    mask : (H, W) bool ndarray
+        Nuclear pixels (8-connected components).
+    search : (H, W) bool ndarray
+        Where a seed may lie (the mask within the allowed tissue).
+    relief : (H, W) float ndarray
+        The seeds' map; the new seed is its maximum over the component's ``search`` pixels.
+    centres : (N, 2) int ndarray
+        The seeds already found, (row, col).
+    min_area_px : float
+        Smaller components are left to the lobe grouping or dropped, px.
+
+    Returns
+    -------
+    (M, 2) intp ndarray
+        New seeds, (row, col), one per component, in the order of OpenCV's component labels.
+    """
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    _, comp, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    orphan = stats[:, cv2.CC_STAT_AREA] >= min_area_px
+    orphan[0] = False
+    if len(centres):
+        orphan[comp[centres[:, 0], centres[:, 1]]] = False
+    if not orphan.any():
+        return np.empty((0, 2), np.intp)
+    idx = np.flatnonzero(orphan[comp.ravel()] & np.asarray(search, bool).ravel())
+    if not len(idx):
+        return np.empty((0, 2), np.intp)
+    cid = comp.ravel()[idx]
+    # per component the highest relief, the first pixel in raster order among equals
+    order = np.lexsort((idx, -relief.ravel()[idx], cid))
+    first = order[np.r_[True, cid[order][1:] != cid[order][:-1]]]
+    return np.column_stack(np.divmod(idx[first], mask.shape[1])).astype(np.intp)
 
 
 def _peak_candidates(image: np.ndarray, size: int, threshold: float, search: np.ndarray) -> np.ndarray:

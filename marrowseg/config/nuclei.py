@@ -36,6 +36,9 @@ class NucleiConfig(Strict):
     )
     distance_od_weight_um: float = Field(0.3, ge=0, description="µm of distance one OD of smoothed haematoxylin is worth (seeds: distance)")
     min_radius_um: float = Field(1.0, ge=0, description="a distance seed lies at least this far inside the nuclear mask, µm (seeds: distance)")
+    seed_unseeded: bool = Field(
+        False, description="a nuclear-mask component at least min_area_um2 large that holds no seed gets one at "
+        "its highest relief (a small or thin nucleus below the seeds' OD or depth rules), within allowed")
     # optional: null keeps the absolute threshold alone (the original mask, which ecad.yaml relies on)
     mask_contrast_od: float | None = Field(
         None, ge=0,
