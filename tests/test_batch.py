@@ -62,15 +62,11 @@ def cohort(tmp_path_factory) -> Path:
     return root
 
 
-def _cli(argv: list[str]) -> int:
-    return run_cli(*argv)
-
-
 @pytest.fixture(scope="module")
 def serial(cohort) -> Path:
     """The cohort through ``marrowseg batch`` serially (the reference run)."""
     out = cohort / "serial"
-    code = _cli(["batch", str(cohort / "in"), str(out), "--manifest", str(cohort / "manifest.csv"), "-q", *SET_ARGS])
+    code = run_cli("batch", str(cohort / "in"), str(out), "--manifest", str(cohort / "manifest.csv"), "-q", *SET_ARGS)
     assert code == 3
     return out
 
@@ -294,8 +290,8 @@ def test_lock_held_by_another_process_makes_slide_busy(cohort, tmp_path):
 
 def test_cli_json_prints_one_document(serial, cohort, capsys):
     """--json prints exactly one JSON document on stdout; exit code 3 with failures."""
-    code = _cli(["batch", str(cohort / "in"), str(serial), "--manifest", str(cohort / "manifest.csv"),
-                 "--json", *SET_ARGS])
+    code = run_cli("batch", str(cohort / "in"), str(serial), "--manifest", str(cohort / "manifest.csv"),
+                   "--json", *SET_ARGS)
     assert code == 3
     rows = json.loads(capsys.readouterr().out)
     assert {r["status"] for r in rows} == {"ok", "failed"}

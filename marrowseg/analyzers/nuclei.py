@@ -578,7 +578,9 @@ def unseeded_components(
     if not len(idx):
         return np.empty((0, 2), np.intp)
     cid = comp.ravel()[idx]
-    # per component the highest relief, the first pixel in raster order among equals
+    # per component the highest relief, the first pixel in raster order among equals; sorting
+    # only the orphans' pixels (ndi.maximum_position scans the whole tile: 0.46 vs 0.03 s for a
+    # dozen orphans on a 2,048² tile)
     order = np.lexsort((idx, -relief.ravel()[idx], cid))
     first = order[np.r_[True, cid[order][1:] != cid[order][:-1]]]
     return np.column_stack(np.divmod(idx[first], mask.shape[1])).astype(np.intp)
