@@ -29,6 +29,7 @@ from marrowseg import __version__
 from marrowseg.analyzers.base import Analyzer, TileContext, TileResult
 from marrowseg.config import Config, config_hash
 from marrowseg.errors import AnalysisError, ConfigError, MarrowsegError, NoTissueError, SlideError
+from marrowseg.io.base import READ_AT_MPP_MAX_PX
 from marrowseg.tiling import Tile, tiles_over_mask, tissue_mask
 
 __all__ = [
@@ -136,6 +137,53 @@ def _grid_geometry(config: Config, analyzer: Analyzer) -> tuple[int, int]:
     return stride + overlap, overlap
 
 
+def _read_overview(reader: Any, mpp: float, block_px: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    """The whole slide at ``mpp`` for the tissue mask, and the pixels that could not be read.
+
+    One unreadable chunk of the file (a corrupt JPEG tile in the level the overview comes
+    from) must not stop the slide. The overview is then read again in blocks; a block that
+    fails stays white and is returned in ``unreadable``, so that the caller keeps it as tissue:
+    the analysis tiles over it are tried, fail and are reported missing with their area,
+    rather than dropping out of the slide unnoticed.
+
+    Returns
+    -------
+    view : (H, W, 3) uint8 ndarray
+    unreadable : (H, W) bool ndarray or None
+        None when the whole overview was read.
+
+    Raises
+    ------
+    SlideError
+        No block at all could be read, or the overview is too large to read.
+    """
+    try:
+        return reader.read_at_mpp(mpp), None
+    except SlideError as exc:
+        first = exc
+    scale = mpp / reader.mpp
+    w0, h0 = reader.dimensions
+    w, h = math.ceil(w0 / scale - 1e-9), math.ceil(h0 / scale - 1e-9)
+    if w * h > READ_AT_MPP_MAX_PX:
+        raise first
+    view = np.full((h, w, 3), 255, np.uint8)
+    bad = np.zeros((h, w), bool)
+    reasons: dict[str, None] = {}  # one warning per reason: neighbouring blocks share a chunk
+    for r in range(0, h, block_px):
+        for c in range(0, w, block_px):
+            bh, bw = min(block_px, h - r), min(block_px, w - c)
+            try:
+                view[r : r + bh, c : c + bw] = reader.read_region(c, r, bw, bh, mpp)
+            except SlideError as exc:
+                bad[r : r + bh, c : c + bw] = True
+                reasons[str(exc)] = None
+    if bad.all():
+        raise first
+    for reason in reasons:
+        log.warning("%s; the tiles over it will be reported missing", reason)
+    return view, bad
+
+
 def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     """Detect tissue and lay the tile grid for one slide.
 
@@ -166,18 +214,22 @@ def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     # A field of view or crop may be only a few hundred µm: look at it finely enough.
     side_um = max(h0, w0) * reader.mpp
     mask_mpp = max(reader.mpp, min(tcfg.mpp, side_um / 256))
-    view = reader.read_at_mpp(mask_mpp)
+    view, unreadable = _read_overview(reader, mask_mpp)
     mask = tissue_mask(
         view, mask_mpp, min_od=tcfg.min_od, max_od=tcfg.max_od, min_saturation=tcfg.min_saturation,
         max_saturation=tcfg.max_saturation,
         min_object_um2=tcfg.min_object_um2, max_hole_um2=tcfg.max_hole_um2,
         margin_um=tcfg.margin_um, keep_border_objects=small,
     )
+    readable = mask.copy()
+    if unreadable is not None:
+        readable &= ~unreadable
+        mask |= unreadable
     frac = float(mask.mean()) if mask.size else 0.0
-    if not mask.any():
+    if not readable.any():
         raise NoTissueError(f"{reader.name}: no tissue found (tissue mask empty at {mask_mpp:.3g} µm/px)")
     if analyzer.needs_colour:
-        tissue_px = view[mask].astype(np.int16)
+        tissue_px = view[readable].astype(np.int16)
         chroma = tissue_px.max(axis=1) - tissue_px.min(axis=1)
         if np.percentile(chroma, 99) < _GREY_MAX_CHROMA:
             raise SlideError(f"{reader.name}: greyscale image: --stain {analyzer.stain} tells the stains apart "

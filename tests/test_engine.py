@@ -136,6 +136,27 @@ def test_corrupt_tile_is_reported_and_excluded_not_zero(caplog):
     assert "unreadable" in caplog.text
 
 
+def test_cut_short_jpeg_tile_marks_its_tiles_missing_and_the_slide_goes_on(tmp_path, caplog):
+    """One cut-short JPEG tile in a single-level slide: the overview is read around it, the
+    analysis tiles over it are missing (area excluded), every other tile is analysed."""
+    img, _ = disc_image(shape=(512, 512), n=40, seed=12)
+    path = tmp_path / "short.tif"
+    tifffile.imwrite(path, img, tile=(64, 64), compression="jpeg", photometric="rgb")
+    with tifffile.TiffFile(path, mode="r+b") as tf:
+        tag = tf.pages.first.tags["TileByteCounts"]
+        counts = list(tag.value)
+        counts[9] //= 3  # tile row 1, col 1: level-0 pixels [64:128, 64:128]
+        tag.overwrite(counts)
+    cfg = _cfg(tile_px=128)
+    res = _run(str(path), config=cfg)
+    missing = [r for r in res.tiles if r["status"] == "missing"]
+    assert missing and len(missing) < len(res.tiles)
+    assert all("corrupt JPEG tile at x=64,y=64" in r["error"] for r in missing)
+    assert res.report["tiles"]["missing"] == len(missing)
+    assert res.totals["core_px"] == img.shape[0] * img.shape[1] - res.report["tiles"]["missing_area_um2"]
+    assert "will be reported missing" in caplog.text
+
+
 def test_blank_slide_raises_no_tissue():
     img = np.full((300, 300, 3), 246, np.uint8)
     with pytest.raises(NoTissueError, match="no tissue"):

@@ -592,7 +592,7 @@ def test_bad_inputs_raise_slide_error_naming_the_file(tmp_path, make, error, rea
 
 
 def test_corrupt_jpeg_tile_raises_on_read(tmp_path):
-    """Garbage in one tile: open works, reading that tile is a SlideError with the window."""
+    """Garbage in one tile: open works, reading that tile is a SlideError with its position."""
     path = tmp_path / "corrupt.svs"
     write_svs(path, _smooth(256, 256))
     with tifffile.TiffFile(path) as tf:
@@ -605,9 +605,79 @@ def test_corrupt_jpeg_tile_raises_on_read(tmp_path):
         r.read_region(0, 0, 64, 64, r.mpp)  # tile 0 is intact
         with pytest.raises(
             SlideError,
-            match=r"corrupt\.svs: cannot decode region x=\d+,y=\d+,w=\d+,h=\d+ at level 0",
+            match=r"corrupt\.svs: corrupt JPEG tile at x=64,y=64 of level 0: no start-of-image marker",
         ):
             r.read_region(64, 64, 64, 64, r.mpp)
+
+
+def _cut_chunk(path: Path, index: int, keep_frac: float = 0.8) -> tuple[int, int]:
+    """Shorten the byte count of one tile/strip of page 0 in place (a chunk cut short)."""
+    with tifffile.TiffFile(path, mode="r+b") as tf:
+        page = tf.pages.first
+        tag = page.tags["TileByteCounts" if page.is_tiled else "StripByteCounts"]
+        counts = list(tag.value)
+        counts[index] = int(counts[index] * keep_frac)
+        tag.overwrite(counts)
+        return page.tilewidth or page.imagewidth, page.tilelength or page.rowsperstrip
+
+
+def test_cut_short_jpeg_tile_raises_on_read_instead_of_grey(tmp_path):
+    """libjpeg fills a cut-short tile with grey (128) and says nothing; the reader refuses it."""
+    path = tmp_path / "short.svs"
+    write_svs(path, _smooth(256, 256))
+    tw, th = _cut_chunk(path, 5)  # tile row 1, col 1 (64-px tiles, 4 across)
+    with tifffile.TiffFile(path) as tf:  # the failure this guards against
+        assert (tf.pages.first.asarray()[th + 60, tw + 60] == 128).all()
+    with open_slide(path) as r:
+        r.read_region(0, 0, 64, 64, r.mpp)  # tile 0 is whole
+        with pytest.raises(SlideError) as info:
+            r.read_region(60, 60, 16, 16, r.mpp)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    assert "corrupt JPEG tile at x=64,y=64 of level 0: no end-of-image marker" in message
+
+
+def test_cut_short_jpeg_strip_of_a_plain_tiff_is_refused(tmp_path):
+    path = tmp_path / "strips.tif"
+    tifffile.imwrite(path, _smooth(128, 96), compression="jpeg", photometric="rgb", rowsperstrip=32)
+    _cut_chunk(path, 2)
+    with pytest.raises(SlideError, match=r"strips\.tif: corrupt JPEG strip at x=0,y=64 of level 0"):
+        open_slide(path, mpp=0.5)
+
+
+def _jpeg_bytes(img: np.ndarray, quality: int = 90) -> bytes:
+    ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return buf.tobytes()
+
+
+def test_cut_short_jpeg_file_is_refused_and_padding_after_the_end_is_not(tmp_path):
+    img = _smooth(120, 160)
+    data = _jpeg_bytes(img)
+    whole = tmp_path / "whole.jpg"
+    whole.write_bytes(data + b"\x00" * 64)  # bytes after the end-of-image marker are allowed
+    with open_slide(whole, mpp=0.5) as r:
+        ref = r.read_region(0, 0, 160, 120, 0.5)
+    assert np.abs(ref.astype(int) - img.astype(int)).mean() < 4
+    short = tmp_path / "short.jpg"
+    short.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SlideError, match=r"short\.jpg: corrupt JPEG: no end-of-image marker"):
+        open_slide(short, mpp=0.5)
+
+
+def test_jpeg_check_steps_over_an_exif_thumbnail():
+    """A thumbnail in APP1 is a whole JPEG stream; the main image cut short is still found."""
+    from marrowseg.io._jpeg import jpeg_problem
+
+    main = _jpeg_bytes(_smooth(64, 64))
+    thumb = _jpeg_bytes(_smooth(8, 8))
+    payload = b"Exif\x00\x00" + thumb
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    with_thumb = main[:2] + app1 + main[2:]
+    assert jpeg_problem(with_thumb) is None
+    assert jpeg_problem(with_thumb[:-200]) == "no end-of-image marker (cut short)"
+    assert jpeg_problem(main[:2] + app1) == "no image data"
+    assert jpeg_problem(b"\x00" * 16) == "no start-of-image marker"
 
 
 def test_openslide_backend_is_used_when_importable(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import numpy as np
 
 from marrowseg.errors import MarrowsegError, SlideError, UnsupportedFormatError
 from marrowseg.io._colour import plan_colour, to_rgb_uint8
+from marrowseg.io._jpeg import jpeg_problem
 from marrowseg.io._mpp import Candidate, mpp_from_resolution, resolve_mpp
 from marrowseg.io.base import SlideReader
 
@@ -222,8 +223,11 @@ class ImageReader(SlideReader):
             if self._fmt == "tiff":
                 import tifffile
 
+                from marrowseg.io.tiff import check_jpeg_chunks
+
                 with tifffile.TiffFile(self.path) as tf:
                     page = tf.pages.first
+                    check_jpeg_chunks(label, self.path, page, list(range(len(page.dataoffsets))))
                     arr = page.asarray()
                     axes = page.axes
                 if axes.startswith("S"):
@@ -232,7 +236,12 @@ class ImageReader(SlideReader):
                 if axes not in ("YX", "YXS"):
                     raise UnsupportedFormatError(f"{label}: unsupported TIFF axes {axes!r}")
             else:
-                arr = _decode(self._fmt, self.path.read_bytes())
+                data = self.path.read_bytes()
+                problem = jpeg_problem(data) if self._fmt == "jpeg" else None
+                if problem is not None:
+                    # libjpeg would fill what is missing with grey and say nothing
+                    raise SlideError(f"{label}: corrupt JPEG: {problem}; an incomplete copy or download?")
+                arr = _decode(self._fmt, data)
         except MarrowsegError:
             raise
         except MemoryError:

@@ -15,6 +15,7 @@ import zarr
 
 from marrowseg.errors import MarrowsegError, SlideError, UnsupportedFormatError
 from marrowseg.io._colour import ColourPlan, plan_colour, to_rgb_uint8
+from marrowseg.io._jpeg import jpeg_problem
 from marrowseg.io._mpp import (
     Candidate,
     mpp_from_aperio,
@@ -24,7 +25,9 @@ from marrowseg.io._mpp import (
 )
 from marrowseg.io.base import SlideReader
 
-__all__ = ["TiffReader", "tiff_resolution_candidate", "check_data_in_file", "MAX_CHUNK_SAMPLES"]
+__all__ = [
+    "TiffReader", "tiff_resolution_candidate", "check_data_in_file", "check_jpeg_chunks", "MAX_CHUNK_SAMPLES"
+]
 
 MAX_CHUNK_SAMPLES = 2**29
 """Largest tile or strip (samples) we agree to decode: a bigger one is a decompression bomb."""
@@ -98,6 +101,71 @@ def check_data_in_file(
                 f"{label}: refusing to decode a {'x'.join(map(str, page.chunks))} tile/strip at "
                 f"level {level} (> {MAX_CHUNK_SAMPLES} samples; decompression bomb?)"
             )
+
+
+_JPEG = 7  # TIFF Compression: JPEG ("new-style", as SVS, OME-TIFF and generic pyramids write it)
+
+
+def jpeg_chunk_grid(page: tifffile.TiffPage) -> tuple[int, int, int] | None:
+    """(chunk height, chunk width, chunks across) of a JPEG-compressed, interleaved-RGB page.
+
+    None for any other page: other codecs raise on a cut-short chunk themselves, and NDPI's
+    JPEG is one stream that tifffile slices by its restart markers (no chunk is a stream).
+    """
+    if int(page.compression) != _JPEG or int(page.planarconfig) != 1 or page.parent.is_ndpi:
+        return None
+    if page.is_tiled:
+        h, w = int(page.tilelength), int(page.tilewidth)
+    else:
+        h, w = int(page.rowsperstrip), int(page.imagewidth)
+    if h <= 0 or w <= 0:
+        return None
+    return h, w, -(-int(page.imagewidth) // w)
+
+
+def check_jpeg_chunks(label: str, path: Path, page: tifffile.TiffPage, indices: list[int], *, level: int = 0) -> None:
+    """Refuse JPEG tiles or strips of ``page`` that are cut short, before they are decoded.
+
+    libjpeg decodes a cut-short stream without an error and fills the rest with mid-grey,
+    which the analysis would take for tissue (see :mod:`marrowseg.io._jpeg`).
+
+    Parameters
+    ----------
+    label : str
+        Path for messages.
+    path : Path
+        The file, opened here on its own (the slide's handle may be in use by another thread).
+    page : tifffile.TiffPage or tifffile.TiffFrame
+        The page whose chunks are read; nothing is checked unless :func:`jpeg_chunk_grid` of its
+        key frame is a grid.
+    indices : list of int
+        Chunk (tile or strip) indices to check, row-major.
+    level : int
+        Pyramid level, for messages.
+
+    Raises
+    ------
+    SlideError
+        A chunk is not a whole JPEG stream; the message gives its pixel position in the level.
+    """
+    key = page.keyframe  # a TiffFrame keeps its tags in its key frame
+    grid = jpeg_chunk_grid(key)
+    if grid is None or not indices:
+        return
+    h, w, across = grid
+    offsets, counts = page.dataoffsets, page.databytecounts
+    kind = "tile" if key.is_tiled else "strip"
+    with open(path, "rb") as fh:
+        for i in indices:
+            if not counts[i]:  # a sparse chunk: tifffile gives the fill value, not a decode
+                continue
+            fh.seek(offsets[i])
+            problem = jpeg_problem(fh.read(counts[i]))
+            if problem is not None:
+                row, col = divmod(i, across)
+                raise SlideError(
+                    f"{label}: corrupt JPEG {kind} at x={col * w},y={row * h} of level {level}: {problem}"
+                )
 
 
 class _PlanarTiff:
@@ -207,6 +275,8 @@ class TiffReader(SlideReader):
         )
         self.vendor = props.get("tiffslide.vendor") or ("ome" if ome_xml else None)
         self._props = props
+        self._series_index = int(props.get("tiffslide.series-index") or 0)
+        self._jpeg_ok: set[tuple[int, int]] = set()  # (level, chunk) already found whole
 
     def _open_handle(self) -> Any:
         import tiffslide
@@ -228,12 +298,33 @@ class TiffReader(SlideReader):
     def _read_level(
         self, handle: Any, level: int, x0: int, y0: int, x1: int, y1: int
     ) -> np.ndarray:
+        if self._axes in ("YXS", "YX"):
+            self._check_jpeg(handle, level, x0, y0, x1, y1)
         arr = handle.zarr_group[str(level)]
         if self._axes in ("CYX", "SYX"):
             data = np.moveaxis(np.asarray(arr[:, y0:y1, x0:x1]), 0, -1)
         else:
             data = np.asarray(arr[y0:y1, x0:x1])
         return to_rgb_uint8(data, self._plan)
+
+    def _check_jpeg(self, handle: Any, level: int, x0: int, y0: int, x1: int, y1: int) -> None:
+        """Check the JPEG chunks under a window once each (:func:`check_jpeg_chunks`)."""
+        lvl = handle.ts_tifffile.series[self._series_index].levels[level]
+        if len(lvl.pages) != 1:
+            return
+        page = lvl.pages[0]
+        grid = jpeg_chunk_grid(lvl.keyframe)
+        if grid is None:
+            return
+        h, w, across = grid
+        todo = [
+            r * across + c
+            for r in range(y0 // h, (y1 - 1) // h + 1)
+            for c in range(x0 // w, (x1 - 1) // w + 1)
+            if (level, r * across + c) not in self._jpeg_ok
+        ]
+        check_jpeg_chunks(str(self.path), self.path, page, todo, level=level)
+        self._jpeg_ok.update((level, i) for i in todo)
 
     def _load_properties(self) -> dict[str, Any]:
         return dict(self._props)
