@@ -82,7 +82,9 @@ def _he_lines(m: Mapping[str, Any]) -> list[str]:
     else:
         first = f"Cellularity {cell:.0f}% (no age given, so no age-adjusted reference)"
     second = (f"Bone {_pct(ro.get('bone_area_frac'))} of the core; marrow space {_num(ro.get('marrow_area_mm2'), '.2f')} mm²; "
-              f"megakaryocytes {_num(ro.get('megakaryocytes_per_mm2'), '.0f')} per mm²; late erythroid precursors "
+              # a lower bound on real sections: docs/validation.md, "megakaryocytes on real marrow"
+              f"megakaryocytes {_num(ro.get('megakaryocytes_per_mm2'), '.0f')} per mm² (a lower bound: those "
+              f"whose nuclear lobes lie apart are missed); late erythroid precursors "
               f"{_num(ro.get('late_erythroid_per_100'), '.1f')} per 100 nucleated cells "
               f"({_num(ro.get('nucleated_cells'), ',')} nucleated cells counted)")
     return [first, second]

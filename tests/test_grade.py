@@ -52,6 +52,13 @@ def test_borderline_reticulin_grade_is_worded_with_both_grades():
     assert "borderline" not in slide_report_lines({"stain": "reticulin", "readouts": ro, **cfg})[0]
 
 
+def test_megakaryocyte_density_is_worded_as_a_lower_bound():
+    """Megakaryocytes with separate nuclear lobes are missed on real H&E: the report says so."""
+    m = {"stain": "he", "readouts": {"cellularity_pct": 50.0, "megakaryocytes_per_mm2": 0.0}}
+    second = slide_report_lines(m)[1]
+    assert "megakaryocytes 0 per mm² (a lower bound: those whose nuclear lobes lie apart are missed)" in second
+
+
 def test_cellularity_line_without_age_says_so():
     """No age: the cellularity is reported without a reference, and says why."""
     m = {"stain": "he", "age": None, "readouts": {"cellularity_pct": 41.6}}
