@@ -752,7 +752,10 @@ def run_slide(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     if layout.tiles and missing == len(layout.tiles):
-        raise AnalysisError(f"{reader.name}: every tile failed to read ({missing} tiles)")
+        first = next((r["error"] for r in tile_rows if r.get("error")), "")
+        head, _, rest = first.partition(": ")
+        reason = rest if rest and head.endswith(reader.name) else first  # the file is named once
+        raise AnalysisError(f"{reader.name}: every tile failed to read ({missing} tiles; the first: {reason})")
     sink.end()
     report = analyzer.finalize(totals, windows, age=age)
     core_px = sum(r["core_rows"] * r["core_cols"] for r in tile_rows)

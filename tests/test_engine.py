@@ -136,25 +136,43 @@ def test_corrupt_tile_is_reported_and_excluded_not_zero(caplog):
     assert "unreadable" in caplog.text
 
 
-def test_cut_short_jpeg_tile_marks_its_tiles_missing_and_the_slide_goes_on(tmp_path, caplog):
-    """One cut-short JPEG tile in a single-level slide: the overview is read around it, the
-    analysis tiles over it are missing (area excluded), every other tile is analysed."""
+def _slide_with_a_cut_short_tile(tmp_path):
+    """512 px JPEG-tiled TIFF whose tile at level-0 pixels [64:128, 64:128] is cut to a third."""
     img, _ = disc_image(shape=(512, 512), n=40, seed=12)
     path = tmp_path / "short.tif"
     tifffile.imwrite(path, img, tile=(64, 64), compression="jpeg", photometric="rgb")
     with tifffile.TiffFile(path, mode="r+b") as tf:
         tag = tf.pages.first.tags["TileByteCounts"]
         counts = list(tag.value)
-        counts[9] //= 3  # tile row 1, col 1: level-0 pixels [64:128, 64:128]
+        counts[9] //= 3  # tile row 1, col 1
         tag.overwrite(counts)
+    return str(path), img
+
+
+def test_cut_short_jpeg_tile_marks_its_tiles_missing_and_the_slide_goes_on(tmp_path, caplog):
+    """One cut-short JPEG tile in a single-level slide: the overview is read around it, the
+    analysis tiles over it are missing (area excluded), every other tile is analysed."""
+    path, img = _slide_with_a_cut_short_tile(tmp_path)
     cfg = _cfg(tile_px=128)
-    res = _run(str(path), config=cfg)
+    res = _run(path, config=cfg)
     missing = [r for r in res.tiles if r["status"] == "missing"]
     assert missing and len(missing) < len(res.tiles)
     assert all("corrupt JPEG tile at x=64,y=64" in r["error"] for r in missing)
     assert res.report["tiles"]["missing"] == len(missing)
     assert res.totals["core_px"] == img.shape[0] * img.shape[1] - res.report["tiles"]["missing_area_um2"]
     assert "will be reported missing" in caplog.text
+
+
+def test_a_slide_whose_every_tile_fails_says_why(tmp_path):
+    """One analysis tile over the cut-short chunk: the error names the file once and the reason."""
+    from marrowseg.errors import AnalysisError
+
+    path, _ = _slide_with_a_cut_short_tile(tmp_path)
+    with pytest.raises(AnalysisError) as info:
+        _run(path, config=_cfg(tile_px=1024))
+    assert str(info.value).startswith(
+        "short.tif: every tile failed to read (1 tiles; the first: corrupt JPEG tile at x=64,y=64 of level 0: "
+    )
 
 
 def test_blank_slide_raises_no_tissue():
