@@ -26,7 +26,12 @@ from marrowseg.io._mpp import (
 from marrowseg.io.base import SlideReader
 
 __all__ = [
-    "TiffReader", "tiff_resolution_candidate", "check_data_in_file", "check_jpeg_chunks", "MAX_CHUNK_SAMPLES"
+    "TiffReader",
+    "tiff_resolution_candidate",
+    "check_data_in_file",
+    "check_jpeg_chunks",
+    "jpeg_chunk_grid",
+    "MAX_CHUNK_SAMPLES",
 ]
 
 MAX_CHUNK_SAMPLES = 2**29
