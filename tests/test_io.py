@@ -637,6 +637,27 @@ def test_cut_short_jpeg_tile_raises_on_read_instead_of_grey(tmp_path):
     assert "corrupt JPEG tile at x=64,y=64 of level 0: no end-of-image marker" in message
 
 
+@pytest.mark.parametrize("compression", ["jpeg", "zlib"])
+def test_sparse_tile_reads_white_not_black(tmp_path, compression):
+    """A tile never written (byte count 0) is unscanned glass: white, as OpenSlide composites it."""
+    path = tmp_path / "sparse.tif"
+    img = _smooth(256, 256)
+    tifffile.imwrite(path, img, tile=(64, 64), compression=compression, photometric="rgb")
+    with tifffile.TiffFile(path, mode="r+b") as tf:
+        for name in ("TileByteCounts", "TileOffsets"):
+            tag = tf.pages.first.tags[name]
+            values = list(tag.value)
+            values[6] = 0  # tile row 1, col 2: level-0 pixels [64:128, 128:192]
+            tag.overwrite(values)
+    with open_slide(path, mpp=0.5) as r:
+        window = r.read_region(120, 60, 80, 80, 0.5)  # straddles the sparse tile and four others
+    assert (window[4:68, 8:72] == 255).all()
+    outside = np.ones(window.shape[:2], bool)
+    outside[4:68, 8:72] = False
+    ref = img[60:140, 120:200]
+    assert np.abs(window[outside].astype(int) - ref[outside].astype(int)).mean() < 6
+
+
 def test_cut_short_jpeg_strip_of_a_plain_tiff_is_refused(tmp_path):
     path = tmp_path / "strips.tif"
     tifffile.imwrite(path, _smooth(128, 96), compression="jpeg", photometric="rgb", rowsperstrip=32)

@@ -30,6 +30,7 @@ __all__ = [
     "tiff_resolution_candidate",
     "check_data_in_file",
     "check_jpeg_chunks",
+    "chunk_grid",
     "jpeg_chunk_grid",
     "MAX_CHUNK_SAMPLES",
 ]
@@ -111,13 +112,13 @@ def check_data_in_file(
 _JPEG = 7  # TIFF Compression: JPEG ("new-style", as SVS, OME-TIFF and generic pyramids write it)
 
 
-def jpeg_chunk_grid(page: tifffile.TiffPage) -> tuple[int, int, int] | None:
-    """(chunk height, chunk width, chunks across) of a JPEG-compressed, interleaved-RGB page.
+def chunk_grid(page: tifffile.TiffPage) -> tuple[int, int, int] | None:
+    """(chunk height, chunk width, chunks across) of an interleaved page's tiles or strips.
 
-    None for any other page: other codecs raise on a cut-short chunk themselves, and NDPI's
-    JPEG is one stream that tifffile slices by its restart markers (no chunk is a stream).
+    None for planar pages (one set of chunks per colour) and NDPI (one JPEG stream that
+    tifffile slices by its restart markers).
     """
-    if int(page.compression) != _JPEG or int(page.planarconfig) != 1 or page.parent.is_ndpi:
+    if int(page.planarconfig) != 1 or page.parent.is_ndpi:
         return None
     if page.is_tiled:
         h, w = int(page.tilelength), int(page.tilewidth)
@@ -126,6 +127,12 @@ def jpeg_chunk_grid(page: tifffile.TiffPage) -> tuple[int, int, int] | None:
     if h <= 0 or w <= 0:
         return None
     return h, w, -(-int(page.imagewidth) // w)
+
+
+def jpeg_chunk_grid(page: tifffile.TiffPage) -> tuple[int, int, int] | None:
+    """:func:`chunk_grid` of a JPEG-compressed page, else None (other codecs raise on a cut-short
+    chunk themselves)."""
+    return chunk_grid(page) if int(page.compression) == _JPEG else None
 
 
 def check_jpeg_chunks(label: str, path: Path, page: tifffile.TiffPage, indices: list[int], *, level: int = 0) -> None:
@@ -303,33 +310,50 @@ class TiffReader(SlideReader):
     def _read_level(
         self, handle: Any, level: int, x0: int, y0: int, x1: int, y1: int
     ) -> np.ndarray:
-        if self._axes in ("YXS", "YX"):
-            self._check_jpeg(handle, level, x0, y0, x1, y1)
+        chunks = self._chunks(handle, level, x0, y0, x1, y1) if self._axes in ("YXS", "YX") else None
+        if chunks is not None:
+            page, grid, ids = chunks
+            if jpeg_chunk_grid(page.keyframe) is not None:
+                todo = [i for i in ids if (level, i) not in self._jpeg_ok]
+                check_jpeg_chunks(str(self.path), self.path, page, todo, level=level)
+                self._jpeg_ok.update((level, i) for i in todo)
         arr = handle.zarr_group[str(level)]
         if self._axes in ("CYX", "SYX"):
             data = np.moveaxis(np.asarray(arr[:, y0:y1, x0:x1]), 0, -1)
         else:
             data = np.asarray(arr[y0:y1, x0:x1])
-        return to_rgb_uint8(data, self._plan)
+        rgb = to_rgb_uint8(data, self._plan)
+        if chunks is not None:
+            self._whiten_sparse(rgb, *chunks, x0, y0)
+        return rgb
 
-    def _check_jpeg(self, handle: Any, level: int, x0: int, y0: int, x1: int, y1: int) -> None:
-        """Check the JPEG chunks under a window once each (:func:`check_jpeg_chunks`)."""
+    def _chunks(
+        self, handle: Any, level: int, x0: int, y0: int, x1: int, y1: int
+    ) -> tuple[Any, tuple[int, int, int], list[int]] | None:
+        """The level's page, its :func:`chunk_grid` and the chunks (row-major) under a window."""
         lvl = handle.ts_tifffile.series[self._series_index].levels[level]
-        if len(lvl.pages) != 1:
-            return
-        page = lvl.pages[0]
-        grid = jpeg_chunk_grid(lvl.keyframe)
+        grid = chunk_grid(lvl.keyframe) if len(lvl.pages) == 1 else None
         if grid is None:
-            return
+            return None
         h, w, across = grid
-        todo = [
-            r * across + c
-            for r in range(y0 // h, (y1 - 1) // h + 1)
-            for c in range(x0 // w, (x1 - 1) // w + 1)
-            if (level, r * across + c) not in self._jpeg_ok
-        ]
-        check_jpeg_chunks(str(self.path), self.path, page, todo, level=level)
-        self._jpeg_ok.update((level, i) for i in todo)
+        ids = [r * across + c for r in range(y0 // h, (y1 - 1) // h + 1) for c in range(x0 // w, (x1 - 1) // w + 1)]
+        return lvl.pages[0], grid, ids
+
+    @staticmethod
+    def _whiten_sparse(rgb: np.ndarray, page: Any, grid: tuple[int, int, int], ids: list[int], x0: int, y0: int) -> None:
+        """Paint the window's sparse chunks (byte count 0: never written) white, in place.
+
+        tifffile fills them with 0, black, which reads as dense tissue; an unwritten chunk of a
+        brightfield slide is unscanned glass (OpenSlide gives it as transparent, which
+        :func:`marrowseg.io._colour.to_rgb_uint8` composites over white too).
+        """
+        counts = page.databytecounts
+        h, w, across = grid
+        for i in ids:
+            if i < len(counts) and counts[i] == 0:
+                r, c = divmod(i, across)
+                ys, xs = max(r * h - y0, 0), max(c * w - x0, 0)
+                rgb[ys : max((r + 1) * h - y0, 0), xs : max((c + 1) * w - x0, 0)] = 255
 
     def _load_properties(self) -> dict[str, Any]:
         return dict(self._props)
