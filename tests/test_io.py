@@ -666,6 +666,30 @@ def test_cut_short_jpeg_strip_of_a_plain_tiff_is_refused(tmp_path):
         open_slide(path, mpp=0.5)
 
 
+def test_tiff_cut_before_its_directories_says_so(tmp_path, shared_data):
+    """Aperio writes the directories after the pixels: a copy cut short has none left."""
+    svs = shared_data("wsi/CMU-1-Small-Region.svs")
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(svs.read_bytes()[:1_000_000])
+    with pytest.raises(SlideError) as info:
+        open_slide(cut)
+    message = str(info.value)
+    assert message.startswith(f"{cut}: corrupt or truncated TIFF: its first image directory is at byte ")
+    assert "but the file has 1000000 bytes" in message
+
+
+@pytest.mark.parametrize("bigtiff", [False, True])
+def test_tiff_whose_first_directory_lies_past_the_end_is_refused(tmp_path, bigtiff):
+    path = tmp_path / "short.tif"
+    tifffile.imwrite(path, _smooth(64, 64), bigtiff=bigtiff, photometric="rgb")
+    data = bytearray(path.read_bytes())
+    fmt, at = ("<Q", 8) if bigtiff else ("<I", 4)
+    struct.pack_into(fmt, data, at, len(data) + 4096)
+    path.write_bytes(bytes(data))
+    with pytest.raises(SlideError, match=rf"short\.tif: corrupt or truncated TIFF: its first image directory is at byte {len(data) + 4096} "):
+        open_slide(path, mpp=0.5)
+
+
 def _jpeg_bytes(img: np.ndarray, quality: int = 90) -> bytes:
     ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,20 @@ def sniff_format(head: bytes) -> str | None:
     if head[128:132] == b"DICM":
         return "dicom"
     return None
+
+
+def _first_ifd_past_end(head: bytes, size: int) -> int | None:
+    """Offset of a TIFF's first image directory when it lies at or past the end of the file.
+
+    Aperio and others write the directories after the pixel data, so a copy cut short loses
+    them; tifffile then fails with an error that does not say so (``IndexError: 0``).
+    """
+    if len(head) < 16:
+        return None
+    order = "<" if head[:2] == b"II" else ">"
+    big = head[2:4] in (b"+\x00", b"\x00+")
+    offset = struct.unpack(order + ("Q" if big else "I"), head[8:16] if big else head[4:8])[0]
+    return offset if offset >= size else None
 
 
 def _tiff_is_slide(path: Path) -> bool:
@@ -157,6 +172,12 @@ def _open_path(path: Path, mpp: float | None) -> SlideReader:
             raise _needs_openslide(path, "a DICOM file")
         return OpenSlideReader(path, mpp=mpp)
     if fmt == "tiff":
+        ifd = _first_ifd_past_end(head, size)
+        if ifd is not None:
+            raise SlideError(
+                f"{path}: corrupt or truncated TIFF: its first image directory is at byte {ifd} but the file has "
+                f"{size} bytes (an incomplete copy?)"
+            )
         if suffix in _OPENSLIDE_PREFERRED and openslide_available():
             return OpenSlideReader(path, mpp=mpp)
         if _tiff_is_slide(path):
