@@ -85,8 +85,9 @@ def _he_lines(m: Mapping[str, Any]) -> list[str]:
               # a lower bound on real sections: docs/validation.md, "megakaryocytes on real marrow"
               f"megakaryocytes {_num(ro.get('megakaryocytes_per_mm2'), '.0f')} per mm² (a lower bound: those "
               f"whose nuclear lobes lie apart are missed); late erythroid precursors "
-              f"{_num(ro.get('late_erythroid_per_100'), '.1f')} per 100 nucleated cells "
-              f"({_num(ro.get('nucleated_cells'), ',')} nucleated cells counted)")
+              f"{_num(ro.get('late_erythroid_per_100'), '.1f')} per 100 nucleated cells (by nuclear "
+              f"morphology alone, which small lymphocytes share; {_num(ro.get('nucleated_cells'), ',')} "
+              f"nucleated cells counted)")
     return [first, second]
 
 

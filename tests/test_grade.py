@@ -59,6 +59,14 @@ def test_megakaryocyte_density_is_worded_as_a_lower_bound():
     assert "megakaryocytes 0 per mm² (a lower bound: those whose nuclear lobes lie apart are missed)" in second
 
 
+def test_late_erythroid_share_says_it_rests_on_nuclear_morphology():
+    """A small lymphocyte's nucleus passes the late-normoblast rules: the report says so."""
+    m = {"stain": "he", "readouts": {"cellularity_pct": 50.0, "late_erythroid_per_100": 21.04, "nucleated_cells": 1234}}
+    second = slide_report_lines(m)[1]
+    assert ("late erythroid precursors 21.0 per 100 nucleated cells (by nuclear morphology alone, which small "
+            "lymphocytes share; 1,234 nucleated cells counted)") in second
+
+
 def test_cellularity_line_without_age_says_so():
     """No age: the cellularity is reported without a reference, and says why."""
     m = {"stain": "he", "age": None, "readouts": {"cellularity_pct": 41.6}}
