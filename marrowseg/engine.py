@@ -137,14 +137,13 @@ def _grid_geometry(config: Config, analyzer: Analyzer) -> tuple[int, int]:
     return stride + overlap, overlap
 
 
-def _read_overview(reader: Any, mpp: float, block_px: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_overview(reader: Any, mpp: float) -> tuple[np.ndarray, np.ndarray | None]:
     """The whole slide at ``mpp`` for the tissue mask, and the pixels that could not be read.
 
     One unreadable chunk of the file (a corrupt JPEG tile in the level the overview comes
-    from) must not stop the slide. The overview is then read again in blocks; a block that
-    fails stays white and is returned in ``unreadable``, so that the caller keeps it as tissue:
-    the analysis tiles over it are tried, fail and are reported missing with their area,
-    rather than dropping out of the slide unnoticed.
+    from) must not stop the slide: its blocks stay white and are returned in ``unreadable``,
+    so that the caller keeps them as tissue; the analysis tiles over them are tried, fail and
+    are reported missing with their area, rather than dropping out of the slide unnoticed.
 
     Returns
     -------
@@ -155,30 +154,16 @@ def _read_overview(reader: Any, mpp: float, block_px: int = 32) -> tuple[np.ndar
     Raises
     ------
     SlideError
-        No block at all could be read, or the overview is too large to read.
+        Nothing could be read, or the overview is too large to read.
     """
-    try:
-        return reader.read_at_mpp(mpp), None
-    except SlideError as exc:
-        first = exc
     scale = mpp / reader.mpp
     w0, h0 = reader.dimensions
     w, h = math.ceil(w0 / scale - 1e-9), math.ceil(h0 / scale - 1e-9)
     if w * h > READ_AT_MPP_MAX_PX:
-        raise first
-    view = np.full((h, w, 3), 255, np.uint8)
-    bad = np.zeros((h, w), bool)
-    reasons: dict[str, None] = {}  # one warning per reason: neighbouring blocks share a chunk
-    for r in range(0, h, block_px):
-        for c in range(0, w, block_px):
-            bh, bw = min(block_px, h - r), min(block_px, w - c)
-            try:
-                view[r : r + bh, c : c + bw] = reader.read_region(c, r, bw, bh, mpp)
-            except SlideError as exc:
-                bad[r : r + bh, c : c + bw] = True
-                reasons[str(exc)] = None
-    if bad.all():
-        raise first
+        return reader.read_at_mpp(mpp), None  # raises with the size
+    view, bad, reasons = reader.read_region_or_blank(0, 0, w, h, mpp, block_px=32)
+    if bad is not None and bad.all():
+        raise SlideError(reasons[0])
     for reason in reasons:
         log.warning("%s; the tiles over it will be reported missing", reason)
     return view, bad

@@ -153,7 +153,16 @@ def slide_report_lines(metrics: Mapping[str, Any]) -> list[str]:
     no lines.
     """
     fn = _LINES.get(str(metrics.get("stain")))
-    return fn(metrics) if fn else []
+    if not fn:
+        return []
+    lines = fn(metrics)
+    tiles = metrics.get("tiles") or {}
+    if tiles.get("missing"):
+        # every figure above leaves that area out: the reader must know the slide was not read whole
+        lines.append(f"Not assessed: {tiles['missing']} of {tiles.get('n', '?')} tiles could not be read "
+                     f"({_num((tiles.get('missing_area_um2') or 0) / 1e6, '.2f')} mm² left out of every figure; "
+                     "tiles.csv gives each one's reason)")
+    return lines
 
 
 def case_document(slides: Sequence[SlideOutput], *, stain_sources: Mapping[str, str] | None = None,

@@ -113,9 +113,11 @@ def analyze_slide(
 
 def _write_images(reader: Any, analyzer: Any, result: SlideResult, sink: FileSink, out: Path,
                   small: bool, config: Config) -> None:
+    # Pictures only: a chunk that cannot be decoded is white there (its tiles are already
+    # reported missing), not a reason to lose the analysis.
     if small:
         h0, w0 = reader.shape
-        rgb = reader.read_region(0, 0, w0, h0, reader.mpp)
+        rgb = reader.read_region_or_blank(0, 0, w0, h0, reader.mpp)[0]
         labels = sink.maps.get(analyzer.map_names[0])
         if labels is not None:
             full = cv2.resize(labels.astype(np.uint8), (w0, h0), interpolation=cv2.INTER_NEAREST)
@@ -133,7 +135,7 @@ def _write_images(reader: Any, analyzer: Any, result: SlideResult, sink: FileSin
         write_png(out / "overlay.png", overlay(rgb, labels, analyzer.label_classes,
                                                cells_rc=rc, cell_rgb=colours, radius_px=radius))
     else:
-        thumb = reader.thumbnail(config.output.thumbnail_px)
+        thumb = reader.thumbnail(config.output.thumbnail_px, blank_unreadable=True)
         labels = _zarr_thumbnail(out / ".labels.zarr.tmp", analyzer.map_names[0], thumb.shape[:2])
         write_png(out / "overlay.png", overlay(thumb, labels, analyzer.label_classes))
 

@@ -118,3 +118,28 @@ def test_greyscale_image_is_refused_for_stains_told_apart_by_colour(tissue_tiff,
     code, _, err = _main(["analyze", str(tissue_tiff), "--stain", stain, "--out", str(tmp_path / "c"), "-q"], capsys)
     assert code == 0, err
     assert (tmp_path / "c" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("side_px", [4096, 5120])  # 2 x 2 H&E tiles; overlay at full size / from a thumbnail
+def test_grade_of_a_slide_with_a_cut_short_tile_reports_what_it_left_out(tmp_path, capsys, caplog, side_px):
+    """One JPEG tile cut short: the slide is graded from the rest, and the report says what was left out."""
+    rng = np.random.default_rng(0)
+    img = np.full((side_px, side_px, 3), (215, 160, 200), np.uint8)  # pink marrow wash
+    for r, c in rng.uniform(10, side_px - 10, size=(side_px * side_px // 4000, 2)):
+        img[int(r) - 9 : int(r) + 9, int(c) - 9 : int(c) + 9] = (90, 50, 130)  # nuclei
+    path = tmp_path / "cut.tif"
+    tifffile.imwrite(path, img, tile=(256, 256), compression="jpeg", photometric="rgb",
+                     resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    with tifffile.TiffFile(path, mode="r+b") as tf:
+        tag = tf.pages.first.tags["TileByteCounts"]
+        counts = list(tag.value)
+        counts[1] //= 2  # the tile at level-0 pixels [0:256, 256:512]
+        tag.overwrite(counts)
+    out = tmp_path / "out"
+    code, stdout, err = _main(["grade", str(path), "--stain", "he", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "Not assessed: 1 of " in stdout and "tiles could not be read" in stdout
+    assert "corrupt JPEG tile at x=256,y=0 of level 0" in caplog.text
+    metrics = json.loads(next(out.rglob("metrics.json")).read_text())
+    assert metrics["tiles"]["missing"] == 1 and metrics["tiles"]["n"] > 1
+    assert (next(out.rglob("overlay.png"))).exists()

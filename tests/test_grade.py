@@ -59,6 +59,17 @@ def test_megakaryocyte_density_is_worded_as_a_lower_bound():
     assert "megakaryocytes 0 per mm² (a lower bound: those whose nuclear lobes lie apart are missed)" in second
 
 
+def test_unreadable_tiles_are_reported_with_their_area():
+    """A slide not read whole says so under its figures; a whole one says nothing."""
+    m = {"stain": "he", "readouts": {"cellularity_pct": 50.0},
+         "tiles": {"n": 12, "missing": 2, "missing_area_um2": 1_310_720.0}}
+    lines = slide_report_lines(m)
+    assert lines[-1] == ("Not assessed: 2 of 12 tiles could not be read (1.31 mm² left out of every figure; "
+                         "tiles.csv gives each one's reason)")
+    m["tiles"]["missing"] = 0
+    assert not any(line.startswith("Not assessed") for line in slide_report_lines(m))
+
+
 def test_late_erythroid_share_says_it_rests_on_nuclear_morphology():
     """A small lymphocyte's nucleus passes the late-normoblast rules: the report says so."""
     m = {"stain": "he", "readouts": {"cellularity_pct": 50.0, "late_erythroid_per_100": 21.04, "nucleated_cells": 1234}}

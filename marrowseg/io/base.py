@@ -379,7 +379,48 @@ class SlideReader(abc.ABC):
             )
         return data
 
-    def thumbnail(self, max_px: int) -> np.ndarray:
+    def read_region_or_blank(
+        self, x_px: int, y_px: int, w_px: int, h_px: int, mpp: float, *, block_px: int = 256
+    ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+        """:meth:`read_region`, with the parts that cannot be decoded left white.
+
+        For pictures of a whole slide (the tissue overview, overlays), where one corrupt
+        chunk of the file must not cost the rest: the window is read whole, and only if that
+        fails, again in blocks.
+
+        Parameters
+        ----------
+        x_px, y_px, w_px, h_px, mpp
+            As :meth:`read_region`.
+        block_px : int
+            Side of the blocks read after a failure, px at ``mpp``.
+
+        Returns
+        -------
+        rgb : (h_px, w_px, 3) uint8 ndarray
+        unreadable : (h_px, w_px) bool ndarray or None
+            The pixels of blocks that failed (white in ``rgb``); None when all was read.
+        reasons : list of str
+            Each distinct failure message once.
+        """
+        try:
+            return self.read_region(x_px, y_px, w_px, h_px, mpp), None, []
+        except SlideError:
+            pass
+        rgb = np.full((h_px, w_px, 3), 255, np.uint8)
+        bad = np.zeros((h_px, w_px), bool)
+        reasons: dict[str, None] = {}  # neighbouring blocks share a chunk: each reason once
+        for r in range(0, h_px, block_px):
+            for c in range(0, w_px, block_px):
+                bh, bw = min(block_px, h_px - r), min(block_px, w_px - c)
+                try:
+                    rgb[r : r + bh, c : c + bw] = self.read_region(x_px + c, y_px + r, bw, bh, mpp)
+                except SlideError as exc:
+                    bad[r : r + bh, c : c + bw] = True
+                    reasons[str(exc)] = None
+        return rgb, bad, list(reasons)
+
+    def thumbnail(self, max_px: int, *, blank_unreadable: bool = False) -> np.ndarray:
         """The whole slide, longest side at most ``max_px``, aspect kept.
 
         Parameters
@@ -387,6 +428,9 @@ class SlideReader(abc.ABC):
         max_px : int
             Longest side of the result, px (>= 1). A slide smaller than that is
             returned at level-0 size (never upsampled).
+        blank_unreadable : bool
+            Leave parts that cannot be decoded white (:meth:`read_region_or_blank`)
+            instead of raising.
 
         Returns
         -------
@@ -400,6 +444,8 @@ class SlideReader(abc.ABC):
         scale = max(max(w0, h0) / max_px, 1.0)
         w = min(max_px, max(1, round(w0 / scale)))
         h = min(max_px, max(1, round(h0 / scale)))
+        if blank_unreadable:
+            return self.read_region_or_blank(0, 0, w, h, self.mpp * scale, block_px=32)[0]
         return self.read_region(0, 0, w, h, self.mpp * scale)
 
     def read_at_mpp(self, mpp: float) -> np.ndarray:
