@@ -112,3 +112,15 @@ def test_qa_flags_a_borderline_reticulin_grade(tmp_path):
     assert any("borderline between MF-0 and MF-2" in f for f in flags), flags
     ro["mf_grade_borderline_with"] = None
     assert not any("borderline" in f for f in slide_flags(SlideOutput("s", tmp_path, metrics)))
+
+
+def test_qa_flags_unreadable_tiles_with_their_area(tmp_path):
+    """A slide not read whole is flagged for review; a whole one is not."""
+    from marrowseg.report.qa import slide_flags
+    from marrowseg.report.slides import SlideOutput
+
+    metrics = {"stain": "he", "readouts": {"cellularity_pct": 50.0}, "areas_um2": {"haematopoietic": 2e6},
+               "tiles": {"n": 9, "missing": 1, "missing_area_um2": 655_360.0}}
+    assert "unreadable tiles (1 of 9, 0.66 mm² left out)" in slide_flags(SlideOutput("s", tmp_path, metrics))
+    metrics["tiles"]["missing"] = 0
+    assert not any("unreadable" in f for f in slide_flags(SlideOutput("s", tmp_path, metrics)))

@@ -8,6 +8,9 @@ at first; they never change a measurement:
 ``little tissue``
     less marrow than ``min_marrow_mm2`` was analysed (haematopoietic + fat; reticulin:
     haematopoietic, the area fibres are judged on);
+``unreadable tiles``
+    some tiles could not be decoded (a corrupt or cut-short chunk of the file): every figure
+    leaves their area out (``tiles.csv`` has each reason);
 ``stain estimate unreliable``
     the slide's stain vectors fell back to the standard ones (``provenance.prepare`` has a
     ``fallback_reason``), or an automatic stain recognition had low confidence;
@@ -67,6 +70,10 @@ def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_
     marrow = haem if slide.stain == "reticulin" else haem + float(areas.get("fat") or 0.0)
     if marrow / 1e6 < min_marrow_mm2:
         flags.append(f"little tissue ({marrow / 1e6:.2f} mm² marrow)")
+    tiles = m.get("tiles") or {}
+    if tiles.get("missing"):
+        flags.append(f"unreadable tiles ({tiles['missing']} of {tiles.get('n', '?')}, "
+                     f"{float(tiles.get('missing_area_um2') or 0.0) / 1e6:.2f} mm² left out)")
     reason = _fallback((m.get("provenance") or {}).get("prepare"))
     if reason:
         flags.append(f"stain estimate unreliable ({reason})")
