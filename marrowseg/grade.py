@@ -156,6 +156,11 @@ def slide_report_lines(metrics: Mapping[str, Any]) -> list[str]:
     if not fn:
         return []
     lines = fn(metrics)
+    check = ((metrics.get("provenance") or {}).get("tissue") or {}).get("stain_check") or {}
+    if check.get("mismatch"):
+        looks = STAIN_NAMES.get(check.get("looks_like"), check.get("looks_like"))
+        lines.append(f"Check the stain: analysed as {STAIN_NAMES.get(metrics.get('stain'), metrics.get('stain'))}, "
+                     f"but its colours look like {looks} (confidence {float(check.get('confidence', 0)):.2f})")
     tiles = metrics.get("tiles") or {}
     if tiles.get("missing"):
         # every figure above leaves that area out: the reader must know the slide was not read whole

@@ -175,6 +175,23 @@ def test_a_slide_whose_every_tile_fails_says_why(tmp_path):
     )
 
 
+@pytest.mark.parametrize(("drawn", "analysed", "mismatch"), [
+    ("he", "he", False), ("reticulin", "he", True), ("he", "reticulin", True),
+    ("he", "ecad", False),  # an E-cadherin slide with few positive cells may look like H&E: never flagged
+])
+def test_plan_checks_the_stain_against_the_slide_colours(drawn, analysed, mismatch, caplog):
+    """A slide analysed as another stain than its colours show is warned about and recorded."""
+    from marrowseg import synth
+    from marrowseg.analyzers import get_analyzer
+
+    ph = synth.make_phantom(drawn, seed=3, size_px=(1024, 1024), mpp=1.0)
+    cfg = load_config(analysed)
+    with open_slide(ph.render(0, 0, 1024, 1024), mpp=1.0) as reader:
+        check = plan_slide(reader, get_analyzer(analysed, cfg), cfg).tissue["stain_check"]
+    assert check["looks_like"] == drawn and check["mismatch"] is mismatch
+    assert ("is the stain right?" in caplog.text) is mismatch
+
+
 def test_blank_slide_raises_no_tissue():
     img = np.full((300, 300, 3), 246, np.uint8)
     with pytest.raises(NoTissueError, match="no tissue"):

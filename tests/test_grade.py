@@ -70,6 +70,15 @@ def test_unreadable_tiles_are_reported_with_their_area():
     assert not any(line.startswith("Not assessed") for line in slide_report_lines(m))
 
 
+def test_a_stain_that_looks_like_another_is_named_in_the_report():
+    m = {"stain": "he", "readouts": {"cellularity_pct": 50.0},
+         "provenance": {"tissue": {"stain_check": {"looks_like": "reticulin", "confidence": 0.93, "mismatch": True}}}}
+    assert ("Check the stain: analysed as H&E, but its colours look like Gomori reticulin (confidence 0.93)"
+            in slide_report_lines(m))
+    m["provenance"]["tissue"]["stain_check"]["mismatch"] = False
+    assert not any(line.startswith("Check the stain") for line in slide_report_lines(m))
+
+
 def test_late_erythroid_share_says_it_rests_on_nuclear_morphology():
     """A small lymphocyte's nucleus passes the late-normoblast rules: the report says so."""
     m = {"stain": "he", "readouts": {"cellularity_pct": 50.0, "late_erythroid_per_100": 21.04, "nucleated_cells": 1234}}

@@ -124,3 +124,12 @@ def test_qa_flags_unreadable_tiles_with_their_area(tmp_path):
     assert "unreadable tiles (1 of 9, 0.66 mm² left out)" in slide_flags(SlideOutput("s", tmp_path, metrics))
     metrics["tiles"]["missing"] = 0
     assert not any("unreadable" in f for f in slide_flags(SlideOutput("s", tmp_path, metrics)))
+
+
+def test_qa_flags_a_stain_that_looks_like_another(tmp_path):
+    from marrowseg.report.qa import slide_flags
+    from marrowseg.report.slides import SlideOutput
+
+    metrics = {"stain": "reticulin", "readouts": {}, "areas_um2": {"haematopoietic": 2e6},
+               "provenance": {"tissue": {"stain_check": {"looks_like": "he", "confidence": 1.0, "mismatch": True}}}}
+    assert "stain looks like he, analysed as reticulin (confidence 1.00)" in slide_flags(SlideOutput("s", tmp_path, metrics))

@@ -8,6 +8,9 @@ at first; they never change a measurement:
 ``little tissue``
     less marrow than ``min_marrow_mm2`` was analysed (haematopoietic + fat; reticulin:
     haematopoietic, the area fibres are judged on);
+``stain looks like another``
+    the slide's colours name another stain than the one it was analysed as, confidently
+    (``provenance.tissue.stain_check``; :func:`marrowseg.engine.plan_slide`);
 ``unreadable tiles``
     some tiles could not be decoded (a corrupt or cut-short chunk of the file): every figure
     leaves their area out (``tiles.csv`` has each reason);
@@ -70,6 +73,10 @@ def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_
     marrow = haem if slide.stain == "reticulin" else haem + float(areas.get("fat") or 0.0)
     if marrow / 1e6 < min_marrow_mm2:
         flags.append(f"little tissue ({marrow / 1e6:.2f} mm² marrow)")
+    check = ((m.get("provenance") or {}).get("tissue") or {}).get("stain_check") or {}
+    if check.get("mismatch"):
+        flags.append(f"stain looks like {check.get('looks_like')}, analysed as {slide.stain} "
+                     f"(confidence {float(check.get('confidence', 0)):.2f})")
     tiles = m.get("tiles") or {}
     if tiles.get("missing"):
         flags.append(f"unreadable tiles ({tiles['missing']} of {tiles.get('n', '?')}, "
