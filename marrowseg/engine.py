@@ -55,10 +55,6 @@ _SAMPLE_TILES = 8
 #: best and second colour-class score, :func:`marrowseg.stain_id.identify_stain`) is flagged.
 #: Twice the recognition's own minimum: on the 71 images of its evaluation no stain was wrong.
 STAIN_MISMATCH_CONFIDENCE = 0.5
-# An E-cadherin slide may rightly look like H&E: E-cad+ cells are 2-3 % of nucleated cells in a
-# normal marrow, so there is little brown beside the lilac counterstain (phantom E-cadherin
-# slides of 1,536 px: 3 of 8 read as H&E at confidence 0.9-1.0). That pair is never flagged.
-_EXPECTED_LOOKALIKES = frozenset({("ecad", "he")})
 # Greyscale: 99 % of tissue pixels within this many levels between their brightest and darkest
 # channel. Stained tissue reads 76-130 (mbm-dev H&E, Ki67 DAB, BoMBR silver, MoNuSeg); a grey
 # image stored as RGB reads 0, a few levels after JPEG.
@@ -188,8 +184,7 @@ def _stain_check(name: str, view: np.ndarray, stain: str) -> dict[str, Any] | No
         return None
     looks_like = STAIN_OF_CLASS[guess.colour_class]
     check = {"looks_like": looks_like, "confidence": round(guess.confidence, 3),
-             "mismatch": (looks_like != stain and guess.confidence >= STAIN_MISMATCH_CONFIDENCE
-                          and (stain, looks_like) not in _EXPECTED_LOOKALIKES)}
+             "mismatch": looks_like != stain and guess.confidence >= STAIN_MISMATCH_CONFIDENCE}
     if check["mismatch"]:
         log.warning("%s: analysed as --stain %s, but its colours look like %s (confidence %.2f); is the "
                     "stain right?", name, stain, looks_like, guess.confidence)

@@ -176,8 +176,8 @@ def test_a_slide_whose_every_tile_fails_says_why(tmp_path):
 
 
 @pytest.mark.parametrize(("drawn", "analysed", "mismatch"), [
-    ("he", "he", False), ("reticulin", "he", True), ("he", "reticulin", True),
-    ("he", "ecad", False),  # an E-cadherin slide with few positive cells may look like H&E: never flagged
+    ("he", "he", False), ("ecad", "ecad", False), ("reticulin", "he", True), ("he", "reticulin", True),
+    ("he", "ecad", True), ("ecad", "he", True),
 ])
 def test_plan_checks_the_stain_against_the_slide_colours(drawn, analysed, mismatch, caplog):
     """A slide analysed as another stain than its colours show is warned about and recorded."""

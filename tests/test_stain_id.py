@@ -20,6 +20,28 @@ def test_phantoms_are_recognised(stain, seed):
     assert g.confidence >= 0.5
 
 
+def _beer_lambert(conc: np.ndarray, vectors: list[tuple[float, float, float]]) -> np.ndarray:
+    """RGB of stain amounts ``conc`` (H, W, k) through the OD ``vectors`` (k of them)."""
+    od = conc @ np.asarray(vectors, np.float64)
+    return np.clip(255.0 * 10.0 ** (-od), 0, 255).astype(np.uint8)
+
+
+def test_pink_of_mixed_haematoxylin_and_dab_is_not_eosin():
+    """Haematoxylin + a light DAB wash puts its hue in the eosin sector but not its saturation:
+    an IHC field with few positive cells is DAB, while real eosin beside the same nuclei is H&E."""
+    h, dab, eosin = (0.65, 0.70, 0.29), (0.27, 0.57, 0.78), (0.07, 0.99, 0.11)  # Ruifrok & Johnston 2001
+    rng = np.random.default_rng(1)
+    nuclei = rng.random((256, 256)) < 0.15
+    counter = np.where(nuclei, 0.9, 0.25) + rng.normal(0, 0.02, (256, 256))
+    ihc = _beer_lambert(np.dstack([counter, np.where(nuclei, 0.0, 0.22)]), [h, dab])
+    he = _beer_lambert(np.dstack([counter, np.where(nuclei, 0.1, 0.35)]), [h, eosin])
+    f = stain_features(ihc)
+    assert f["pink_frac"] > 0.3 and f["pink_saturation"] < 0.2  # the hue of eosin, not its saturation
+    assert identify_stain(ihc).stain == "ecad"
+    assert stain_features(he)["pink_saturation"] > 0.3
+    assert identify_stain(he).stain == "he"
+
+
 def test_blank_slide_raises_no_tissue():
     """A white field has nothing to judge: NoTissueError, not a guess."""
     with pytest.raises(NoTissueError):
