@@ -173,6 +173,7 @@ def _one_line(text: str) -> str:
 def _row(job: SlideJob, **kw: Any) -> dict[str, Any]:
     row = {"slide": job.rel, "slide_id": job.slide_id, "stain": job.stain or "", "stain_source": job.stain_source,
            "stain_confidence": 1.0 if job.stain else None, "status": "failed", "reason": "", "readouts": {},
+           "tiles_missing": None, "stain_looks_like": "",
            "mpp": None, "width": None, "height": None, "megapixels": 0.0, "config_hash": "", "seconds": None,
            "ran": False, "manifest": dict(job.manifest), "warnings": []}
     row.update(kw)
@@ -182,10 +183,14 @@ def _row(job: SlideJob, **kw: Any) -> dict[str, Any]:
 def _row_from_metrics(job: SlideJob, doc: dict[str, Any], *, ran: bool) -> dict[str, Any]:
     b, sl = doc["batch"], doc.get("slide") or {}
     w, h = sl.get("width"), sl.get("height")
+    # what a reviewer of summary.csv must see beside the readouts: part of the slide unread, or
+    # colours that name another stain than the one analysed (engine.plan_slide)
+    check = ((doc.get("provenance") or {}).get("tissue") or {}).get("stain_check") or {}
     return _row(job, stain=b["stain"], stain_source=b["stain_source"], stain_confidence=b["stain_confidence"],
                 status="ok", readouts=doc.get("readouts", {}), mpp=sl.get("mpp"), width=w, height=h,
                 megapixels=(w * h / 1e6) if w and h else 0.0, config_hash=b["config_hash"],
-                seconds=b.get("seconds"), ran=ran)
+                seconds=b.get("seconds"), ran=ran, tiles_missing=(doc.get("tiles") or {}).get("missing"),
+                stain_looks_like=check.get("looks_like", "") if check.get("mismatch") else "")
 
 
 def _clean_staging(out_dir: Path, slide_id: str) -> None:
@@ -300,7 +305,8 @@ def process_slide(job: SlideJob, settings: BatchSettings, wait: bool = True) -> 
     -------
     row : dict
         ``slide, slide_id, stain, stain_source, stain_confidence, status ('ok' | 'failed' |
-        'busy'), reason, readouts, mpp, width, height, megapixels, config_hash, seconds, ran
+        'busy'), reason, readouts, tiles_missing, stain_looks_like (another stain the colours
+        name confidently, else ''), mpp, width, height, megapixels, config_hash, seconds, ran
         (analysed by this call), manifest, warnings`` (log lines of level WARNING and up).
     """
     if job.error:

@@ -84,6 +84,20 @@ def _readouts(out: Path) -> dict[str, dict]:
     return res
 
 
+def test_summary_says_when_a_slide_was_not_read_whole_or_looks_like_another_stain(serial, tmp_path):
+    """summary.csv carries tiles_missing and stain_looks_like beside the readouts."""
+    from marrowseg.batch_plan import SlideJob
+    from marrowseg.batch_slide import _row_from_metrics
+
+    ok = [r for r in _summary(serial).values() if r["status"] == "ok"]
+    assert ok and all(r["tiles_missing"] == "0" and r["stain_looks_like"] == "" for r in ok)
+    doc = {"batch": {"stain": "he", "stain_source": "cli", "stain_confidence": 1.0, "config_hash": "x"},
+           "slide": {"width": 10, "height": 10, "mpp": 0.5}, "readouts": {}, "tiles": {"missing": 2},
+           "provenance": {"tissue": {"stain_check": {"looks_like": "reticulin", "confidence": 0.9, "mismatch": True}}}}
+    row = _row_from_metrics(SlideJob(tmp_path / "s.tif", "s.tif", "s", "he", "cli"), doc, ran=True)
+    assert row["tiles_missing"] == 2 and row["stain_looks_like"] == "reticulin"
+
+
 # ----------------------------------------------------------------------------- plan
 WEIRD = ["a.svs", "../up.svs", "sub/../x.tif", "con.tiff", "a b/c d.png", ".hidden.tif", "-dash.tif",
          "x" * 300 + ".svs", "ümlaut é.jpg", "summary.csv.png", "slides.tiff", "A.svs", "a.tiff", "a/b.svs",
