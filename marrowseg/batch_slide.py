@@ -35,6 +35,7 @@ from typing import Any
 
 from marrowseg.batch_plan import SlideJob
 from marrowseg.errors import MarrowsegError
+from marrowseg.outputs.metrics import stain_mismatch
 
 __all__ = ["BatchSettings", "UnknownStainError", "slide_lock", "completed_metrics", "process_slide",
            "BATCH_OUTPUTS"]
@@ -185,12 +186,12 @@ def _row_from_metrics(job: SlideJob, doc: dict[str, Any], *, ran: bool) -> dict[
     w, h = sl.get("width"), sl.get("height")
     # what a reviewer of summary.csv must see beside the readouts: part of the slide unread, or
     # colours that name another stain than the one analysed (engine.plan_slide)
-    check = ((doc.get("provenance") or {}).get("tissue") or {}).get("stain_check") or {}
+    other = stain_mismatch(doc)
     return _row(job, stain=b["stain"], stain_source=b["stain_source"], stain_confidence=b["stain_confidence"],
                 status="ok", readouts=doc.get("readouts", {}), mpp=sl.get("mpp"), width=w, height=h,
                 megapixels=(w * h / 1e6) if w and h else 0.0, config_hash=b["config_hash"],
                 seconds=b.get("seconds"), ran=ran, tiles_missing=(doc.get("tiles") or {}).get("missing"),
-                stain_looks_like=check.get("looks_like", "") if check.get("mismatch") else "")
+                stain_looks_like=other["looks_like"] if other else "")
 
 
 def _clean_staging(out_dir: Path, slide_id: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from marrowseg.errors import MarrowsegError
 from marrowseg.outputs.atomic import atomic_write_bytes
+from marrowseg.outputs.metrics import stain_mismatch
 from marrowseg.report.slides import SlideOutput, load_slide_output, write_windows_csv
 
 __all__ = [
@@ -156,9 +157,9 @@ def slide_report_lines(metrics: Mapping[str, Any]) -> list[str]:
     if not fn:
         return []
     lines = fn(metrics)
-    check = ((metrics.get("provenance") or {}).get("tissue") or {}).get("stain_check") or {}
-    if check.get("mismatch"):
-        looks = STAIN_NAMES.get(check.get("looks_like"), check.get("looks_like"))
+    check = stain_mismatch(metrics)
+    if check:
+        looks = STAIN_NAMES.get(check["looks_like"], check["looks_like"])
         lines.append(f"Check the stain: analysed as {STAIN_NAMES.get(metrics.get('stain'), metrics.get('stain'))}, "
                      f"but its colours look like {looks} (confidence {float(check.get('confidence', 0)):.2f})")
     tiles = metrics.get("tiles") or {}

@@ -174,7 +174,7 @@ def _scores(f: dict[str, float]) -> dict[str, float]:
     # and DAB, 137 degrees apart, cancel each other's chroma (an even mix: 0.13). Pink pixels read
     # 0.30-0.45 on the real H&E here and 0.15-0.18 on E-cadherin phantoms, of which 3 of 8 at
     # 1,536 px were called H&E on pink share alone (seventeenth session).
-    eosin = _ramp(f.get("pink_saturation", 1.0), 0.20, 0.26)
+    eosin = _ramp(f["pink_saturation"], 0.20, 0.26)
     pinky *= eosin
     he = coloured * (1.0 - silver) * pinky * (1.0 - browny)
     dab = coloured * (1.0 - silver) * max(1.0 - pinky, browny)

@@ -289,6 +289,7 @@ class TiffReader(SlideReader):
         self._props = props
         self._series_index = int(props.get("tiffslide.series-index") or 0)
         self._jpeg_ok: set[tuple[int, int]] = set()  # (level, chunk) already found whole
+        self._chunk_infos: dict[int, Any] = {}  # level -> _chunk_info
 
     def _open_handle(self) -> Any:
         import tiffslide
@@ -310,11 +311,14 @@ class TiffReader(SlideReader):
     def _read_level(
         self, handle: Any, level: int, x0: int, y0: int, x1: int, y1: int
     ) -> np.ndarray:
-        chunks = self._chunks(handle, level, x0, y0, x1, y1) if self._axes in ("YXS", "YX") else None
-        if chunks is not None:
-            page, grid, ids = chunks
-            if jpeg_chunk_grid(page.keyframe) is not None:
-                todo = [i for i in ids if (level, i) not in self._jpeg_ok]
+        info = self._chunk_info(handle, level)
+        ids: list[int] = []
+        if info is not None and (info[1] or info[2]):
+            (h, w, across), jpeg, _ = info
+            ids = [r * across + c for r in range(y0 // h, (y1 - 1) // h + 1) for c in range(x0 // w, (x1 - 1) // w + 1)]
+            todo = [i for i in ids if (level, i) not in self._jpeg_ok] if jpeg else []
+            if todo:
+                page = handle.ts_tifffile.series[self._series_index].levels[level].pages[0]
                 check_jpeg_chunks(str(self.path), self.path, page, todo, level=level)
                 self._jpeg_ok.update((level, i) for i in todo)
         arr = handle.zarr_group[str(level)]
@@ -323,37 +327,32 @@ class TiffReader(SlideReader):
         else:
             data = np.asarray(arr[y0:y1, x0:x1])
         rgb = to_rgb_uint8(data, self._plan)
-        if chunks is not None:
-            self._whiten_sparse(rgb, *chunks, x0, y0)
+        if info is not None and info[2]:
+            (h, w, across), _, sparse = info
+            # tifffile fills a chunk never written (byte count 0) with 0, black, which reads as
+            # dense tissue; on a brightfield slide it is unscanned glass (OpenSlide gives it as
+            # transparent, which to_rgb_uint8 composites over white too)
+            for i in sparse.intersection(ids):
+                r, c = divmod(i, across)
+                rgb[max(r * h - y0, 0) : max((r + 1) * h - y0, 0), max(c * w - x0, 0) : max((c + 1) * w - x0, 0)] = 255
         return rgb
 
-    def _chunks(
-        self, handle: Any, level: int, x0: int, y0: int, x1: int, y1: int
-    ) -> tuple[Any, tuple[int, int, int], list[int]] | None:
-        """The level's page, its :func:`chunk_grid` and the chunks (row-major) under a window."""
-        lvl = handle.ts_tifffile.series[self._series_index].levels[level]
-        grid = chunk_grid(lvl.keyframe) if len(lvl.pages) == 1 else None
-        if grid is None:
-            return None
-        h, w, across = grid
-        ids = [r * across + c for r in range(y0 // h, (y1 - 1) // h + 1) for c in range(x0 // w, (x1 - 1) // w + 1)]
-        return lvl.pages[0], grid, ids
+    def _chunk_info(self, handle: Any, level: int) -> tuple[tuple[int, int, int], bool, frozenset[int]] | None:
+        """(:func:`chunk_grid`, JPEG-compressed?, sparse chunk ids) of a level, read once per level.
 
-    @staticmethod
-    def _whiten_sparse(rgb: np.ndarray, page: Any, grid: tuple[int, int, int], ids: list[int], x0: int, y0: int) -> None:
-        """Paint the window's sparse chunks (byte count 0: never written) white, in place.
-
-        tifffile fills them with 0, black, which reads as dense tissue; an unwritten chunk of a
-        brightfield slide is unscanned glass (OpenSlide gives it as transparent, which
-        :func:`marrowseg.io._colour.to_rgb_uint8` composites over white too).
+        None where chunks are not checked: planar or multi-page levels and NDPI.
         """
-        counts = page.databytecounts
-        h, w, across = grid
-        for i in ids:
-            if i < len(counts) and counts[i] == 0:
-                r, c = divmod(i, across)
-                ys, xs = max(r * h - y0, 0), max(c * w - x0, 0)
-                rgb[ys : max((r + 1) * h - y0, 0), xs : max((c + 1) * w - x0, 0)] = 255
+        if level not in self._chunk_infos:
+            info = None
+            if self._axes in ("YXS", "YX"):
+                lvl = handle.ts_tifffile.series[self._series_index].levels[level]
+                grid = chunk_grid(lvl.keyframe) if len(lvl.pages) == 1 else None
+                if grid is not None:
+                    counts = lvl.pages[0].databytecounts
+                    info = (grid, jpeg_chunk_grid(lvl.keyframe) is not None,
+                            frozenset(i for i, n in enumerate(counts) if n == 0))
+            self._chunk_infos[level] = info
+        return self._chunk_infos[level]
 
     def _load_properties(self) -> dict[str, Any]:
         return dict(self._props)

@@ -6,7 +6,7 @@ import datetime as _dt
 import sys
 from typing import Any
 
-__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics"]
+__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch"]
 
 SCHEMA = "marrowseg.metrics/1"
 
@@ -34,6 +34,20 @@ READOUT_UNITS: dict[str, str] = {
     "mf_grade": "WHO/EUMNET MF-0..3",
     "fibrosis_index": "continuous 0..3",
 }
+
+
+def stain_mismatch(metrics: Any) -> dict[str, Any] | None:
+    """The stain check of a ``metrics.json`` when its slide's colours confidently name another
+    stain than the one analysed (``provenance.tissue.stain_check``, see
+    :func:`marrowseg.engine.plan_slide`), else None.
+
+    Returns
+    -------
+    check : dict or None
+        ``looks_like`` (stain key), ``confidence`` (0..1), ``mismatch`` (True).
+    """
+    check = ((metrics.get("provenance") or {}).get("tissue") or {}).get("stain_check") or {}
+    return check if check.get("mismatch") else None
 
 
 def build_metrics(

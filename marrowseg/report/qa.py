@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from marrowseg.outputs.metrics import stain_mismatch
 from marrowseg.report.slides import SlideOutput, load_batch, read_failures
 
 __all__ = ["qa_dir", "slide_flags", "summary_rows", "summary_html", "slide_panel_html", "reviews_from_env",
@@ -73,9 +74,9 @@ def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_
     marrow = haem if slide.stain == "reticulin" else haem + float(areas.get("fat") or 0.0)
     if marrow / 1e6 < min_marrow_mm2:
         flags.append(f"little tissue ({marrow / 1e6:.2f} mm² marrow)")
-    check = ((m.get("provenance") or {}).get("tissue") or {}).get("stain_check") or {}
-    if check.get("mismatch"):
-        flags.append(f"stain looks like {check.get('looks_like')}, analysed as {slide.stain} "
+    check = stain_mismatch(m)
+    if check:
+        flags.append(f"stain looks like {check['looks_like']}, analysed as {slide.stain} "
                      f"(confidence {float(check.get('confidence', 0)):.2f})")
     tiles = m.get("tiles") or {}
     if tiles.get("missing"):
