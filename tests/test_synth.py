@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,18 @@ def test_cellularity_truth_tracks_request(want):
     counts = np.bincount(ph.truth_region(0, 0, 1024, 1024)["labels"].ravel(), minlength=4)
     got = 100 * counts[1] / (counts[1] + counts[2])
     assert abs(got - want) < 5
+
+
+@pytest.mark.parametrize("want", [5.0, 10.0])
+def test_a_fatty_marrow_request_gives_fat(want):
+    """Below the ~10-15 % of marrow the adipocyte spaces leave between them at their usual reach,
+    the spaces widen instead of the calibration failing (it gave a 100 %-cellular field)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ph = make_phantom("he", seed=1060, size_px=(1024, 1024), mpp=0.5, cellularity_pct=want)
+    counts = np.bincount(ph.truth_region(0, 0, 1024, 1024)["labels"].ravel(), minlength=4)
+    got = 100 * counts[1] / (counts[1] + counts[2])
+    assert abs(got - want) < 4
 
 
 def test_left_shift_changes_truth_monotonically():

@@ -166,7 +166,7 @@ class Renderer:
         bi = np.full((h_, w_), -1, np.int32)
         si = np.full((h_, w_), -1, np.int32)
         for k in range(sx.size):
-            reach = wd.ADIPO_REACH * sr[k]
+            reach = w.adipo_reach * sr[k]
             c0, c1 = np.searchsorted(xs, sx[k] - reach), np.searchsorted(xs, sx[k] + reach, "right")
             r0, r1 = np.searchsorted(ys, sy[k] - reach), np.searchsorted(ys, sy[k] + reach, "right")
             if c1 <= c0 or r1 <= r0:
@@ -195,7 +195,7 @@ class Renderer:
         if fat.any():
             own = np.where(fat, bi, 0)
             d_own = np.sqrt(np.maximum(best + sr[own].astype(np.float32) ** 2, 0))
-            edge = np.float32(wd.ADIPO_REACH) * sr[own].astype(np.float32) - d_own
+            edge = np.float32(w.adipo_reach) * sr[own].astype(np.float32) - d_own
             has2 = si >= 0
             oth = np.where(has2, si, 0)
             sep = np.hypot(sx[own] - sx[oth], sy[own] - sy[oth]).astype(np.float32)

@@ -53,6 +53,10 @@ FIBRE_BLOCK_UM = 128.0
 ADIPO_SPACING_UM = 64.0          # jittered grid: 4 x 4 seeds per block
 ADIPO_R_UM = (25.0, 45.0)        # "radius" (power weight) -> 50-90 µm spaces
 ADIPO_REACH = 1.25               # a space reaches at most 1.25 * r from its seed
+# A fatty marrow (aplastic, or the elderly) leaves only scattered cells between the spaces; the
+# gaps a 1.25 r reach leaves are ~10-15 % of the marrow, so a request below that widens the reach
+# (up to this) until the spaces can fill the marrow to the requested fraction.
+ADIPO_REACH_MAX = 3.0
 MEMBRANE_UM = 1.5
 CELL_SPACING_UM = 8.0
 # Jitter of a cell centre in its 8-µm grid square, as a fraction of the spacing. 0.30 keeps the
@@ -214,6 +218,7 @@ class World:
         t = float(np.quantile(ratio, target)) if ratio.size else 0.3
         self.bone_t = (t * widen).astype(np.float32)
         self.fat_thr = 0.0
+        self.adipo_reach = ADIPO_REACH
         self.fat_thr = self._calibrate_fat(p.cellularity_pct)
 
     # ------------------------------------------------------------------ layout pieces
@@ -314,7 +319,7 @@ class World:
     def adipo_seeds(self, x0, y0, x1, y1, thr=None):
         """Alive adipocyte seeds whose reach can touch the box: arrays x, y, r."""
         thr = self.fat_thr if thr is None else thr
-        m = ADIPO_R_UM[1] * ADIPO_REACH
+        m = ADIPO_R_UM[1] * self.adipo_reach
         bxs = range(int(math.floor((x0 - m) / ADIPO_BLOCK_UM)), int(math.floor((x1 + m) / ADIPO_BLOCK_UM)) + 1)
         bys = range(int(math.floor((y0 - m) / ADIPO_BLOCK_UM)), int(math.floor((y1 + m) / ADIPO_BLOCK_UM)) + 1)
         parts = [self.adipo_block(bx, by) for by in bys for bx in bxs]
@@ -327,12 +332,12 @@ class World:
             return np.zeros(np.shape(x), bool)
         tree = cKDTree(np.column_stack([sx, sy]))
         k = min(8, sx.size)
-        d, idx = tree.query(np.column_stack([x, y]), k=k, distance_upper_bound=ADIPO_R_UM[1] * ADIPO_REACH)
+        d, idx = tree.query(np.column_stack([x, y]), k=k, distance_upper_bound=ADIPO_R_UM[1] * self.adipo_reach)
         d = d.reshape(len(x), k)
         idx = idx.reshape(len(x), k)
         ok = np.isfinite(d)
         idc = np.where(ok, idx, 0)
-        within = ok & (d <= ADIPO_REACH * sr[idc])
+        within = ok & (d <= self.adipo_reach * sr[idc])
         return within.any(axis=1)
 
     def fat_pts(self, x, y) -> np.ndarray:
@@ -359,8 +364,24 @@ class World:
         return self._bisect_fat(x, y, cellularity_pct)
 
     def _bisect_fat(self, x, y, cellularity_pct):
+        want_fat = 1.0 - cellularity_pct / 100.0
+        if want_fat <= 0:
+            return float(np.inf)
+        while True:
+            best = self._best_fat_score(x, y)
+            reached = float(np.isfinite(best).mean())
+            # the threshold must fall among reached points (half a point to spare)
+            if reached >= min(want_fat + 0.005, 1.0) or self.adipo_reach >= ADIPO_REACH_MAX:
+                break
+            self.adipo_reach = min(self.adipo_reach * 1.1, ADIPO_REACH_MAX)
+        if reached <= want_fat:  # even the widest reach cannot: every space that reaches is fat
+            return float(-np.inf)
+        return float(np.quantile(best, 1.0 - want_fat))
+
+    def _best_fat_score(self, x, y) -> np.ndarray:
+        """Highest score among the seeds whose reach covers each point (-inf: none reaches)."""
         x0, y0, x1, y1 = x.min(), y.min(), x.max(), y.max()
-        m = ADIPO_R_UM[1] * ADIPO_REACH
+        m = ADIPO_R_UM[1] * self.adipo_reach
         bxs = range(int(math.floor((x0 - m) / ADIPO_BLOCK_UM)), int(math.floor((x1 + m) / ADIPO_BLOCK_UM)) + 1)
         bys = range(int(math.floor((y0 - m) / ADIPO_BLOCK_UM)), int(math.floor((y1 + m) / ADIPO_BLOCK_UM)) + 1)
         parts = [self.adipo_block(bx, by) for by in bys for bx in bxs]
@@ -374,13 +395,9 @@ class World:
         idx = idx.reshape(len(x), k)
         ok = np.isfinite(d)
         idc = np.where(ok, idx, 0)
-        within = ok & (d <= ADIPO_REACH * sr[idc])
+        within = ok & (d <= self.adipo_reach * sr[idc])
         # a point is fat iff max score among seeds that reach it exceeds the threshold
-        best = np.where(within, ss[idc], -np.inf).max(axis=1)
-        want_fat = 1.0 - cellularity_pct / 100.0
-        if want_fat <= 0:
-            return float(np.inf)
-        return float(np.quantile(best, 1.0 - want_fat))
+        return np.where(within, ss[idc], -np.inf).max(axis=1)
 
     # ------------------------------------------------------------------ point labels
     def labels_pts(self, x, y) -> np.ndarray:
