@@ -367,16 +367,16 @@ class World:
         want_fat = 1.0 - cellularity_pct / 100.0
         if want_fat <= 0:
             return float(np.inf)
+        q = 1.0 - want_fat
         while True:
             best = self._best_fat_score(x, y)
-            reached = float(np.isfinite(best).mean())
-            # the threshold must fall among reached points (half a point to spare)
-            if reached >= min(want_fat + 0.005, 1.0) or self.adipo_reach >= ADIPO_REACH_MAX:
-                break
+            unreached = int(np.count_nonzero(~np.isfinite(best)))
+            # the quantile interpolates from sorted index floor((n - 1) q): it must be a reached point
+            if math.floor((best.size - 1) * q) >= unreached:
+                return float(np.quantile(best, q))
+            if self.adipo_reach >= ADIPO_REACH_MAX:  # even the widest reach cannot: all that reaches is fat
+                return float(-np.inf)
             self.adipo_reach = min(self.adipo_reach * 1.1, ADIPO_REACH_MAX)
-        if reached <= want_fat:  # even the widest reach cannot: every space that reaches is fat
-            return float(-np.inf)
-        return float(np.quantile(best, 1.0 - want_fat))
 
     def _best_fat_score(self, x, y) -> np.ndarray:
         """Highest score among the seeds whose reach covers each point (-inf: none reaches)."""
