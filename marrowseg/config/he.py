@@ -34,13 +34,13 @@ class HEStainConfig(Strict):
     max_angle_deg: float = Field(gt=0, le=90, description="largest accepted deviation from Ruifrok, degrees")
     h_reference_od: float | None = Field(
         None, gt=0, description="haematoxylin intensity normalisation: the slide's haematoxylin is scaled so that "
-        "its h_reference_percentile over tissue pixels (summed OD >= h_tissue_min_od, from the stain sample) "
-        "equals this OD; null: no scaling")
-    h_reference_percentile: float = Field(99.0, gt=50, lt=100, description="percentile of tissue haematoxylin, %")
+        "its h_reference_percentile over nuclear pixels (haematoxylin above eosin and above 0.15 OD, among "
+        "tissue pixels of the stain sample) equals this OD, within h_scale_limits; null: no scaling")
+    h_reference_percentile: float = Field(90.0, gt=50, lt=100, description="percentile of nuclear haematoxylin, %")
     h_tissue_min_od: float = Field(0.15, ge=0, description="summed RGB OD of a tissue pixel for the percentile")
     h_scale_limits: tuple[float, float] = Field(
-        (0.67, 1.5), description="the scale is clipped to these bounds (a sample without nuclei is not stained "
-        "differently, it is a different tissue)")
+        (1.0, 1.5), description="the scale is clipped to these bounds; a lower bound of 1 makes the reference a "
+        "floor (pale slides are brought up to it, dark ones left as they are)")
 
 
 class HEConfig(Strict):
