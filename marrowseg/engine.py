@@ -191,6 +191,20 @@ def _stain_check(name: str, view: np.ndarray, stain: str) -> dict[str, Any] | No
     return check
 
 
+def _resolution_check(name: str, scan_mpp: float, analyzer: Analyzer) -> dict[str, Any] | None:
+    """Whether the slide was scanned more coarsely than the analyzer was validated at: it is then
+    upsampled to the analysis resolution, and small structures (nuclei, membranes, fibres) blur."""
+    limit = analyzer.max_scan_mpp
+    if limit is None:
+        return None
+    check = {"scan_mpp": round(float(scan_mpp), 4), "max_scan_mpp": float(limit),
+             "too_coarse": bool(scan_mpp > limit)}
+    if check["too_coarse"]:
+        log.warning("%s: scanned at %.2f µm/px, coarser than the %.2f µm/px --stain %s was validated at; "
+                    "nuclei, membranes and fibres blur, so its figures may read low", name, scan_mpp, limit, analyzer.stain)
+    return check
+
+
 def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     """Detect tissue and lay the tile grid for one slide.
 
@@ -245,7 +259,8 @@ def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     # analyzer's own classes exclude glass.
     tiles = tiles_over_mask(shape, None if small else mask, tile_px=tile_px, overlap_px=overlap_px)
     tissue = {"mask_mpp": mask_mpp, "tissue_frac": frac, "all_tiles": bool(small),
-              "stain_check": _stain_check(reader.name, view, analyzer.stain)}
+              "stain_check": _stain_check(reader.name, view, analyzer.stain),
+              "resolution_check": _resolution_check(reader.name, float(reader.mpp), analyzer)}
     return SlideLayout(shape_px=shape, mpp=mpp, level0_mpp=float(reader.mpp),
                        level0_shape_px=(int(h0), int(w0)), tile_px=tile_px, overlap_px=overlap_px,
                        map_downsample=analyzer.map_downsample, tiles=tiles, tissue=tissue,

@@ -21,7 +21,7 @@ from typing import Any
 
 from marrowseg.errors import MarrowsegError
 from marrowseg.outputs.atomic import atomic_write_bytes
-from marrowseg.outputs.metrics import stain_mismatch
+from marrowseg.outputs.metrics import scan_too_coarse, stain_mismatch
 from marrowseg.report.slides import SlideOutput, load_slide_output, write_windows_csv
 
 __all__ = [
@@ -147,6 +147,11 @@ _LINES: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {
 }
 
 
+# what blurs first when a slide is scanned more coarsely than its analyzer's max_scan_mpp
+_COARSE_SCAN_LOSES = {"he": "the cell counts", "ecad": "the cell counts and membrane scores",
+                      "reticulin": "the fibre measurements"}
+
+
 def slide_report_lines(metrics: Mapping[str, Any]) -> list[str]:
     """Report lines of one slide's ``metrics.json``, in haematopathology wording.
 
@@ -162,6 +167,11 @@ def slide_report_lines(metrics: Mapping[str, Any]) -> list[str]:
         looks = STAIN_NAMES.get(check["looks_like"], check["looks_like"])
         lines.append(f"Check the stain: analysed as {STAIN_NAMES.get(metrics.get('stain'), metrics.get('stain'))}, "
                      f"but its colours look like {looks} (confidence {float(check.get('confidence', 0)):.2f})")
+    coarse = scan_too_coarse(metrics)
+    if coarse:
+        what = _COARSE_SCAN_LOSES.get(str(metrics.get("stain")), "the figures")
+        lines.append(f"Check the scan: {float(coarse['scan_mpp']):.2f} µm/px is coarser than the "
+                     f"{float(coarse['max_scan_mpp']):.2f} µm/px these figures were validated at; {what} may read low")
     tiles = metrics.get("tiles") or {}
     if tiles.get("missing"):
         # every figure above leaves that area out: the reader must know the slide was not read whole

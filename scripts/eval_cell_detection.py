@@ -325,7 +325,8 @@ def parse_seeds(spec: str) -> list[int]:
     return out
 
 
-def phantoms(seeds: list[int], size_px: int, mpp: float, radius_px: float, overrides: dict) -> None:
+def phantoms(seeds: list[int], size_px: int, mpp: float, radius_px: float, overrides: dict,
+             cellularity: float | None = None) -> None:
     """Counts and cellularity on synthetic phantoms against their truth (through the engine)."""
     from marrowseg import synth
     from marrowseg.engine import analyze_array
@@ -336,7 +337,7 @@ def phantoms(seeds: list[int], size_px: int, mpp: float, radius_px: float, overr
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     errs, cerrs, f1s, lerrs, lf1s = [], [], [], [], []
     for seed in seeds:
-        ph = synth.make_phantom("he", seed=seed, size_px=(size_px, size_px), mpp=mpp)
+        ph = synth.make_phantom("he", seed=seed, size_px=(size_px, size_px), mpp=mpp, cellularity_pct=cellularity)
         truth = ph.truth_region(0, 0, size_px, size_px)
         res = analyze_array(ph.render(0, 0, size_px, size_px), mpp, HEAnalyzer(cfg.he), cfg, device="cpu")
         n = np.bincount(truth["labels"].ravel(), minlength=4)
@@ -388,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. he.nuclei.min_peak_od=0.3")
     ap.add_argument("--phantoms", default=None, metavar="SEEDS", help="synthetic phantoms, e.g. 1000-1004")
     ap.add_argument("--phantom-px", type=int, default=1024, help="phantom side, px at --mpp")
+    ap.add_argument("--cellularity", type=float, default=None, metavar="PCT",
+                    help="requested phantom cellularity, %% (default: the generator's 50)")
     ap.add_argument("--od-scale", type=float, default=1.0, metavar="F",
                     help="multiply every optical density of the images by F (a paler or darker staining run)")
     ap.add_argument("-q", "--quiet", action="store_true")
@@ -401,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--grid needs --lopo")
     if args.phantoms:
         radius = 4.0 / args.mpp if args.radius_px is None else args.radius_px
-        phantoms(parse_seeds(args.phantoms), args.phantom_px, args.mpp, radius, overrides)
+        phantoms(parse_seeds(args.phantoms), args.phantom_px, args.mpp, radius, overrides, args.cellularity)
         return 0
     if args.images_dir is None:
         ap.error("IMAGES_DIR is required unless --phantoms is given")

@@ -192,6 +192,21 @@ def test_plan_checks_the_stain_against_the_slide_colours(drawn, analysed, mismat
     assert ("is the stain right?" in caplog.text) is mismatch
 
 
+@pytest.mark.parametrize(("stain", "scan_mpp", "too_coarse"), [("he", 1.0, False), ("he", 3.0, True),
+                                                              ("ecad", 0.5, False), ("ecad", 1.0, True)])
+def test_plan_flags_a_scan_coarser_than_the_analyzer_was_validated_at(stain, scan_mpp, too_coarse, caplog):
+    """A 10x scan is upsampled for the E-cadherin membrane ring without a word otherwise."""
+    from marrowseg import synth
+    from marrowseg.analyzers import get_analyzer
+
+    ph = synth.make_phantom(stain, seed=3, size_px=(512, 512), mpp=scan_mpp)
+    cfg = load_config(stain)
+    with open_slide(ph.render(0, 0, 512, 512), mpp=scan_mpp) as reader:
+        check = plan_slide(reader, get_analyzer(stain, cfg), cfg).tissue["resolution_check"]
+    assert check["scan_mpp"] == scan_mpp and check["too_coarse"] is too_coarse
+    assert ("coarser than the" in caplog.text) is too_coarse
+
+
 def test_blank_slide_raises_no_tissue():
     img = np.full((300, 300, 3), 246, np.uint8)
     with pytest.raises(NoTissueError, match="no tissue"):

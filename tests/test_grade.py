@@ -79,6 +79,15 @@ def test_a_stain_that_looks_like_another_is_named_in_the_report():
     assert not any(line.startswith("Check the stain") for line in slide_report_lines(m))
 
 
+def test_a_scan_coarser_than_validated_is_named_in_the_report():
+    m = {"stain": "ecad", "readouts": {},
+         "provenance": {"tissue": {"resolution_check": {"scan_mpp": 1.0, "max_scan_mpp": 0.6, "too_coarse": True}}}}
+    assert ("Check the scan: 1.00 µm/px is coarser than the 0.60 µm/px these figures were validated at; "
+            "the cell counts and membrane scores may read low") in slide_report_lines(m)
+    m["provenance"]["tissue"]["resolution_check"]["too_coarse"] = False
+    assert not any(line.startswith("Check the scan") for line in slide_report_lines(m))
+
+
 def test_late_erythroid_share_says_it_rests_on_nuclear_morphology():
     """A small lymphocyte's nucleus passes the late-normoblast rules: the report says so."""
     m = {"stain": "he", "readouts": {"cellularity_pct": 50.0, "late_erythroid_per_100": 21.04, "nucleated_cells": 1234}}

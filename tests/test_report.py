@@ -126,6 +126,17 @@ def test_qa_flags_unreadable_tiles_with_their_area(tmp_path):
     assert not any("unreadable" in f for f in slide_flags(SlideOutput("s", tmp_path, metrics)))
 
 
+def test_qa_flags_a_scan_coarser_than_validated(tmp_path):
+    from marrowseg.report.qa import slide_flags
+    from marrowseg.report.slides import SlideOutput
+
+    metrics = {"stain": "he", "readouts": {}, "areas_um2": {"haematopoietic": 2e6},
+               "provenance": {"tissue": {"resolution_check": {"scan_mpp": 4.0, "max_scan_mpp": 2.0, "too_coarse": True}}}}
+    assert "scan coarser than validated (4.00 µm/px, limit 2.00)" in slide_flags(SlideOutput("s", tmp_path, metrics))
+    metrics["provenance"]["tissue"]["resolution_check"]["too_coarse"] = False
+    assert not any("scan coarser" in f for f in slide_flags(SlideOutput("s", tmp_path, metrics)))
+
+
 def test_qa_flags_a_stain_that_looks_like_another(tmp_path):
     from marrowseg.report.qa import slide_flags
     from marrowseg.report.slides import SlideOutput

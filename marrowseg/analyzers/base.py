@@ -132,6 +132,9 @@ class Analyzer(ABC):
     allow_amp: ClassVar[bool] = True
     #: whether the stains are told apart by hue: a greyscale image is then refused, not measured
     needs_colour: ClassVar[bool] = False
+    #: coarsest scan, µm/px, at which this analyzer's figures were validated; a coarser slide is
+    #: still analysed (it is upsampled to ``mpp``) but flagged (None: no limit)
+    max_scan_mpp: ClassVar[float | None] = None
     #: resident memory (PSS) of a CPU run with tile workers, MB: ``(main, main per Mpx of
     #: tile, worker, worker per Mpx of tile)``; a run with ``n`` workers holds about
     #: ``main + n * worker`` plus the per-Mpx terms times ``tile_px ** 2 / 1e6`` (see

@@ -625,6 +625,9 @@ class ECadAnalyzer(Analyzer):
     )
     allow_amp: ClassVar[bool] = False  # OD thresholds near 0.15 do not survive float16 logs
     needs_colour: ClassVar[bool] = True
+    # the membrane ring is 1 µm wide: Ki67 tiles resampled to 1.0 µm/px lose a quarter of their
+    # detections (recall 0.71 -> 0.54, docs/validation.md); a 20x scan at ~0.5 µm/px is fine
+    max_scan_mpp: ClassVar[float | None] = 0.6
     # PSS with 1 and 4 tile workers at tile_px 1024 and 2048 (scripts/worker_memory.py, docs/validation.md)
     memory_model_mb: ClassVar[tuple[float, float, float, float]] = (440.0, 25.0, 50.0, 80.0)
 

@@ -154,6 +154,9 @@ class HEAnalyzer(Analyzer):
     )
     allow_amp: ClassVar[bool] = False  # OD thresholds near 0.25 do not survive float16 rounding of logs
     needs_colour: ClassVar[bool] = True
+    # mbm-dev crops resampled to coarser scans: detection F1 0.896 at 1.5 µm/px, 0.871 at 2.0,
+    # 0.780 at 3.0 (count -16 %), 0.383 at 4.0 (docs/validation.md)
+    max_scan_mpp: ClassVar[float | None] = 2.0
     # PSS with 1 and 4 tile workers at tile_px 1024 and 2048 (scripts/worker_memory.py, docs/validation.md)
     memory_model_mb: ClassVar[tuple[float, float, float, float]] = (335.0, 20.0, 125.0, 45.0)
 

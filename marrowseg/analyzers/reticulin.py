@@ -609,6 +609,9 @@ class ReticulinAnalyzer(Analyzer):
     allow_amp = False  # contrasts of 0.02 OD do not survive float16
     # PSS with 1 and 4 tile workers at tile_px 1024 and 2048 (scripts/worker_memory.py, docs/validation.md)
     memory_model_mb = (375.0, 110.0, 140.0, 180.0)
+    # the coarsest real reticulin measured: the BoMBR crop at 1.0 µm/px (fibre F1 0.871); fibres
+    # are 0.5-2 µm wide, so a coarser scan merges them
+    max_scan_mpp = 1.0
 
     @property
     def window_um(self) -> float:

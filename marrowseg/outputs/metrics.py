@@ -6,7 +6,7 @@ import datetime as _dt
 import sys
 from typing import Any
 
-__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch"]
+__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "scan_too_coarse"]
 
 SCHEMA = "marrowseg.metrics/1"
 
@@ -48,6 +48,20 @@ def stain_mismatch(metrics: Any) -> dict[str, Any] | None:
     """
     check = ((metrics.get("provenance") or {}).get("tissue") or {}).get("stain_check") or {}
     return check if check.get("mismatch") else None
+
+
+def scan_too_coarse(metrics: Any) -> dict[str, Any] | None:
+    """The resolution check of a ``metrics.json`` when its slide was scanned more coarsely than
+    the analyzer was validated at (``provenance.tissue.resolution_check``, see
+    :func:`marrowseg.engine.plan_slide`), else None.
+
+    Returns
+    -------
+    check : dict or None
+        ``scan_mpp`` and ``max_scan_mpp`` (µm/px), ``too_coarse`` (True).
+    """
+    check = ((metrics.get("provenance") or {}).get("tissue") or {}).get("resolution_check") or {}
+    return check if check.get("too_coarse") else None
 
 
 def build_metrics(

@@ -11,6 +11,9 @@ at first; they never change a measurement:
 ``stain looks like another``
     the slide's colours name another stain than the one it was analysed as, confidently
     (``provenance.tissue.stain_check``; :func:`marrowseg.engine.plan_slide`);
+``scan coarser than validated``
+    the slide's pixel size is coarser than the analyzer's ``max_scan_mpp``: it was upsampled,
+    and nuclei, membranes and fibres blur (``provenance.tissue.resolution_check``);
 ``unreadable tiles``
     some tiles could not be decoded (a corrupt or cut-short chunk of the file): every figure
     leaves their area out (``tiles.csv`` has each reason);
@@ -36,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from marrowseg.outputs.metrics import stain_mismatch
+from marrowseg.outputs.metrics import scan_too_coarse, stain_mismatch
 from marrowseg.report.slides import SlideOutput, load_batch, read_failures
 
 __all__ = ["qa_dir", "slide_flags", "summary_rows", "summary_html", "slide_panel_html", "reviews_from_env",
@@ -78,6 +81,10 @@ def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_
     if check:
         flags.append(f"stain looks like {check['looks_like']}, analysed as {slide.stain} "
                      f"(confidence {float(check.get('confidence', 0)):.2f})")
+    coarse = scan_too_coarse(m)
+    if coarse:
+        flags.append(f"scan coarser than validated ({float(coarse['scan_mpp']):.2f} µm/px, "
+                     f"limit {float(coarse['max_scan_mpp']):.2f})")
     tiles = m.get("tiles") or {}
     if tiles.get("missing"):
         flags.append(f"unreadable tiles ({tiles['missing']} of {tiles.get('n', '?')}, "
