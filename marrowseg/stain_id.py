@@ -54,6 +54,8 @@ _SECTORS = {
 }
 #: a pixel is tissue when its mean OD exceeds this (glass ~0.01-0.05)
 _TISSUE_OD = 0.12
+#: brightest channel at or below this (0..255): black fill, not a stain; silver fibres keep some light
+_NO_SIGNAL = 8
 #: and it is "dark" when its mean OD exceeds this (nuclei, fibres, strong chromogen)
 _DARK_OD = 0.55
 #: chroma / grey of a "neutral" pixel (metallic silver, black ink)
@@ -116,7 +118,9 @@ def stain_features(rgb: np.ndarray, *, tissue_od: float = _TISSUE_OD) -> dict[st
     px = arr[..., :3].reshape(-1, 3).astype(np.float32)
     od = -np.log10(np.maximum(px, 1.0) / 255.0)
     mean_od = od.mean(axis=1)
-    tissue = mean_od > tissue_od
+    # black fill (no signal in any channel: unscanned area, an opaque label) is no stain, and
+    # as neutral and dark it would pass for silver
+    tissue = (mean_od > tissue_od) & (px.max(axis=1) > _NO_SIGNAL)
     n = int(tissue.sum())
     feats: dict[str, float] = {"tissue_frac": float(tissue.mean()) if tissue.size else 0.0, "n_tissue": float(n)}
     if n == 0:

@@ -820,3 +820,25 @@ def test_territory_border_at_ring_pixels_equals_whole_image_reference():
         got = _territory_border(labels, lut, rr, cc, idx)
         assert got.shape == rr.shape and got.any()
         assert np.array_equal(got, _territory_border_reference(labels, lut, rr, cc, idx))
+
+
+def test_black_fill_neither_counts_as_marrow_nor_skews_the_stain_estimate():
+    """A black band (unscanned area) was labelled marrow, and in the stain sample it passed for
+    the darkest stain: the counterstain scale fell and the field lost 60 % of its nuclei."""
+    from marrowseg import synth
+    from marrowseg.analyzers.ecad import ECadAnalyzer
+    from marrowseg.engine import analyze_array
+
+    ph = synth.make_phantom("ecad", seed=1090, size_px=(1024, 1024), mpp=0.5)
+    rgb = ph.render(0, 0, 1024, 1024)
+    cfg = load_config("ecad")
+    clean = analyze_array(rgb, 0.5, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
+    black = rgb.copy()
+    black[:, :128] = 0
+    res = analyze_array(black, 0.5, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
+    assert res.provenance["prepare"]["h_scale"] == pytest.approx(clean.provenance["prepare"]["h_scale"], rel=0.05)
+    assert (res.maps["labels"][:, : 128 // ECadAnalyzer(cfg.ecad).map_downsample] == 0).all()
+    x = np.asarray(res.cells["x"], float)
+    assert not (x < 120).any()
+    kept = (np.asarray(clean.cells["x"], float) >= 136).sum()
+    assert abs((x >= 136).sum() - kept) <= 0.05 * kept

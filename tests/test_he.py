@@ -188,6 +188,23 @@ def test_blank_tile_gives_no_cells_with_all_columns():
     assert res.maps["labels"].shape == (64, 64)
 
 
+def test_black_fill_is_excluded_not_read_as_marrow():
+    """A scanner's black fill over part of a field was labelled haematopoietic (cellularity up
+    5 points on this phantom) and grew megakaryocytes at its edge; it is excluded like glass."""
+    synth = pytest.importorskip("marrowseg.synth")
+    ph = synth.make_phantom("he", seed=1090, size_px=(768, 768), mpp=MPP)
+    rgb = ph.render(0, 0, 768, 768)
+    rgb[:, :160] = 0
+    cfg = load_config("he")
+    res = analyze_array(rgb, MPP, HEAnalyzer(cfg.he), cfg, device="cpu")
+    band = res.maps["labels"][:, : 160 // HEAnalyzer(cfg.he).map_downsample]
+    assert (band == 0).all()  # EXCLUDED
+    assert not (np.asarray(res.cells["x"], float) < 150).any()
+    lab = ph.truth_region(0, 0, 768, 768)["labels"][:, 160:]
+    n = np.bincount(lab.ravel(), minlength=4)
+    assert abs(res.report["readouts"]["cellularity_pct"] - 100 * n[1] / (n[1] + n[2])) <= 5
+
+
 # -- synthetic phantoms (black box; seeds >= 1000 are for testing, 0-99 for tuning) ----------
 _PHANTOM_CASES = [(1000, 10.0), (1002, 50.0)]
 

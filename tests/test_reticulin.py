@@ -599,3 +599,20 @@ def test_narrow_empty_space_in_marrow_is_not_fat(min_width_um):
         assert (band == HAEM).all()
     else:
         assert (band == FAT).all()
+
+
+def test_black_fill_is_excluded_and_does_not_dilute_the_fibre_density():
+    """A black band was marrow without fibres: the density read lower by the band's share."""
+    from marrowseg import synth
+    from marrowseg.analyzers.reticulin import ReticulinAnalyzer
+    from marrowseg.engine import analyze_array
+
+    ph = synth.make_phantom("reticulin", seed=1090, size_px=(1024, 1024), mpp=0.5, grade=1)
+    rgb = ph.render(0, 0, 1024, 1024)
+    cfg = load_config("reticulin")
+    clean = analyze_array(rgb, 0.5, ReticulinAnalyzer(cfg.reticulin), cfg, device="cpu")
+    rgb[:, :200] = 0
+    res = analyze_array(rgb, 0.5, ReticulinAnalyzer(cfg.reticulin), cfg, device="cpu")
+    assert (res.maps["labels"][:, : 200 // ReticulinAnalyzer(cfg.reticulin).map_downsample] == 0).all()
+    want = clean.report["readouts"]["fibre_length_um_per_1e4um2"]
+    assert res.report["readouts"]["fibre_length_um_per_1e4um2"] == pytest.approx(want, rel=0.1)

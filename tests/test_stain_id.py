@@ -74,3 +74,13 @@ def test_real_images(shared_data, rel, stain, mpp):
 
     with open_slide(shared_data(rel), mpp=mpp) as reader:
         assert identify_stain(reader.thumbnail(1024)).stain == stain
+
+
+@pytest.mark.parametrize("stain", ["he", "ecad", "reticulin"])
+def test_black_fill_does_not_change_the_recognised_stain(stain):
+    """An unscanned black band is neutral and dark like silver; it is left out of the tissue."""
+    ph = make_phantom(stain, seed=1090, size_px=(768, 768), mpp=1.0)
+    rgb = ph.render(0, 0, 768, 768)
+    rgb[:, :240] = 0
+    guess = identify_stain(rgb)
+    assert guess.stain == stain and guess.confidence >= 0.5

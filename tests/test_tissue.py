@@ -123,3 +123,21 @@ def test_opencv_opening_and_closing_equal_scipy(radius):
         np.testing.assert_array_equal(tis.binary_opening(m, se), ndi.binary_opening(m, structure=se))
         np.testing.assert_array_equal(tis.binary_closing(m, se), ndi.binary_closing(m, structure=se))
         np.testing.assert_array_equal(tis._dilate_cross(m), ndi.binary_dilation(m))
+
+
+def test_opaque_pixels_are_black_or_grey_ink_not_stain():
+    """Black fill and neutral dark ink are opaque; haematoxylin, eosin and DAB, however dark, are not."""
+    cfg = load_config("he").he.tissue
+    od_h, od_e, od_dab = (np.array(v) for v in ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78)))
+
+    def rgb_of(od_vec: np.ndarray, density: float) -> np.ndarray:
+        return np.clip(255 * 10 ** (-density * od_vec / np.linalg.norm(od_vec)), 0, 255).astype(np.uint8)
+
+    swatches = [np.zeros(3, np.uint8), np.array([28, 28, 33], np.uint8)]  # black, marker ink over glass
+    swatches += [rgb_of(v, 2.5) for v in (od_h, od_e, od_dab)]  # saturated stains, summed OD > 3
+    img = np.concatenate([np.broadcast_to(s, (4, 4, 3)) for s in swatches], axis=1)
+    opaque = tis.opaque_pixels(img, 2, cfg)
+    assert opaque.shape == (2, 10)
+    assert opaque[:, :4].all() and not opaque[:, 4:].any()
+    off = cfg.model_copy(update={"opaque_min_od": None})
+    assert tis.opaque_pixels(img, 2, off) is None

@@ -650,6 +650,10 @@ class ECadAnalyzer(Analyzer):
     # -- dense ----------------------------------------------------------------------------
     def prepare(self, sample_rgb: np.ndarray) -> dict[str, Any]:
         """Estimate the slide's H and DAB vectors (fallback: Ruifrok H-DAB, with the reason)."""
+        sample_rgb = np.asarray(sample_rgb).reshape(-1, 3)
+        opaque = tis.opaque_colour(sample_rgb, self.config.tissue.classes)
+        if opaque is not None and opaque.any():  # black fill would pass for the darkest stain
+            sample_rgb = sample_rgb[~opaque]
         m, info = estimate_hdab_vectors(sample_rgb, self.config.stain)
         if info["stain_vectors_source"] == "standard" and self.config.stain.vectors == "estimate":
             log.warning("E-cadherin stain vectors: standard Ruifrok H-DAB used: %s", info["fallback_reason"])
@@ -840,6 +844,16 @@ class ECadAnalyzer(Analyzer):
             d[key] = v[:vr, :vc] if v.shape == full else v[: vr // k, : vc // k]
         shape = d["h_od"].shape
         valid_c, border_c = self._geometry(ctx, shape)
+        opaque = tis.opaque_pixels(rgb[:vr, :vc], k, cfg.tissue.classes)
+        if opaque is not None and opaque.any():
+            # black fill and marker ink: outside the section, like beyond the slide; and no stain,
+            # or its dense mass would be merged into a giant "megakaryocyte" (as in he.py)
+            valid_c &= ~opaque
+            border_c &= valid_c
+            ink = tis.upsample_labels(opaque.astype(np.uint8), k, shape).astype(bool)
+            for key in ("det_od", "h_od", "dab_od", "peak", "mask"):
+                if key in d:
+                    d[key] = np.where(ink, np.float32(0), d[key])
         labels_c, _ = tis.classify_tissue(d["bright"], d["h_ctx"], d["e_ctx"], mpp * k, cfg.tissue.classes,
                                           valid=valid_c, open_border=border_c)
         labels = tis.upsample_labels(labels_c, k, shape)

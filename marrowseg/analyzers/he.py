@@ -193,6 +193,10 @@ class HEAnalyzer(Analyzer):
     def prepare(self, sample_rgb: np.ndarray) -> dict[str, Any]:
         """Choose the stain vectors: Ruifrok, or a Macenko estimate close enough to it."""
         cfg = self.config.stain
+        sample_rgb = np.asarray(sample_rgb).reshape(-1, 3)
+        opaque = tis.opaque_colour(sample_rgb, self.config.tissue)
+        if opaque is not None and opaque.any():  # black fill would pass for the darkest stain
+            sample_rgb = sample_rgb[~opaque]
         ruifrok = stains.stain_matrix(stains.RUIFROK_H, stains.RUIFROK_E)
         self.rgb_from_stains = ruifrok  # each slide starts from the published vectors
         self._module = None
@@ -338,6 +342,15 @@ class HEAnalyzer(Analyzer):
         shape = d["h_od"].shape
         class_mpp = mpp * k
         valid_c, border_c = self._geometry(ctx, shape)
+        opaque = tis.opaque_pixels(rgb[:vr, :vc], k, cfg.tissue)
+        if opaque is not None and opaque.any():
+            # black fill and marker ink: outside the section, like beyond the slide; and no
+            # haematoxylin, or its dense mass would be merged into a giant "megakaryocyte"
+            valid_c &= ~opaque
+            border_c &= valid_c
+            ink = tis.upsample_labels(opaque.astype(np.uint8), k, shape).astype(bool)
+            for key in ("h_od", "peak", "mask"):
+                d[key] = np.where(ink, np.float32(0), d[key])
         labels_c, fat = tis.classify_tissue(
             d["bright"], d["h_ctx"], d["e_ctx"], class_mpp, cfg.tissue, valid=valid_c, open_border=border_c
         )

@@ -28,6 +28,7 @@ from skimage.morphology import skeletonize
 from marrowseg.analyzers import fibres
 from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
 from marrowseg.analyzers.distance import distance_to_background
+from marrowseg.analyzers.tissue import opaque_colour
 from marrowseg.stains import od_from_rgb, od_from_rgb_torch
 from marrowseg.tiling import fill_enclosed_holes
 
@@ -718,7 +719,8 @@ class ReticulinAnalyzer(Analyzer):
         }
 
     # -- per tile -----------------------------------------------------------------------
-    def _tissue_labels(self, dense: dict[str, np.ndarray], ctx: TileContext) -> tuple[np.ndarray, np.ndarray]:
+    def _tissue_labels(self, dense: dict[str, np.ndarray], ctx: TileContext,
+                       rgb: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Tissue label map of the whole tile and the collagen-toned mask."""
         c = self.config
         px_um2 = ctx.mpp * ctx.mpp
@@ -727,6 +729,10 @@ class ReticulinAnalyzer(Analyzer):
         h, w = mean_od.shape
         valid = np.zeros((h, w), bool)
         valid[: ctx.valid_px[0], : ctx.valid_px[1]] = True
+        if rgb is not None and c.opaque_min_od is not None:
+            # black fill is outside the section, like beyond the slide
+            opaque = opaque_colour(np.asarray(rgb)[:h, :w], c)
+            valid[: opaque.shape[0], : opaque.shape[1]] &= ~opaque
 
         orange = (orange_od >= c.orange_min_od) & valid
         # bone is pale golden-orange; a dark brown collagen bundle is orange too but absorbs
@@ -830,7 +836,7 @@ class ReticulinAnalyzer(Analyzer):
     def post(self, dense: dict[str, np.ndarray], rgb: np.ndarray, ctx: TileContext) -> TileResult:
         c = self.config
         mpp = ctx.mpp
-        labels, collagen = self._tissue_labels(dense, ctx)
+        labels, collagen = self._tissue_labels(dense, ctx, rgb)
         mask, skel = self._fibres(dense, ctx)
         haem = labels == HAEM
 

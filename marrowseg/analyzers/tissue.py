@@ -183,6 +183,42 @@ def _empty_fat() -> FatObjects:
     return FatObjects(np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
 
 
+def opaque_pixels(rgb: np.ndarray, k: int, cfg: Any) -> np.ndarray | None:
+    """Class pixels that are black or neutral grey and dark: no stain, but a scanner's black fill
+    or marker ink. Read as stained tissue they would be haematopoietic, and their edges nuclei.
+
+    Parameters
+    ----------
+    rgb : (H, W, 3) uint8 ndarray
+        The tile at the analysis resolution.
+    k : int
+        Analysis pixels per class pixel (:func:`class_factor`).
+    cfg : TissueClassesConfig
+        ``opaque_min_od`` (null: returns None) and ``opaque_min_greyness``.
+
+    Returns
+    -------
+    (ceil(H/k), ceil(W/k)) bool ndarray or None
+    """
+    if getattr(cfg, "opaque_min_od", None) is None:
+        return None
+    mean_rgb = _block_reduce_edge(np.asarray(rgb, np.float32), k, np.mean) if k > 1 else np.asarray(rgb, np.float32)
+    return opaque_colour(mean_rgb, cfg)
+
+
+def opaque_colour(rgb: np.ndarray, cfg: Any) -> np.ndarray | None:
+    """Which colours (``(..., 3)``, 0..255) are black or neutral grey and dark (see
+    :func:`opaque_pixels`); None when ``cfg.opaque_min_od`` is null. Also used to keep black
+    fill out of a slide's stain sample, where it would pass for the darkest stain."""
+    min_od = getattr(cfg, "opaque_min_od", None)
+    if min_od is None:
+        return None
+    od = -np.log10(np.clip(np.asarray(rgb, np.float32), 1.0, 255.0) / 255.0)
+    total = od.sum(axis=-1)
+    grey = od.min(axis=-1) / np.maximum(od.max(axis=-1), 1e-6)
+    return (total >= min_od) & (grey >= cfg.opaque_min_greyness)
+
+
 def classify_tissue(
     bright: np.ndarray,
     h_ctx: np.ndarray,

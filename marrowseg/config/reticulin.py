@@ -77,6 +77,11 @@ class ReticulinConfig(Strict):
     bone_max_od: float = Field(gt=0, description="mean-channel OD above which orange is a collagen bundle, not bone")
     fat_rim_um: float = Field(ge=0, description="non-empty rim around fat that still belongs to it (membranes, septa), µm")
     bone_min_um2: float = Field(ge=0, description="smallest bone fragment, µm²")
+    opaque_min_od: float | None = Field(
+        default=None, gt=0, description="a pixel this dark (summed RGB OD) and this grey (opaque_min_greyness) passes "
+        "nearly no light: black fill or an opaque artefact, excluded; null: off")
+    opaque_min_greyness: float = Field(
+        default=0.85, ge=0, le=1, description="least ratio of the smallest to the largest channel OD of an opaque pixel")
 
     # -- grading -----------------------------------------------------------------
     window_um: float = Field(gt=0, description="side of the slide-aligned grid cells the per-tile sums are kept on, µm")

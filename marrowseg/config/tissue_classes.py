@@ -33,3 +33,5 @@ class TissueClassesConfig(Strict):
     fat_split_um: float | None = Field(None, gt=0, description="a failed unstained region is cut at necks between distance-transform maxima deeper than this, µm (adjacent spaces with an invisible membrane); null: off")
     envelope_fat: bool = Field(False, description="clear spaces walled in by tissue are inside the outline whatever their width, and a fat space bordering the glass cut off by the envelope gets back the glass inside its convex hull (peripheral adipocytes)")
     fat_rim_um: float | None = Field(None, ge=0, description="stained tissue within this distance of a fat space is its membrane, fat, µm; null: off")
+    opaque_min_od: float | None = Field(None, gt=0, description="a class pixel this dark (summed RGB OD of its mean colour) and this grey (opaque_min_greyness) is no stain but black fill or marker ink: excluded, and treated as outside the slide; null: off")
+    opaque_min_greyness: float = Field(0.85, ge=0, le=1, description="least ratio of the smallest to the largest channel OD of an opaque pixel (1: neutral grey or black; haematoxylin, eosin and DAB stay below 0.75)")
