@@ -183,6 +183,9 @@ def _empty_fat() -> FatObjects:
     return FatObjects(np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
 
 
+_OD_OF_UINT8 = -np.log10(np.clip(np.arange(256, dtype=np.float32), 1.0, 255.0) / 255.0)
+
+
 def opaque_pixels(rgb: np.ndarray, k: int, cfg: Any) -> np.ndarray | None:
     """Class pixels that are black or neutral grey and dark: no stain, but a scanner's black fill
     or marker ink. Read as stained tissue they would be haematopoietic, and their edges nuclei.
@@ -202,8 +205,16 @@ def opaque_pixels(rgb: np.ndarray, k: int, cfg: Any) -> np.ndarray | None:
     """
     if getattr(cfg, "opaque_min_od", None) is None:
         return None
-    mean_rgb = _block_reduce_edge(np.asarray(rgb, np.float32), k, np.mean) if k > 1 else np.asarray(rgb, np.float32)
-    return opaque_colour(mean_rgb, cfg)
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    h, w = rgb.shape[:2]
+    if k > 1:
+        # OpenCV's area mean of whole k x k blocks (edge-padded like _block_reduce_edge): ~100x
+        # faster than a float reduction of the tile, to within uint8 rounding of the mean
+        ph, pw = (-h) % k, (-w) % k
+        if ph or pw:
+            rgb = cv2.copyMakeBorder(rgb, 0, ph, 0, pw, cv2.BORDER_REPLICATE)
+        rgb = cv2.resize(rgb, ((w + pw) // k, (h + ph) // k), interpolation=cv2.INTER_AREA)
+    return opaque_colour(rgb, cfg)
 
 
 def opaque_colour(rgb: np.ndarray, cfg: Any) -> np.ndarray | None:
@@ -213,10 +224,24 @@ def opaque_colour(rgb: np.ndarray, cfg: Any) -> np.ndarray | None:
     min_od = getattr(cfg, "opaque_min_od", None)
     if min_od is None:
         return None
-    od = -np.log10(np.clip(np.asarray(rgb, np.float32), 1.0, 255.0) / 255.0)
-    total = od.sum(axis=-1)
-    grey = od.min(axis=-1) / np.maximum(od.max(axis=-1), 1e-6)
-    return (total >= min_od) & (grey >= cfg.opaque_min_greyness)
+    rgb = np.asarray(rgb)
+    g = float(cfg.opaque_min_greyness)
+    # the sum reaches min_od only if the darkest channel's OD reaches min_od / 3, and then every
+    # channel's reaches g * min_od / 3: brighter colours are not looked at further
+    bound = 255.0 * 10.0 ** (-g * float(min_od) / 3.0)
+    if rgb.dtype == np.uint8 and rgb.ndim == 3:
+        ch = cv2.split(rgb)  # OpenCV's channel max is ~10x NumPy's reduce over a last axis of 3
+        brightest = cv2.max(cv2.max(ch[0], ch[1]), ch[2])
+    else:
+        brightest = rgb.max(axis=-1)
+    out = brightest <= bound
+    if out.any():
+        cand = rgb[out]
+        od = (_OD_OF_UINT8[cand] if cand.dtype == np.uint8
+              else -np.log10(np.clip(cand.astype(np.float32), 1.0, 255.0) / 255.0))
+        grey = od.min(axis=-1) / np.maximum(od.max(axis=-1), 1e-6)
+        out[out] = (od.sum(axis=-1) >= min_od) & (grey >= g)
+    return out
 
 
 def classify_tissue(
