@@ -29,6 +29,7 @@ from marrowseg import __version__
 from marrowseg.analyzers.base import Analyzer, TileContext, TileResult
 from marrowseg.config import Config, config_hash
 from marrowseg.errors import AnalysisError, ConfigError, MarrowsegError, NoTissueError, SlideError
+from marrowseg.focus import tile_focus
 from marrowseg.io.base import READ_AT_MPP_MAX_PX
 from marrowseg.stain_id import STAIN_OF_CLASS, identify_stain
 from marrowseg.tiling import Tile, tiles_over_mask, tissue_mask
@@ -348,11 +349,13 @@ class _TileWorkDataset(_TileDataset):
     depend on which process made them; the main process sums them in tile order.
     """
 
-    def __init__(self, reader: Any, layout: SlideLayout, analyzer: Analyzer, module: torch.nn.Module) -> None:
+    def __init__(self, reader: Any, layout: SlideLayout, analyzer: Analyzer, module: torch.nn.Module,
+                 focus_min_um2: float | None = None) -> None:
         super().__init__(reader, layout)
         self.layout = layout
         self.analyzer = analyzer
         self.module = module
+        self.focus_min_um2 = focus_min_um2
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = super().__getitem__(i)
@@ -362,7 +365,9 @@ class _TileWorkDataset(_TileDataset):
             with torch.inference_mode():
                 dense, rgb = _forward_cpu(self.module, item["rgb"][None])[0], item["rgb"].numpy()
                 t1 = time.perf_counter()
-                item["result"] = self.analyzer.post(dense, rgb, self.layout.context(self.tiles[i]))
+                ctx = self.layout.context(self.tiles[i])
+                item["result"] = self.analyzer.post(dense, rgb, ctx)
+                item["focus"] = _focus(rgb, ctx, self.focus_min_um2)
         else:
             t1 = t0
         item["rgb"] = None  # the tile stays in the worker
@@ -592,6 +597,25 @@ def _prepare_sample(reader: Any, layout: SlideLayout, seed: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 3), np.uint8)
 
 
+def _focus(rgb: np.ndarray, ctx: TileContext, min_tissue_um2: float | None) -> tuple[float | None, int]:
+    """:func:`marrowseg.focus.tile_focus` of a tile's core (None, 0 when the check is off)."""
+    if min_tissue_um2 is None:
+        return None, 0
+    return tile_focus(np.asarray(rgb), ctx.core, float(ctx.mpp), min_tissue_um2=min_tissue_um2)
+
+
+def _focus_summary(rows: list[dict[str, Any]], mpp: float, focus_min: float) -> dict[str, Any]:
+    """The slide's out-of-focus share: the judged tiles' tissue (in their measured windows)
+    that lies in tiles below ``focus_min``; sums over tiles, so it does not depend on order."""
+    judged = [r for r in rows if r.get("focus") is not None]
+    px = sum(int(r["focus_tissue_px"]) for r in judged)
+    blurred = [r for r in judged if r["out_of_focus"]]
+    blurred_px = sum(int(r["focus_tissue_px"]) for r in blurred)
+    return {"focus_min": focus_min, "focus_judged_tiles": len(judged), "out_of_focus_tiles": len(blurred),
+            "out_of_focus_frac": blurred_px / px if px else None,
+            "out_of_focus_area_um2": float(sum(r["core_rows"] * r["core_cols"] for r in blurred) * mpp**2)}
+
+
 def run_slide(
     reader: Any,
     analyzer: Analyzer,
@@ -659,8 +683,9 @@ def run_slide(
     sink = sink if sink is not None else MemorySink()
     sink.begin(layout, analyzer)
 
+    focus_min_um2 = None if config.tissue.focus_min is None else float(config.tissue.focus_min_tissue_um2)
     if tile_workers:
-        dataset: Dataset = _TileWorkDataset(reader, layout, analyzer, module)
+        dataset: Dataset = _TileWorkDataset(reader, layout, analyzer, module, focus_min_um2)
         # One tile per loader batch: the DataLoader hands whole batches to workers, so with
         # batches of bs tiles a slide of bs tiles ran on one worker, and the last batches of any
         # slide left the other workers idle. Out of order: a worker takes the next tile as soon
@@ -677,6 +702,7 @@ def run_slide(
             prefetch_factor=ecfg.prefetch_batches if nw else None, persistent_workers=False,
         )
     amp = dev.type == "cuda" and ecfg.amp and analyzer.allow_amp
+    focus_min = config.tissue.focus_min
     totals: dict[str, float] = {}
     windows: dict[tuple[int, int], dict[str, float]] = {}
     tile_rows: list[dict[str, Any]] = []
@@ -692,7 +718,7 @@ def run_slide(
     pending: deque = deque()
     max_pending = max(2 * bs, 2 * n_post)
 
-    def _finish(tile: Tile, ctx: TileContext, err: str, fut: Any) -> None:
+    def _finish(tile: Tile, ctx: TileContext, err: str, fut: Any, focus: tuple[float | None, int] = (None, 0)) -> None:
         nonlocal missing
         row = {"tile": tile.index, "grid_row": tile.grid_rc[0], "grid_col": tile.grid_rc[1],
                "row_px": tile.core_slide[0].start, "col_px": tile.core_slide[1].start,
@@ -714,6 +740,10 @@ def run_slide(
         if cells:
             sink.write_cells(cells)
         row.update(status="ok", error="", n_cells=len(cells.get("x", ())), **res.stats)
+        if focus_min is not None:
+            value, px = focus
+            # numeric columns only in tiles.csv: 1 = out of focus; focus empty where not judged
+            row.update(focus=value, focus_tissue_px=px, out_of_focus=int(value is not None and value < focus_min))
         tile_rows.append(row)
 
     try:
@@ -731,7 +761,8 @@ def run_slide(
                         t_forward += item["t_forward"]
                         t_post += item["t_post"]
                         per_worker[item["worker"]] = per_worker.get(item["worker"], 0) + 1
-                        _finish(tile, layout.context(tile), item["error"], _Done(item["result"]))
+                        _finish(tile, layout.context(tile), item["error"], _Done(item["result"]),
+                                item.get("focus", (None, 0)))
                         done += 1
                         if progress is not None:
                             progress(done, len(layout.tiles), done * mp_per_tile)
@@ -758,7 +789,8 @@ def run_slide(
                         fut = _Done(analyzer.post(dense_list[j], rgbs[j], ctx))
                     else:
                         fut = pool.submit(analyzer.post, dense_list[j], rgbs[j], ctx)
-                    pending.append((tile, ctx, err, fut))
+                    focus = (None, 0) if err else _focus(rgbs[j], ctx, focus_min_um2)
+                    pending.append((tile, ctx, err, fut, focus))
                 # Results are taken in tile order, so sums cannot depend on thread timing; the
                 # queue depth bounds memory to a couple of batches.
                 while len(pending) > max_pending:
@@ -790,6 +822,8 @@ def run_slide(
         "tile_px": layout.tile_px, "overlap_px": layout.overlap_px, "analysis_mpp": layout.mpp,
         "map_mpp": layout.map_mpp,
     }
+    if focus_min is not None:
+        report["tiles"].update(_focus_summary(tile_rows, layout.mpp, focus_min))
     t_end = time.perf_counter()
     provenance = {
         "config": config.model_dump(mode="json"),

@@ -21,7 +21,7 @@ from typing import Any
 
 from marrowseg.errors import MarrowsegError
 from marrowseg.outputs.atomic import atomic_write_bytes
-from marrowseg.outputs.metrics import scan_too_coarse, stain_mismatch
+from marrowseg.outputs.metrics import out_of_focus, scan_too_coarse, stain_mismatch
 from marrowseg.report.slides import SlideOutput, load_slide_output, write_windows_csv
 
 __all__ = [
@@ -147,9 +147,9 @@ _LINES: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {
 }
 
 
-# what blurs first when a slide is scanned more coarsely than its analyzer's max_scan_mpp
-_COARSE_SCAN_LOSES = {"he": "the cell counts", "ecad": "the cell counts and membrane scores",
-                      "reticulin": "the fibre measurements"}
+# what reads low first when the tissue is blurred: scanned too coarsely (max_scan_mpp) or out of focus
+_BLUR_LOSES = {"he": "the cell counts", "ecad": "the cell counts and membrane scores",
+               "reticulin": "the fibre measurements"}
 
 
 def slide_report_lines(metrics: Mapping[str, Any]) -> list[str]:
@@ -169,9 +169,15 @@ def slide_report_lines(metrics: Mapping[str, Any]) -> list[str]:
                      f"but its colours look like {looks} (confidence {float(check.get('confidence', 0)):.2f})")
     coarse = scan_too_coarse(metrics)
     if coarse:
-        what = _COARSE_SCAN_LOSES.get(str(metrics.get("stain")), "the figures")
+        what = _BLUR_LOSES.get(str(metrics.get("stain")), "the figures")
         lines.append(f"Check the scan: {float(coarse['scan_mpp']):.2f} µm/px is coarser than the "
                      f"{float(coarse['max_scan_mpp']):.2f} µm/px these figures were validated at; {what} may read low")
+    blurred = out_of_focus(metrics)
+    if blurred:
+        lines.append(f"Check the focus: {100 * float(blurred['out_of_focus_frac']):.0f}% of the tissue looked at is "
+                     f"out of focus ({blurred['out_of_focus_tiles']} of {blurred['focus_judged_tiles']} tiles, "
+                     f"{_num(float(blurred['out_of_focus_area_um2']) / 1e6, '.2f')} mm²); "
+                     f"{_BLUR_LOSES.get(str(metrics.get('stain')), 'the figures')} there may read low")
     tiles = metrics.get("tiles") or {}
     if tiles.get("missing"):
         # every figure above leaves that area out: the reader must know the slide was not read whole

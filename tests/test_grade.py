@@ -88,6 +88,16 @@ def test_a_scan_coarser_than_validated_is_named_in_the_report():
     assert not any(line.startswith("Check the scan") for line in slide_report_lines(m))
 
 
+def test_an_out_of_focus_slide_is_named_in_the_report():
+    m = {"stain": "he", "readouts": {"cellularity_pct": 50.0},
+         "tiles": {"focus_min": 0.15, "focus_judged_tiles": 9, "out_of_focus_tiles": 3,
+                   "out_of_focus_frac": 0.31, "out_of_focus_area_um2": 3_145_728.0}}
+    assert ("Check the focus: 31% of the tissue looked at is out of focus (3 of 9 tiles, 3.15 mm²); "
+            "the cell counts there may read low") in slide_report_lines(m)
+    m["tiles"]["out_of_focus_frac"] = 0.05
+    assert not any(line.startswith("Check the focus") for line in slide_report_lines(m))
+
+
 def test_late_erythroid_share_says_it_rests_on_nuclear_morphology():
     """A small lymphocyte's nucleus passes the late-normoblast rules: the report says so."""
     m = {"stain": "he", "readouts": {"cellularity_pct": 50.0, "late_erythroid_per_100": 21.04, "nucleated_cells": 1234}}

@@ -126,6 +126,18 @@ def test_qa_flags_unreadable_tiles_with_their_area(tmp_path):
     assert not any("unreadable" in f for f in slide_flags(SlideOutput("s", tmp_path, metrics)))
 
 
+def test_qa_flags_an_out_of_focus_slide(tmp_path):
+    from marrowseg.report.qa import slide_flags
+    from marrowseg.report.slides import SlideOutput
+
+    metrics = {"stain": "he", "readouts": {}, "areas_um2": {"haematopoietic": 2e6},
+               "tiles": {"focus_min": 0.15, "focus_judged_tiles": 4, "out_of_focus_tiles": 2,
+                         "out_of_focus_frac": 0.5, "out_of_focus_area_um2": 1e6}}
+    assert "out of focus (50% of the tissue, 2 of 4 tiles)" in slide_flags(SlideOutput("s", tmp_path, metrics))
+    metrics["tiles"]["out_of_focus_frac"] = 0.0
+    assert not any("out of focus" in f for f in slide_flags(SlideOutput("s", tmp_path, metrics)))
+
+
 def test_qa_flags_a_scan_coarser_than_validated(tmp_path):
     from marrowseg.report.qa import slide_flags
     from marrowseg.report.slides import SlideOutput

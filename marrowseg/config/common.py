@@ -23,6 +23,11 @@ class TissueConfig(_Strict):
     min_object_um2: float = Field(ge=0)
     max_hole_um2: float = Field(ge=0)
     margin_um: float = Field(ge=0, description="dilation of the mask so tiles reach the tissue edge")
+    focus_min: float | None = Field(
+        0.15, ge=0, description="a tile whose tissue is less sharp than this (marrowseg.focus.tile_focus: RMS "
+        "Laplacian per unit darkness at the analysis resolution) is out of focus; null: no focus check")
+    focus_min_tissue_um2: float = Field(
+        10000.0, ge=0, description="a tile with less tissue than this in its measured window is not judged, µm²")
 
 
 class TilingConfig(_Strict):

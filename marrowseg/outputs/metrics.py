@@ -6,7 +6,11 @@ import datetime as _dt
 import sys
 from typing import Any
 
-__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "scan_too_coarse"]
+__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "scan_too_coarse", "out_of_focus",
+           "OUT_OF_FOCUS_FLAG_FRAC"]
+
+OUT_OF_FOCUS_FLAG_FRAC = 0.1
+"""A slide is reported out of focus when at least this share of its judged tissue is."""
 
 SCHEMA = "marrowseg.metrics/1"
 
@@ -62,6 +66,22 @@ def scan_too_coarse(metrics: Any) -> dict[str, Any] | None:
     """
     check = ((metrics.get("provenance") or {}).get("tissue") or {}).get("resolution_check") or {}
     return check if check.get("too_coarse") else None
+
+
+def out_of_focus(metrics: Any, min_frac: float = OUT_OF_FOCUS_FLAG_FRAC) -> dict[str, Any] | None:
+    """The focus summary of a ``metrics.json`` (``tiles.out_of_focus_*``, see
+    :mod:`marrowseg.focus`) when at least ``min_frac`` of the judged tissue is out of focus,
+    else None.
+
+    Returns
+    -------
+    summary : dict or None
+        ``out_of_focus_frac`` (0..1), ``out_of_focus_area_um2``, ``out_of_focus_tiles``,
+        ``focus_judged_tiles``, ``focus_min``.
+    """
+    tiles = metrics.get("tiles") or {}
+    frac = tiles.get("out_of_focus_frac")
+    return tiles if frac is not None and frac >= min_frac else None
 
 
 def build_metrics(

@@ -14,6 +14,9 @@ at first; they never change a measurement:
 ``scan coarser than validated``
     the slide's pixel size is coarser than the analyzer's ``max_scan_mpp``: it was upsampled,
     and nuclei, membranes and fibres blur (``provenance.tissue.resolution_check``);
+``out of focus``
+    at least 10 % of the tissue whose sharpness was judged lies in tiles below
+    ``tissue.focus_min`` (:mod:`marrowseg.focus`; ``tiles.out_of_focus_frac``);
 ``unreadable tiles``
     some tiles could not be decoded (a corrupt or cut-short chunk of the file): every figure
     leaves their area out (``tiles.csv`` has each reason);
@@ -39,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from marrowseg.outputs.metrics import scan_too_coarse, stain_mismatch
+from marrowseg.outputs.metrics import out_of_focus, scan_too_coarse, stain_mismatch
 from marrowseg.report.slides import SlideOutput, load_batch, read_failures
 
 __all__ = ["qa_dir", "slide_flags", "summary_rows", "summary_html", "slide_panel_html", "reviews_from_env",
@@ -85,6 +88,10 @@ def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_
     if coarse:
         flags.append(f"scan coarser than validated ({float(coarse['scan_mpp']):.2f} µm/px, "
                      f"limit {float(coarse['max_scan_mpp']):.2f})")
+    blurred = out_of_focus(m)
+    if blurred:
+        flags.append(f"out of focus ({100 * float(blurred['out_of_focus_frac']):.0f}% of the tissue, "
+                     f"{blurred['out_of_focus_tiles']} of {blurred['focus_judged_tiles']} tiles)")
     tiles = m.get("tiles") or {}
     if tiles.get("missing"):
         flags.append(f"unreadable tiles ({tiles['missing']} of {tiles.get('n', '?')}, "
