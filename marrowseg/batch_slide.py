@@ -174,7 +174,7 @@ def _one_line(text: str) -> str:
 def _row(job: SlideJob, **kw: Any) -> dict[str, Any]:
     row = {"slide": job.rel, "slide_id": job.slide_id, "stain": job.stain or "", "stain_source": job.stain_source,
            "stain_confidence": 1.0 if job.stain else None, "status": "failed", "reason": "", "readouts": {},
-           "tiles_missing": None, "stain_looks_like": "",
+           "tiles_missing": None, "stain_looks_like": "", "out_of_focus_frac": None,
            "mpp": None, "width": None, "height": None, "megapixels": 0.0, "config_hash": "", "seconds": None,
            "ran": False, "manifest": dict(job.manifest), "warnings": []}
     row.update(kw)
@@ -184,14 +184,15 @@ def _row(job: SlideJob, **kw: Any) -> dict[str, Any]:
 def _row_from_metrics(job: SlideJob, doc: dict[str, Any], *, ran: bool) -> dict[str, Any]:
     b, sl = doc["batch"], doc.get("slide") or {}
     w, h = sl.get("width"), sl.get("height")
-    # what a reviewer of summary.csv must see beside the readouts: part of the slide unread, or
-    # colours that name another stain than the one analysed (engine.plan_slide)
+    # what a reviewer of summary.csv must see beside the readouts: part of the slide unread or
+    # blurred, or colours that name another stain than the one analysed (engine.plan_slide)
     other = stain_mismatch(doc)
+    tiles = doc.get("tiles") or {}
     return _row(job, stain=b["stain"], stain_source=b["stain_source"], stain_confidence=b["stain_confidence"],
                 status="ok", readouts=doc.get("readouts", {}), mpp=sl.get("mpp"), width=w, height=h,
                 megapixels=(w * h / 1e6) if w and h else 0.0, config_hash=b["config_hash"],
-                seconds=b.get("seconds"), ran=ran, tiles_missing=(doc.get("tiles") or {}).get("missing"),
-                stain_looks_like=other["looks_like"] if other else "")
+                seconds=b.get("seconds"), ran=ran, tiles_missing=tiles.get("missing"),
+                stain_looks_like=other["looks_like"] if other else "", out_of_focus_frac=tiles.get("out_of_focus_frac"))
 
 
 def _clean_staging(out_dir: Path, slide_id: str) -> None:
@@ -307,7 +308,7 @@ def process_slide(job: SlideJob, settings: BatchSettings, wait: bool = True) -> 
     row : dict
         ``slide, slide_id, stain, stain_source, stain_confidence, status ('ok' | 'failed' |
         'busy'), reason, readouts, tiles_missing, stain_looks_like (another stain the colours
-        name confidently, else ''), mpp, width, height, megapixels, config_hash, seconds, ran
+        name confidently, else ''), out_of_focus_frac (share of the judged tissue), mpp, width, height, megapixels, config_hash, seconds, ran
         (analysed by this call), manifest, warnings`` (log lines of level WARNING and up).
     """
     if job.error:

@@ -91,11 +91,13 @@ def test_summary_says_when_a_slide_was_not_read_whole_or_looks_like_another_stai
 
     ok = [r for r in _summary(serial).values() if r["status"] == "ok"]
     assert ok and all(r["tiles_missing"] == "0" and r["stain_looks_like"] == "" for r in ok)
+    assert all(float(r["out_of_focus_frac"]) == 0.0 for r in ok)  # the sharp phantoms
     doc = {"batch": {"stain": "he", "stain_source": "cli", "stain_confidence": 1.0, "config_hash": "x"},
-           "slide": {"width": 10, "height": 10, "mpp": 0.5}, "readouts": {}, "tiles": {"missing": 2},
+           "slide": {"width": 10, "height": 10, "mpp": 0.5}, "readouts": {},
+           "tiles": {"missing": 2, "out_of_focus_frac": 0.25},
            "provenance": {"tissue": {"stain_check": {"looks_like": "reticulin", "confidence": 0.9, "mismatch": True}}}}
     row = _row_from_metrics(SlideJob(tmp_path / "s.tif", "s.tif", "s", "he", "cli"), doc, ran=True)
-    assert row["tiles_missing"] == 2 and row["stain_looks_like"] == "reticulin"
+    assert row["tiles_missing"] == 2 and row["stain_looks_like"] == "reticulin" and row["out_of_focus_frac"] == 0.25
 
 
 # ----------------------------------------------------------------------------- plan
