@@ -844,16 +844,9 @@ class ECadAnalyzer(Analyzer):
             d[key] = v[:vr, :vc] if v.shape == full else v[: vr // k, : vc // k]
         shape = d["h_od"].shape
         valid_c, border_c = self._geometry(ctx, shape)
-        opaque = tis.opaque_pixels(rgb[:vr, :vc], k, cfg.tissue.classes)
-        if opaque is not None and opaque.any():
-            # black fill and marker ink: outside the section, like beyond the slide; and no stain,
-            # or its dense mass would be merged into a giant "megakaryocyte" (as in he.py)
-            valid_c &= ~opaque
-            border_c &= valid_c
-            ink = tis.upsample_labels(opaque.astype(np.uint8), k, shape).astype(bool)
-            for key in ("det_od", "h_od", "dab_od", "peak", "mask"):
-                if key in d:
-                    d[key] = np.where(ink, np.float32(0), d[key])
+        # black fill and marker ink: outside the section, and no stain
+        valid_c, border_c = tis.exclude_opaque(rgb[:vr, :vc], k, cfg.tissue.classes, valid_c, border_c, d,
+                                               ("det_od", "h_od", "dab_od", "peak", "mask"))
         labels_c, _ = tis.classify_tissue(d["bright"], d["h_ctx"], d["e_ctx"], mpp * k, cfg.tissue.classes,
                                           valid=valid_c, open_border=border_c)
         labels = tis.upsample_labels(labels_c, k, shape)

@@ -342,15 +342,9 @@ class HEAnalyzer(Analyzer):
         shape = d["h_od"].shape
         class_mpp = mpp * k
         valid_c, border_c = self._geometry(ctx, shape)
-        opaque = tis.opaque_pixels(rgb[:vr, :vc], k, cfg.tissue)
-        if opaque is not None and opaque.any():
-            # black fill and marker ink: outside the section, like beyond the slide; and no
-            # haematoxylin, or its dense mass would be merged into a giant "megakaryocyte"
-            valid_c &= ~opaque
-            border_c &= valid_c
-            ink = tis.upsample_labels(opaque.astype(np.uint8), k, shape).astype(bool)
-            for key in ("h_od", "peak", "mask"):
-                d[key] = np.where(ink, np.float32(0), d[key])
+        # black fill and marker ink: outside the section, and no haematoxylin
+        valid_c, border_c = tis.exclude_opaque(rgb[:vr, :vc], k, cfg.tissue, valid_c, border_c, d,
+                                               ("h_od", "peak", "mask"))
         labels_c, fat = tis.classify_tissue(
             d["bright"], d["h_ctx"], d["e_ctx"], class_mpp, cfg.tissue, valid=valid_c, open_border=border_c
         )

@@ -217,6 +217,30 @@ def opaque_pixels(rgb: np.ndarray, k: int, cfg: Any) -> np.ndarray | None:
     return opaque_colour(rgb, cfg)
 
 
+def exclude_opaque(rgb: np.ndarray, k: int, cfg: Any, valid: np.ndarray, border: np.ndarray,
+                   maps: dict[str, np.ndarray], keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Put a tile's opaque pixels (:func:`opaque_pixels`) outside the section.
+
+    They leave ``valid`` and ``border`` (class resolution), as beyond the slide, and the
+    ``maps`` named in ``keys`` (analysis resolution, replaced in the dict) read 0 over them:
+    a black mass would otherwise be a nucleus, and merged, a giant "megakaryocyte".
+
+    Returns
+    -------
+    valid, border : (h, w) bool ndarray
+    """
+    opaque = opaque_pixels(rgb, k, cfg)
+    if opaque is None or not opaque.any():
+        return valid, border
+    valid = valid & ~opaque
+    shape = next(maps[key].shape for key in keys if key in maps)
+    ink = upsample_labels(opaque.astype(np.uint8), k, shape).astype(bool)
+    for key in keys:
+        if key in maps:
+            maps[key] = np.where(ink, np.float32(0), maps[key])
+    return valid, border & valid
+
+
 def opaque_colour(rgb: np.ndarray, cfg: Any) -> np.ndarray | None:
     """Which colours (``(..., 3)``, 0..255) are black or neutral grey and dark (see
     :func:`opaque_pixels`); None when ``cfg.opaque_min_od`` is null. Also used to keep black
