@@ -650,10 +650,7 @@ class ECadAnalyzer(Analyzer):
     # -- dense ----------------------------------------------------------------------------
     def prepare(self, sample_rgb: np.ndarray) -> dict[str, Any]:
         """Estimate the slide's H and DAB vectors (fallback: Ruifrok H-DAB, with the reason)."""
-        sample_rgb = np.asarray(sample_rgb).reshape(-1, 3)
-        opaque = tis.opaque_colour(sample_rgb, self.config.tissue.classes)
-        if opaque is not None and opaque.any():  # black fill would pass for the darkest stain
-            sample_rgb = sample_rgb[~opaque]
+        sample_rgb = tis.without_opaque(sample_rgb, self.config.tissue.classes)
         m, info = estimate_hdab_vectors(sample_rgb, self.config.stain)
         if info["stain_vectors_source"] == "standard" and self.config.stain.vectors == "estimate":
             log.warning("E-cadherin stain vectors: standard Ruifrok H-DAB used: %s", info["fallback_reason"])

@@ -193,10 +193,7 @@ class HEAnalyzer(Analyzer):
     def prepare(self, sample_rgb: np.ndarray) -> dict[str, Any]:
         """Choose the stain vectors: Ruifrok, or a Macenko estimate close enough to it."""
         cfg = self.config.stain
-        sample_rgb = np.asarray(sample_rgb).reshape(-1, 3)
-        opaque = tis.opaque_colour(sample_rgb, self.config.tissue)
-        if opaque is not None and opaque.any():  # black fill would pass for the darkest stain
-            sample_rgb = sample_rgb[~opaque]
+        sample_rgb = tis.without_opaque(sample_rgb, self.config.tissue)
         ruifrok = stains.stain_matrix(stains.RUIFROK_H, stains.RUIFROK_E)
         self.rgb_from_stains = ruifrok  # each slide starts from the published vectors
         self._module = None

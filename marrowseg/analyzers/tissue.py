@@ -241,6 +241,14 @@ def exclude_opaque(rgb: np.ndarray, k: int, cfg: Any, valid: np.ndarray, border:
     return valid, border & valid
 
 
+def without_opaque(sample_rgb: np.ndarray, cfg: Any) -> np.ndarray:
+    """A stain sample's pixels, ``(N, 3)``, less the opaque ones (:func:`opaque_colour`): black
+    fill would pass for the darkest stain in the slide's stain estimate."""
+    sample_rgb = np.asarray(sample_rgb).reshape(-1, 3)
+    opaque = opaque_colour(sample_rgb, cfg)
+    return sample_rgb if opaque is None or not opaque.any() else sample_rgb[~opaque]
+
+
 def opaque_colour(rgb: np.ndarray, cfg: Any) -> np.ndarray | None:
     """Which colours (``(..., 3)``, 0..255) are black or neutral grey and dark (see
     :func:`opaque_pixels`); None when ``cfg.opaque_min_od`` is null. Also used to keep black
