@@ -577,10 +577,26 @@ def _cells_to_slide(cells: dict[str, np.ndarray], tile: Tile, layout: SlideLayou
     return head
 
 
-def _prepare_sample(reader: Any, layout: SlideLayout, seed: int) -> np.ndarray:
+def _centre_patch(rgb: np.ndarray, tile: Tile, shape_px: tuple[int, int], patch_px: int) -> np.ndarray:
+    """The centre of the part of ``rgb`` (tile ``tile``) that lies inside the slide, at most
+    ``patch_px`` a side: a small input sits in a corner of a padded tile, whose centre is blank."""
+    spans = []
+    for o, n, full in zip(tile.origin_px, rgb.shape[:2], shape_px, strict=True):
+        lo, hi = max(0, -o), max(max(0, -o), min(n, full - o))
+        side = min(hi - lo, patch_px)
+        start = lo + (hi - lo - side) // 2
+        spans.append(slice(start, start + side))
+    return np.ascontiguousarray(rgb[spans[0], spans[1]])
+
+
+def _prepare_sample(reader: Any, layout: SlideLayout, seed: int, patch_px: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Random pixels of up to ``_SAMPLE_TILES`` tiles spread over the slide and, with
+    ``patch_px``, the centre of each of those tiles' part inside the slide (at most
+    ``patch_px`` a side)."""
     tiles = layout.tiles
+    patches: list[np.ndarray] = []
     if not tiles:
-        return np.zeros((0, 3), np.uint8)
+        return np.zeros((0, 3), np.uint8), patches
     picks = np.unique(np.linspace(0, len(tiles) - 1, min(_SAMPLE_TILES, len(tiles))).round().astype(int))
     per_tile = _SAMPLE_PIXELS // len(picks)
     rng = np.random.default_rng(seed)
@@ -594,7 +610,17 @@ def _prepare_sample(reader: Any, layout: SlideLayout, seed: int) -> np.ndarray:
         px = rgb.reshape(-1, 3)
         take = rng.choice(len(px), size=min(per_tile, len(px)), replace=False)
         parts.append(px[np.sort(take)])
-    return np.concatenate(parts) if parts else np.zeros((0, 3), np.uint8)
+        if patch_px:
+            patches.append(_centre_patch(rgb, t, layout.shape_px, patch_px))
+    return (np.concatenate(parts) if parts else np.zeros((0, 3), np.uint8)), patches
+
+
+def _prepare(analyzer: Analyzer, reader: Any, layout: SlideLayout, seed: int) -> dict[str, Any]:
+    """Run ``analyzer.prepare`` on the slide's sample (none read when it needs none)."""
+    if not analyzer.needs_sample:
+        return analyzer.prepare(np.zeros((0, 3), np.uint8))
+    sample, patches = _prepare_sample(reader, layout, seed, analyzer.sample_patch_px)
+    return analyzer.prepare(sample, patches=patches) if analyzer.sample_patch_px else analyzer.prepare(sample)
 
 
 def _focus(rgb: np.ndarray, ctx: TileContext, min_tissue_um2: float | None) -> tuple[float | None, int]:
@@ -677,8 +703,7 @@ def run_slide(
         torch.set_num_threads(threads)
     layout = plan_slide(reader, analyzer, config)
     t_plan = time.perf_counter()
-    sample = _prepare_sample(reader, layout, ecfg.seed) if analyzer.needs_sample else np.zeros((0, 3), np.uint8)
-    prep = analyzer.prepare(sample)
+    prep = _prepare(analyzer, reader, layout, ecfg.seed)
     module = analyzer.module.to(dev).eval()
     sink = sink if sink is not None else MemorySink()
     sink.begin(layout, analyzer)

@@ -336,10 +336,9 @@ def skimage_rate(path: Path, stain: str, max_tiles: int, engine_tiles: list[dict
     tiles = [layout.tiles[i] for i in pick]
     # the same per-slide preparation as the engine (E-cadherin estimates its stain vectors from
     # this sample), so that both sides analyse with the same stain matrix
-    from marrowseg.engine import _prepare_sample
+    from marrowseg.engine import _prepare
 
-    sample = _prepare_sample(reader, layout, cfg.engine.seed) if analyzer.needs_sample else np.zeros((0, 3), np.uint8)
-    analyzer.prepare(sample)
+    _prepare(analyzer, reader, layout, cfg.engine.seed)
     totals_ref: dict = {}
     with scikit_image_only():
         t0 = time.perf_counter()

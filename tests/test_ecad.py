@@ -22,6 +22,11 @@ from marrowseg.engine import analyze_array
 MPP = 0.5
 #: small drawn scenes: a small halo and tile keep the padded tile (and the test) small
 SMALL = ["ecad.halo_um=48", "tiling.tile_px=640"]
+#: drawn scenes: Ruifrok vectors as drawn, and no counterstain scale. Their flat 0.8 OD nuclei read
+#: darker than the reference level (0.55, set on textured phantom nuclei) and would be scaled to 0.69x,
+#: which makes a sparse grid of nuclei in an even 0.2 OD counterstain read as bone (acellular matrix);
+#: these tests are about calls, not the scale (tests/test_counterstain.py, the phantom tests)
+DRAWN = ["ecad.stain.vectors=standard", "ecad.stain.h_reference_od=null"]
 
 
 def _render(h_od: np.ndarray, dab_od: np.ndarray) -> np.ndarray:
@@ -65,7 +70,7 @@ def _match(cells: dict, truth: np.ndarray, tol_px: float = 4.0) -> tuple[np.ndar
 def test_hand_made_hdab_rings_give_the_right_calls():
     """Nuclei drawn with Ruifrok H and DAB: ringed ones are ecad_pos, the others are not."""
     rgb, truth = _scene()
-    cfg = load_config("ecad", overrides=["ecad.stain.vectors=standard", *SMALL])
+    cfg = load_config("ecad", overrides=[*DRAWN, *SMALL])
     res = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
     cells = res.cells
     ok, j = _match(cells, truth)
@@ -83,7 +88,7 @@ def test_hand_made_hdab_rings_give_the_right_calls():
 def test_nucleus_compartment_reads_dab_inside_the_nucleus():
     """With positivity_compartment=nucleus a DAB ring outside the nucleus is not positive."""
     rgb, truth = _scene(n_side=9)
-    cfg = load_config("ecad", overrides=["ecad.stain.vectors=standard", "ecad.positivity_compartment=nucleus", *SMALL])
+    cfg = load_config("ecad", overrides=[*DRAWN, "ecad.positivity_compartment=nucleus", *SMALL])
     res = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
     assert res.readouts["ecad_pos_cells"] == 0
     assert res.readouts["nucleated_cells"] == len(truth)
@@ -189,7 +194,7 @@ def test_clusters_crossing_tile_borders_are_counted_once():
             h[d_um <= 3.5] = 0.8
             dab[(d_um >= 4.3) & (d_um <= 5.3)] = 0.6
     rgb = _render(h, dab)
-    sets = ["ecad.stain.vectors=standard", "ecad.clusters.min_extent_um=30", "ecad.halo_um=36"]
+    sets = [*DRAWN, "ecad.clusters.min_extent_um=30", "ecad.halo_um=36"]
     one = load_config("ecad", overrides=[*sets, "tiling.tile_px=720"])
     many = load_config("ecad", overrides=[*sets, "tiling.tile_px=288"])
     a = analyze_array(rgb, MPP, ECadAnalyzer(one.ecad), one, device="cpu")
@@ -204,7 +209,7 @@ def test_clusters_crossing_tile_borders_are_counted_once():
 def test_readouts_are_sums_of_tile_stats_and_ratio_has_interval():
     """Slide counts equal per-tile sums; the ratio sits inside its Wilson interval."""
     rgb, _ = _scene()
-    cfg = load_config("ecad", overrides=["ecad.stain.vectors=standard", "tiling.tile_px=360", "ecad.halo_um=36",
+    cfg = load_config("ecad", overrides=[*DRAWN, "tiling.tile_px=360", "ecad.halo_um=36",
                                          "ecad.clusters.min_extent_um=30"])
     res = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
     assert len(res.tiles) > 1
@@ -290,7 +295,7 @@ def test_reference_dense_matches_module_and_post(compartment):
     rgb = rgb[:320, :300]  # odd shape: ceil at the class resolution
     cfg = load_config("ecad", overrides=[f"ecad.positivity_compartment={compartment}", *SMALL])
     an = ECadAnalyzer(cfg.ecad)
-    an.prepare(rgb.reshape(-1, 3))
+    an.prepare(rgb.reshape(-1, 3), patches=[rgb])
     assert an.h_scale != 1.0  # the counterstain scale is part of what must agree
     with torch.inference_mode():
         x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
@@ -389,17 +394,17 @@ def test_negative_nuclei_split_touching_negatives_but_not_positive_nuclei():
     """negative_nuclei (distance seeds) splits touching E-cad-negative nuclei; E-cad+ nuclei stay whole."""
     rgb, truth = _pairs_scene()
     n_pos, n_neg = int(truth[:, 2].sum()), int((~truth[:, 2].astype(bool)).sum())
-    cfg = load_config("ecad", overrides=["ecad.stain.vectors=standard", *SMALL])
+    cfg = load_config("ecad", overrides=[*DRAWN, *SMALL])
     assert cfg.ecad.negative_nuclei is not None and cfg.ecad.negative_nuclei.seeds == "distance"
     r = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu").readouts
     assert r["ecad_pos_cells"] == n_pos
     assert r["nucleated_cells"] == n_pos + n_neg
     # the same distance seeds applied to every nucleus cut the waisted positive nuclei
-    all_dist = load_config("ecad", overrides=["ecad.stain.vectors=standard", "ecad.nuclei.seeds=distance", *SMALL])
+    all_dist = load_config("ecad", overrides=[*DRAWN, "ecad.nuclei.seeds=distance", *SMALL])
     r_all = analyze_array(rgb, MPP, ECadAnalyzer(all_dist.ecad), all_dist, device="cpu").readouts
     assert r_all["ecad_pos_cells"] > n_pos
     # without the second detection the touching negatives are counted as one cell each pair
-    off = load_config("ecad", overrides=["ecad.stain.vectors=standard", "ecad.negative_nuclei=null", *SMALL])
+    off = load_config("ecad", overrides=[*DRAWN, "ecad.negative_nuclei=null", *SMALL])
     r_off = analyze_array(rgb, MPP, ECadAnalyzer(off.ecad), off, device="cpu").readouts
     assert r_off["nucleated_cells"] < n_pos + n_neg
 
@@ -609,7 +614,7 @@ def test_analyzer_counts_ecad_cells_whose_nucleus_is_too_faint_to_detect():
             dab[(d >= 8) & (d <= 10.5)] = 0.7
             if cells[(i, j)]:
                 h[d <= 7] = 0.2
-    cfg = load_config("ecad", overrides=["ecad.stain.vectors=standard", "ecad.stain.h_reference_od=null", *SMALL])
+    cfg = load_config("ecad", overrides=[*DRAWN, *SMALL])
     res = analyze_array(_render(h, dab), MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
     pos = res.cells["class"] == "ecad_pos"
     assert res.readouts["ecad_pos_cells"] == 2
@@ -617,7 +622,7 @@ def test_analyzer_counts_ecad_cells_whose_nucleus_is_too_faint_to_detect():
     assert np.allclose(got, [(7 * step, 7 * step), (10 * step, 12 * step)], atol=1.5)
     assert res.readouts["nucleated_cells"] == n_ordinary + 2
     # the setting turns it off: the faint caps are then not counted at all
-    off = load_config("ecad", overrides=["ecad.stain.vectors=standard", "ecad.stain.h_reference_od=null",
+    off = load_config("ecad", overrides=[*DRAWN,
                                          "ecad.ring_holes=null", *SMALL])
     res_off = analyze_array(_render(h, dab), MPP, ECadAnalyzer(off.ecad), off, device="cpu")
     assert res_off.readouts["ecad_pos_cells"] == 0
@@ -744,7 +749,7 @@ def test_analyzer_counts_pale_nuclei_as_other_cells(compartment):
         for r0, c0 in ((12, k), (348, k), (k, 12), (k, 348)):
             big[np.hypot(yy - r0, xx - c0) <= 7] = 0.8
     dab = np.zeros_like(big)
-    sets = ["ecad.stain.vectors=standard", "ecad.stain.h_reference_od=null", f"ecad.positivity_compartment={compartment}",
+    sets = [*DRAWN, f"ecad.positivity_compartment={compartment}",
             *SMALL]
     cfg = load_config("ecad", overrides=sets)
     res = analyze_array(_render(big, dab), MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu")

@@ -132,6 +132,9 @@ class Analyzer(ABC):
     allow_amp: ClassVar[bool] = True
     #: whether the stains are told apart by hue: a greyscale image is then refused, not measured
     needs_colour: ClassVar[bool] = False
+    #: side of the tile-centre patches, analysis pixels, that :meth:`prepare` also receives
+    #: (``patches=``) for estimates that need pixels in place (0: none, ``prepare(sample_rgb)``)
+    sample_patch_px: ClassVar[int] = 0
     #: coarsest scan, µm/px, at which this analyzer's figures were validated; a coarser slide is
     #: still analysed (it is upsampled to ``mpp``) but flagged (None: no limit)
     max_scan_mpp: ClassVar[float | None] = None
@@ -194,6 +197,9 @@ class Analyzer(ABC):
         ----------
         sample_rgb : (N, 3) uint8 ndarray
             Tissue pixels drawn from the slide at the analysis resolution.
+        patches : sequence of (H, W, 3) uint8 ndarray, keyword only
+            Passed only to analyzers with ``sample_patch_px > 0``: the centres of the tiles
+            the pixels came from, at the analysis resolution.
 
         Returns
         -------

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import cv2
@@ -45,6 +46,7 @@ from marrowseg.analyzers import filters
 from marrowseg.analyzers import nuclei as nuc
 from marrowseg.analyzers import tissue as tis
 from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
+from marrowseg.analyzers.counterstain import nuclear_level
 from marrowseg.analyzers.distance import nearest_label_band
 from marrowseg.analyzers.nuclei import faint_nuclei
 from marrowseg.config.ecad import ECadConfig, ECadReference, load_ecad_reference
@@ -171,33 +173,45 @@ def estimate_hdab_vectors(sample_rgb: np.ndarray, cfg: Any) -> tuple[np.ndarray,
     return m, info
 
 
-def haematoxylin_scale(sample_rgb: np.ndarray, rgb_from_stains: np.ndarray, cfg: Any) -> tuple[float, dict[str, Any]]:
+def haematoxylin_scale(patches: Sequence[np.ndarray], rgb_from_stains: np.ndarray, mpp: float, cfg: Any,
+                       opaque_cfg: Any = None) -> tuple[float, dict[str, Any]]:
     """Factor that brings the slide's counterstain to a reference density.
 
-    The ``h_percentile`` of the haematoxylin density over stained sample pixels (summed OD
-    above ``min_od``) is scaled to ``h_reference_od``, clipped to ``[h_scale_min,
-    h_scale_max]``: a pale or a heavy counterstain then meets the same nuclear thresholds
-    (as Macenko normalisation scales concentrations by their robust maximum). DAB is not
-    scaled: its absolute density is the measurement.
+    The nuclear counterstain level of the sample patches
+    (:func:`marrowseg.analyzers.counterstain.nuclear_level`: the median over nucleus-like
+    blobs of their ``level_percentile``) is scaled to ``h_reference_od``, clipped to
+    ``[h_scale_min, h_scale_max]``: a pale or a heavy counterstain then meets the same
+    nuclear thresholds. DAB is not scaled: its absolute density is the measurement.
+
+    Parameters
+    ----------
+    patches : sequence of (H, W, 3) uint8 ndarray
+        Sample patches at the analysis resolution.
+    rgb_from_stains : (3, 3) ndarray
+        The slide's stain matrix (haematoxylin first).
+    mpp : float
+        Pixel size of the patches, µm per pixel.
+    cfg : ECadStainConfig
+    opaque_cfg : TissueClassesConfig, optional
+        Black fill and ink are left out.
 
     Returns
     -------
     scale : float
-        1.0 when ``h_reference_od`` is null or no pixel is stained.
+        1.0 when ``h_reference_od`` is null or too few nuclei were found.
     info : dict
-        The percentile found and the factor used.
+        The level found, the blobs it came from and the factor used.
     """
     if cfg.h_reference_od is None:
         return 1.0, {"h_scale": 1.0, "h_scale_reason": "off (ecad.stain.h_reference_od: null)"}
-    od = stains.od_from_rgb(np.asarray(sample_rgb).reshape(-1, 3))
-    od = od[od.sum(axis=1) > cfg.min_od]
-    if len(od) < cfg.min_pixels:
-        return 1.0, {"h_scale": 1.0, "h_scale_reason": f"too few stained pixels ({len(od)} < {cfg.min_pixels})"}
-    h = od @ np.linalg.inv(rgb_from_stains)[:, 0].astype(np.float32)
-    ref = float(np.percentile(h, cfg.h_percentile))
-    raw = cfg.h_reference_od / ref if ref > 0 else cfg.h_scale_max
+    h_from_od = np.linalg.inv(np.asarray(rgb_from_stains, np.float64))[:, 0]
+    level, n = nuclear_level(patches, h_from_od, mpp, cfg, opaque_cfg)
+    if level is None:
+        return 1.0, {"h_scale": 1.0, "h_level_blobs": n,
+                     "h_scale_reason": f"too few nucleus-like blobs in the sample ({n} < {cfg.level_min_blobs})"}
+    raw = cfg.h_reference_od / level if level > 0 else cfg.h_scale_max
     scale = float(np.clip(raw, cfg.h_scale_min, cfg.h_scale_max))
-    return scale, {"h_percentile_od": ref, "h_scale": scale, "h_scale_clipped": bool(scale != raw)}
+    return scale, {"h_level_od": level, "h_level_blobs": n, "h_scale": scale, "h_scale_clipped": bool(scale != raw)}
 
 
 # ----------------------------------------------------------------------------- dense
@@ -628,6 +642,8 @@ class ECadAnalyzer(Analyzer):
     # the membrane ring is 1 µm wide: Ki67 tiles resampled to 1.0 µm/px lose a quarter of their
     # detections (recall 0.71 -> 0.54, docs/validation.md); a 20x scan at ~0.5 µm/px is fine
     max_scan_mpp: ClassVar[float | None] = 0.6
+    # 384 µm a side at 0.5 µm/px: ~100-700 nuclei a patch from fatty to packed marrow
+    sample_patch_px: ClassVar[int] = 768
     # PSS with 1 and 4 tile workers at tile_px 1024 and 2048 (scripts/worker_memory.py, docs/validation.md)
     memory_model_mb: ClassVar[tuple[float, float, float, float]] = (440.0, 25.0, 50.0, 80.0)
 
@@ -648,13 +664,16 @@ class ECadAnalyzer(Analyzer):
         return None if self.config.window_um is None else float(self.config.window_um)
 
     # -- dense ----------------------------------------------------------------------------
-    def prepare(self, sample_rgb: np.ndarray) -> dict[str, Any]:
-        """Estimate the slide's H and DAB vectors (fallback: Ruifrok H-DAB, with the reason)."""
+    def prepare(self, sample_rgb: np.ndarray, patches: Sequence[np.ndarray] = ()) -> dict[str, Any]:
+        """Estimate the slide's H and DAB vectors (fallback: Ruifrok H-DAB, with the reason)
+        from the sample's pixels, and its counterstain scale from the nuclei of ``patches``
+        (none: no scaling)."""
         sample_rgb = tis.without_opaque(sample_rgb, self.config.tissue.classes)
         m, info = estimate_hdab_vectors(sample_rgb, self.config.stain)
         if info["stain_vectors_source"] == "standard" and self.config.stain.vectors == "estimate":
             log.warning("E-cadherin stain vectors: standard Ruifrok H-DAB used: %s", info["fallback_reason"])
-        scale, sinfo = haematoxylin_scale(sample_rgb, m, self.config.stain)
+        scale, sinfo = haematoxylin_scale(patches, m, float(self.config.mpp), self.config.stain,
+                                          self.config.tissue.classes)
         info.update(sinfo)
         self.rgb_from_stains = m
         self.h_scale = scale

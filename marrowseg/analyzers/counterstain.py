@@ -1,0 +1,99 @@
+"""How dark a slide's counterstain is, read from its nuclei and nothing else.
+
+A percentile over all stained pixels follows the mix of what is stained: in a fatty marrow the
+99th percentile of haematoxylin falls into the pale adipocyte membranes, and a marker-ink
+stroke takes it over. Nuclei are the one structure whose counterstain density does not depend
+on how many of them there are, so the level here is the median, over nucleus-like blobs of a
+few sample patches, of each blob's upper haematoxylin density: each blob is one vote, however
+much fat, cytoplasm or ink lies between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+from skimage import measure
+
+from marrowseg import stains
+from marrowseg.analyzers import tissue as tis
+
+__all__ = ["nuclear_level"]
+
+
+def _blob_values(h: np.ndarray, mpp: float, cfg: Any) -> np.ndarray:
+    """Each nucleus-like blob's ``level_percentile`` of ``h`` (one patch)."""
+    smooth = cv2.GaussianBlur(h, (0, 0), 0.5 / mpp)
+    r = max(1, int(round(cfg.level_background_um / mpp)))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    # the opening by a disk wider than any nucleus is what lies around the nuclei (cytoplasm,
+    # membranes, an ink stroke's plateau); a nucleus stands above it
+    raised = (smooth - cv2.morphologyEx(smooth, cv2.MORPH_OPEN, disk)) > cfg.level_min_contrast_od
+    # thin lines (fat membranes, fibres) that pass the contrast test are not nuclei
+    w = max(1, int(round(1.0 / mpp)))
+    raised = cv2.morphologyEx(raised.astype(np.uint8), cv2.MORPH_OPEN,
+                              cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (w | 1, w | 1)))
+    labels = measure.label(raised, connectivity=1)
+    if labels.max() == 0:
+        return np.zeros(0)
+    lo, hi = cfg.level_blob_area_um2
+    q = float(cfg.level_percentile)
+
+    def upper(region: np.ndarray, values: np.ndarray) -> float:
+        return float(np.percentile(values[region], q))
+
+    props = measure.regionprops_table(labels, h, properties=("area", "solidity", "axis_major_length"),
+                                      extra_properties=(upper,))
+    vals = props["upper"]
+    area = props["area"] * mpp**2
+    keep = ((area >= lo) & (area <= hi) & (props["solidity"] >= cfg.level_min_solidity)
+            & (props["axis_major_length"] * mpp <= cfg.level_max_length_um))
+    return np.asarray(vals, float)[keep]
+
+
+def nuclear_level(patches: Sequence[np.ndarray], h_from_od: np.ndarray, mpp: float, cfg: Any,
+                  opaque_cfg: Any = None) -> tuple[float | None, int]:
+    """The slide's nuclear counterstain density.
+
+    Parameters
+    ----------
+    patches : sequence of (H, W, 3) uint8 ndarray
+        Sample patches of the slide at the analysis resolution.
+    h_from_od : (3,) ndarray
+        Row of the inverse stain matrix that turns RGB optical density into the
+        counterstain's density (unscaled).
+    mpp : float
+        Pixel size of the patches, µm per pixel.
+    cfg : ECadStainConfig
+        ``level_*`` settings: the blob test (area in µm², solidity, length in µm, contrast
+        above the surrounding counterstain in OD, background radius in µm) and the
+        percentile taken in each blob.
+    opaque_cfg : TissueClassesConfig, optional
+        Black fill and black ink (:func:`marrowseg.analyzers.tissue.opaque_colour`) are set
+        to no stain before the blobs are looked for.
+
+    Returns
+    -------
+    level : float or None
+        Median over the blobs of their percentile, OD; None when fewer than
+        ``cfg.level_min_blobs`` blobs were found.
+    n_blobs : int
+        Blobs that voted.
+    """
+    h_from_od = np.asarray(h_from_od, np.float32)
+    votes = []
+    for rgb in patches:
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or min(rgb.shape[:2]) < 8:
+            continue
+        h = stains.od_from_rgb(rgb) @ h_from_od
+        opaque = tis.opaque_colour(rgb, opaque_cfg) if opaque_cfg is not None else None
+        if opaque is not None:
+            h[opaque] = 0.0
+        votes.append(_blob_values(np.ascontiguousarray(h, np.float32), float(mpp), cfg))
+    v = np.concatenate(votes) if votes else np.zeros(0)
+    if len(v) < cfg.level_min_blobs:
+        return None, int(len(v))
+    return float(np.median(v)), int(len(v))
