@@ -78,14 +78,16 @@ def test_too_few_nuclei_give_no_level():
     assert nuclear_level([], _h_from_od(), MPP, CFG.stain) == (None, 0)
 
 
-def test_counterstain_scale_follows_the_nuclei_and_records_why():
-    """A paler counterstain gets a proportionally larger scale; no patches: no scaling, with the reason."""
+def test_counterstain_scale_follows_the_nuclei_and_records_why(caplog):
+    """A paler counterstain gets a proportionally larger scale; no patches: no scaling, with the
+    reason, recorded and warned about."""
     an = ECadAnalyzer(CFG)
     dark = an.prepare(_rgb(_field(120, 0.8)).reshape(-1, 3), patches=[_rgb(_field(120, 0.8))])
     pale = an.prepare(_rgb(_field(120, 0.4)).reshape(-1, 3), patches=[_rgb(_field(120, 0.4))])
     assert pale["h_scale"] / dark["h_scale"] == pytest.approx(2.0, rel=0.08)
     none = an.prepare(_rgb(_field(120, 0.8)).reshape(-1, 3))
     assert none["h_scale"] == 1.0 and "too few" in none["h_scale_reason"]
+    assert "counterstain not scaled" in caplog.text
 
 
 def test_phantom_scale_does_not_follow_cellularity():

@@ -675,6 +675,12 @@ class ECadAnalyzer(Analyzer):
         scale, sinfo = haematoxylin_scale(patches, m, float(self.config.mpp), self.config.stain,
                                           self.config.tissue.classes)
         info.update(sinfo)
+        # the nuclear thresholds are absolute: an unscaled or clipped counterstain shifts every count
+        if self.config.stain.h_reference_od is not None and "h_level_od" not in sinfo:
+            log.warning("E-cadherin counterstain not scaled: %s", sinfo["h_scale_reason"])
+        elif sinfo.get("h_scale_clipped"):
+            log.warning("E-cadherin counterstain scale clipped to %.2f (nuclear level %.2f OD)",
+                        scale, sinfo["h_level_od"])
         self.rgb_from_stains = m
         self.h_scale = scale
         self.vectors_source = info["stain_vectors_source"]
