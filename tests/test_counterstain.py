@@ -73,7 +73,7 @@ def test_an_ink_stroke_does_not_vote():
 
 
 def test_too_few_nuclei_give_no_level():
-    level, n = nuclear_level([_rgb(_field(10, 0.6))], _h_from_od(), MPP, CFG.stain)
+    level, n = nuclear_level([_rgb(_field(5, 0.6))], _h_from_od(), MPP, CFG.stain)
     assert level is None and 0 < n < CFG.stain.level_min_blobs
     assert nuclear_level([], _h_from_od(), MPP, CFG.stain) == (None, 0)
 
