@@ -23,6 +23,7 @@ Analyzers see arrays and tensors only, never paths or readers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -190,16 +191,17 @@ class Analyzer(ABC):
         return main + main_mpx * mpx + workers * (worker + worker_mpx * mpx)
 
     # -- the three steps ---------------------------------------------------------------
-    def prepare(self, sample_rgb: np.ndarray) -> dict[str, Any]:
+    def prepare(self, sample_rgb: np.ndarray, patches: Sequence[np.ndarray] = ()) -> dict[str, Any]:
         """Estimate slide-level parameters from a sample of tissue pixels.
 
         Parameters
         ----------
         sample_rgb : (N, 3) uint8 ndarray
             Tissue pixels drawn from the slide at the analysis resolution.
-        patches : sequence of (H, W, 3) uint8 ndarray, keyword only
-            Passed only to analyzers with ``sample_patch_px > 0``: the centres of the tiles
-            the pixels came from, at the analysis resolution.
+        patches : sequence of (H, W, 3) uint8 ndarray, optional
+            The centres of the tiles the pixels came from, at the analysis resolution. The
+            engine passes them (as a keyword) only to analyzers with ``sample_patch_px > 0``,
+            so an override without this parameter keeps working.
 
         Returns
         -------
