@@ -23,14 +23,19 @@ from marrowseg.analyzers import tissue as tis
 __all__ = ["nuclear_level"]
 
 
-def _blob_values(h: np.ndarray, mpp: float, cfg: Any) -> np.ndarray:
-    """Each nucleus-like blob's ``level_percentile`` of ``h`` (one patch)."""
+def _relief(h: np.ndarray, mpp: float, cfg: Any) -> np.ndarray:
+    """How far each pixel of the smoothed counterstain stands above its surroundings, OD."""
     smooth = cv2.GaussianBlur(h, (0, 0), 0.5 / mpp)
     r = max(1, int(round(cfg.level_background_um / mpp)))
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     # the opening by a disk wider than any nucleus is what lies around the nuclei (cytoplasm,
     # membranes, an ink stroke's plateau); a nucleus stands above it
-    raised = (smooth - cv2.morphologyEx(smooth, cv2.MORPH_OPEN, disk)) > cfg.level_min_contrast_od
+    return smooth - cv2.morphologyEx(smooth, cv2.MORPH_OPEN, disk)
+
+
+def _blob_values(h: np.ndarray, relief: np.ndarray, min_contrast_od: float, mpp: float, cfg: Any) -> np.ndarray:
+    """Each nucleus-like blob's ``level_percentile`` of ``h`` (one patch)."""
+    raised = relief > min_contrast_od
     # thin lines (fat membranes, fibres) that pass the contrast test are not nuclei
     w = max(1, int(round(1.0 / mpp)))
     raised = cv2.morphologyEx(raised.astype(np.uint8), cv2.MORPH_OPEN,
@@ -54,7 +59,7 @@ def _blob_values(h: np.ndarray, mpp: float, cfg: Any) -> np.ndarray:
 
 
 def nuclear_level(patches: Sequence[np.ndarray], h_from_od: np.ndarray, mpp: float, cfg: Any,
-                  opaque_cfg: Any = None) -> tuple[float | None, int]:
+                  opaque_cfg: Any = None, start_od: float = 0.55) -> tuple[float | None, int]:
     """The slide's nuclear counterstain density.
 
     Parameters
@@ -68,11 +73,17 @@ def nuclear_level(patches: Sequence[np.ndarray], h_from_od: np.ndarray, mpp: flo
         Pixel size of the patches, µm per pixel.
     cfg : ECadStainConfig
         ``level_*`` settings: the blob test (area in µm², solidity, length in µm, contrast
-        above the surrounding counterstain in OD, background radius in µm) and the
-        percentile taken in each blob.
+        above the surrounding counterstain as a fraction of the level and in OD at least,
+        background radius in µm) and the percentile taken in each blob.
     opaque_cfg : TissueClassesConfig, optional
         Black fill and black ink (:func:`marrowseg.analyzers.tissue.opaque_colour`) are set
         to no stain before the blobs are looked for.
+    start_od : float
+        Level the search starts from, OD. The contrast a blob needs is a fraction of the
+        level, and at least ``level_min_contrast_od``, so the level is a fixed point, found in
+        a few steps: with an absolute contrast alone a darker stain lets paler nuclei vote and
+        the level falls behind the stain; with a relative one alone, on a pale slide the
+        touching nuclei and their cytoplasm merge into blobs too large to vote.
 
     Returns
     -------
@@ -83,7 +94,7 @@ def nuclear_level(patches: Sequence[np.ndarray], h_from_od: np.ndarray, mpp: flo
         Blobs that voted.
     """
     h_from_od = np.asarray(h_from_od, np.float32)
-    votes = []
+    planes = []
     for rgb in patches:
         rgb = np.asarray(rgb)
         if rgb.ndim != 3 or min(rgb.shape[:2]) < 8:
@@ -92,8 +103,19 @@ def nuclear_level(patches: Sequence[np.ndarray], h_from_od: np.ndarray, mpp: flo
         opaque = tis.opaque_colour(rgb, opaque_cfg) if opaque_cfg is not None else None
         if opaque is not None:
             h[opaque] = 0.0
-        votes.append(_blob_values(np.ascontiguousarray(h, np.float32), float(mpp), cfg))
-    v = np.concatenate(votes) if votes else np.zeros(0)
-    if len(v) < cfg.level_min_blobs:
-        return None, int(len(v))
-    return float(np.median(v)), int(len(v))
+        h = np.ascontiguousarray(h, np.float32)
+        planes.append((h, _relief(h, float(mpp), cfg)))
+    level, n = float(start_od), 0
+    for _ in range(cfg.level_max_steps):
+        contrast = max(cfg.level_min_contrast_od, cfg.level_min_contrast * level)
+        votes = [_blob_values(h, relief, contrast, float(mpp), cfg) for h, relief in planes]
+        v = np.concatenate(votes) if votes else np.zeros(0)
+        n = int(len(v))
+        if n < cfg.level_min_blobs:
+            return None, n
+        new = float(np.median(v))
+        done = abs(new - level) <= 0.01 * new
+        level = new
+        if done:
+            break
+    return level, n

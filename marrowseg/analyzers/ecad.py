@@ -205,7 +205,7 @@ def haematoxylin_scale(patches: Sequence[np.ndarray], rgb_from_stains: np.ndarra
     if cfg.h_reference_od is None:
         return 1.0, {"h_scale": 1.0, "h_scale_reason": "off (ecad.stain.h_reference_od: null)"}
     h_from_od = np.linalg.inv(np.asarray(rgb_from_stains, np.float64))[:, 0]
-    level, n = nuclear_level(patches, h_from_od, mpp, cfg, opaque_cfg)
+    level, n = nuclear_level(patches, h_from_od, mpp, cfg, opaque_cfg, start_od=cfg.h_reference_od)
     if level is None:
         return 1.0, {"h_scale": 1.0, "h_level_blobs": n,
                      "h_scale_reason": f"too few nucleus-like blobs in the sample ({n} < {cfg.level_min_blobs})"}
