@@ -40,22 +40,25 @@ def _blob_values(h: np.ndarray, relief: np.ndarray, min_contrast_od: float, mpp:
     w = max(1, int(round(1.0 / mpp)))
     raised = cv2.morphologyEx(raised.astype(np.uint8), cv2.MORPH_OPEN,
                               cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (w | 1, w | 1)))
-    labels = measure.label(raised, connectivity=1)
-    if labels.max() == 0:
-        return np.zeros(0)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(raised, connectivity=4)
     lo, hi = cfg.level_blob_area_um2
+    area = stats[:, cv2.CC_STAT_AREA] * mpp**2
+    sized = (area >= lo) & (area <= hi)
+    sized[0] = False
+    if not sized.any():
+        return np.zeros(0)
+    # most components are specks: the shape measures (a convex hull each) only for the sized ones
+    labels = np.where(sized[labels], labels, 0)
     q = float(cfg.level_percentile)
 
     def upper(region: np.ndarray, values: np.ndarray) -> float:
         return float(np.percentile(values[region], q))
 
-    props = measure.regionprops_table(labels, h, properties=("area", "solidity", "axis_major_length"),
+    props = measure.regionprops_table(labels, h, properties=("solidity", "axis_major_length"),
                                       extra_properties=(upper,))
-    vals = props["upper"]
-    area = props["area"] * mpp**2
-    keep = ((area >= lo) & (area <= hi) & (props["solidity"] >= cfg.level_min_solidity)
+    keep = ((props["solidity"] >= cfg.level_min_solidity)
             & (props["axis_major_length"] * mpp <= cfg.level_max_length_um))
-    return np.asarray(vals, float)[keep]
+    return np.asarray(props["upper"], float)[keep]
 
 
 def nuclear_level(patches: Sequence[np.ndarray], h_from_od: np.ndarray, mpp: float, cfg: Any,
