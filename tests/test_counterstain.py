@@ -134,3 +134,28 @@ def test_level_follows_a_darker_stain_in_proportion():
         ratios.append(dark / base)
     assert ratios[0] == pytest.approx(1.5, rel=0.02), ratios
     assert ratios[1] < 1.5 * 0.975, ratios
+
+
+def test_sample_patch_is_the_most_stained_window_of_the_tile():
+    """A tile half glass (the edge of a core): the patch is taken where the tissue is; a tile
+    all tissue keeps its centre; the window never leaves the slide."""
+    from marrowseg.engine import _tissue_patch
+    from marrowseg.tiling import Tile
+
+    rgb = np.full((2048, 2048, 3), 245, np.uint8)
+    rgb[:, 1280:] = 150  # tissue on the right 768 px
+    rgb[1000:1010, 1500:1510] = 0  # a fleck of black
+    tile = Tile(index=0, grid_rc=(0, 0), origin_px=(0, 0), size_px=2048,
+                core=(slice(256, 1792), slice(256, 1792)))
+    patch = _tissue_patch(rgb, tile, (4000, 4000), 768)
+    assert patch.shape == (768, 768, 3) and (patch == 150).all(axis=2).mean() > 0.99
+    full = np.full((2048, 2048, 3), 150, np.uint8)
+    full[640:1408, 640:1408] = 120  # the centre window, told apart
+    assert (_tissue_patch(full, tile, (4000, 4000), 768) == 120).all()
+    # a 400 px image in the corner of a padded tile (origin -256): only the image is sampled
+    small = np.full((2048, 2048, 3), 255, np.uint8)
+    small[256:656, 256:656] = 150
+    edge = Tile(index=0, grid_rc=(0, 0), origin_px=(-256, -256), size_px=2048,
+                core=(slice(256, 656), slice(256, 656)))
+    patch = _tissue_patch(small, edge, (400, 400), 768)
+    assert patch.shape == (400, 400, 3) and (patch == 150).all()

@@ -133,8 +133,9 @@ class Analyzer(ABC):
     allow_amp: ClassVar[bool] = True
     #: whether the stains are told apart by hue: a greyscale image is then refused, not measured
     needs_colour: ClassVar[bool] = False
-    #: side of the tile-centre patches, analysis pixels, that :meth:`prepare` also receives
-    #: (``patches=``) for estimates that need pixels in place (0: none, ``prepare(sample_rgb)``)
+    #: side of the patches (one window of each sample tile, wider when the slide has fewer than
+    #: 8 tiles), analysis pixels, that :meth:`prepare` also receives (``patches=``) for estimates
+    #: that need pixels in place (0: none, ``prepare(sample_rgb)``)
     sample_patch_px: ClassVar[int] = 0
     #: coarsest scan, µm/px, at which this analyzer's figures were validated; a coarser slide is
     #: still analysed (it is upsampled to ``mpp``) but flagged (None: no limit)
@@ -199,7 +200,7 @@ class Analyzer(ABC):
         sample_rgb : (N, 3) uint8 ndarray
             Tissue pixels drawn from the slide at the analysis resolution.
         patches : sequence of (H, W, 3) uint8 ndarray, optional
-            The centres of the tiles the pixels came from, at the analysis resolution. The
+            One window (the most stained) of each tile the pixels came from, at the analysis resolution. The
             engine passes them (as a keyword) only to analyzers with ``sample_patch_px > 0``,
             so an override without this parameter keeps working.
 
