@@ -108,9 +108,11 @@ def nuclear_level(patches: Sequence[np.ndarray], h_from_od: np.ndarray, mpp: flo
             h[opaque] = 0.0
         h = np.ascontiguousarray(h, np.float32)
         planes.append((h, _relief(h, float(mpp), cfg)))
-    level, n = float(start_od), 0
+    level, n, used = float(start_od), 0, None
     for _ in range(cfg.level_max_steps):
         contrast = max(cfg.level_min_contrast_od, cfg.level_min_contrast * level)
+        if contrast == used:
+            break  # the OD floor holds: the same cut gives the same blobs
         votes = [_blob_values(h, relief, contrast, float(mpp), cfg) for h, relief in planes]
         v = np.concatenate(votes) if votes else np.zeros(0)
         n = int(len(v))
@@ -118,7 +120,7 @@ def nuclear_level(patches: Sequence[np.ndarray], h_from_od: np.ndarray, mpp: flo
             return None, n
         new = float(np.median(v))
         done = abs(new - level) <= 0.01 * new
-        level = new
+        level, used = new, contrast
         if done:
             break
     return level, n
