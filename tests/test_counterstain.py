@@ -86,8 +86,27 @@ def test_counterstain_scale_follows_the_nuclei_and_records_why(caplog):
     pale = an.prepare(_rgb(_field(120, 0.4)).reshape(-1, 3), patches=[_rgb(_field(120, 0.4))])
     assert pale["h_scale"] / dark["h_scale"] == pytest.approx(2.0, rel=0.08)
     none = an.prepare(_rgb(_field(120, 0.8)).reshape(-1, 3))
-    assert none["h_scale"] == 1.0 and "too few" in none["h_scale_reason"]
+    assert none["h_scale"] == 1.0 and "too few" in none["h_scale_fallback_reason"]
     assert "counterstain not scaled" in caplog.text
+
+
+def test_qa_flags_a_slide_whose_counterstain_was_not_scaled(tmp_path):
+    """Too few nuclei to read the counterstain from is a stain fallback the reviewer sees."""
+    from marrowseg.report.qa import slide_flags
+    from marrowseg.report.slides import SlideOutput
+
+    an = ECadAnalyzer(CFG)
+    field = _rgb(_field(5, 0.6))
+    prepare = an.prepare(field.reshape(-1, 3), patches=[field])
+    metrics = {"stain": "ecad", "readouts": {}, "areas_um2": {"haematopoietic": 2e6},
+               "provenance": {"prepare": prepare}}
+    flags = slide_flags(SlideOutput("s", tmp_path, metrics))
+    # this sparse field also fails the vector estimate: both reasons are named
+    assert any(f.startswith("stain estimate unreliable (") and "counterstain not scaled" in f
+               and "too few stained pixels" in f for f in flags), flags
+    scaled = _rgb(_field(120, 0.6))
+    metrics["provenance"]["prepare"] = an.prepare(scaled.reshape(-1, 3), patches=[scaled])
+    assert not any("counterstain" in f for f in slide_flags(SlideOutput("s", tmp_path, metrics)))
 
 
 def test_phantom_scale_does_not_follow_cellularity():

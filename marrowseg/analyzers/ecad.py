@@ -200,15 +200,18 @@ def haematoxylin_scale(patches: Sequence[np.ndarray], rgb_from_stains: np.ndarra
     scale : float
         1.0 when ``h_reference_od`` is null or too few nuclei were found.
     info : dict
-        The level found, the blobs it came from and the factor used.
+        The level found, the blobs it came from and the factor used; ``h_scale_reason`` when
+        scaling is off, ``h_scale_fallback_reason`` when too few nuclei were found.
     """
     if cfg.h_reference_od is None:
         return 1.0, {"h_scale": 1.0, "h_scale_reason": "off (ecad.stain.h_reference_od: null)"}
     h_from_od = np.linalg.inv(np.asarray(rgb_from_stains, np.float64))[:, 0]
     level, n = nuclear_level(patches, h_from_od, mpp, cfg, opaque_cfg, start_od=cfg.h_reference_od)
     if level is None:
+        # a fallback (the QA notebook flags it), where ``h_scale_reason`` above is a choice
         return 1.0, {"h_scale": 1.0, "h_level_blobs": n,
-                     "h_scale_reason": f"too few nucleus-like blobs in the sample ({n} < {cfg.level_min_blobs})"}
+                     "h_scale_fallback_reason": f"counterstain not scaled: too few nucleus-like blobs in the "
+                                                f"sample ({n} < {cfg.level_min_blobs})"}
     raw = cfg.h_reference_od / level if level > 0 else cfg.h_scale_max
     scale = float(np.clip(raw, cfg.h_scale_min, cfg.h_scale_max))
     return scale, {"h_level_od": level, "h_level_blobs": n, "h_scale": scale, "h_scale_clipped": bool(scale != raw)}
@@ -677,7 +680,7 @@ class ECadAnalyzer(Analyzer):
         info.update(sinfo)
         # the nuclear thresholds are absolute: an unscaled or clipped counterstain shifts every count
         if self.config.stain.h_reference_od is not None and "h_level_od" not in sinfo:
-            log.warning("E-cadherin counterstain not scaled: %s", sinfo["h_scale_reason"])
+            log.warning("E-cadherin %s", sinfo["h_scale_fallback_reason"])
         elif sinfo.get("h_scale_clipped"):
             log.warning("E-cadherin counterstain scale clipped to %.2f (nuclear level %.2f OD)",
                         scale, sinfo["h_level_od"])

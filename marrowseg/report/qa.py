@@ -21,8 +21,10 @@ at first; they never change a measurement:
     some tiles could not be decoded (a corrupt or cut-short chunk of the file): every figure
     leaves their area out (``tiles.csv`` has each reason);
 ``stain estimate unreliable``
-    the slide's stain vectors fell back to the standard ones (``provenance.prepare`` has a
-    ``fallback_reason``), or an automatic stain recognition had low confidence;
+    the slide's stain vectors fell back to the standard ones, or its E-cadherin counterstain
+    could not be scaled (``provenance.prepare`` has a ``fallback_reason`` or
+    ``h_scale_fallback_reason``; every reason is named), or an automatic stain recognition had
+    low confidence;
 ``near a grade boundary``
     cellularity within ``cellularity_margin_pct`` points of the age-adjusted limits; fibrosis
     index within ``index_margin`` of a grade boundary (the grade is ``floor(index)``, so the
@@ -58,15 +60,16 @@ def qa_dir(default: str = "demo-out") -> Path:
 
 
 def _fallback(prepare: Any) -> str:
-    """The first fallback reason found anywhere in a provenance ``prepare`` record, else ''."""
-    if isinstance(prepare, Mapping):
-        for k, v in prepare.items():
-            if "fallback" in str(k) and v:
-                return str(v)
-            inner = _fallback(v)
-            if inner:
-                return inner
-    return ""
+    """Every fallback reason found anywhere in a provenance ``prepare`` record, joined by '; ', else ''."""
+    if not isinstance(prepare, Mapping):
+        return ""
+    found = []
+    for k, v in prepare.items():
+        if "fallback" in str(k) and v:
+            found.append(str(v))
+        elif (inner := _fallback(v)):
+            found.append(inner)
+    return "; ".join(found)
 
 
 def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_margin_pct: float = 5.0,
