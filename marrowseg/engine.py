@@ -31,7 +31,7 @@ from marrowseg.config import Config, config_hash
 from marrowseg.errors import AnalysisError, ConfigError, MarrowsegError, NoTissueError, SlideError
 from marrowseg.focus import tile_focus
 from marrowseg.io.base import READ_AT_MPP_MAX_PX
-from marrowseg.stain_id import STAIN_OF_CLASS, identify_stain
+from marrowseg.stain_id import STAIN_OF_CLASS, identify_stain, tissue_pixels
 from marrowseg.tiling import Tile, tiles_over_mask, tissue_mask
 
 __all__ = [
@@ -579,7 +579,8 @@ def _cells_to_slide(cells: dict[str, np.ndarray], tile: Tile, layout: SlideLayou
 
 def _tissue_patch(rgb: np.ndarray, tile: Tile, shape_px: tuple[int, int], patch_px: int) -> np.ndarray:
     """A window of at most ``patch_px`` a side of the part of ``rgb`` (tile ``tile``) inside the
-    slide: of 3 x 3 evenly placed windows, the one with the most stained, light-passing pixels.
+    slide: of 3 x 3 evenly placed windows, the one with the most tissue pixels
+    (:func:`marrowseg.stain_id.tissue_pixels`, the stain recogniser's: not glass, not black).
 
     A small input sits in a corner of its padded tile, whose centre is blank, and a tile at the
     edge of a trephine core is half glass."""
@@ -591,9 +592,7 @@ def _tissue_patch(rgb: np.ndarray, tile: Tile, shape_px: tuple[int, int], patch_
         # the centre first: it is kept on a tie (a tile all tissue)
         starts = dict.fromkeys(lo + k * (hi - lo - side) // 2 for k in (1, 0, 2))
         bounds.append([(a, a + side) for a in starts])
-    grey = rgb.mean(axis=2, dtype=np.float32)
-    # glass and black fill score nothing: neither holds a nucleus
-    stained = (grey > 30) & (grey < 220)
+    stained = tissue_pixels(rgb)  # glass and black fill hold no nucleus
     best = max(((r, c) for r in bounds[0] for c in bounds[1]),
                key=lambda rc: int(stained[rc[0][0]:rc[0][1], rc[1][0]:rc[1][1]].sum()))
     (r0, r1), (c0, c1) = best

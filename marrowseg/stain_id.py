@@ -37,7 +37,7 @@ import numpy as np
 
 from marrowseg.errors import NoTissueError
 
-__all__ = ["StainGuess", "stain_features", "identify_stain", "identify_slide", "STAIN_OF_CLASS"]
+__all__ = ["StainGuess", "stain_features", "tissue_pixels", "identify_stain", "identify_slide", "STAIN_OF_CLASS"]
 
 #: colour class -> marrowseg stain key (E-cadherin is our only DAB IHC)
 STAIN_OF_CLASS = {"he": "he", "dab": "ecad", "silver": "reticulin"}
@@ -87,6 +87,32 @@ class StainGuess:
     features: dict[str, float] = field(default_factory=dict)
 
 
+_OD_OF_VALUE = -np.log10(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0)
+
+
+def tissue_pixels(rgb: np.ndarray, tissue_od: float = _TISSUE_OD) -> np.ndarray:
+    """Which pixels of an RGB image are stained tissue: mean optical density above
+    ``tissue_od`` (glass is ~0.01-0.05), and some light in at least one channel (black fill,
+    an unscanned area or an opaque label, is no stain, and as neutral and dark it would pass
+    for silver).
+
+    Parameters
+    ----------
+    rgb : (H, W, 3) uint8 ndarray
+    tissue_od : float
+        Mean OD above which a pixel counts as tissue.
+
+    Returns
+    -------
+    (H, W) bool ndarray
+    """
+    arr = np.asarray(rgb)[..., :3]
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+    mean_od = (_OD_OF_VALUE[arr[..., 0]] + _OD_OF_VALUE[arr[..., 1]] + _OD_OF_VALUE[arr[..., 2]]) / 3.0
+    return (mean_od > tissue_od) & (arr.max(axis=-1) > _NO_SIGNAL)
+
+
 def stain_features(rgb: np.ndarray, *, tissue_od: float = _TISSUE_OD) -> dict[str, float]:
     """Colour statistics of the tissue pixels of an RGB image.
 
@@ -118,9 +144,7 @@ def stain_features(rgb: np.ndarray, *, tissue_od: float = _TISSUE_OD) -> dict[st
     px = arr[..., :3].reshape(-1, 3).astype(np.float32)
     od = -np.log10(np.maximum(px, 1.0) / 255.0)
     mean_od = od.mean(axis=1)
-    # black fill (no signal in any channel: unscanned area, an opaque label) is no stain, and
-    # as neutral and dark it would pass for silver
-    tissue = (mean_od > tissue_od) & (px.max(axis=1) > _NO_SIGNAL)
+    tissue = tissue_pixels(arr, tissue_od).reshape(-1)
     n = int(tissue.sum())
     feats: dict[str, float] = {"tissue_frac": float(tissue.mean()) if tissue.size else 0.0, "n_tissue": float(n)}
     if n == 0:

@@ -62,7 +62,7 @@ def _blob_values(h: np.ndarray, relief: np.ndarray, min_contrast_od: float, mpp:
 
 
 def nuclear_level(patches: Sequence[np.ndarray], h_from_od: np.ndarray, mpp: float, cfg: Any,
-                  opaque_cfg: Any = None, start_od: float = 0.55) -> tuple[float | None, int]:
+                  opaque_cfg: Any = None) -> tuple[float | None, int]:
     """The slide's nuclear counterstain density.
 
     Parameters
@@ -77,16 +77,15 @@ def nuclear_level(patches: Sequence[np.ndarray], h_from_od: np.ndarray, mpp: flo
     cfg : ECadStainConfig
         ``level_*`` settings: the blob test (area in µm², solidity, length in µm, contrast
         above the surrounding counterstain as a fraction of the level and in OD at least,
-        background radius in µm) and the percentile taken in each blob.
+        background radius in µm) and the percentile taken in each blob. The contrast a blob
+        needs is a fraction of the level, and at least ``level_min_contrast_od``, so the level
+        is a fixed point, found in a few steps from ``h_reference_od``: with an absolute
+        contrast alone a darker stain lets paler nuclei vote and the level falls behind the
+        stain; with a relative one alone, on a pale slide the touching nuclei and their
+        cytoplasm merge into blobs too large to vote.
     opaque_cfg : TissueClassesConfig, optional
         Black fill and black ink (:func:`marrowseg.analyzers.tissue.opaque_colour`) are set
         to no stain before the blobs are looked for.
-    start_od : float
-        Level the search starts from, OD. The contrast a blob needs is a fraction of the
-        level, and at least ``level_min_contrast_od``, so the level is a fixed point, found in
-        a few steps: with an absolute contrast alone a darker stain lets paler nuclei vote and
-        the level falls behind the stain; with a relative one alone, on a pale slide the
-        touching nuclei and their cytoplasm merge into blobs too large to vote.
 
     Returns
     -------
@@ -104,11 +103,13 @@ def nuclear_level(patches: Sequence[np.ndarray], h_from_od: np.ndarray, mpp: flo
             continue
         h = stains.od_from_rgb(rgb) @ h_from_od
         opaque = tis.opaque_colour(rgb, opaque_cfg) if opaque_cfg is not None else None
-        if opaque is not None:
+        if opaque is not None:  # None: the opaque test is off
             h[opaque] = 0.0
         h = np.ascontiguousarray(h, np.float32)
         planes.append((h, _relief(h, float(mpp), cfg)))
-    level, n, used = float(start_od), 0, None
+    # where the OD floor and the relative cut meet, when scaling is off
+    start = cfg.h_reference_od or cfg.level_min_contrast_od / cfg.level_min_contrast
+    level, n, used = float(start), 0, None
     for _ in range(cfg.level_max_steps):
         contrast = max(cfg.level_min_contrast_od, cfg.level_min_contrast * level)
         if contrast == used:

@@ -206,7 +206,7 @@ def haematoxylin_scale(patches: Sequence[np.ndarray], rgb_from_stains: np.ndarra
     if cfg.h_reference_od is None:
         return 1.0, {"h_scale": 1.0, "h_scale_reason": "off (ecad.stain.h_reference_od: null)"}
     h_from_od = np.linalg.inv(np.asarray(rgb_from_stains, np.float64))[:, 0]
-    level, n = nuclear_level(patches, h_from_od, mpp, cfg, opaque_cfg, start_od=cfg.h_reference_od)
+    level, n = nuclear_level(patches, h_from_od, mpp, cfg, opaque_cfg)
     if level is None:
         # a fallback (the QA notebook flags it), where ``h_scale_reason`` above is a choice
         return 1.0, {"h_scale": 1.0, "h_level_blobs": n,
@@ -679,7 +679,7 @@ class ECadAnalyzer(Analyzer):
                                           self.config.tissue.classes)
         info.update(sinfo)
         # the nuclear thresholds are absolute: an unscaled or clipped counterstain shifts every count
-        if self.config.stain.h_reference_od is not None and "h_level_od" not in sinfo:
+        if "h_scale_fallback_reason" in sinfo:
             log.warning("E-cadherin %s", sinfo["h_scale_fallback_reason"])
         elif sinfo.get("h_scale_clipped"):
             log.warning("E-cadherin counterstain scale clipped to %.2f (nuclear level %.2f OD)",
