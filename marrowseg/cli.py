@@ -166,6 +166,7 @@ def synth(
     left_shift: Annotated[float | None, typer.Option("--left-shift", help="E-cad+ / erythroid precursors, 0..1.", min=0, max=1)] = None,
     grade: Annotated[int | None, typer.Option("--grade", help="Reticulin MF grade 0-3.", min=0, max=3)] = None,
     heterogeneous: Annotated[str | None, typer.Option("--heterogeneous", help="Heterogeneous reticulin layout, e.g. half-0-2.")] = None,
+    haemorrhage: Annotated[float | None, typer.Option("--haemorrhage", help="Share of the marrow space taken by spilled blood, %.", min=0, max=99)] = None,
     name: Annotated[str | None, typer.Option(help="File stem (default from stain and seed).")] = None,
 ) -> None:
     """Write a synthetic phantom slide with exact ground truth."""
@@ -177,7 +178,7 @@ def synth(
         raise typer.BadParameter(f"--size {size!r}: expected WIDTHxHEIGHT, e.g. 4096x4096") from None
     kw: dict[str, Any] = {"seed": seed, "size_px": (w, h), "mpp": mpp}
     for key, val in (("cellularity_pct", cellularity), ("left_shift_ratio", left_shift),
-                     ("grade", grade), ("heterogeneous", heterogeneous)):
+                     ("grade", grade), ("heterogeneous", heterogeneous), ("haemorrhage_pct", haemorrhage)):
         if val is not None:
             kw[key] = val
     with err.status(f"writing a {w} x {h} px {stain} phantom"):

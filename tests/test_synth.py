@@ -247,3 +247,56 @@ def test_section_profiles_of_cells_are_smaller_and_paler_than_whole_cells(he):
     small, big = mye & (area < 25), mye & (area > 45)
     if small.sum() >= 3 and big.sum() >= 3:
         assert np.median(darkness[small]) < np.median(darkness[big])
+
+
+@pytest.fixture(scope="module")
+def bleed():
+    """The ``he`` fixture's seed with lakes of spilled blood, and without, at 0.5 µm/px."""
+    kw = {"seed": 3, "size_px": (2048, 2048), "mpp": 0.5, "cellularity_pct": 50}
+    a, b = make_phantom("he", **kw), make_phantom("he", haemorrhage_pct=15, **kw)
+    return ({"rgb": a.render(0, 0, 2048, 2048), **a.truth_region(0, 0, 2048, 2048)},
+            {"rgb": b.render(0, 0, 2048, 2048), **b.truth_region(0, 0, 2048, 2048)})
+
+
+def test_haemorrhage_is_packed_red_cells_without_nucleated_cells(bleed):
+    """Spilled blood takes about the requested share of the marrow space, reads red and
+    nucleus-free, and holds no truth cell."""
+    _, b = bleed
+    lab = b["labels"]
+    n = np.bincount(lab.ravel(), minlength=5)
+    assert 0.08 < n[4] / (n[1] + n[2] + n[4]) < 0.25
+    rgb = b["rgb"][lab == 4].astype(float)
+    r, g = np.median(rgb[:, 0]), np.median(rgb[:, 1])
+    assert r > 200 and g < 170 and r - g > 50  # eosin: green absorbed, red passed
+    assert (rgb.mean(axis=1) < 110).mean() < 0.005  # no nuclei
+    from scipy import ndimage as ndi
+
+    # a centre on the lake's edge pixel may round into it: none deeper
+    inside = ndi.binary_erosion(lab == 4)
+    rows = np.asarray(b["cells"]["y_px"]).astype(int)
+    cols = np.asarray(b["cells"]["x_px"]).astype(int)
+    assert len(rows) > 1000 and not inside[rows, cols].any()
+
+
+def test_haemorrhage_replaces_marrow_and_leaves_the_rest_as_it_was(bleed):
+    """The blood lies over marrow only (never bone or glass), and pixels well away from it
+    (beyond a megakaryocyte's reach, 100 µm) are those of the phantom without it."""
+    from scipy import ndimage as ndi
+
+    a, b = bleed
+    spilled = b["labels"] == 4
+    assert np.isin(a["labels"][spilled], (1, 2)).all()
+    far = ndi.distance_transform_edt(~spilled) * 0.5 > 100
+    assert far.mean() > 0.3
+    assert (a["labels"][far] == b["labels"][far]).all()
+    assert (a["rgb"][far] == b["rgb"][far]).all()
+
+
+def test_written_truth_leaves_haemorrhage_out_of_the_marrow_space(tmp_path):
+    _, truth_path = write_phantom(tmp_path, "he", name="b", seed=3, size_px=(768, 768), mpp=1.0,
+                                  haemorrhage_pct=20)
+    truth = json.loads(Path(truth_path).read_text())
+    areas = truth["areas_um2"]
+    assert areas["haemorrhage"] > 0 and truth["params"]["haemorrhage_pct"] == 20
+    want = 100 * areas["haematopoietic"] / (areas["haematopoietic"] + areas["fat"])
+    assert truth["readouts"]["cellularity_pct"] == pytest.approx(want)

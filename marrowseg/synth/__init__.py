@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 STAINS = _stains.STAINS
 #: label map classes
-LABELS = {0: "background", 1: "haematopoietic", 2: "fat", 3: "bone"}
+LABELS = {0: "background", 1: "haematopoietic", 2: "fat", 3: "bone", 4: "haemorrhage"}
 CELL_CLASSES = CLASSES
 _LINEAGE = ("myeloid", "myeloid", "myeloid", "myeloid", "myeloid", "erythroid", "erythroid", "erythroid",
             "erythroid", "lymphoid", "megakaryocytic")
@@ -49,7 +49,7 @@ HETEROGENEOUS_GRADE_FRAC = 0.30
 def make_phantom(stain: str, *, seed: int = 0, size_px: tuple[int, int] = (4096, 4096), mpp: float = 0.25,
                  cellularity_pct: float | None = None, left_shift_ratio: float | None = None,
                  grade: int | None = None, heterogeneous: str | None = None,
-                 stain_jitter: float = 0.1) -> Phantom:
+                 stain_jitter: float = 0.1, haemorrhage_pct: float = 0.0) -> Phantom:
     """Create a phantom world (cheap: only the coarse layout is built).
 
     Parameters
@@ -74,6 +74,10 @@ def make_phantom(stain: str, *, seed: int = 0, size_px: tuple[int, int] = (4096,
         (PCT %, default 25, of the core at grade B inside grade A).
     stain_jitter : float
         s.d. of the per-slide log stain intensity, and half the amplitude of slow intensity drift.
+    haemorrhage_pct : float
+        Share of the marrow space (about; the truth is exact) taken by lakes of packed red cells
+        spilled from the sinusoids: no nucleated cells, no fat, label 4 in the truth, outside the
+        marrow space. Default 0 (none; a seed's phantom is then the same pixel for pixel).
 
     Raises
     ------
@@ -107,9 +111,11 @@ def make_phantom(stain: str, *, seed: int = 0, size_px: tuple[int, int] = (4096,
         raise ConfigError(str(exc)) from None
     if not 0 <= stain_jitter <= 1:
         raise ConfigError(f"stain_jitter={stain_jitter!r}: expected 0-1")
+    if not 0 <= haemorrhage_pct < 100:
+        raise ConfigError(f"haemorrhage_pct={haemorrhage_pct!r}: expected 0 to under 100")
     p = Params(stain=stain, seed=int(seed), size_px=(w, h), mpp=float(mpp), cellularity_pct=cell,
                left_shift_ratio=ls, grade=g if stain == "reticulin" else 0, heterogeneous=heterogeneous,
-               stain_jitter=float(stain_jitter))
+               stain_jitter=float(stain_jitter), haemorrhage_pct=float(haemorrhage_pct))
     return Phantom(p)
 
 
@@ -125,7 +131,7 @@ class Phantom:
         p = self.params
         return (f"Phantom(stain={p.stain!r}, seed={p.seed}, size_px={p.size_px}, mpp={p.mpp}, "
                 f"cellularity_pct={p.cellularity_pct}, left_shift_ratio={p.left_shift_ratio}, "
-                f"grade={p.grade}, heterogeneous={p.heterogeneous!r})")
+                f"grade={p.grade}, heterogeneous={p.heterogeneous!r}, haemorrhage_pct={p.haemorrhage_pct})")
 
     @property
     def size_px(self) -> tuple[int, int]:
@@ -163,7 +169,7 @@ class Phantom:
         Returns
         -------
         dict
-            ``labels`` (h, w) uint8 (0 glass, 1 haematopoietic, 2 fat, 3 bone); ``fibres`` (h, w) bool
+            ``labels`` (h, w) uint8 (0 glass, 1 haematopoietic, 2 fat, 3 bone, 4 haemorrhage); ``fibres`` (h, w) bool
             (reticulin centre line within half a fibre width; all False in other stains); ``grade``
             (h, w) uint8 intended local MF grade; ``cells`` dict of columns (centres inside the region;
             ``x_px, y_px`` level-0 pixels); ``fibre_length_um``, ``thick_fibre_length_um``,
@@ -211,7 +217,7 @@ class Phantom:
 
         p = self.params
         W, H = p.size_px
-        acc = {"labels": np.zeros(4, np.int64), "grade_haem": np.zeros(4, np.int64), "cells": [],
+        acc = {"labels": np.zeros(len(LABELS), np.int64), "grade_haem": np.zeros(4, np.int64), "cells": [],
                "fibre_length_um": 0.0, "thick_fibre_length_um": 0.0, "crossings": 0}
         r = self._renderer
 
@@ -223,7 +229,7 @@ class Phantom:
             if w_in <= 0 or h_in <= 0:
                 return
             lab = t["labels"][:h_in, :w_in]
-            acc["labels"] += np.bincount(lab.ravel(), minlength=4)[:4]
+            acc["labels"] += np.bincount(lab.ravel(), minlength=len(LABELS))[: len(LABELS)]
             haem = lab == 1
             if haem.any():
                 xs = (x + np.arange(w_in) + 0.5) * p.mpp
@@ -249,9 +255,11 @@ class Phantom:
     def _summarise(self, acc: dict, cells: dict) -> dict:
         p = self.params
         px_area = p.mpp * p.mpp
-        n_bg, n_haem, n_fat, n_bone = (int(v) for v in acc["labels"])
+        n_bg, n_haem, n_fat, n_bone, n_hmr = (int(v) for v in acc["labels"])
         areas = {"haematopoietic": n_haem * px_area, "fat": n_fat * px_area, "bone": n_bone * px_area,
                  "background": n_bg * px_area}
+        if p.haemorrhage_pct > 0:
+            areas["haemorrhage"] = n_hmr * px_area
         cls = cells.get("cell_class", np.zeros(0, dtype=object))
         counts = {c: int(np.sum(cls == c)) for c in CLASSES}
         nucleated = int(sum(counts.values()))
@@ -293,11 +301,12 @@ class Phantom:
             "stain": p.stain,
             "params": {"seed": p.seed, "size_px": list(p.size_px), "mpp": p.mpp,
                        "cellularity_pct": p.cellularity_pct, "left_shift_ratio": p.left_shift_ratio,
-                       "grade": p.grade, "heterogeneous": p.heterogeneous, "stain_jitter": p.stain_jitter},
+                       "grade": p.grade, "heterogeneous": p.heterogeneous, "stain_jitter": p.stain_jitter,
+                       "haemorrhage_pct": p.haemorrhage_pct},
             "readouts": ro,
             "areas_um2": areas,
             "counts": counts,
-            "pixel_counts": {LABELS[k]: int(v) for k, v in enumerate(acc["labels"])},
+            "pixel_counts": {LABELS[k]: int(v) for k, v in enumerate(acc["labels"]) if k < 4 or p.haemorrhage_pct > 0},
         }
         if p.stain == "reticulin":
             out["fibres"] = {"length_um": acc["fibre_length_um"], "thick_length_um": acc["thick_fibre_length_um"],

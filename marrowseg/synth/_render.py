@@ -159,6 +159,7 @@ class Renderer:
             return lab, aux
         n, t = w.bone_value_grid(xs, ys)
         bone = core & (np.abs(n) < t)
+        hmr = core & ~bone & w.haemorrhage_grid(xs, ys)
         aux["bone_n"], aux["bone_t"] = n, t
         sx, sy, sr = w.adipo_seeds(xs[0], ys[0], xs[-1], ys[-1])
         best = np.full((h_, w_), np.inf, np.float32)
@@ -188,10 +189,11 @@ class Renderer:
             si_[sec] = k
             b_[first] = p[first]
             bi_[first] = k
-        fat = core & ~bone & (bi >= 0)
+        fat = core & ~bone & ~hmr & (bi >= 0)
         lab[core] = 1
         lab[fat] = 2
         lab[bone] = 3
+        lab[hmr] = 4
         if fat.any():
             own = np.where(fat, bi, 0)
             d_own = np.sqrt(np.maximum(best + sr[own].astype(np.float32) ** 2, 0))
@@ -230,15 +232,18 @@ class Renderer:
             fp = fibre_prims(self.fibres.near(*box), mpp, box, truth)
             prims = wd._cat([prims, fp])
         roles = composite(prims, xs, ys, mpp, tex)
+        hmr = lab == 4
         hf = haem.astype(np.float32)
-        for r in (R_NUC, R_CYTO, R_CYTB, R_COV, R_RING, R_RBC):
+        for r in (R_NUC, R_CYTO, R_CYTB, R_COV, R_RING):
             roles[r] *= hf
+        roles[R_RBC] *= haem | hmr
         roles[R_OST] *= bone
         fmask = roles[R_FMASK] >= 0.5 if truth else None
         st = nz.value_noise_grid(xs, ys, 3.0, nz.key_of(seed, _K_STROMA))
         if mpp < 0.6:
             st += 0.6 * nz.value_noise_grid(xs, ys, 1.1, nz.key_of(seed, _K_STROMA2))
-        sinus = self.w.sinus_grid(xs, ys) & haem
+        # spilled blood: packed red cells in plasma, as in a sinusoid
+        sinus = (self.w.sinus_grid(xs, ys) & haem) | hmr
         free = (1 - roles[R_COV]) * (1 + 0.4 * st)
         stroma = free * (haem & ~sinus)
         sin_f = free * sinus

@@ -72,6 +72,13 @@ SECTION_UM = 3.0
 # a nucleus: it is neither drawn nor listed.
 NUC_MIN_PATH_UM = 1.0
 RBC_SPACING_UM = 4.6
+RBC_RADIUS_UM = (3.4, 3.9)       # erythrocytes 6.8-7.8 µm across, ~2 µm thick
+RBC_THICKNESS_UM = 2.0
+RBC_AMP = (0.38, 0.6)
+HAEMORRHAGE_RBC_SPACING_UM = 4.6
+# haemorrhage (biopsy-induced bleeding into the marrow): lakes of packed erythrocytes, the blood of
+# the sinusoids spilled into the tissue; their outline follows a smooth random field of this scale
+HAEMORRHAGE_SIGMA_UM = 120.0
 THICK_FIBRE_UM = 2.5             # fibres at least this wide count as thick (collagen bundles)
 FIBRE_STEP_UM = 1.5
 
@@ -95,7 +102,7 @@ STAGES = ("myeloblast", "myelocyte", "metamyelocyte", "band", "segmented",
 _STAGE_CLASS = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 4])
 
 # Keys for the noise / generator streams.
-K_CORE, K_BONE, K_FAT, K_ADIPO, K_CELL, K_MK, K_SINUS, K_SINUS2, K_ERY, K_FIB, K_GRADE = range(11)
+K_CORE, K_BONE, K_FAT, K_ADIPO, K_CELL, K_MK, K_SINUS, K_SINUS2, K_ERY, K_FIB, K_GRADE, K_HAEM = range(12)
 _BLOCK_OFF = 1 << 20
 
 
@@ -112,6 +119,7 @@ class Params:
     grade: int
     heterogeneous: str | None
     stain_jitter: float
+    haemorrhage_pct: float = 0.0
 
 
 def _rng(seed: int, *parts: int) -> np.random.Generator:
@@ -217,6 +225,14 @@ class World:
         ratio = np.abs(self.bone_n[core_nodes]) / widen[core_nodes]
         t = float(np.quantile(ratio, target)) if ratio.size else 0.3
         self.bone_t = (t * widen).astype(np.float32)
+        # haemorrhage replaces marrow (never bone) in the top haemorrhage_pct % of a smooth field
+        self.hmr_n: np.ndarray | None = None
+        self.hmr_t = np.inf
+        if p.haemorrhage_pct > 0:
+            self.hmr_n = _smooth_field(_rng(p.seed, K_HAEM), self.nx, self.ny, self.lm, HAEMORRHAGE_SIGMA_UM)
+            marrow_nodes = core_nodes & ~(np.abs(self.bone_n) < self.bone_t)
+            if marrow_nodes.any():
+                self.hmr_t = float(np.quantile(self.hmr_n[marrow_nodes], 1.0 - p.haemorrhage_pct / 100.0))
         self.fat_thr = 0.0
         self.adipo_reach = ADIPO_REACH
         self.fat_thr = self._calibrate_fat(p.cellularity_pct)
@@ -290,6 +306,17 @@ class World:
         n = _bilinear_pts(self.bone_n, self.lm, x, y)
         n = n + 0.02 * nz.value_noise_pts(x, y, 9.0, nz.key_of(self.p.seed, K_BONE))
         return np.abs(n) < _bilinear_pts(self.bone_t, self.lm, x, y)
+
+    def haemorrhage_grid(self, xs, ys) -> np.ndarray:
+        """Where blood has spilled (outside the core and in bone it is not drawn)."""
+        if self.hmr_n is None:
+            return np.zeros((np.size(ys), np.size(xs)), bool)
+        return _bilinear_grid(self.hmr_n, self.lm, xs, ys) > self.hmr_t
+
+    def haemorrhage_pts(self, x, y) -> np.ndarray:
+        if self.hmr_n is None:
+            return np.zeros(np.shape(x), bool)
+        return _bilinear_pts(self.hmr_n, self.lm, x, y) > self.hmr_t
 
     def sinus_grid(self, xs, ys) -> np.ndarray:
         a = nz.value_noise_grid(xs, ys, 55.0, nz.key_of(self.p.seed, K_SINUS))
@@ -401,7 +428,7 @@ class World:
 
     # ------------------------------------------------------------------ point labels
     def labels_pts(self, x, y) -> np.ndarray:
-        """Label (0 glass, 1 haem, 2 fat, 3 bone) at scattered points."""
+        """Label (0 glass, 1 haem, 2 fat, 3 bone, 4 haemorrhage) at scattered points."""
         x = np.asarray(x, np.float64)
         y = np.asarray(y, np.float64)
         lab = np.zeros(x.shape, np.uint8)
@@ -410,12 +437,17 @@ class World:
             return lab
         bone = core & self.bone_pts(x, y)
         rest = core & ~bone
+        hmr = np.zeros(x.shape, bool)
+        if self.hmr_n is not None and rest.any():
+            hmr[rest] = self.haemorrhage_pts(x[rest], y[rest])
+            rest &= ~hmr
         fat = np.zeros(x.shape, bool)
         if rest.any():
             fat[rest] = self.fat_pts(x[rest], y[rest])
         lab[core] = 1
         lab[fat] = 2
         lab[bone] = 3
+        lab[hmr] = 4
         return lab
 
     # ------------------------------------------------------------------ megakaryocytes
@@ -485,13 +517,15 @@ class World:
         jr, ir = np.mgrid[0:nr, 0:nr]
         rx = x0 + (ir.ravel() + 0.5 + rng.uniform(-0.3, 0.3, nr * nr)) * RBC_SPACING_UM
         ry = y0 + (jr.ravel() + 0.5 + rng.uniform(-0.3, 0.3, nr * nr)) * RBC_SPACING_UM
-        rr = rng.uniform(3.4, 3.9, nr * nr)
+        rr = rng.uniform(*RBC_RADIUS_UM, nr * nr)
         ra = rng.uniform(0, np.pi, nr * nr)
-        ramp = rng.uniform(0.38, 0.6, nr * nr)
+        ramp = rng.uniform(*RBC_AMP, nr * nr)
         sel = self.sinus_pts(rx, ry)
         if sel.any():
             sel[sel] = self.labels_pts(rx[sel], ry[sel]) == 1
         rbc = _prims(rx[sel], ry[sel], rr[sel], rr[sel] * 0.92, ra[sel], "rbc", ramp[sel])
+        if self.hmr_n is not None:
+            rbc = _cat([rbc, self._spilled_rbcs(bx, by)])
         # osteocytes in bone
         no = rng.poisson(CELL_BLOCK_UM**2 / 2200.0)
         ox = x0 + rng.uniform(0, CELL_BLOCK_UM, no)
@@ -501,6 +535,23 @@ class World:
         ost = _prims(ox[osel], oy[osel], np.full(osel.sum(), 3.2), np.full(osel.sum(), 1.3), oth[osel],
                      "ost", np.full(osel.sum(), 0.55))
         return {"cells": cells, "prims": _cat([prims, rbc, ost])}
+
+    def _spilled_rbcs(self, bx: int, by: int) -> dict:
+        """Red cells packed edge to edge in the haemorrhage of one cell block, at every tilt: a
+        3-µm section shows discs seen flat and, tilted, ellipses down to bars seen edge-on."""
+        rng = _rng(self.p.seed, K_HAEM, bx, by)  # a stream of its own: the block's cells stay as they were
+        n = int(round(CELL_BLOCK_UM / HAEMORRHAGE_RBC_SPACING_UM))
+        step = CELL_BLOCK_UM / n  # whole blocks: no seam of plasma between blocks
+        j, i = np.mgrid[0:n, 0:n]
+        m = n * n
+        x = bx * CELL_BLOCK_UM + (i.ravel() + 0.5 + rng.uniform(-0.3, 0.3, m)) * step
+        y = by * CELL_BLOCK_UM + (j.ravel() + 0.5 + rng.uniform(-0.3, 0.3, m)) * step
+        a = rng.uniform(*RBC_RADIUS_UM, m)
+        b = a * np.maximum(np.cos(rng.uniform(0, np.pi / 2, m)), RBC_THICKNESS_UM / (2 * RBC_RADIUS_UM[1]))
+        th = rng.uniform(0, np.pi, m)
+        amp = rng.uniform(*RBC_AMP, m)
+        sel = self.labels_pts(x, y) == 4
+        return _prims(x[sel], y[sel], a[sel], b[sel], th[sel], "rbc", amp[sel])
 
     def cells_in(self, x0, y0, x1, y1, margin=0.0) -> tuple[dict, dict]:
         """(cells table, primitives) of all blocks near the box (cells not yet filtered by centre)."""
