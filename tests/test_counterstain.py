@@ -178,3 +178,19 @@ def test_sample_patch_is_the_most_stained_window_of_the_tile():
                 core=(slice(256, 656), slice(256, 656)))
     patch = _tissue_patch(small, edge, (400, 400), 768)
     assert patch.shape == (400, 400, 3) and (patch == 150).all()
+
+
+def test_blob_length_is_scikit_images_major_axis():
+    """The blobs' lengths, from all their second moments at once, are regionprops' major axes."""
+    import cv2
+    from skimage import measure
+
+    from marrowseg.analyzers.counterstain import _major_axis_px
+
+    rng = np.random.default_rng(3)
+    img = (cv2.GaussianBlur(rng.random((400, 400)).astype(np.float32), (0, 0), 3) > 0.52).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(img, connectivity=4)
+    assert n > 100
+    props = measure.regionprops_table(labels, properties=("label", "axis_major_length"))
+    np.testing.assert_allclose(_major_axis_px(labels, stats, n)[props["label"]], props["axis_major_length"],
+                               rtol=1e-9, atol=1e-9)

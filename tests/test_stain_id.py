@@ -84,3 +84,25 @@ def test_black_fill_does_not_change_the_recognised_stain(stain):
     rgb[:, :240] = 0
     guess = identify_stain(rgb)
     assert guess.stain == stain and guess.confidence >= 0.5
+
+
+def test_tissue_pixels_is_the_mean_od_and_some_light_rule():
+    """The OpenCV path gives exactly the plain definition: mean RGB optical density above the
+    cut and a channel above 8 (every value of one channel against the other two's extremes,
+    random colours, and shapes a caller may pass)."""
+    from marrowseg.stain_id import _OD_OF_VALUE, tissue_pixels
+
+    def plain(arr, cut):
+        od = _OD_OF_VALUE[arr[..., :3]].astype(np.float32)
+        return ((od[..., 0] + od[..., 1] + od[..., 2]) / 3.0 > cut) & (arr[..., :3].max(axis=-1) > 8)
+
+    v = np.arange(256, dtype=np.uint8)
+    grid = np.stack(np.meshgrid(v, v, v[::15], indexing="ij"), axis=-1).reshape(256, -1, 3)
+    rng = np.random.default_rng(0)
+    for arr in (grid, rng.integers(0, 256, (300, 200, 3), dtype=np.uint8),
+                rng.integers(0, 256, (1000, 3), dtype=np.uint8), rng.integers(0, 256, (5, 4, 4), dtype=np.uint8),
+                np.zeros((0, 3), np.uint8)):
+        for cut in (0.05, 0.12, 0.3):
+            got = tissue_pixels(arr, cut)
+            assert got.shape == arr.shape[:-1]
+            assert np.array_equal(got, plain(arr, cut))
