@@ -305,3 +305,27 @@ def test_reference_dense_matches_module_and_post(scene):
     a, b = an.post(dense, rgb, ctx).stats, an.post(ref, rgb, ctx).stats
     for key, v in a.items():
         assert b[key] == pytest.approx(v, rel=0.005, abs=0.5), key
+
+
+@pytest.mark.xfail(
+    reason="haemorrhage is read as bone: 96-98 % of a phantom's spilled blood is labelled bone and the bone "
+    "fraction reads ~8 points high at 15 % bleeding; phantom texture separates them, but real eosinophilic "
+    "matrix is as textured as blood, and no real trephine with outlined bleeding was at hand "
+    "(docs/validation.md, Bad input: haemorrhage)",
+    strict=True,
+)
+def test_haemorrhage_is_excluded_not_bone():
+    """The issue's excluded class includes haemorrhage: the blood leaves the bone fraction alone."""
+    from marrowseg import synth
+
+    ph = synth.make_phantom("he", seed=1066, size_px=(1024, 1024), mpp=0.5, haemorrhage_pct=20)
+    truth = ph.truth_region(0, 0, 1024, 1024)["labels"]
+    cfg = load_config("he")
+    res = analyze_array(ph.render(0, 0, 1024, 1024), 0.5, HEAnalyzer(cfg.he), cfg, device="cpu")
+    lab = np.asarray(res.maps["labels"])
+    k = 1024 // lab.shape[0]
+    blood = truth[::k, ::k][: lab.shape[0], : lab.shape[1]] == 4
+    assert blood.sum() > 1000
+    assert (lab[blood] == 0).mean() > 0.8
+    n = np.bincount(truth.ravel(), minlength=5)
+    assert abs(res.readouts["bone_area_frac"] - n[3] / (n[1] + n[2] + n[3])) <= 0.03
