@@ -97,6 +97,14 @@ def test_synth_writes_slide_and_truth(tmp_path, capsys):
     assert (doc["width"], doc["height"]) == (1024, 768) and doc["mpp"] == pytest.approx(0.5)
 
 
+def test_synth_haemorrhage_option_reaches_the_truth(tmp_path, capsys):
+    code, _, err = _main(["synth", str(tmp_path), "--size", "512x512", "--mpp", "1.0", "--seed", "3",
+                          "--haemorrhage", "20", "--name", "b"], capsys)
+    assert code == 0, err
+    truth = json.loads((tmp_path / "b.truth.json").read_text())
+    assert truth["params"]["haemorrhage_pct"] == 20 and truth["areas_um2"]["haemorrhage"] > 0
+
+
 def test_synth_rejects_malformed_size(tmp_path, capsys):
     code, _, err = _main(["synth", str(tmp_path), "--size", "big"], capsys)
     assert code == 2 and "WIDTHxHEIGHT" in err
