@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from marrowseg.errors import NoTissueError
+from marrowseg.stains import OD_OF_UINT8
 
 __all__ = ["StainGuess", "stain_features", "tissue_pixels", "identify_stain", "identify_slide", "STAIN_OF_CLASS"]
 
@@ -88,9 +89,6 @@ class StainGuess:
     features: dict[str, float] = field(default_factory=dict)
 
 
-_OD_OF_VALUE = -np.log10(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0)
-
-
 def tissue_pixels(rgb: np.ndarray, tissue_od: float = _TISSUE_OD) -> np.ndarray:
     """Which pixels of an RGB image are stained tissue: mean optical density above
     ``tissue_od`` (glass is ~0.01-0.05), and some light in at least one channel (black fill,
@@ -115,8 +113,8 @@ def tissue_pixels(rgb: np.ndarray, tissue_od: float = _TISSUE_OD) -> np.ndarray:
     # the same float32 sums in the same order, so the same pixels pass
     if arr.size == 0:
         return np.zeros(arr.shape[:-1], bool)
-    img = np.ascontiguousarray(arr).reshape(-1, arr.shape[-2] if arr.ndim == 3 else 1, 3)
-    r, g, b = cv2.split(cv2.LUT(img, _OD_OF_VALUE))
+    img = np.ascontiguousarray(arr if arr.ndim == 3 else arr.reshape(-1, 1, 3))
+    r, g, b = cv2.split(cv2.LUT(img, OD_OF_UINT8))
     mean_od = cv2.add(cv2.add(r, g), b)
     np.divide(mean_od, 3.0, out=mean_od)
     ch = cv2.split(img)

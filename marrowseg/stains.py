@@ -16,6 +16,7 @@ __all__ = [
     "RUIFROK_DAB",
     "normalize_rows",
     "stain_matrix",
+    "OD_OF_UINT8",
     "od_from_rgb",
     "od_from_rgb_torch",
     "concentrations_torch",
@@ -29,6 +30,8 @@ RUIFROK_E = (0.072, 0.990, 0.105)
 RUIFROK_DAB = (0.268, 0.570, 0.776)
 
 _MIN_INTENSITY = 1.0  # one grey level: keeps log finite for saturated black pixels
+#: optical density of each 8-bit intensity (float32; as :func:`od_from_rgb`): a look-up table
+OD_OF_UINT8 = -np.log10(np.maximum(np.arange(256, dtype=np.float32), _MIN_INTENSITY) / np.float32(255.0))
 
 
 def normalize_rows(m: np.ndarray) -> np.ndarray:

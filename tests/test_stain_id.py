@@ -90,10 +90,11 @@ def test_tissue_pixels_is_the_mean_od_and_some_light_rule():
     """The OpenCV path gives exactly the plain definition: mean RGB optical density above the
     cut and a channel above 8 (every value of one channel against the other two's extremes,
     random colours, and shapes a caller may pass)."""
-    from marrowseg.stain_id import _OD_OF_VALUE, tissue_pixels
+    from marrowseg.stain_id import tissue_pixels
+    from marrowseg.stains import OD_OF_UINT8
 
     def plain(arr, cut):
-        od = _OD_OF_VALUE[arr[..., :3]].astype(np.float32)
+        od = OD_OF_UINT8[arr[..., :3]].astype(np.float32)
         return ((od[..., 0] + od[..., 1] + od[..., 2]) / 3.0 > cut) & (arr[..., :3].max(axis=-1) > 8)
 
     v = np.arange(256, dtype=np.uint8)

@@ -46,6 +46,7 @@ from skimage.measure import regionprops_table
 from skimage.morphology import convex_hull_image, disk, h_maxima
 from skimage.segmentation import watershed
 
+from marrowseg import stains
 from marrowseg.analyzers.base import LabelClass
 from marrowseg.analyzers.distance import distance_to_background, nearest_feature
 from marrowseg.analyzers.morphology import binary_closing, binary_opening
@@ -183,9 +184,6 @@ def _empty_fat() -> FatObjects:
     return FatObjects(np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
 
 
-_OD_OF_UINT8 = -np.log10(np.clip(np.arange(256, dtype=np.float32), 1.0, 255.0) / 255.0)
-
-
 def opaque_pixels(rgb: np.ndarray, k: int, cfg: Any) -> np.ndarray | None:
     """Class pixels that are black or neutral grey and dark: no stain, but a scanner's black fill
     or marker ink. Read as stained tissue they would be haematopoietic, and their edges nuclei.
@@ -269,7 +267,7 @@ def opaque_colour(rgb: np.ndarray, cfg: Any) -> np.ndarray | None:
     out = brightest <= bound
     if out.any():
         cand = rgb[out]
-        od = (_OD_OF_UINT8[cand] if cand.dtype == np.uint8
+        od = (stains.OD_OF_UINT8[cand] if cand.dtype == np.uint8
               else -np.log10(np.clip(cand.astype(np.float32), 1.0, 255.0) / 255.0))
         grey = od.min(axis=-1) / np.maximum(od.max(axis=-1), 1e-6)
         out[out] = (od.sum(axis=-1) >= min_od) & (grey >= g)

@@ -75,7 +75,6 @@ RBC_SPACING_UM = 4.6
 RBC_RADIUS_UM = (3.4, 3.9)       # erythrocytes 6.8-7.8 µm across, ~2 µm thick
 RBC_THICKNESS_UM = 2.0
 RBC_AMP = (0.38, 0.6)
-HAEMORRHAGE_RBC_SPACING_UM = 4.6
 # haemorrhage (biopsy-induced bleeding into the marrow): lakes of packed erythrocytes, the blood of
 # the sinusoids spilled into the tissue; their outline follows a smooth random field of this scale
 HAEMORRHAGE_SIGMA_UM = 120.0
@@ -540,8 +539,9 @@ class World:
         """Red cells packed edge to edge in the haemorrhage of one cell block, at every tilt: a
         3-µm section shows discs seen flat and, tilted, ellipses down to bars seen edge-on."""
         rng = _rng(self.p.seed, K_HAEM, bx, by)  # a stream of its own: the block's cells stay as they were
-        n = int(round(CELL_BLOCK_UM / HAEMORRHAGE_RBC_SPACING_UM))
-        step = CELL_BLOCK_UM / n  # whole blocks: no seam of plasma between blocks
+        # packed as in a sinusoid, on a step that fits the block whole: no seam of plasma between blocks
+        n = int(round(CELL_BLOCK_UM / RBC_SPACING_UM))
+        step = CELL_BLOCK_UM / n
         j, i = np.mgrid[0:n, 0:n]
         m = n * n
         x = bx * CELL_BLOCK_UM + (i.ravel() + 0.5 + rng.uniform(-0.3, 0.3, m)) * step
