@@ -94,6 +94,52 @@ def test_nucleus_compartment_reads_dab_inside_the_nucleus():
     assert res.readouts["nucleated_cells"] == len(truth)
 
 
+def _stained_pale_pairs(n_cols: int = 10, col_um: float = 22.0, row_um: float = 11.0, gap_um: float = 7.0):
+    """Rows of touching pairs of 7 µm nuclei: a DAB-stained nucleus (Ki67-like) and a pale unstained one."""
+    size = int(round((n_cols + 1) * col_um / MPP))
+    rr, cc = np.mgrid[0:size, 0:size].astype(np.float64)
+    h = np.full((size, size), 0.2)
+    dab = np.zeros((size, size))
+    n = 0
+    for i in range(int(n_cols * col_um / row_um)):
+        for j in range(n_cols):
+            r0, c0 = (i + 1) * row_um / MPP, (j + 1) * col_um / MPP
+            stained = np.hypot(rr - r0, cc - c0) * MPP <= 3.5
+            pale = np.hypot(rr - r0, cc - c0 - gap_um / MPP) * MPP <= 3.5
+            h[stained], dab[stained], h[pale] = 0.4, 1.2, 0.6
+            n += 1
+    return _render(h, dab), n
+
+
+@pytest.mark.parametrize("fraction", [0.5, None])
+def test_pale_nucleus_touching_a_stained_one_is_its_own_negative_cell(fraction):
+    """Nucleus compartment: the first detection merges a pale nucleus into its DAB-dark neighbour's region.
+
+    The positive region keeps only its stained part and the pale nucleus is found again as a
+    negative cell; with ``nucleus_stained_fraction`` off it is lost inside the positive one.
+    """
+    rgb, n_pairs = _stained_pale_pairs()
+    cfg = load_config("ecad", overrides=[*DRAWN, "ecad.positivity_compartment=nucleus", *SMALL,
+                                         f"ecad.nucleus_stained_fraction={'null' if fraction is None else fraction}"])
+    r = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu").readouts
+    assert r["ecad_pos_cells"] == n_pairs
+    assert r["nucleated_cells"] == (2 * n_pairs if fraction else n_pairs)
+
+
+def test_unstained_part_keeps_the_stained_nucleus_and_its_pale_centre():
+    """The unstained part is the region outside the smoothed DAB, never a hole enclosed by stained pixels."""
+    from marrowseg.analyzers.ecad import unstained_part
+
+    rr, cc = np.mgrid[0:80, 0:80]
+    region = (np.hypot(rr - 40, cc - 30) <= 8) | (np.hypot(rr - 40, cc - 45) <= 8)  # two touching discs
+    ring = (np.hypot(rr - 40, cc - 30) <= 8) & (np.hypot(rr - 40, cc - 30) >= 3)      # stained rim, pale centre
+    dab = np.where(ring, 0.8, 0.0)
+    out = unstained_part(region, dab, 0.2, MPP)
+    assert not out[np.hypot(rr - 40, cc - 30) <= 6].any()      # the stained nucleus and its centre stay
+    assert out[np.hypot(rr - 40, cc - 47) <= 5].all()          # the pale neighbour goes
+    assert not out[~region].any()
+
+
 @pytest.mark.parametrize("compartment", ["nucleus", "membrane"])
 def test_large_stained_nucleus_is_positive_in_the_nucleus_compartment_only(compartment):
     """A nucleus above the megakaryocyte size scoring positive is ``ecad_pos`` when the nucleus is scored.
@@ -267,7 +313,8 @@ def test_ki67_tile_positive_calls(shared_data):
     for name in ("34_3", "22_2"):  # 22_2: 0.800 while large stained nuclei were called megakaryocytes
         tile = shared_data(f"ihc-ki67/{name}.png")
         r = evaluate(tile, tile.parent / f"{name}_gt.png", 0.25, [])
-        assert r["f1_pos"] >= 0.85 and r["recall"] >= 0.4, (name, r)
+        # recall 0.71 / 0.73 while pale nuclei stayed merged into a stained neighbour's or a clump's region
+        assert r["f1_pos"] >= 0.85 and r["recall"] >= 0.78, (name, r)
         assert 0 < r["f1_pos_all"] <= r["f1_pos"] and r["fn_all"] >= r["fn"], r  # the strict score never exceeds the matched one
 
 

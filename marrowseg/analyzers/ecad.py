@@ -60,6 +60,7 @@ __all__ = [
     "haematoxylin_scale",
     "ring_scores",
     "ring_enclosed_cells",
+    "unstained_part",
     "rim_density",
     "count_clusters",
     "wilson_interval",
@@ -521,6 +522,37 @@ def _territory_border(labels: np.ndarray, lut: np.ndarray, rr: np.ndarray, cc: n
     return border
 
 
+def unstained_part(regions: np.ndarray, dab_od: np.ndarray, min_od: float, mpp: float,
+                   sigma_um: float = 0.5) -> np.ndarray:
+    """Pixels of ``regions`` outside their DAB-stained part.
+
+    A nuclear stain (Ki67) colours the positive nucleus only; where the detector merged it with
+    the pale nuclei it touches, those are the region's unstained pixels.
+
+    Parameters
+    ----------
+    regions : (H, W) bool ndarray
+        Nuclear regions found positive.
+    dab_od : (H, W) float ndarray
+        DAB optical density.
+    min_od : float
+        Stained: DAB, smoothed by a Gaussian of ``sigma_um``, at or above this OD.
+    mpp : float
+        µm per pixel.
+    sigma_um : float
+        Gaussian sigma of the smoothing, µm (speckled chromatin staining stays one part).
+
+    Returns
+    -------
+    (H, W) bool ndarray
+        Region pixels neither stained nor enclosed by stained pixels.
+    """
+    regions = np.asarray(regions, bool)
+    smooth = cv2.GaussianBlur(np.asarray(dab_od, np.float32), (0, 0), sigma_um / float(mpp))
+    stained = ndi.binary_fill_holes(regions & (smooth >= min_od))
+    return regions & ~stained
+
+
 def _region_means(values: np.ndarray, labels: np.ndarray, label_ids: np.ndarray) -> np.ndarray:
     """Mean of ``values`` over each label of ``label_ids`` (0 for an empty label)."""
     if len(label_ids) == 0:
@@ -844,6 +876,9 @@ class ECadAnalyzer(Analyzer):
         old_pos = np.asarray(score) >= thr
         kept = old_pos | (nuc.classify_nuclei(table, cfg.classes) == "megakaryocyte")
         kept_mask = np.isin(labels, table["label"][kept])
+        if cfg.positivity_compartment == "nucleus" and cfg.nucleus_stained_fraction is not None and old_pos.any():
+            kept_mask &= ~unstained_part(np.isin(labels, table["label"][old_pos]), d["dab_od"],
+                                         cfg.nucleus_stained_fraction * thr, mpp)
         ncfg = cfg.negative_nuclei
         same = (ncfg.peak_sigma_um == cfg.nuclei.peak_sigma_um) and (ncfg.mask_sigma_um == cfg.nuclei.mask_sigma_um)
         neg, _ = nuc.detect_nuclei(d["det_od"], mpp, ncfg, peak_map=d["peak"] if same else None,

@@ -194,6 +194,10 @@ class ECadConfig(Strict):
         None, description="membrane compartment: add pale nuclei below the nuclear mask found by local contrast "
         "in haematopoietic tissue (null: off)")
     nucleus_min_dab_od: float = Field(gt=0, description="mean nuclear DAB OD at or above which a cell is positive (compartment nucleus)")
+    nucleus_stained_fraction: float | None = Field(
+        None, gt=0, le=1, description="compartment nucleus: a positive nucleus keeps only its pixels whose DAB "
+        "(smoothed 0.5 µm, holes filled) reaches this fraction of nucleus_min_dab_od; the rest of its first "
+        "region (pale neighbours merged with it) is detected again as negative nuclei (null: the whole region)")
     clusters: ECadClustersConfig
     interpretation: ECadInterpretationConfig
     window_um: float | None = Field(gt=0, description="side of the slide-aligned windows of local counts, µm (null: none)")
