@@ -167,6 +167,7 @@ def synth(
     grade: Annotated[int | None, typer.Option("--grade", help="Reticulin MF grade 0-3.", min=0, max=3)] = None,
     heterogeneous: Annotated[str | None, typer.Option("--heterogeneous", help="Heterogeneous reticulin layout, e.g. half-0-2.")] = None,
     haemorrhage: Annotated[float | None, typer.Option("--haemorrhage", help="Share of the marrow space taken by spilled blood, %.", min=0, max=99)] = None,
+    sheets: Annotated[int | None, typer.Option("--sheets", help="Sheets of early erythroid (E-cadherin+) precursors to draw, 60-150 µm each.", min=0, max=100)] = None,
     name: Annotated[str | None, typer.Option(help="File stem (default from stain and seed).")] = None,
 ) -> None:
     """Write a synthetic phantom slide with exact ground truth."""
@@ -178,7 +179,8 @@ def synth(
         raise typer.BadParameter(f"--size {size!r}: expected WIDTHxHEIGHT, e.g. 4096x4096") from None
     kw: dict[str, Any] = {"seed": seed, "size_px": (w, h), "mpp": mpp}
     for key, val in (("cellularity_pct", cellularity), ("left_shift_ratio", left_shift),
-                     ("grade", grade), ("heterogeneous", heterogeneous), ("haemorrhage_pct", haemorrhage)):
+                     ("grade", grade), ("heterogeneous", heterogeneous), ("haemorrhage_pct", haemorrhage),
+                     ("sheets", sheets)):
         if val is not None:
             kw[key] = val
     with err.status(f"writing a {w} x {h} px {stain} phantom"):

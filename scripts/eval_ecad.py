@@ -20,6 +20,10 @@ their own detection, the nearest one they own; ``none`` when they own none).
 It also prints, per truth class, the share of truth cells that own a detection (recall), and
 the share of detections that are some truth cell's own (precision; the others are second
 detections of a cell or lie on no cell).
+``--sheets N`` draws N sheets of early erythroid precursors into every phantom (a neoplastic
+erythroid proliferation; fewer where the marrow has no room): the ``clusters t/m`` column
+compares the sheets placed with the analyzer's ``ecad_pos_clusters`` (without it, every
+cluster counted is a false one).
 ``--size-bound`` prints, over the seeds run, the late count and ratio errors that a cut on
 the phantoms' *true* nuclear area would give to a perfect detector that could not tell
 late erythroid cells from lymphocytes otherwise: a bound on what any nuclear-size rule can
@@ -170,11 +174,12 @@ def size_bound_counts(truth: dict[str, np.ndarray], cuts_um2=SIZE_CUTS_UM2) -> n
     return np.array([int((small & (area <= c)).sum()) for c in cuts_um2])
 
 
-def run_one(seed: int, size_px: int, mpp: float, sets: list[str], tmp: Path, jitter: float | None = None) -> dict:
+def run_one(seed: int, size_px: int, mpp: float, sets: list[str], tmp: Path, jitter: float | None = None,
+            sheets: int = 0) -> dict:
     ratio = RATIOS[seed % len(RATIOS)]
     jitter = JITTERS[seed % len(JITTERS)] if jitter is None else jitter
     tiff, truth_path = write_phantom(tmp, "ecad", name=f"ecad_{seed}", seed=seed, size_px=(size_px, size_px),
-                                     mpp=mpp, left_shift_ratio=ratio, stain_jitter=jitter)
+                                     mpp=mpp, left_shift_ratio=ratio, stain_jitter=jitter, sheets=sheets)
     truth = json.loads(Path(truth_path).read_text())["readouts"]
     config = load_config("ecad", overrides=sets)
     metrics, _ = analyze_slide(tiff, "ecad", tmp / f"out_{seed}", config=config)
@@ -201,16 +206,18 @@ def main(argv: list[str] | None = None) -> int:
                          "ratio of a seed do not depend on it, so runs at several values isolate the stain's effect")
     ap.add_argument("--match", action="store_true", help="also print what the late-erythroid calls are in truth")
     ap.add_argument("--size-bound", action="store_true", help="also print the true-nuclear-area bound (see docstring)")
+    ap.add_argument("--sheets", type=int, default=0, help="sheets of early erythroid precursors in every phantom")
     args = ap.parse_args(argv)
     rows = []
     matches = []
     by_class: list[dict[str, int]] = []
     bound = []
+    sheets: list[tuple[int, int]] = []
     print(f"{'seed':>5}{'jit':>5}{'vec':>5} | {'pos t/m':>11}{'err':>7} | {'late t/m':>11}{'err':>7} | "
-          f"{'ratio t/m':>13}{'err':>7} | {'nucl t/m':>11}{'err':>7}")
+          f"{'ratio t/m':>13}{'err':>7} | {'nucl t/m':>11}{'err':>7} | {'clusters t/m':>12}")
     with tempfile.TemporaryDirectory() as tmp:
         for seed in parse_seeds(args.seeds):
-            r = run_one(seed, args.size_px, args.mpp, args.set, Path(tmp), args.jitter)
+            r = run_one(seed, args.size_px, args.mpp, args.set, Path(tmp), args.jitter, args.sheets)
             t, m = r["truth"], r["meas"]
             e_pos = rel(m["ecad_pos_cells"], t["ecad_pos_cells"])
             e_late = rel(m["late_erythroid_cells"], t["late_erythroid_cells"])
@@ -222,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t['ecad_pos_cells']:>5}/{m['ecad_pos_cells']:<5}{e_pos:>+7.2f} | "
                   f"{t['late_erythroid_cells']:>5}/{m['late_erythroid_cells']:<5}{e_late:>+7.2f} | "
                   f"{t['left_shift_ratio']:>6.3f}/{mr:<6.3f}{e_r:>+7.3f} | "
-                  f"{t['nucleated_cells']:>5}/{m['nucleated_cells']:<5}{e_n:>+7.2f}", flush=True)
+                  f"{t['nucleated_cells']:>5}/{m['nucleated_cells']:<5}{e_n:>+7.2f} | "
+                  f"{t.get('ecad_sheets', 0):>5}/{m['ecad_pos_clusters']:<6}", flush=True)
+            sheets.append((t.get("ecad_sheets", 0), m["ecad_pos_clusters"]))
             matches.append((seed, r["match"]))
             by_class.append(r["by_class"])
             bound.append((t["late_erythroid_cells"], t["ecad_pos_cells"], r["size_bound"]))
@@ -230,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     names = ("pos count (rel)", "late count (rel)", "ratio (abs)", "nucleated (rel)")
     for j, name in enumerate(names):
         print(f"{name:<18} mean |err| {np.nanmean(a[:, j]):.3f}   max |err| {np.nanmax(a[:, j]):.3f}")
+    sh = np.array(sheets, np.int64).reshape(-1, 2)
+    print(f"clusters           {int((sh[:, 0] == sh[:, 1]).sum())} of {len(sh)} phantoms exact; sheets {int(sh[:, 0].sum())}, "
+          f"clusters {int(sh[:, 1].sum())}")
     if args.match:
         print(f"\nlate-erythroid calls by truth class (nearest truth cell within {MATCH_UM:g} µm)")
         print(f"{'seed':>5} | {'late':>5}{'lymph':>6}{'other':>6}{'none':>5} | {'truth late':>10}{'owned':>6}{'%':>5}")

@@ -105,6 +105,15 @@ def test_synth_haemorrhage_option_reaches_the_truth(tmp_path, capsys):
     assert truth["params"]["haemorrhage_pct"] == 20 and truth["areas_um2"]["haemorrhage"] > 0
 
 
+def test_synth_sheets_option_reaches_the_truth(tmp_path, capsys):
+    code, _, err = _main(["synth", str(tmp_path), "--stain", "ecad", "--size", "2048x2048", "--mpp", "0.5",
+                          "--seed", "3", "--sheets", "2", "--name", "s"], capsys)
+    assert code == 0, err
+    truth = json.loads((tmp_path / "s.truth.json").read_text())
+    assert truth["params"]["sheets"] == 2 and truth["readouts"]["ecad_sheets"] == len(truth["sheets"]) == 2
+    assert all(s["cells"] > 0 for s in truth["sheets"])
+
+
 def test_synth_rejects_malformed_size(tmp_path, capsys):
     code, _, err = _main(["synth", str(tmp_path), "--size", "big"], capsys)
     assert code == 2 and "WIDTHxHEIGHT" in err

@@ -20,8 +20,9 @@ from marrowseg.config import load_config
 from marrowseg.engine import analyze_array
 
 MPP = 0.5
-#: small drawn scenes: a small halo and tile keep the padded tile (and the test) small
-SMALL = ["ecad.halo_um=48", "tiling.tile_px=640"]
+#: small drawn scenes: a small halo and tile keep the padded tile (and the test) small; the counted
+#: clusters must fit in the halo (config check), so their least extent comes down with it
+SMALL = ["ecad.halo_um=48", "tiling.tile_px=640", "ecad.clusters.min_extent_um=40"]
 #: drawn scenes: Ruifrok vectors as drawn, and no counterstain scale. Their flat 0.8 OD nuclei read
 #: darker than the reference level (0.55, set on textured phantom nuclei) and would be scaled to 0.69x,
 #: which makes a sparse grid of nuclei in an even 0.2 OD counterstain read as bone (acellular matrix);
@@ -223,6 +224,53 @@ def test_cluster_counting_on_positions():
     assert count_clusters(np.zeros((0, 2)), link_um=16, min_extent_um=40) == []
 
 
+def test_sheet_members_need_a_positive_majority_around_them():
+    """A positive cell amid negative ones is not in a sheet; one in a block of positive cells is."""
+    from marrowseg.analyzers.ecad import sheet_members
+
+    g = np.stack(np.mgrid[0:9, 0:9], axis=-1).reshape(-1, 2) * 12.0
+    block = (g[:, 0] >= 36) & (g[:, 1] >= 36)             # a 5 x 5 block of positive cells
+    lone = (g[:, 0] == 0) & (g[:, 1] == 0)                 # one positive cell in a corner of negatives
+    member = sheet_members(g, block | lone, radius_um=20, min_fraction=0.5)
+    assert not member[lone].any() and not member[~(block | lone)].any()
+    inner = block & (g[:, 0] >= 48) & (g[:, 1] >= 48)
+    assert member[inner].all()
+    assert not sheet_members(g, np.zeros(len(g), bool), radius_um=20, min_fraction=0.5).any()
+
+
+def _island_and_sheet(spacing: float = 12.0, n_side: int = 20):
+    """Nuclei on a grid, all negative but a mixed island (every third cell positive) and a pure sheet."""
+    size = int(round((n_side + 1) * spacing / MPP))
+    rr, cc = np.mgrid[0:size, 0:size].astype(np.float64)
+    h = np.full((size, size), 0.2)
+    dab = np.zeros((size, size))
+    for i in range(n_side):
+        for j in range(n_side):
+            island = 1 <= i <= 8 and 1 <= j <= 8 and (i + j) % 3 == 0
+            sheet = 12 <= i <= 17 and 12 <= j <= 17
+            r0, c0 = (i + 1) * spacing / MPP, (j + 1) * spacing / MPP
+            d_um = np.hypot(rr - r0, cc - c0) * MPP
+            h[d_um <= 3.5] = 0.8
+            if island or sheet:
+                dab[(d_um >= 4.3) & (d_um <= 5.3)] = 0.6
+    return _render(h, dab)
+
+
+@pytest.mark.parametrize("sheet_rule", [True, False])
+def test_a_mixed_island_of_positive_cells_is_not_a_sheet(sheet_rule):
+    """Only the pure sheet is a cluster; without the majority rule the island's chains of positive
+    cells (diagonal neighbours 17 µm apart) count too."""
+    rgb = _island_and_sheet()
+    extra = [] if sheet_rule else ["ecad.clusters.neighbourhood_um=null"]
+    cfg = load_config("ecad", overrides=[*DRAWN, *extra])
+    r = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu").readouts
+    assert r["ecad_pos_cells"] >= 36 + 20
+    if sheet_rule:
+        assert r["ecad_pos_clusters"] == 1
+    else:
+        assert r["ecad_pos_clusters"] > 1
+
+
 def test_clusters_crossing_tile_borders_are_counted_once():
     """A sheet of positive cells across tile cores gives the same count with small tiles."""
     spacing = 12.0
@@ -281,6 +329,21 @@ def test_phantom_counts_and_ratio_near_truth():
     r = analyze_array(rgb, 0.25, ECadAnalyzer(cfg.ecad), cfg, device="cpu").readouts
     assert abs(r["ecad_pos_cells"] - n_pos) <= max(3, 0.15 * n_pos)
     assert abs(r["left_shift_ratio"] - n_pos / (n_pos + n_late)) <= 0.1
+
+
+@pytest.mark.parametrize("n_sheets", [0, 2])
+def test_phantom_sheets_are_the_clusters_of_a_strong_left_shift(n_sheets):
+    """Tuning phantom seed 5 (ratio 0.8: erythroid islands full of E-cad+ cells; black box): its
+    clusters are the sheets drawn into it, none without them (the former rule counted 3 there)."""
+    from marrowseg.synth import make_phantom
+
+    w = 2048
+    ph = make_phantom("ecad", seed=5, size_px=(w, w), mpp=0.25, left_shift_ratio=0.8, stain_jitter=0.1,
+                      sheets=n_sheets)
+    assert len(ph.world.sheet_xyr) == n_sheets
+    cfg = load_config("ecad")
+    r = analyze_array(ph.render(0, 0, w, w), 0.25, ECadAnalyzer(cfg.ecad), cfg, device="cpu").readouts
+    assert r["ecad_pos_clusters"] == n_sheets
 
 
 def test_phantom_nucleated_count_needs_the_faint_nuclei():

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from marrowseg.errors import ConfigError
 from marrowseg.synth import make_phantom, write_phantom
 
 SIZE = (1024, 1024)
@@ -300,3 +301,49 @@ def test_written_truth_leaves_haemorrhage_out_of_the_marrow_space(tmp_path):
     assert areas["haemorrhage"] > 0 and truth["params"]["haemorrhage_pct"] == 20
     want = 100 * areas["haematopoietic"] / (areas["haematopoietic"] + areas["fat"])
     assert truth["readouts"]["cellularity_pct"] == pytest.approx(want)
+
+
+@pytest.fixture(scope="module")
+def sheets():
+    """An E-cadherin phantom at a low left shift, with two sheets of early erythroid precursors and without."""
+    kw = {"seed": 4, "size_px": (2048, 2048), "mpp": 0.5, "left_shift_ratio": 0.1}
+    a, b = make_phantom("ecad", **kw), make_phantom("ecad", sheets=2, **kw)
+    return ({"rgb": a.render(0, 0, 2048, 2048), **a.truth_region(0, 0, 2048, 2048)},
+            {"rgb": b.render(0, 0, 2048, 2048), **b.truth_region(0, 0, 2048, 2048), "xyr": b.world.sheet_xyr})
+
+
+def test_sheets_are_early_erythroid_cells_replacing_the_fat(sheets):
+    """Every listed cell inside a sheet is E-cadherin positive, the sheet holds no fat, and its
+    discs lie wholly in the marrow, 60-150 µm across and apart."""
+    _, b = sheets
+    xyr = b["xyr"]
+    assert len(xyr) == 2 and ((2 * xyr[:, 2] >= 60) & (2 * xyr[:, 2] <= 150)).all()
+    assert np.hypot(*(xyr[0, :2] - xyr[1, :2])) >= xyr[0, 2] + xyr[1, 2] + 60
+    c = b["cells"]
+    x, y = np.asarray(c["x_um"], float), np.asarray(c["y_um"], float)
+    yy, xx = (np.mgrid[0:2048, 0:2048] + 0.5) * 0.5
+    for sx, sy, r in xyr:
+        inside = np.hypot(x - sx, y - sy) <= r
+        assert inside.sum() >= 10
+        assert (np.asarray(c["ecad_pos"])[inside] == 1).all()
+        assert set(np.asarray(c["cell_class"])[inside]) == {"early_erythroid"}
+        disc = np.hypot(xx - sx, yy - sy) <= r - 1
+        assert (b["labels"][disc] == 1).all()  # haematopoietic: no fat, bone or glass
+
+
+def test_sheets_leave_the_rest_of_the_phantom_as_it_was(sheets):
+    """Pixels well away from the sheets (beyond a cell's reach) are those of the phantom without them."""
+    a, b = sheets
+    yy, xx = (np.mgrid[0:2048, 0:2048] + 0.5) * 0.5
+    far = np.ones((2048, 2048), bool)
+    for sx, sy, r in b["xyr"]:
+        far &= np.hypot(xx - sx, yy - sy) > r + 100
+    assert far.mean() > 0.3
+    assert (a["labels"][far] == b["labels"][far]).all()
+    assert (a["rgb"][far] == b["rgb"][far]).all()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, 101])
+def test_sheets_must_be_a_whole_number(bad):
+    with pytest.raises(ConfigError, match="sheets"):
+        make_phantom("ecad", sheets=bad)

@@ -18,11 +18,12 @@ from their local contrast
 erythroid when round, solid, even and dense enough, :meth:`ECadAnalyzer._late_faint`).
 ``finalize`` forms every ratio from the summed counts.
 
-Clusters are counted exactly once per slide: a tile reports the clusters whose lowest
-(row, col) member lies in its core, built from the positive cells of the whole tile (halo
-included). That is exact for clusters that fit in the halo (extent below about
-``halo_um`` minus one link); larger sheets may be cut by the tile edge and counted more
-than once, and the tile then also counts them in ``n_ecad_clusters_truncated``.
+Clusters (sheets of positive cells, :func:`sheet_members` and :func:`count_clusters`) are
+counted exactly once per slide: a tile reports the clusters whose lowest (row, col) member
+lies in its core, built from the cells of the whole tile (halo included). That is exact for
+clusters that fit in the halo (extent below about ``halo_um`` minus one link and one
+neighbourhood); larger sheets may be cut by the tile edge and counted more than once, and the
+tile then also counts them in ``n_ecad_clusters_truncated``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ __all__ = [
     "unstained_part",
     "rim_density",
     "count_clusters",
+    "sheet_members",
     "wilson_interval",
 ]
 
@@ -608,6 +610,39 @@ def count_clusters(
     return out
 
 
+def sheet_members(rc_um: np.ndarray, positive: np.ndarray, *, radius_um: float, min_fraction: float) -> np.ndarray:
+    """Positive cells that lie in a sheet: positive cells make up most of the cells around them.
+
+    Parameters
+    ----------
+    rc_um : (N, 2) float ndarray
+        (row, col) of every nucleated cell, µm.
+    positive : (N,) bool ndarray
+        E-cad+ calls.
+    radius_um : float
+        Neighbourhood radius, µm (the cell itself included).
+    min_fraction : float
+        Least share of positive cells among the cells of the neighbourhood.
+
+    Returns
+    -------
+    (N,) bool ndarray
+        Positive cells whose neighbourhood is at least ``min_fraction`` positive. An erythroid
+        island of a reactive left shift mixes its positive cells with maturing and myeloid ones;
+        a neoplastic sheet is positive throughout.
+    """
+    pts = np.asarray(rc_um, np.float64).reshape(-1, 2)
+    positive = np.asarray(positive, bool)
+    out = np.zeros(len(pts), bool)
+    if not positive.any():
+        return out
+    tree = cKDTree(pts)
+    near = tree.query_ball_point(pts[positive], float(radius_um), return_length=True)
+    near_pos = cKDTree(pts[positive]).query_ball_point(pts[positive], float(radius_um), return_length=True)
+    out[positive] = near_pos >= min_fraction * near
+    return out
+
+
 def _runs(idx: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Values of a non-decreasing index array and the [start, stop) range each one covers."""
     vals, starts = np.unique(idx, return_index=True)
@@ -641,6 +676,16 @@ def wilson_interval(k: int, n: int, *, z: float = _Z95) -> tuple[float, float] |
     low = 0.0 if k == 0 else max(0.0, centre - half)
     high = 1.0 if k == n else min(1.0, centre + half)
     return (low, high)
+
+
+def _cluster_note(cfg: ECadConfig) -> str:
+    """How the clusters were counted, in words, for the interpretation."""
+    c = cfg.clusters
+    sheet = (f"positive cells that are at least {c.min_positive_fraction:g} of the nucleated cells within "
+             f"{c.neighbourhood_um:g} µm, " if c.neighbourhood_um is not None else "positive cells, ")
+    exact = cfg.halo_um - c.link_um - (c.neighbourhood_um or 0.0)
+    return (f"clusters of {sheet}linked within {c.link_um:g} µm, extent > {c.min_extent_um:g} µm; "
+            f"exact up to an extent of about {exact:g} µm")
 
 
 def _range_verdict(value: float | None, low: float | None, high: float | None) -> str | None:
@@ -1151,6 +1196,9 @@ class ECadAnalyzer(Analyzer):
         """Clusters owned by this tile (lowest member in the core) and how many touch a cut edge."""
         cfg = self.config.clusters
         mpp = float(ctx.mpp)
+        if cfg.neighbourhood_um is not None:
+            positive = sheet_members(np.column_stack([table["row"], table["col"]]) * mpp, positive,
+                                     radius_um=cfg.neighbourhood_um, min_fraction=cfg.min_positive_fraction)
         rows, cols = table["row"][positive], table["col"][positive]
         clusters = count_clusters(np.column_stack([rows, cols]) * mpp, link_um=cfg.link_um,
                                   min_extent_um=cfg.min_extent_um)
@@ -1261,8 +1309,7 @@ class ECadAnalyzer(Analyzer):
                 "value": n_clusters, "alert_count": icfg.cluster_alert_count,
                 "flag": n_clusters >= icfg.cluster_alert_count,
                 "truncated": int(g("n_ecad_clusters_truncated")),
-                "note": f"clusters with extent > {cfg.clusters.min_extent_um} µm, link {cfg.clusters.link_um} µm; "
-                        f"exact up to an extent of about {cfg.halo_um - cfg.clusters.link_um:g} µm",
+                "note": _cluster_note(cfg),
                 "source": ref.ecad_pos_clusters.source,
             },
         }

@@ -78,6 +78,11 @@ class ECadClustersConfig(Strict):
 
     link_um: float = Field(gt=0, description="two positive cells closer than this are linked, µm (centre to centre)")
     min_extent_um: float = Field(gt=0, description="a cluster is counted when its extent (largest centre distance) exceeds this, µm")
+    neighbourhood_um: float | None = Field(
+        None, gt=0, description="a positive cell joins a cluster only when positive cells are at least "
+        "min_positive_fraction of the nucleated cells within this distance of its centre, µm (null: every "
+        "positive cell joins)")
+    min_positive_fraction: float = Field(0.5, gt=0, le=1, description="see neighbourhood_um")
 
 
 class ECadInterpretationConfig(Strict):

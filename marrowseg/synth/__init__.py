@@ -49,7 +49,7 @@ HETEROGENEOUS_GRADE_FRAC = 0.30
 def make_phantom(stain: str, *, seed: int = 0, size_px: tuple[int, int] = (4096, 4096), mpp: float = 0.25,
                  cellularity_pct: float | None = None, left_shift_ratio: float | None = None,
                  grade: int | None = None, heterogeneous: str | None = None,
-                 stain_jitter: float = 0.1, haemorrhage_pct: float = 0.0) -> Phantom:
+                 stain_jitter: float = 0.1, haemorrhage_pct: float = 0.0, sheets: int = 0) -> Phantom:
     """Create a phantom world (cheap: only the coarse layout is built).
 
     Parameters
@@ -78,6 +78,11 @@ def make_phantom(stain: str, *, seed: int = 0, size_px: tuple[int, int] = (4096,
         Share of the marrow space (about; the truth is exact) taken by lakes of packed red cells
         spilled from the sinusoids: no nucleated cells, no fat, label 4 in the truth, outside the
         marrow space. Default 0 (none; a seed's phantom is then the same pixel for pixel).
+    sheets : int
+        Sheets of early erythroid (E-cadherin-positive) precursors to place, each a disc 60-150 µm
+        across wholly inside the marrow, replacing its fat, at least 60 µm from the next: a
+        neoplastic erythroid proliferation. Fewer are placed when the marrow has no room; the truth
+        lists those placed (``sheets``). Default 0 (none; the phantom is then the same pixel for pixel).
 
     Raises
     ------
@@ -113,9 +118,11 @@ def make_phantom(stain: str, *, seed: int = 0, size_px: tuple[int, int] = (4096,
         raise ConfigError(f"stain_jitter={stain_jitter!r}: expected 0-1")
     if not 0 <= haemorrhage_pct < 100:
         raise ConfigError(f"haemorrhage_pct={haemorrhage_pct!r}: expected 0 to under 100")
+    if isinstance(sheets, bool) or not isinstance(sheets, (int, np.integer)) or not 0 <= sheets <= 100:
+        raise ConfigError(f"sheets={sheets!r}: expected a whole number 0-100")
     p = Params(stain=stain, seed=int(seed), size_px=(w, h), mpp=float(mpp), cellularity_pct=cell,
                left_shift_ratio=ls, grade=g if stain == "reticulin" else 0, heterogeneous=heterogeneous,
-               stain_jitter=float(stain_jitter), haemorrhage_pct=float(haemorrhage_pct))
+               stain_jitter=float(stain_jitter), haemorrhage_pct=float(haemorrhage_pct), sheets=int(sheets))
     return Phantom(p)
 
 
@@ -131,7 +138,8 @@ class Phantom:
         p = self.params
         return (f"Phantom(stain={p.stain!r}, seed={p.seed}, size_px={p.size_px}, mpp={p.mpp}, "
                 f"cellularity_pct={p.cellularity_pct}, left_shift_ratio={p.left_shift_ratio}, "
-                f"grade={p.grade}, heterogeneous={p.heterogeneous!r}, haemorrhage_pct={p.haemorrhage_pct})")
+                f"grade={p.grade}, heterogeneous={p.heterogeneous!r}, haemorrhage_pct={p.haemorrhage_pct}, "
+                f"sheets={p.sheets})")
 
     @property
     def size_px(self) -> tuple[int, int]:
@@ -252,6 +260,14 @@ class Phantom:
         log.info("wrote %s: %s", path, json.dumps(truth["readouts"]))
         return truth
 
+    def _sheet_truth(self, cells: dict) -> list[dict]:
+        """The sheets placed: centre and diameter (µm, level-0 px) and the listed cells inside each."""
+        xyr = self.world.sheet_xyr
+        mpp = self.params.mpp
+        return [{"x_um": float(x), "y_um": float(y), "x_px": float(x / mpp), "y_px": float(y / mpp),
+                 "diameter_um": float(2 * r), "cells": n}
+                for (x, y, r), n in zip(xyr, _sheet_cells(cells, xyr), strict=True)]
+
     def _summarise(self, acc: dict, cells: dict) -> dict:
         p = self.params
         px_area = p.mpp * p.mpp
@@ -302,17 +318,28 @@ class Phantom:
             "params": {"seed": p.seed, "size_px": list(p.size_px), "mpp": p.mpp,
                        "cellularity_pct": p.cellularity_pct, "left_shift_ratio": p.left_shift_ratio,
                        "grade": p.grade, "heterogeneous": p.heterogeneous, "stain_jitter": p.stain_jitter,
-                       "haemorrhage_pct": p.haemorrhage_pct},
+                       "haemorrhage_pct": p.haemorrhage_pct, "sheets": p.sheets},
             "readouts": ro,
             "areas_um2": areas,
             "counts": counts,
             "pixel_counts": {LABELS[k]: int(v) for k, v in enumerate(acc["labels"]) if k < 4 or p.haemorrhage_pct > 0},
         }
+        if p.sheets:
+            out["sheets"] = self._sheet_truth(cells)
+            ro["ecad_sheets"] = len(out["sheets"])
         if p.stain == "reticulin":
             out["fibres"] = {"length_um": acc["fibre_length_um"], "thick_length_um": acc["thick_fibre_length_um"],
                              "crossings": acc["crossings"], "thick_width_um": _world.THICK_FIBRE_UM,
                              "grade_area_frac": grade_frac}
         return out
+
+
+def _sheet_cells(cells: dict, xyr: np.ndarray) -> list[int]:
+    """Number of listed cells inside each sheet disc."""
+    if not cells or not len(cells.get("x_um", ())):
+        return [0] * len(xyr)
+    x, y = np.asarray(cells["x_um"], np.float64), np.asarray(cells["y_um"], np.float64)
+    return [int(np.sum(np.hypot(x - sx, y - sy) <= r)) for sx, sy, r in xyr]
 
 
 def _cell_table(cells: dict, box, mpp: float) -> dict:

@@ -190,6 +190,8 @@ class Renderer:
             b_[first] = p[first]
             bi_[first] = k
         fat = core & ~bone & ~hmr & (bi >= 0)
+        if w.sheet_xyr.size:
+            fat &= ~w.sheet_grid(xs, ys)  # a sheet replaces the fat
         lab[core] = 1
         lab[fat] = 2
         lab[bone] = 3

@@ -40,7 +40,7 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import distance_transform_edt, gaussian_filter
 from scipy.spatial import cKDTree
 
 from marrowseg.synth import _noise as nz
@@ -78,6 +78,11 @@ RBC_AMP = (0.38, 0.6)
 # haemorrhage (biopsy-induced bleeding into the marrow): lakes of packed erythrocytes, the blood of
 # the sinusoids spilled into the tissue; their outline follows a smooth random field of this scale
 HAEMORRHAGE_SIGMA_UM = 120.0
+# sheets of early erythroid precursors (a neoplastic erythroid proliferation: pure erythroid leukaemia,
+# MDS with erythroid predominance) replace the marrow, fat included, in discs of 5-10 proerythroblasts
+# across (cells 12-16 µm; Bain, Clark & Wilkins ch. 1); distinct sheets lie at least this far apart
+SHEET_DIAMETER_UM = (60.0, 150.0)
+SHEET_GAP_UM = 60.0
 THICK_FIBRE_UM = 2.5             # fibres at least this wide count as thick (collagen bundles)
 FIBRE_STEP_UM = 1.5
 
@@ -101,7 +106,7 @@ STAGES = ("myeloblast", "myelocyte", "metamyelocyte", "band", "segmented",
 _STAGE_CLASS = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 4])
 
 # Keys for the noise / generator streams.
-K_CORE, K_BONE, K_FAT, K_ADIPO, K_CELL, K_MK, K_SINUS, K_SINUS2, K_ERY, K_FIB, K_GRADE, K_HAEM = range(12)
+K_CORE, K_BONE, K_FAT, K_ADIPO, K_CELL, K_MK, K_SINUS, K_SINUS2, K_ERY, K_FIB, K_GRADE, K_HAEM, K_SHEET = range(13)
 _BLOCK_OFF = 1 << 20
 
 
@@ -119,6 +124,7 @@ class Params:
     heterogeneous: str | None
     stain_jitter: float
     haemorrhage_pct: float = 0.0
+    sheets: int = 0
 
 
 def _rng(seed: int, *parts: int) -> np.random.Generator:
@@ -232,9 +238,47 @@ class World:
             marrow_nodes = core_nodes & ~(np.abs(self.bone_n) < self.bone_t)
             if marrow_nodes.any():
                 self.hmr_t = float(np.quantile(self.hmr_n[marrow_nodes], 1.0 - p.haemorrhage_pct / 100.0))
+        # sheets: (n, 3) centre x, y and radius, µm
+        self.sheet_xyr = self._place_sheets(gx, gy, core_nodes) if p.sheets > 0 else np.zeros((0, 3))
         self.fat_thr = 0.0
         self.adipo_reach = ADIPO_REACH
         self.fat_thr = self._calibrate_fat(p.cellularity_pct)
+
+    def _place_sheets(self, gx: np.ndarray, gy: np.ndarray, core_nodes: np.ndarray) -> np.ndarray:
+        """Centres and radii (µm) of up to ``p.sheets`` discs wholly inside the marrow and the slide, apart."""
+        rng = _rng(self.p.seed, K_SHEET)
+        marrow = core_nodes & ~(np.abs(self.bone_n) < self.bone_t)
+        if self.hmr_n is not None:
+            marrow &= ~(self.hmr_n > self.hmr_t)
+        room = distance_transform_edt(marrow) * self.lm  # µm from a node to the nearest non-marrow node
+        gxx, gyy = np.meshgrid(gx, gy)
+        out: list[tuple[float, float, float]] = []
+        for _ in range(int(self.p.sheets)):
+            r = rng.uniform(*SHEET_DIAMETER_UM) / 2
+            ok = (room >= r + self.lm) & (gxx >= r) & (gxx <= self.width_um - r) & (gyy >= r) & (gyy <= self.height_um - r)
+            for x, y, rr in out:
+                ok &= np.hypot(gxx - x, gyy - y) >= r + rr + SHEET_GAP_UM
+            idx = np.flatnonzero(ok)
+            if idx.size == 0:
+                break  # no room left: the truth lists the sheets placed
+            k = int(idx[rng.integers(idx.size)])
+            out.append((float(gxx.flat[k]), float(gyy.flat[k]), float(r)))
+        return np.array(out, np.float64).reshape(-1, 3)
+
+    def sheet_pts(self, x, y) -> np.ndarray:
+        """Inside a sheet of early erythroid precursors, at scattered points."""
+        x = np.asarray(x, np.float64)
+        out = np.zeros(x.shape, bool)
+        for sx, sy, r in self.sheet_xyr:
+            out |= np.hypot(x - sx, np.asarray(y, np.float64) - sy) <= r
+        return out
+
+    def sheet_grid(self, xs, ys) -> np.ndarray:
+        """Inside a sheet, on the grid ``ys`` x ``xs``."""
+        out = np.zeros((np.size(ys), np.size(xs)), bool)
+        for sx, sy, r in self.sheet_xyr:
+            out |= ((xs[None, :] - sx) ** 2 + (ys[:, None] - sy) ** 2) <= r * r
+        return out
 
     # ------------------------------------------------------------------ layout pieces
     def _uv(self, x, y):
@@ -440,6 +484,8 @@ class World:
         if self.hmr_n is not None and rest.any():
             hmr[rest] = self.haemorrhage_pts(x[rest], y[rest])
             rest &= ~hmr
+        if self.sheet_xyr.size and rest.any():
+            rest &= ~self.sheet_pts(x, y)  # a sheet replaces the fat
         fat = np.zeros(x.shape, bool)
         if rest.any():
             fat[rest] = self.fat_pts(x[rest], y[rest])
@@ -509,6 +555,9 @@ class World:
         stage[lym] = 9
         cuts = np.array([0.10, 0.45, 0.65, 0.80])
         stage[mye] = np.searchsorted(cuts, u[mye, 2])
+        if self.sheet_xyr.size:
+            ins = self.sheet_pts(x, y)  # every cell of a sheet is an early erythroid precursor
+            stage[ins] = np.where(u[ins, 2] < 0.35, 5, 6)
         cells, prims = _cell_geometry(x, y, stage, u)
         cells["id"] = (np.int64(bx + _BLOCK_OFF) << 40) | (np.int64(by + _BLOCK_OFF) << 16) | cells.pop("k")
         # red cells in sinusoids
