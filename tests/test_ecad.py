@@ -238,22 +238,30 @@ def test_sheet_members_need_a_positive_majority_around_them():
     assert not sheet_members(g, np.zeros(len(g), bool), radius_um=20, min_fraction=0.5).any()
 
 
-def _island_and_sheet(spacing: float = 12.0, n_side: int = 20):
-    """Nuclei on a grid, all negative but a mixed island (every third cell positive) and a pure sheet."""
-    size = int(round((n_side + 1) * spacing / MPP))
+def _grid_of_cells(n_side: int, spacing: float, pad: int, kind) -> np.ndarray:
+    """RGB of 7 µm nuclei on a square grid (``spacing`` µm, ``pad`` empty rows and columns in all);
+    ``kind(i, j)`` is None (no cell), False (negative) or True (a DAB membrane ring 0.8-1.8 µm out)."""
+    size = int(round((n_side + pad) * spacing / MPP))
     rr, cc = np.mgrid[0:size, 0:size].astype(np.float64)
     h = np.full((size, size), 0.2)
     dab = np.zeros((size, size))
     for i in range(n_side):
         for j in range(n_side):
-            island = 1 <= i <= 8 and 1 <= j <= 8 and (i + j) % 3 == 0
-            sheet = 12 <= i <= 17 and 12 <= j <= 17
-            r0, c0 = (i + 1) * spacing / MPP, (j + 1) * spacing / MPP
+            k = kind(i, j)
+            if k is None:
+                continue
+            r0, c0 = (i + pad / 2) * spacing / MPP, (j + pad / 2) * spacing / MPP
             d_um = np.hypot(rr - r0, cc - c0) * MPP
             h[d_um <= 3.5] = 0.8
-            if island or sheet:
+            if k:
                 dab[(d_um >= 4.3) & (d_um <= 5.3)] = 0.6
     return _render(h, dab)
+
+
+def _island_and_sheet() -> np.ndarray:
+    """Cells on a 12 µm grid, all negative but a mixed island (every third cell positive) and a pure sheet."""
+    return _grid_of_cells(20, 12.0, 2, lambda i, j: (1 <= i <= 8 and 1 <= j <= 8 and (i + j) % 3 == 0)
+                          or (12 <= i <= 17 and 12 <= j <= 17))
 
 
 @pytest.mark.parametrize("sheet_rule", [True, False])
@@ -273,21 +281,9 @@ def test_a_mixed_island_of_positive_cells_is_not_a_sheet(sheet_rule):
 
 def test_clusters_crossing_tile_borders_are_counted_once():
     """A sheet of positive cells across tile cores gives the same count with small tiles."""
-    spacing = 12.0
-    n_side = 18
-    size = int(round((n_side + 3) * spacing / MPP))
-    rr, cc = np.mgrid[0:size, 0:size].astype(np.float64)
-    h = np.full((size, size), 0.2)
-    dab = np.zeros((size, size))
-    for i in range(n_side):
-        for j in range(n_side):
-            if not ((i < 3 and j < 3) or (4 <= i < 7 and 4 <= j < 7) or (10 <= i < 13 and j < 3)):
-                continue  # three sheets of 3x3 cells (extent 34 µm), two across the small tiles' cores
-            r0, c0 = (i + 1.5) * spacing / MPP, (j + 1.5) * spacing / MPP
-            d_um = np.hypot(rr - r0, cc - c0) * MPP
-            h[d_um <= 3.5] = 0.8
-            dab[(d_um >= 4.3) & (d_um <= 5.3)] = 0.6
-    rgb = _render(h, dab)
+    # three sheets of 3x3 positive cells (extent 34 µm), two across the small tiles' cores
+    rgb = _grid_of_cells(18, 12.0, 3, lambda i, j: True if ((i < 3 and j < 3) or (4 <= i < 7 and 4 <= j < 7)
+                                                         or (10 <= i < 13 and j < 3)) else None)
     sets = [*DRAWN, "ecad.clusters.min_extent_um=30", "ecad.halo_um=36"]
     one = load_config("ecad", overrides=[*sets, "tiling.tile_px=720"])
     many = load_config("ecad", overrides=[*sets, "tiling.tile_px=288"])
