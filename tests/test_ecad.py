@@ -271,12 +271,17 @@ def test_a_mixed_island_of_positive_cells_is_not_a_sheet(sheet_rule):
     rgb = _island_and_sheet()
     extra = [] if sheet_rule else ["ecad.clusters.neighbourhood_um=null"]
     cfg = load_config("ecad", overrides=[*DRAWN, *extra])
-    r = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu").readouts
+    res = analyze_array(rgb, MPP, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
+    r, cells = res.readouts, res.cells
     assert r["ecad_pos_cells"] >= 36 + 20
+    member = cells["ecad_cluster"] == 1
+    in_sheet = (cells["y"] * MPP > 150) & (cells["x"] * MPP > 150)  # the sheet's cells lie at 156-216 µm
+    assert (cells["class"][member] == "ecad_pos").all()
     if sheet_rule:
         assert r["ecad_pos_clusters"] == 1
+        assert in_sheet[member].all() and member.sum() >= 30  # its corners have more negative neighbours
     else:
-        assert r["ecad_pos_clusters"] > 1
+        assert r["ecad_pos_clusters"] > 1 and (member & ~in_sheet).any()
 
 
 def test_clusters_crossing_tile_borders_are_counted_once():
@@ -294,6 +299,8 @@ def test_clusters_crossing_tile_borders_are_counted_once():
     assert a.readouts["ecad_pos_clusters"] == 3
     assert b.readouts["ecad_pos_clusters"] == 3
     assert b.readouts["ecad_pos_cells"] == a.readouts["ecad_pos_cells"]
+    # membership is the same whichever tile writes the cell
+    assert int(a.cells["ecad_cluster"].sum()) == int(b.cells["ecad_cluster"].sum()) == 27
 
 
 def test_readouts_are_sums_of_tile_stats_and_ratio_has_interval():

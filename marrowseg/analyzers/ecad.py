@@ -993,7 +993,8 @@ class ECadAnalyzer(Analyzer):
         for name in CELL_CLASSES:
             stats[f"n_{name}"] = int((classes[keep] == name).sum())
 
-        n_cl, n_trunc = self._clusters(table, positive, ctx, shape)
+        n_cl, n_trunc, member = self._clusters(table, positive, ctx, shape)
+        cells["ecad_cluster"] = member[keep].astype(np.int8)
         stats["n_ecad_clusters"] = n_cl
         stats["n_ecad_clusters_truncated"] = n_trunc
         windows = self._windows(core_labels, cells, ctx) if cfg.window_um is not None else {}
@@ -1192,18 +1193,22 @@ class ECadAnalyzer(Analyzer):
         return table, classes, positive, ring_od, nucleus_od
 
     def _clusters(self, table: dict[str, np.ndarray], positive: np.ndarray, ctx: TileContext,
-                  shape: tuple[int, int]) -> tuple[int, int]:
-        """Clusters owned by this tile (lowest member in the core) and how many touch a cut edge."""
+                  shape: tuple[int, int]) -> tuple[int, int, np.ndarray]:
+        """Clusters owned by this tile (lowest member in the core), how many touch a cut edge, and
+        which rows of ``table`` belong to any counted cluster (owned here or not)."""
         cfg = self.config.clusters
         mpp = float(ctx.mpp)
         if cfg.neighbourhood_um is not None:
             positive = sheet_members(np.column_stack([table["row"], table["col"]]) * mpp, positive,
                                      radius_um=cfg.neighbourhood_um, min_fraction=cfg.min_positive_fraction)
-        rows, cols = table["row"][positive], table["col"][positive]
+        idx = np.flatnonzero(positive)
+        rows, cols = table["row"][idx], table["col"][idx]
         clusters = count_clusters(np.column_stack([rows, cols]) * mpp, link_um=cfg.link_um,
                                   min_extent_um=cfg.min_extent_um)
+        member = np.zeros(len(table["row"]), bool)
         if not clusters:
-            return 0, 0
+            return 0, 0, member
+        member[idx[np.concatenate(clusters)]] = True
         edge_px = cfg.link_um / mpp
         # edges where the tile cuts the slide (a cluster there may continue beyond the tile)
         cut_top, cut_left = ctx.origin_px[0] > 0, ctx.origin_px[1] > 0
@@ -1218,7 +1223,7 @@ class ECadAnalyzer(Analyzer):
             if ((cut_top and r.min() < edge_px) or (cut_left and c.min() < edge_px)
                     or (cut_bottom and r.max() > shape[0] - edge_px) or (cut_right and c.max() > shape[1] - edge_px)):
                 n_trunc += 1
-        return n, n_trunc
+        return n, n_trunc, member
 
     def _map(self, labels: np.ndarray, ctx: TileContext) -> np.ndarray:
         """The core's labels on the slide-aligned grid of every k-th analysis pixel."""
