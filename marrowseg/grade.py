@@ -114,7 +114,8 @@ def _ecad_lines(m: Mapping[str, Any]) -> list[str]:
     clusters = it.get("clusters") or {}
     if clusters.get("flag"):
         lines.append(f"Clusters of E-cadherin+ precursors: {clusters.get('value')} "
-                     "(sheets of early erythroid cells; consider an erythroid neoplasm rather than a reactive shift)")
+                     "(sheets of early erythroid cells; consider an erythroid neoplasm rather than a reactive shift; "
+                     "their cells are marked ecad_cluster in cells.csv)")
     return lines
 
 

@@ -59,6 +59,15 @@ def test_megakaryocyte_density_is_worded_as_a_lower_bound():
     assert "megakaryocytes 0 per mm² (a lower bound: those whose nuclear lobes lie apart are missed)" in second
 
 
+@pytest.mark.parametrize("flag", [True, False])
+def test_clusters_are_named_with_where_to_find_them_only_when_flagged(flag):
+    m = {"stain": "ecad", "readouts": {"ecad_pos_per_100_nucleated": 9.0, "left_shift_ratio": 0.7},
+         "interpretation": {"clusters": {"value": 2 if flag else 0, "flag": flag}}}
+    text = " ".join(slide_report_lines(m))
+    assert ("Clusters of E-cadherin+ precursors: 2" in text and "ecad_cluster in cells.csv" in text) == flag
+    assert flag or "Clusters" not in text
+
+
 def test_unreadable_tiles_are_reported_with_their_area():
     """A slide not read whole says so under its figures; a whole one says nothing."""
     m = {"stain": "he", "readouts": {"cellularity_pct": 50.0},
