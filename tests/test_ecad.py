@@ -349,6 +349,20 @@ def test_phantom_sheets_are_the_clusters_of_a_strong_left_shift(n_sheets):
     assert r["ecad_pos_clusters"] == n_sheets
 
 
+def test_eval_script_compares_drawn_sheets_with_counted_clusters(capsys):
+    """``scripts/eval_ecad.py --sheets 1`` on one small phantom prints sheets against clusters."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from eval_ecad import main
+
+    assert main(["--seeds", "3", "--size-px", "1536", "--sheets", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "clusters t/m" in out
+    assert "clusters           1 of 1 phantoms exact; sheets 1, clusters 1" in out
+
+
 def test_phantom_nucleated_count_needs_the_faint_nuclei():
     """A small tuning phantom (seed 7, black box): the nucleated count is near truth only with faint_nuclei."""
     from marrowseg.synth import make_phantom
