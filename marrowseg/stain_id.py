@@ -150,16 +150,16 @@ def stain_features(rgb: np.ndarray, *, tissue_od: float = _TISSUE_OD) -> dict[st
     arr = np.asarray(rgb)
     if arr.ndim != 3 or arr.shape[2] < 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {arr.shape}")
-    px = arr[..., :3].reshape(-1, 3).astype(np.float32)
-    od = -np.log10(np.maximum(px, 1.0) / 255.0)
-    mean_od = od.mean(axis=1)
     tissue = tissue_pixels(arr, tissue_od).reshape(-1)
     n = int(tissue.sum())
     feats: dict[str, float] = {"tissue_frac": float(tissue.mean()) if tissue.size else 0.0, "n_tissue": float(n)}
     if n == 0:
         return feats | {"blue_frac": 0.0, "pink_frac": 0.0, "brown_frac": 0.0, "chroma_ratio": 0.0,
                         "pink_saturation": 0.0, "neutral_dark_frac": 0.0, "dark_frac": 0.0}
-    t = od[tissue].astype(np.float64)
+    # the optical density of the tissue pixels only (float32, the same values as the table's)
+    px = arr[..., :3].reshape(-1, 3)[tissue]
+    od = OD_OF_UINT8[px] if px.dtype == np.uint8 else -np.log10(np.maximum(px.astype(np.float32), 1.0) / 255.0)
+    t = od.astype(np.float64)
     grey = t @ _NEUTRAL
     c1, c2 = t @ _U1, t @ _U2
     chroma = np.hypot(c1, c2)
@@ -171,7 +171,7 @@ def stain_features(rgb: np.ndarray, *, tissue_od: float = _TISSUE_OD) -> dict[st
     feats["chroma_ratio"] = float(np.median(ratio))
     pink = (angle >= _SECTORS["pink"][0]) & (angle < _SECTORS["pink"][1])
     feats["pink_saturation"] = float(np.median(ratio[pink])) if pink.any() else 0.0
-    dark = mean_od[tissue] > _DARK_OD
+    dark = od.mean(axis=1) > _DARK_OD
     feats["dark_frac"] = float(dark.mean())
     feats["neutral_dark_frac"] = float((ratio[dark] < _NEUTRAL_RATIO).mean()) if dark.any() else 0.0
     return feats

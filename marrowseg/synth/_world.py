@@ -230,26 +230,25 @@ class World:
         ratio = np.abs(self.bone_n[core_nodes]) / widen[core_nodes]
         t = float(np.quantile(ratio, target)) if ratio.size else 0.3
         self.bone_t = (t * widen).astype(np.float32)
+        marrow_nodes = core_nodes & ~(np.abs(self.bone_n) < self.bone_t)
         # haemorrhage replaces marrow (never bone) in the top haemorrhage_pct % of a smooth field
         self.hmr_n: np.ndarray | None = None
         self.hmr_t = np.inf
         if p.haemorrhage_pct > 0:
             self.hmr_n = _smooth_field(_rng(p.seed, K_HAEM), self.nx, self.ny, self.lm, HAEMORRHAGE_SIGMA_UM)
-            marrow_nodes = core_nodes & ~(np.abs(self.bone_n) < self.bone_t)
             if marrow_nodes.any():
                 self.hmr_t = float(np.quantile(self.hmr_n[marrow_nodes], 1.0 - p.haemorrhage_pct / 100.0))
+            marrow_nodes &= ~(self.hmr_n > self.hmr_t)
         # sheets: (n, 3) centre x, y and radius, µm
-        self.sheet_xyr = self._place_sheets(gx, gy, core_nodes) if p.sheets > 0 else np.zeros((0, 3))
+        self.sheet_xyr = self._place_sheets(gx, gy, marrow_nodes) if p.sheets > 0 else np.zeros((0, 3))
         self.fat_thr = 0.0
         self.adipo_reach = ADIPO_REACH
         self.fat_thr = self._calibrate_fat(p.cellularity_pct)
 
-    def _place_sheets(self, gx: np.ndarray, gy: np.ndarray, core_nodes: np.ndarray) -> np.ndarray:
-        """Centres and radii (µm) of up to ``p.sheets`` discs wholly inside the marrow and the slide, apart."""
+    def _place_sheets(self, gx: np.ndarray, gy: np.ndarray, marrow: np.ndarray) -> np.ndarray:
+        """Centres and radii (µm) of up to ``p.sheets`` discs wholly inside the marrow (layout nodes
+        in the core, not bone or blood) and the slide, apart."""
         rng = _rng(self.p.seed, K_SHEET)
-        marrow = core_nodes & ~(np.abs(self.bone_n) < self.bone_t)
-        if self.hmr_n is not None:
-            marrow &= ~(self.hmr_n > self.hmr_t)
         room = distance_transform_edt(marrow) * self.lm  # µm from a node to the nearest non-marrow node
         gxx, gyy = np.meshgrid(gx, gy)
         out: list[tuple[float, float, float]] = []
