@@ -1,4 +1,5 @@
-"""H&E haematoxylin floor (``he.stain.h_reference_od``): a paler slide reads like the original."""
+"""H&E haematoxylin floor and ceiling (``he.stain.h_reference_od``, ``h_ceiling_od``): a paler or a
+darker slide reads like the original."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from marrowseg import synth
 from marrowseg.analyzers.he import HEAnalyzer
 from marrowseg.config import load_config
 from marrowseg.engine import analyze_array
+from marrowseg.errors import ConfigError
 
 MPP = 0.5
 
@@ -19,9 +21,11 @@ def _fade(rgb: np.ndarray, factor: float) -> np.ndarray:
     return np.clip(np.round(255.0 * 10.0 ** (-factor * od)), 0, 255).astype(np.uint8)
 
 
-def _config(ref: float | None, limits: tuple[float, float] | None = None):
+def _config(ref: float | None, limits: tuple[float, float] | None = None, ceiling: float | None | str = "shipped"):
     cfg = load_config("he")
     update: dict = {"h_reference_od": ref}
+    if ceiling != "shipped":
+        update["h_ceiling_od"] = ceiling
     if limits is not None:
         update["h_scale_limits"] = limits
     stain = cfg.he.stain.model_copy(update=update)
@@ -50,25 +54,43 @@ def test_scale_follows_the_stain_and_does_not_compound(phantom_rgb):
     assert an.prepare(np.full((5000, 3), 250, np.uint8))["h_scale"] == 1.0  # glass only: no scaling
 
 
-def test_the_shipped_reference_is_a_floor(phantom_rgb):
-    """Pale slides are brought up to the reference; slides above it are left exactly as they are."""
+def test_the_shipped_levels_bound_the_stain_and_leave_the_band_alone(phantom_rgb):
+    """Pale slides are brought up to the floor, dark ones down to the ceiling; a slide between
+    them is left exactly as it is."""
     an = HEAnalyzer(load_config("he").he)
+    ref, ceiling = an.config.stain.h_reference_od, an.config.stain.h_ceiling_od
     as_is = an.prepare(phantom_rgb.reshape(-1, 3))
-    assert as_is["h_level_od"] > an.config.stain.h_reference_od and as_is["h_scale"] == 1.0
+    assert ref < as_is["h_level_od"] < ceiling and as_is["h_scale"] == 1.0
     dark = an.prepare(_fade(phantom_rgb, 1.3).reshape(-1, 3))
-    assert dark["h_scale"] == 1.0
+    assert dark["h_level_od"] > ceiling
+    assert dark["h_scale"] == pytest.approx(ceiling / dark["h_level_od"])
     pale = an.prepare(_fade(phantom_rgb, 0.6).reshape(-1, 3))
-    assert pale["h_scale"] == pytest.approx(an.config.stain.h_reference_od / pale["h_level_od"])
+    assert pale["h_scale"] == pytest.approx(ref / pale["h_level_od"])
     assert pale["h_scale"] > 1.1
+
+
+def test_a_lower_scale_limit_of_one_never_darkens(phantom_rgb):
+    cfg = _config(0.85, limits=(1.0, 1.5))
+    assert cfg.he.stain.h_ceiling_od is not None
+    assert HEAnalyzer(cfg.he).prepare(_fade(phantom_rgb, 1.3).reshape(-1, 3))["h_scale"] == 1.0
+
+
+@pytest.mark.parametrize("override", [["he.stain.h_ceiling_od=0.8"], ["he.stain.h_scale_limits=[1.2,1.5]"]])
+def test_a_ceiling_below_the_floor_or_limits_off_one_are_refused(override):
+    with pytest.raises(ConfigError, match="h_ceiling_od|h_scale_limits"):
+        load_config("he", overrides=override)
 
 
 @pytest.mark.parametrize("seed", [1056, 1061])
 def test_a_fatty_marrow_is_not_taken_for_a_pale_stain(seed):
     """The level comes from nuclear pixels: a 3 %-cellular field, whose tissue is mostly fat
-    membranes and bone, keeps its stain (its 99th percentile of all tissue reads 0.7-0.9 OD)."""
+    membranes and bone, reads the level of the same stain packed (its 99th percentile of all
+    tissue reads 0.7-0.9 OD) and is not brightened."""
     an = HEAnalyzer(load_config("he").he)
     info = an.prepare(_phantom(3, seed=seed).reshape(-1, 3))
-    assert info["h_scale"] == 1.0, info
+    packed = an.prepare(_phantom(95, seed=seed).reshape(-1, 3))
+    assert abs(info["h_level_od"] - packed["h_level_od"]) < 0.1, (info, packed)
+    assert info["h_scale"] <= 1.0, info
 
 
 def test_pale_slide_counts_like_the_original_only_with_normalisation(phantom_rgb):
@@ -83,3 +105,16 @@ def test_pale_slide_counts_like_the_original_only_with_normalisation(phantom_rgb
     assert norm == raw  # above the floor: untouched
     assert raw_pale < 0.9 * raw  # fixed OD thresholds lose pale nuclei
     assert abs(norm_pale - norm) <= 0.06 * norm
+
+
+def test_dark_slide_counts_like_the_original_only_with_the_ceiling(phantom_rgb):
+    """Every OD x1.5 (a thick section): fixed OD thresholds take pale bodies for nuclei."""
+    def count(rgb, ceiling):
+        cfg = _config(load_config("he").he.stain.h_reference_od, ceiling=ceiling)
+        return analyze_array(rgb, MPP, HEAnalyzer(cfg.he), cfg, device="cpu").report["readouts"]["nucleated_cells"]
+
+    dark = _fade(phantom_rgb, 1.5)
+    base = count(phantom_rgb, "shipped")
+    assert base == count(phantom_rgb, None)  # inside the band: untouched
+    assert count(dark, None) > 1.05 * base
+    assert abs(count(dark, "shipped") - base) <= 0.03 * base

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from marrowseg.config._base import Strict
 from marrowseg.config.nuclei import FaintNucleiConfig, NucleiConfig, NucleusClassesConfig
@@ -36,11 +36,23 @@ class HEStainConfig(Strict):
         None, gt=0, description="haematoxylin intensity normalisation: the slide's haematoxylin is scaled so that "
         "its h_reference_percentile over nuclear pixels (haematoxylin above eosin and above 0.15 OD, among "
         "tissue pixels of the stain sample) equals this OD, within h_scale_limits; null: no scaling")
+    h_ceiling_od: float | None = Field(
+        None, gt=0, description="a slide whose nuclear level (as for h_reference_od) is above this OD is scaled "
+        "down to it, within h_scale_limits (a thicker section or a heavier staining run); null: never darker")
     h_reference_percentile: float = Field(90.0, gt=50, lt=100, description="percentile of nuclear haematoxylin, %")
     h_tissue_min_od: float = Field(0.15, ge=0, description="summed RGB OD of a tissue pixel for the percentile")
     h_scale_limits: tuple[float, float] = Field(
-        (1.0, 1.5), description="the scale is clipped to these bounds; a lower bound of 1 makes the reference a "
-        "floor (pale slides are brought up to it, dark ones left as they are)")
+        (1.0, 1.5), description="the scale is clipped to these bounds; a lower bound of 1 never darkens a slide, "
+        "whatever h_ceiling_od says")
+
+    @model_validator(mode="after")
+    def _ceiling_above_floor(self) -> HEStainConfig:
+        lo, hi = self.h_scale_limits
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError(f"h_scale_limits {self.h_scale_limits}: need 0 < low <= 1 <= high")
+        if self.h_reference_od is not None and self.h_ceiling_od is not None and self.h_ceiling_od < self.h_reference_od:
+            raise ValueError(f"h_ceiling_od {self.h_ceiling_od} is below h_reference_od {self.h_reference_od}")
+        return self
 
 
 class HEConfig(Strict):
