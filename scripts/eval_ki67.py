@@ -73,10 +73,17 @@ def match(labels: np.ndarray, det_rc: np.ndarray) -> np.ndarray:
     return out
 
 
-def evaluate(image: Path, gt: Path, mpp: float, sets: list[str]) -> dict[str, float]:
+def evaluate(image: Path, gt: Path, mpp: float, sets: list[str], od_scale: float = 1.0) -> dict[str, float]:
     config = load_config("ecad", overrides=["ecad.positivity_compartment=nucleus", *sets])
     with tempfile.TemporaryDirectory() as tmp:
-        _, result = analyze_slide(image, "ecad", tmp, mpp=mpp, config=config)
+        if od_scale != 1.0:
+            from eval_cell_detection import read_rgb, scale_od
+            from skimage import io
+
+            image_scaled = Path(tmp) / image.name
+            io.imsave(image_scaled, scale_od(read_rgb(image), od_scale), check_contrast=False)
+            image = image_scaled
+        _, result = analyze_slide(image, "ecad", Path(tmp) / "out", mpp=mpp, config=config)
         cells = result.cells
     labels, gpos = read_gt(gt)
     det = np.column_stack([cells["y"], cells["x"]]) if len(cells.get("x", ())) else np.zeros((0, 2))
@@ -106,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--mpp", type=float, default=0.25, help="pixel size of the tiles, µm/px")
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")
+    ap.add_argument("--od-scale", type=float, default=1.0, metavar="F",
+                    help="multiply every optical density of the tiles by F (a paler or darker staining run)")
     args = ap.parse_args(argv)
     tiles = sorted(p for p in args.dir.glob("*.png") if not p.stem.endswith("_gt"))
     tiles = [p for p in tiles if (p.parent / f"{p.stem}_gt.png").exists()]
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     tot = {"gt_nuclei": 0, "detections": 0, "matched": 0, "tp": 0, "fp": 0, "fn": 0, "gt_pos": 0, "fp_all": 0,
            "fn_all": 0}
     for p in tiles:
-        r = evaluate(p, p.parent / f"{p.stem}_gt.png", args.mpp, args.set)
+        r = evaluate(p, p.parent / f"{p.stem}_gt.png", args.mpp, args.set, args.od_scale)
         for k in tot:
             tot[k] += r[k]
         print(f"{p.stem:<12}{r['gt_nuclei']:>5}{r['gt_pos']:>5}{r['detections']:>5}{r['matched']:>6}{r['recall']:>8.3f}"
