@@ -49,13 +49,13 @@ def f1_with_tolerance(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float
     return float(f1), float(precision), float(recall)
 
 
-def eval_bombr() -> None:
+def eval_bombr(od_scale: float = 1.0) -> None:
     from skimage.io import imread
 
     if not BOMBR.exists():
         print(f"BoMBR data absent at {BOMBR}; skipped")
         return
-    rgb = imread(BOMBR / "fig0_image.png")[..., :3]
+    rgb = _restain(imread(BOMBR / "fig0_image.png")[..., :3], od_scale)
     truth = imread(BOMBR / "fig0_reticulin_gt.png") > 0
     cfg = load_config("reticulin")
     res = analyze_array(rgb, 1.0, get_analyzer("reticulin", cfg), cfg)
@@ -72,8 +72,17 @@ def eval_bombr() -> None:
           f"{ro['intersections_per_mm2']:.0f} /mm², thick {ro['thick_fibre_frac']:.3f}, grade MF-{ro['mf_grade']}")
 
 
+def _restain(rgb: np.ndarray, od_scale: float) -> np.ndarray:
+    """``rgb`` as stained ``od_scale`` times as strongly (every OD scaled; 1: unchanged)."""
+    if od_scale == 1.0:
+        return rgb
+    from eval_cell_detection import scale_od
+
+    return scale_od(rgb, od_scale)
+
+
 def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[str],
-                  save_windows: Path | None = None) -> None:
+                  save_windows: Path | None = None, od_scale: float = 1.0) -> None:
     from marrowseg.synth import make_phantom
 
     cfg = load_config("reticulin")
@@ -90,7 +99,7 @@ def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[s
         t0 = time.time()
         kw = {"grade": grade} if het is None else {"heterogeneous": het}
         ph = make_phantom("reticulin", seed=seed, size_px=(size, size), mpp=mpp, **kw)
-        rgb = ph.render(0, 0, size, size)[..., :3]
+        rgb = _restain(ph.render(0, 0, size, size)[..., :3], od_scale)
         truth = ph.truth_region(0, 0, size, size)
         haem_um2 = float((truth["labels"] == 1).sum()) * mpp * mpp
         l_true = truth["fibre_length_um"] / haem_um2 * 1e4 if haem_um2 else 0.0
@@ -297,14 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dose-grade", type=int, default=3, help="grade whose fibre widths and bundles are used")
     ap.add_argument("--densities", default="60,130,240,400,700,1050,1400,1828,2400",
                     help="requested length densities, µm per 1e4 µm², comma-separated")
+    ap.add_argument("--od-scale", type=float, default=1.0, metavar="F",
+                    help="multiply every optical density of the phantoms and the BoMBR crop by F (a paler or "
+                         "darker silver run)")
     args = ap.parse_args(argv)
     if args.dose_response is not None:
         eval_dose_response(args.dose_response, args.dose_grade, [float(v) for v in args.densities.split(",")],
                            args.size, args.mpp)
     if args.bombr:
-        eval_bombr()
+        eval_bombr(args.od_scale)
     if args.seeds:
-        eval_phantoms(_seeds(args.seeds), args.size, args.mpp, args.heterogeneous, args.save_windows)
+        eval_phantoms(_seeds(args.seeds), args.size, args.mpp, args.heterogeneous, args.save_windows,
+                      args.od_scale)
     if args.regrade is not None:
         regrade_saved(args.regrade, args.set)
     if not args.bombr and not args.seeds and args.dose_response is None and args.regrade is None:

@@ -33,16 +33,17 @@ class HEStainConfig(Strict):
     macenko_percentile: float = Field(gt=0, lt=50, description="robust angle extreme, percent")
     max_angle_deg: float = Field(gt=0, le=90, description="largest accepted deviation from Ruifrok, degrees")
     h_reference_od: float | None = Field(
-        None, gt=0, description="haematoxylin intensity normalisation: the slide's haematoxylin is scaled so that "
-        "its h_reference_percentile over nuclear pixels (haematoxylin above eosin and above 0.15 OD, among "
-        "tissue pixels of the stain sample) equals this OD, within h_scale_limits; null: no scaling")
+        None, gt=0, description="haematoxylin floor: a slide whose nuclear level (the h_reference_percentile of "
+        "nuclear pixels: haematoxylin above eosin and above 0.15 OD, among tissue pixels of the stain sample) "
+        "is below this OD is scaled up to it, within h_scale_limits; null: never brighter")
     h_ceiling_od: float | None = Field(
-        None, gt=0, description="a slide whose nuclear level (as for h_reference_od) is above this OD is scaled "
-        "down to it, within h_scale_limits (a thicker section or a heavier staining run); null: never darker")
+        None, gt=0, description="haematoxylin ceiling: a slide whose nuclear level (as for h_reference_od) is above "
+        "this OD is scaled down to it, within h_scale_limits (a thicker section or a heavier staining run); "
+        "null: never darker")
     h_reference_percentile: float = Field(90.0, gt=50, lt=100, description="percentile of nuclear haematoxylin, %")
     h_tissue_min_od: float = Field(0.15, ge=0, description="summed RGB OD of a tissue pixel for the percentile")
     h_scale_limits: tuple[float, float] = Field(
-        (1.0, 1.5), description="the scale is clipped to these bounds; a lower bound of 1 never darkens a slide, "
+        (0.5, 1.5), description="the scale is clipped to these bounds; a lower bound of 1 never darkens a slide, "
         "whatever h_ceiling_od says")
 
     @model_validator(mode="after")
