@@ -48,6 +48,7 @@ from scipy.spatial.distance import cdist
 
 from marrowseg.analyzers.he import HEAnalyzer
 from marrowseg.config import load_config
+from marrowseg.stains import restain
 
 # free parameters tuned under --lopo (small grid: 18 settings; --grid adds dimensions). An early
 # grid over the seed rule (seeds peaks/distance x min_distance_um 1.5/2.5/3.5, the detector of the
@@ -100,12 +101,6 @@ def read_rgb(path: Path) -> np.ndarray:
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
-
-
-def scale_od(rgb: np.ndarray, factor: float) -> np.ndarray:
-    """The image as stained ``factor`` times as strongly (Beer-Lambert: every OD times ``factor``)."""
-    od = -np.log10(np.clip(rgb.astype(np.float64), 1, 255) / 255.0)
-    return np.clip(np.round(255.0 * 10.0 ** (-factor * od)), 0, 255).astype(np.uint8)
 
 
 def mbm_pairs(folder: Path) -> list[tuple[Path, Path]]:
@@ -423,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval_cell_detection: no annotated images in {args.images_dir}", file=sys.stderr)
         return 1
     if args.od_scale != 1.0:
-        items = [(n, scale_od(rgb, args.od_scale), t) for n, rgb, t in items]
+        items = [(n, restain(rgb, args.od_scale), t) for n, rgb, t in items]
     log(f"{len(items)} images, mpp {args.mpp}, match radius {radius} px")
     if args.lopo and args.weights_per_patient is not None:
         lopo_learned(items, args.mpp, radius, args.weights_per_patient, overrides)

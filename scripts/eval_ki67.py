@@ -77,11 +77,13 @@ def evaluate(image: Path, gt: Path, mpp: float, sets: list[str], od_scale: float
     config = load_config("ecad", overrides=["ecad.positivity_compartment=nucleus", *sets])
     with tempfile.TemporaryDirectory() as tmp:
         if od_scale != 1.0:
-            from eval_cell_detection import read_rgb, scale_od
+            from eval_cell_detection import read_rgb
             from skimage import io
 
+            from marrowseg.stains import restain
+
             image_scaled = Path(tmp) / image.name
-            io.imsave(image_scaled, scale_od(read_rgb(image), od_scale), check_contrast=False)
+            io.imsave(image_scaled, restain(read_rgb(image), od_scale), check_contrast=False)
             image = image_scaled
         _, result = analyze_slide(image, "ecad", Path(tmp) / "out", mpp=mpp, config=config)
         cells = result.cells

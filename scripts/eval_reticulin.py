@@ -28,6 +28,7 @@ from scipy import ndimage as ndi
 from marrowseg.analyzers import get_analyzer
 from marrowseg.config import load_config
 from marrowseg.engine import analyze_array
+from marrowseg.stains import restain
 
 BOMBR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reticulin-bombr"
 
@@ -55,7 +56,8 @@ def eval_bombr(od_scale: float = 1.0) -> None:
     if not BOMBR.exists():
         print(f"BoMBR data absent at {BOMBR}; skipped")
         return
-    rgb = _restain(imread(BOMBR / "fig0_image.png")[..., :3], od_scale)
+    rgb = imread(BOMBR / "fig0_image.png")[..., :3]
+    rgb = restain(rgb, od_scale) if od_scale != 1.0 else rgb
     truth = imread(BOMBR / "fig0_reticulin_gt.png") > 0
     cfg = load_config("reticulin")
     res = analyze_array(rgb, 1.0, get_analyzer("reticulin", cfg), cfg)
@@ -70,15 +72,6 @@ def eval_bombr(od_scale: float = 1.0) -> None:
     print(f"  best plain dark-pixel threshold on mean RGB (oracle-tuned): F1 {base:.3f}")
     print(f"  readouts: length {ro['fibre_length_um_per_1e4um2']:.0f} µm/1e4µm², intersections "
           f"{ro['intersections_per_mm2']:.0f} /mm², thick {ro['thick_fibre_frac']:.3f}, grade MF-{ro['mf_grade']}")
-
-
-def _restain(rgb: np.ndarray, od_scale: float) -> np.ndarray:
-    """``rgb`` as stained ``od_scale`` times as strongly (every OD scaled; 1: unchanged)."""
-    if od_scale == 1.0:
-        return rgb
-    from eval_cell_detection import scale_od
-
-    return scale_od(rgb, od_scale)
 
 
 def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[str],
@@ -99,7 +92,8 @@ def eval_phantoms(seeds: list[int], size: int, mpp: float, heterogeneous: list[s
         t0 = time.time()
         kw = {"grade": grade} if het is None else {"heterogeneous": het}
         ph = make_phantom("reticulin", seed=seed, size_px=(size, size), mpp=mpp, **kw)
-        rgb = _restain(ph.render(0, 0, size, size)[..., :3], od_scale)
+        rgb = ph.render(0, 0, size, size)[..., :3]
+        rgb = restain(rgb, od_scale) if od_scale != 1.0 else rgb
         truth = ph.truth_region(0, 0, size, size)
         haem_um2 = float((truth["labels"] == 1).sum()) * mpp * mpp
         l_true = truth["fibre_length_um"] / haem_um2 * 1e4 if haem_um2 else 0.0

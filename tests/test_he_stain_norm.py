@@ -11,14 +11,9 @@ from marrowseg.analyzers.he import HEAnalyzer
 from marrowseg.config import load_config
 from marrowseg.engine import analyze_array
 from marrowseg.errors import ConfigError
+from marrowseg.stains import restain
 
 MPP = 0.5
-
-
-def _fade(rgb: np.ndarray, factor: float) -> np.ndarray:
-    """Multiply every optical density by ``factor`` (a paler or darker stain run)."""
-    od = -np.log10(np.clip(rgb.astype(np.float64), 1, 255) / 255.0)
-    return np.clip(np.round(255.0 * 10.0 ** (-factor * od)), 0, 255).astype(np.uint8)
 
 
 def _config(ref: float | None, limits: tuple[float, float] | None = None, ceiling: float | None | str = "shipped"):
@@ -48,7 +43,7 @@ def test_scale_follows_the_stain_and_does_not_compound(phantom_rgb):
     sample = phantom_rgb.reshape(-1, 3)
     s1 = an.prepare(sample)["h_scale"]
     assert an.prepare(sample)["h_scale"] == pytest.approx(s1)  # a second slide starts afresh
-    pale = an.prepare(_fade(phantom_rgb, 0.8).reshape(-1, 3))
+    pale = an.prepare(restain(phantom_rgb, 0.8).reshape(-1, 3))
     # 20 % less haematoxylin needs a 25 % larger scale (uint8 rounding and the 0.15 OD cut aside)
     assert pale["h_scale"] == pytest.approx(s1 / 0.8, rel=0.05)
     assert an.prepare(np.full((5000, 3), 250, np.uint8))["h_scale"] == 1.0  # glass only: no scaling
@@ -61,10 +56,10 @@ def test_the_shipped_levels_bound_the_stain_and_leave_the_band_alone(phantom_rgb
     ref, ceiling = an.config.stain.h_reference_od, an.config.stain.h_ceiling_od
     as_is = an.prepare(phantom_rgb.reshape(-1, 3))
     assert ref < as_is["h_level_od"] < ceiling and as_is["h_scale"] == 1.0
-    dark = an.prepare(_fade(phantom_rgb, 1.3).reshape(-1, 3))
+    dark = an.prepare(restain(phantom_rgb, 1.3).reshape(-1, 3))
     assert dark["h_level_od"] > ceiling
     assert dark["h_scale"] == pytest.approx(ceiling / dark["h_level_od"])
-    pale = an.prepare(_fade(phantom_rgb, 0.6).reshape(-1, 3))
+    pale = an.prepare(restain(phantom_rgb, 0.6).reshape(-1, 3))
     assert pale["h_scale"] == pytest.approx(ref / pale["h_level_od"])
     assert pale["h_scale"] > 1.1
 
@@ -72,7 +67,7 @@ def test_the_shipped_levels_bound_the_stain_and_leave_the_band_alone(phantom_rgb
 def test_a_lower_scale_limit_of_one_never_darkens(phantom_rgb):
     cfg = _config(0.85, limits=(1.0, 1.5))
     assert cfg.he.stain.h_ceiling_od is not None
-    assert HEAnalyzer(cfg.he).prepare(_fade(phantom_rgb, 1.3).reshape(-1, 3))["h_scale"] == 1.0
+    assert HEAnalyzer(cfg.he).prepare(restain(phantom_rgb, 1.3).reshape(-1, 3))["h_scale"] == 1.0
 
 
 @pytest.mark.parametrize("override", [["he.stain.h_ceiling_od=0.8"], ["he.stain.h_scale_limits=[1.2,1.5]"]])
@@ -98,7 +93,7 @@ def test_pale_slide_counts_like_the_original_only_with_normalisation(phantom_rgb
         cfg = _config(ref)
         return analyze_array(rgb, MPP, HEAnalyzer(cfg.he), cfg, device="cpu").report["readouts"]["nucleated_cells"]
 
-    pale = _fade(phantom_rgb, 0.65)
+    pale = restain(phantom_rgb, 0.65)
     raw, raw_pale = count(phantom_rgb, None), count(pale, None)
     ref = load_config("he").he.stain.h_reference_od
     norm, norm_pale = count(phantom_rgb, ref), count(pale, ref)
@@ -113,7 +108,7 @@ def test_dark_slide_counts_like_the_original_only_with_the_ceiling(phantom_rgb):
         cfg = _config(load_config("he").he.stain.h_reference_od, ceiling=ceiling)
         return analyze_array(rgb, MPP, HEAnalyzer(cfg.he), cfg, device="cpu").report["readouts"]["nucleated_cells"]
 
-    dark = _fade(phantom_rgb, 1.5)
+    dark = restain(phantom_rgb, 1.5)
     base = count(phantom_rgb, "shipped")
     assert base == count(phantom_rgb, None)  # inside the band: untouched
     assert count(dark, None) > 1.05 * base

@@ -55,3 +55,20 @@ def test_macenko_finds_the_mixed_vectors_haematoxylin_first():
 def test_macenko_says_impossible_on_glass():
     vecs, info = stains.estimate_two_stains(np.zeros((1000, 3)))
     assert vecs is None and info["n_pixels"] == 0
+
+
+def test_restain_scales_every_optical_density():
+    grey = np.arange(1, 256, dtype=np.uint8)
+    rgb = np.stack([grey, grey[::-1], np.full(255, 200, np.uint8)], axis=1)
+    assert (stains.restain(rgb, 1.0) == rgb).all()
+    assert (stains.restain(np.zeros((1, 3), np.uint8), 1.0) == 1).all()  # black reads as 1, the OD floor
+    darker = stains.restain(rgb, 1.5)
+    od, od2 = stains.od_from_rgb(rgb), stains.od_from_rgb(darker)
+    # every channel's OD x1.5 up to the 8-bit rounding (half a grey level of the darker image),
+    # where the darker image is not saturated
+    tol = 0.5 / np.maximum(darker.astype(np.float64), 1) / np.log(10) + 1e-6
+    lit = darker >= 10
+    assert lit.mean() > 0.9 and (np.abs(od2 - 1.5 * od)[lit] <= tol[lit]).all()
+    assert (stains.restain(rgb, 0.5) >= rgb).all()  # paler: never darker
+    with pytest.raises(ValueError):
+        stains.restain(rgb, 0.0)
