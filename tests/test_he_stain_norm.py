@@ -113,3 +113,21 @@ def test_dark_slide_counts_like_the_original_only_with_the_ceiling(phantom_rgb):
     assert base == count(phantom_rgb, None)  # inside the band: untouched
     assert count(dark, None) > 1.05 * base
     assert abs(count(dark, "shipped") - base) <= 0.03 * base
+
+
+@pytest.mark.parametrize("factor, reads", [(0.35, "low"), (3.0, "high")])
+def test_a_stain_beyond_the_scale_limits_is_named_and_flagged(phantom_rgb, factor, reads, tmp_path):
+    """Too pale or too dark to bring into range: the scale is clipped, the reason is recorded
+    and the QA notebook flags the slide; a slide inside the range carries no reason."""
+    from marrowseg.report.qa import slide_flags
+    from marrowseg.report.slides import SlideOutput
+
+    an = HEAnalyzer(load_config("he").he)
+    assert "h_scale_fallback_reason" not in an.prepare(phantom_rgb.reshape(-1, 3))
+    info = an.prepare(restain(phantom_rgb, factor).reshape(-1, 3))
+    assert info["h_scale"] in an.config.stain.h_scale_limits
+    assert f"counts may read {reads}" in info["h_scale_fallback_reason"]
+    metrics = {"stain": "he", "readouts": {}, "areas_um2": {"haematopoietic": 2e6},
+               "provenance": {"prepare": info}}
+    assert any(f.startswith("stain estimate unreliable (haematoxylin not brought into range")
+               for f in slide_flags(SlideOutput("s", tmp_path, metrics)))

@@ -250,11 +250,20 @@ class HEAnalyzer(Analyzer):
             target = max(target, cfg.h_reference_od)
         if cfg.h_ceiling_od is not None:
             target = min(target, cfg.h_ceiling_od)
-        scale = float(np.clip(target / level, lo, hi))
+        raw = target / level
+        scale = float(np.clip(raw, lo, hi))
         m = np.array(self.rgb_from_stains, np.float64)
         m[0] = m[0] / scale
         self.rgb_from_stains = m
-        return {"h_scale": scale, "h_level_od": level}
+        info: dict[str, Any] = {"h_scale": scale, "h_level_od": level}
+        if scale != raw:
+            # the nuclear thresholds then see a stain outside the range they were chosen on: the QA
+            # notebook flags the slide ("stain estimate unreliable") and the log says why
+            info["h_scale_fallback_reason"] = (
+                f"haematoxylin not brought into range: nuclear level {level:.2f} OD needs x{raw:.2f}, beyond "
+                f"he.stain.h_scale_limits [{lo:g}, {hi:g}]; counts may read {'low' if raw > 1 else 'high'}")
+            log.warning("H&E %s", info["h_scale_fallback_reason"])
+        return info
 
     def build_module(self) -> torch.nn.Module:
         return HEModule(self.rgb_from_stains, self.config).eval()

@@ -22,7 +22,8 @@ at first; they never change a measurement:
     leaves their area out (``tiles.csv`` has each reason);
 ``stain estimate unreliable``
     the slide's stain vectors fell back to the standard ones, or its E-cadherin counterstain
-    could not be scaled (``provenance.prepare`` has a ``fallback_reason`` or
+    could not be scaled, or its H&E haematoxylin lay too far outside the floor-ceiling range to
+    be brought into it (``provenance.prepare`` has a ``fallback_reason`` or
     ``h_scale_fallback_reason``; every reason is named), or an automatic stain recognition had
     low confidence;
 ``near a grade boundary``
