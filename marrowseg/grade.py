@@ -21,7 +21,7 @@ from typing import Any
 
 from marrowseg.errors import MarrowsegError
 from marrowseg.outputs.atomic import atomic_write_bytes
-from marrowseg.outputs.metrics import out_of_focus, scan_too_coarse, stain_mismatch
+from marrowseg.outputs.metrics import out_of_focus, scan_too_coarse, stain_fallbacks, stain_mismatch
 from marrowseg.report.slides import SlideOutput, load_slide_output, write_windows_csv
 
 __all__ = [
@@ -168,6 +168,9 @@ def slide_report_lines(metrics: Mapping[str, Any]) -> list[str]:
         looks = STAIN_NAMES.get(check["looks_like"], check["looks_like"])
         lines.append(f"Check the stain: analysed as {STAIN_NAMES.get(metrics.get('stain'), metrics.get('stain'))}, "
                      f"but its colours look like {looks} (confidence {float(check.get('confidence', 0)):.2f})")
+    fallback = stain_fallbacks(metrics)
+    if fallback:
+        lines.append(f"Check the stain (its per-slide estimate fell back): {fallback}")
     coarse = scan_too_coarse(metrics)
     if coarse:
         what = _BLUR_LOSES.get(str(metrics.get("stain")), "the figures")

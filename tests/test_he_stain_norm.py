@@ -131,3 +131,14 @@ def test_a_stain_beyond_the_scale_limits_is_named_and_flagged(phantom_rgb, facto
                "provenance": {"prepare": info}}
     assert any(f.startswith("stain estimate unreliable (haematoxylin not brought into range")
                for f in slide_flags(SlideOutput("s", tmp_path, metrics)))
+
+
+def test_grade_names_a_stain_beyond_the_scale_limits(phantom_rgb):
+    from marrowseg.grade import slide_report_lines
+
+    info = HEAnalyzer(load_config("he").he).prepare(restain(phantom_rgb, 3.0).reshape(-1, 3))
+    metrics = {"stain": "he", "readouts": {"cellularity_pct": 50.0}, "provenance": {"prepare": info}}
+    assert any(line.startswith("Check the stain (its per-slide estimate fell back): haematoxylin not brought")
+               for line in slide_report_lines(metrics))
+    metrics["provenance"]["prepare"] = {"h_scale": 1.0}
+    assert not any(line.startswith("Check the stain") for line in slide_report_lines(metrics))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "scan_too_coarse", "out_of_focus",
-           "OUT_OF_FOCUS_FLAG_FRAC"]
+           "stain_fallbacks", "OUT_OF_FOCUS_FLAG_FRAC"]
 
 OUT_OF_FOCUS_FLAG_FRAC = 0.1
 """A slide is reported out of focus when at least this share of its judged tissue is."""
@@ -52,6 +53,27 @@ def stain_mismatch(metrics: Any) -> dict[str, Any] | None:
     """
     check = ((metrics.get("provenance") or {}).get("tissue") or {}).get("stain_check") or {}
     return check if check.get("mismatch") else None
+
+
+def stain_fallbacks(metrics: Any) -> str:
+    """Every reason the slide's per-slide stain step fell back, joined by '; ', else ''.
+
+    The analyzers name each fallback in ``provenance.prepare`` under a key holding
+    ``fallback`` (E-cadherin: standard H-DAB vectors, an unscaled counterstain; H&E: a
+    haematoxylin beyond the scale limits), at any depth.
+    """
+    def found(record: Any) -> list[str]:
+        if not isinstance(record, Mapping):
+            return []
+        out = []
+        for k, v in record.items():
+            if "fallback" in str(k) and v:
+                out.append(str(v))
+            else:
+                out += found(v)
+        return out
+
+    return "; ".join(found((metrics.get("provenance") or {}).get("prepare")))
 
 
 def scan_too_coarse(metrics: Any) -> dict[str, Any] | None:

@@ -45,7 +45,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from marrowseg.outputs.metrics import out_of_focus, scan_too_coarse, stain_mismatch
+from marrowseg.outputs.metrics import out_of_focus, scan_too_coarse, stain_fallbacks, stain_mismatch
 from marrowseg.report.slides import SlideOutput, load_batch, read_failures
 
 __all__ = ["qa_dir", "slide_flags", "summary_rows", "summary_html", "slide_panel_html", "reviews_from_env",
@@ -58,19 +58,6 @@ def qa_dir(default: str = "demo-out") -> Path:
     """The batch folder to review: ``$MARROWSEG_QA_DIR`` or ``default``, relative to the repository root."""
     p = Path(os.environ.get("MARROWSEG_QA_DIR") or default).expanduser()
     return p if p.is_absolute() else _REPO / p
-
-
-def _fallback(prepare: Any) -> str:
-    """Every fallback reason found anywhere in a provenance ``prepare`` record, joined by '; ', else ''."""
-    if not isinstance(prepare, Mapping):
-        return ""
-    found = []
-    for k, v in prepare.items():
-        if "fallback" in str(k) and v:
-            found.append(str(v))
-        elif (inner := _fallback(v)):
-            found.append(inner)
-    return "; ".join(found)
 
 
 def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_margin_pct: float = 5.0,
@@ -100,7 +87,7 @@ def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_
     if tiles.get("missing"):
         flags.append(f"unreadable tiles ({tiles['missing']} of {tiles.get('n', '?')}, "
                      f"{float(tiles.get('missing_area_um2') or 0.0) / 1e6:.2f} mm² left out)")
-    reason = _fallback((m.get("provenance") or {}).get("prepare"))
+    reason = stain_fallbacks(m)
     if reason:
         flags.append(f"stain estimate unreliable ({reason})")
     b = m.get("batch") or {}
