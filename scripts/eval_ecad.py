@@ -175,11 +175,13 @@ def size_bound_counts(truth: dict[str, np.ndarray], cuts_um2=SIZE_CUTS_UM2) -> n
 
 
 def run_one(seed: int, size_px: int, mpp: float, sets: list[str], tmp: Path, jitter: float | None = None,
-            sheets: int = 0) -> dict:
+            sheets: int = 0, od_scale: float = 1.0) -> dict:
     ratio = RATIOS[seed % len(RATIOS)]
     jitter = JITTERS[seed % len(JITTERS)] if jitter is None else jitter
     tiff, truth_path = write_phantom(tmp, "ecad", name=f"ecad_{seed}", seed=seed, size_px=(size_px, size_px),
                                      mpp=mpp, left_shift_ratio=ratio, stain_jitter=jitter, sheets=sheets)
+    if od_scale != 1.0:
+        tiff = _restained_copy(Path(tiff), od_scale, mpp)
     truth = json.loads(Path(truth_path).read_text())["readouts"]
     config = load_config("ecad", overrides=sets)
     metrics, _ = analyze_slide(tiff, "ecad", tmp / f"out_{seed}", config=config)
@@ -189,6 +191,19 @@ def run_one(seed: int, size_px: int, mpp: float, sets: list[str], tmp: Path, jit
             "vectors": metrics.get("stain_vectors_source"),
             "match": match_calls(det_cells, truth_cells), "by_class": detection_by_class(det_cells, truth_cells),
             "size_bound": size_bound_counts(truth_cells)}
+
+
+def _restained_copy(tiff: Path, od_scale: float, mpp: float) -> Path:
+    """Level 0 of ``tiff`` with every OD x ``od_scale``, as a tiled TIFF that states its pixel size."""
+    import tifffile
+
+    from marrowseg.stains import restain
+
+    out = tiff.with_name(f"{tiff.stem}_x{od_scale:g}.tif")
+    rgb = restain(tifffile.imread(tiff, level=0), od_scale)
+    tifffile.imwrite(out, rgb, photometric="rgb", tile=(512, 512), resolution=(1e4 / mpp, 1e4 / mpp),
+                     resolutionunit="CENTIMETER")
+    return out
 
 
 def rel(m: float, t: float) -> float:
@@ -207,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--match", action="store_true", help="also print what the late-erythroid calls are in truth")
     ap.add_argument("--size-bound", action="store_true", help="also print the true-nuclear-area bound (see docstring)")
     ap.add_argument("--sheets", type=int, default=0, help="sheets of early erythroid precursors in every phantom")
+    ap.add_argument("--od-scale", type=float, default=1.0, metavar="F",
+                    help="multiply every optical density of the phantoms by F (a paler or darker run; the truth "
+                         "is the phantom's)")
     args = ap.parse_args(argv)
     rows = []
     matches = []
@@ -217,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'ratio t/m':>13}{'err':>7} | {'nucl t/m':>11}{'err':>7} | {'clusters t/m':>12}")
     with tempfile.TemporaryDirectory() as tmp:
         for seed in parse_seeds(args.seeds):
-            r = run_one(seed, args.size_px, args.mpp, args.set, Path(tmp), args.jitter, args.sheets)
+            r = run_one(seed, args.size_px, args.mpp, args.set, Path(tmp), args.jitter, args.sheets, args.od_scale)
             t, m = r["truth"], r["meas"]
             e_pos = rel(m["ecad_pos_cells"], t["ecad_pos_cells"])
             e_late = rel(m["late_erythroid_cells"], t["late_erythroid_cells"])
