@@ -363,6 +363,30 @@ def test_eval_script_compares_drawn_sheets_with_counted_clusters(capsys):
     assert "clusters           1 of 1 phantoms exact; sheets 1, clusters 1" in out
 
 
+def test_eval_script_restains_the_phantom_it_measures(tmp_path):
+    """``--od-scale``: the analysed copy is the phantom with every OD scaled, at the same pixel size."""
+    import sys
+    from pathlib import Path
+
+    import tifffile
+
+    from marrowseg.io import open_slide
+    from marrowseg.stains import od_from_rgb
+    from marrowseg.synth import write_phantom
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from eval_ecad import _restained_copy
+
+    tiff, _ = write_phantom(tmp_path, "ecad", name="p", seed=3, size_px=(512, 512), mpp=0.25)
+    out = _restained_copy(Path(tiff), 1.4, 0.25)
+    a, b = tifffile.imread(tiff, level=0), tifffile.imread(out)
+    lit = (b >= 20) & (a <= 245)
+    ratio = od_from_rgb(b)[lit] / np.maximum(od_from_rgb(a)[lit], 1e-6)
+    assert abs(float(np.median(ratio)) - 1.4) < 0.02
+    with open_slide(out) as r:
+        assert r.mpp == pytest.approx(0.25)
+
+
 def test_phantom_nucleated_count_needs_the_faint_nuclei():
     """A small tuning phantom (seed 7, black box): the nucleated count is near truth only with faint_nuclei."""
     from marrowseg.synth import make_phantom
