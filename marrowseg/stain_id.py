@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from marrowseg.errors import NoTissueError
-from marrowseg.stains import OD_OF_UINT8
+from marrowseg.stains import OD_OF_UINT8, od_from_rgb
 
 __all__ = ["StainGuess", "stain_features", "tissue_pixels", "identify_stain", "identify_slide", "STAIN_OF_CLASS"]
 
@@ -158,7 +158,7 @@ def stain_features(rgb: np.ndarray, *, tissue_od: float = _TISSUE_OD) -> dict[st
                         "pink_saturation": 0.0, "neutral_dark_frac": 0.0, "dark_frac": 0.0}
     # the optical density of the tissue pixels only (float32, the same values as the table's)
     px = arr[..., :3].reshape(-1, 3)[tissue]
-    od = OD_OF_UINT8[px] if px.dtype == np.uint8 else -np.log10(np.maximum(px.astype(np.float32), 1.0) / 255.0)
+    od = od_from_rgb(px)
     t = od.astype(np.float64)
     grey = t @ _NEUTRAL
     c1, c2 = t @ _U1, t @ _U2

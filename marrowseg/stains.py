@@ -33,7 +33,8 @@ RUIFROK_DAB = (0.268, 0.570, 0.776)
 
 _MIN_INTENSITY = 1.0  # one grey level: keeps log finite for saturated black pixels
 #: optical density of each 8-bit intensity (float32; as :func:`od_from_rgb`): a look-up table
-OD_OF_UINT8 = -np.log10(np.maximum(np.arange(256, dtype=np.float32), _MIN_INTENSITY) / np.float32(255.0))
+OD_OF_UINT8 = np.maximum(-np.log10(np.maximum(np.arange(256, dtype=np.float32), _MIN_INTENSITY) / np.float32(255.0)),
+                         np.float32(0.0))  # glass reads +0, not -0
 
 
 def normalize_rows(m: np.ndarray) -> np.ndarray:
@@ -83,8 +84,11 @@ def od_from_rgb(rgb: np.ndarray, background: float = 255.0) -> np.ndarray:
     od : (..., 3) float32 ndarray
         ``-log10(I / I0)``, 0 on glass, about 2.4 for black.
     """
-    x = np.asarray(rgb, dtype=np.float32)
-    np.maximum(x, _MIN_INTENSITY, out=x)
+    rgb = np.asarray(rgb)
+    if rgb.dtype == np.uint8 and background == 255.0:
+        return OD_OF_UINT8[rgb]  # the same float32 values, looked up
+    # a new array: a float32 input is not clamped in place
+    x = np.maximum(np.asarray(rgb, dtype=np.float32), np.float32(_MIN_INTENSITY))
     od = -np.log10(x / np.float32(background))
     np.maximum(od, 0, out=od)
     return od

@@ -72,3 +72,15 @@ def test_restain_scales_every_optical_density():
     assert (stains.restain(rgb, 0.5) >= rgb).all()  # paler: never darker
     with pytest.raises(ValueError):
         stains.restain(rgb, 0.0)
+
+
+def test_od_of_uint8_is_the_formula_to_the_bit_and_leaves_float_input_alone():
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    x = np.maximum(img.astype(np.float32), np.float32(1.0))
+    expected = np.maximum(-np.log10(x / np.float32(255.0)), np.float32(0.0))
+    got = stains.od_from_rgb(img)
+    assert got.dtype == np.float32 and (got.view(np.int32) == expected.view(np.int32)).all()
+    f = img.astype(np.float32)
+    before = f.copy()
+    assert (stains.od_from_rgb(f) == got).all()
+    assert (f == before).all()  # not clamped in place

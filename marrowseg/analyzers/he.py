@@ -188,8 +188,7 @@ class HEAnalyzer(Analyzer):
     # -- dense ----------------------------------------------------------------------------
     @property
     def needs_sample(self) -> bool:
-        cfg = self.config.stain
-        return cfg.vectors == "macenko" or cfg.h_reference_od is not None or cfg.h_ceiling_od is not None
+        return self.config.stain.vectors == "macenko" or self.config.stain.scales_haematoxylin
 
     def prepare(self, sample_rgb: np.ndarray) -> dict[str, Any]:
         """Choose the stain vectors: Ruifrok, or a Macenko estimate close enough to it."""
@@ -217,7 +216,7 @@ class HEAnalyzer(Analyzer):
                     info["e"] = [float(x) for x in e]
                 else:
                     log.warning("Macenko vectors %.0f/%.0f deg from Ruifrok: keeping Ruifrok", dh, de)
-        if cfg.h_reference_od is not None or cfg.h_ceiling_od is not None:
+        if cfg.scales_haematoxylin:
             info.update(self._normalise_haematoxylin(np.asarray(sample_rgb).reshape(-1, 3)))
         return info
 

@@ -267,8 +267,7 @@ def opaque_colour(rgb: np.ndarray, cfg: Any) -> np.ndarray | None:
     out = brightest <= bound
     if out.any():
         cand = rgb[out]
-        od = (stains.OD_OF_UINT8[cand] if cand.dtype == np.uint8
-              else -np.log10(np.clip(cand.astype(np.float32), 1.0, 255.0) / 255.0))
+        od = stains.od_from_rgb(cand)
         grey = od.min(axis=-1) / np.maximum(od.max(axis=-1), 1e-6)
         out[out] = (od.sum(axis=-1) >= min_od) & (grey >= g)
     return out

@@ -46,6 +46,11 @@ class HEStainConfig(Strict):
         (0.5, 1.5), description="the scale is clipped to these bounds; a lower bound of 1 never darkens a slide, "
         "whatever h_ceiling_od says")
 
+    @property
+    def scales_haematoxylin(self) -> bool:
+        """Whether a per-slide haematoxylin scale is looked for (a floor, a ceiling or both)."""
+        return self.h_reference_od is not None or self.h_ceiling_od is not None
+
     @model_validator(mode="after")
     def _ceiling_above_floor(self) -> HEStainConfig:
         lo, hi = self.h_scale_limits
