@@ -25,7 +25,8 @@ Modes
     out, 0-99 are for tuning): per seed, nucleated count, megakaryocytes (truth, predicted, and
     matched one-to-one within 10 µm) and cellularity against the phantom's truth, detection
     F1 within ``radius-px`` (default 4 µm), and late erythroid precursors per 100 nucleated cells
-    with the late class's F1.
+    with the late class's F1. ``--by-stage`` adds the share of the truth cells found per
+    maturation stage (myeloblast ... segmented, proerythroblast ... lymphocyte), pooled.
 
 Detections come from the analyzer run through the engine
 (:func:`marrowseg.engine.analyze_array`), the code path of ``marrowseg analyze``.
@@ -151,14 +152,27 @@ def monuseg_centroids(xml_path: Path) -> np.ndarray:
     return np.asarray(out, dtype=np.float64).reshape(-1, 2)
 
 
-def match(pred: np.ndarray, truth: np.ndarray, radius_px: float) -> int:
-    """True positives of a one-to-one Hungarian matching within ``radius_px``."""
+def matched_truth(pred: np.ndarray, truth: np.ndarray, radius_px: float) -> np.ndarray:
+    """(len(truth),) bool: the truth points found by a one-to-one Hungarian matching within ``radius_px``."""
+    found = np.zeros(len(truth), bool)
     if len(pred) == 0 or len(truth) == 0:
-        return 0
+        return found
     d = cdist(pred, truth)
     cost = np.where(d <= radius_px, d, 1e6)
     r, c = linear_sum_assignment(cost)
-    return int((cost[r, c] <= radius_px).sum())
+    found[c[cost[r, c] <= radius_px]] = True
+    return found
+
+
+def match(pred: np.ndarray, truth: np.ndarray, radius_px: float) -> int:
+    """True positives of a one-to-one Hungarian matching within ``radius_px``."""
+    return int(matched_truth(pred, truth, radius_px).sum())
+
+
+def stage_recall(stages: np.ndarray, found: np.ndarray) -> dict[str, tuple[int, int]]:
+    """Per maturation stage of the truth cells: (cells, cells found)."""
+    stages = np.asarray(stages).astype(str)
+    return {s: (int((stages == s).sum()), int(found[stages == s].sum())) for s in np.unique(stages)}
 
 
 def detect(rgb: np.ndarray, mpp: float, overrides: dict | None = None) -> np.ndarray:
@@ -321,8 +335,12 @@ def parse_seeds(spec: str) -> list[int]:
 
 
 def phantoms(seeds: list[int], size_px: int, mpp: float, radius_px: float, overrides: dict,
-             cellularity: float | None = None) -> None:
-    """Counts and cellularity on synthetic phantoms against their truth (through the engine)."""
+             cellularity: float | None = None, by_stage: bool = False) -> None:
+    """Counts and cellularity on synthetic phantoms against their truth (through the engine).
+
+    With ``by_stage`` a second table gives the share of the truth cells found per maturation
+    stage, pooled over the seeds: which cells the count misses.
+    """
     from marrowseg import synth
     from marrowseg.engine import analyze_array
 
@@ -331,6 +349,7 @@ def phantoms(seeds: list[int], size_px: int, mpp: float, radius_px: float, overr
           "| pred cell. % | err points | truth late/100 | pred late/100 | late F1 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     errs, cerrs, f1s, lerrs, lf1s = [], [], [], [], []
+    per_stage: dict[str, list[int]] = {}
     for seed in seeds:
         ph = synth.make_phantom("he", seed=seed, size_px=(size_px, size_px), mpp=mpp, cellularity_pct=cellularity)
         truth = ph.truth_region(0, 0, size_px, size_px)
@@ -341,7 +360,12 @@ def phantoms(seeds: list[int], size_px: int, mpp: float, radius_px: float, overr
         tc = truth["cells"]
         t_rc = np.column_stack([np.asarray(tc["y_px"], float), np.asarray(tc["x_px"], float)])
         p_rc = np.column_stack([np.asarray(res.cells.get("y", []), float), np.asarray(res.cells.get("x", []), float)])
-        s = score([{"n_true": len(t_rc), "n_pred": len(p_rc), "tp": match(p_rc, t_rc, radius_px)}])
+        found = matched_truth(p_rc, t_rc, radius_px)
+        s = score([{"n_true": len(t_rc), "n_pred": len(p_rc), "tp": int(found.sum())}])
+        for stage, (n_cells, n_found) in stage_recall(tc["stage"], found).items():
+            acc = per_stage.setdefault(stage, [0, 0])
+            acc[0] += n_cells
+            acc[1] += n_found
         t_is_mk = np.asarray(tc["cell_class"]) == "megakaryocyte"
         t_mk = int(t_is_mk.sum())
         p_is_mk = np.asarray(res.cells.get("class", []), dtype=object) == "megakaryocyte"
@@ -365,6 +389,12 @@ def phantoms(seeds: list[int], size_px: int, mpp: float, radius_px: float, overr
     print(f"| **mean** | | | {np.mean(errs):+.1f} (abs {np.mean(np.abs(errs)):.1f}) | {np.mean(f1s):.3f} | | | | | "
           f"| {np.mean(cerrs):+.1f} (abs {np.mean(np.abs(cerrs)):.1f}) | | {np.mean(lerrs):+.1f} (abs "
           f"{np.mean(np.abs(lerrs)):.1f}) | {np.mean(lf1s):.3f} |")
+    if by_stage:
+        print()
+        print("| stage | truth cells | found | recall |")
+        print("|---|---|---|---|")
+        for stage, (n_cells, n_found) in sorted(per_stage.items()):
+            print(f"| {stage} | {n_cells} | {n_found} | {n_found / max(n_cells, 1):.3f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phantom-px", type=int, default=1024, help="phantom side, px at --mpp")
     ap.add_argument("--cellularity", type=float, default=None, metavar="PCT",
                     help="requested phantom cellularity, %% (default: the generator's 50)")
+    ap.add_argument("--by-stage", action="store_true",
+                    help="with --phantoms: the share of truth cells found per maturation stage")
     ap.add_argument("--od-scale", type=float, default=1.0, metavar="F",
                     help="multiply every optical density of the images by F (a paler or darker staining run)")
     ap.add_argument("-q", "--quiet", action="store_true")
@@ -399,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--grid needs --lopo")
     if args.phantoms:
         radius = 4.0 / args.mpp if args.radius_px is None else args.radius_px
-        phantoms(parse_seeds(args.phantoms), args.phantom_px, args.mpp, radius, overrides, args.cellularity)
+        phantoms(parse_seeds(args.phantoms), args.phantom_px, args.mpp, radius, overrides, args.cellularity,
+                 by_stage=args.by_stage)
         return 0
     if args.images_dir is None:
         ap.error("IMAGES_DIR is required unless --phantoms is given")
