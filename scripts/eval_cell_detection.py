@@ -26,7 +26,8 @@ Modes
     matched one-to-one within 10 µm) and cellularity against the phantom's truth, detection
     F1 within ``radius-px`` (default 4 µm), and late erythroid precursors per 100 nucleated cells
     with the late class's F1. ``--by-stage`` adds the share of the truth cells found per
-    maturation stage (myeloblast ... segmented, proerythroblast ... lymphocyte), pooled.
+    maturation stage (the phantom's ``stage`` column: myeloblast ... segmented,
+    proerythroblast ... orthochromatic_erythroblast, lymphocyte, megakaryocyte), pooled.
 
 Detections come from the analyzer run through the engine
 (:func:`marrowseg.engine.analyze_array`), the code path of ``marrowseg analyze``.
@@ -429,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.grid and not args.lopo:
         ap.error("--grid needs --lopo")
+    if args.by_stage and not args.phantoms:
+        ap.error("--by-stage needs --phantoms (real images carry no stages)")
     if args.phantoms:
         radius = 4.0 / args.mpp if args.radius_px is None else args.radius_px
         phantoms(parse_seeds(args.phantoms), args.phantom_px, args.mpp, radius, overrides, args.cellularity,
