@@ -339,7 +339,7 @@ def _sheet_cells(cells: dict, xyr: np.ndarray) -> list[int]:
     if not cells or not len(cells.get("x_um", ())):
         return [0] * len(xyr)
     x, y = np.asarray(cells["x_um"], np.float64), np.asarray(cells["y_um"], np.float64)
-    return [int(np.sum(np.hypot(x - sx, y - sy) <= r)) for sx, sy, r in xyr]
+    return [int(_world.in_disc(x, y, disc).sum()) for disc in xyr]
 
 
 def _cell_table(cells: dict, box, mpp: float) -> dict:

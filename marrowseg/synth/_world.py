@@ -127,6 +127,12 @@ class Params:
     sheets: int = 0
 
 
+def in_disc(x: np.ndarray, y: np.ndarray, disc: np.ndarray) -> np.ndarray:
+    """Whether points (µm) lie in the disc ``(centre x, centre y, radius)``, its edge included."""
+    sx, sy, r = disc
+    return (x - sx) ** 2 + (y - sy) ** 2 <= r * r
+
+
 def _rng(seed: int, *parts: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFFFFFF, *[int(p) + _BLOCK_OFF for p in parts]])
 
@@ -265,19 +271,16 @@ class World:
         return np.array(out, np.float64).reshape(-1, 3)
 
     def sheet_pts(self, x, y) -> np.ndarray:
-        """Inside a sheet of early erythroid precursors, at scattered points."""
-        x = np.asarray(x, np.float64)
-        out = np.zeros(x.shape, bool)
-        for sx, sy, r in self.sheet_xyr:
-            out |= np.hypot(x - sx, np.asarray(y, np.float64) - sy) <= r
+        """Inside a sheet of early erythroid precursors; ``x`` and ``y`` (µm) broadcast together."""
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        out = np.zeros(np.broadcast_shapes(x.shape, y.shape), bool)
+        for disc in self.sheet_xyr:
+            out |= in_disc(x, y, disc)
         return out
 
     def sheet_grid(self, xs, ys) -> np.ndarray:
         """Inside a sheet, on the grid ``ys`` x ``xs``."""
-        out = np.zeros((np.size(ys), np.size(xs)), bool)
-        for sx, sy, r in self.sheet_xyr:
-            out |= ((xs[None, :] - sx) ** 2 + (ys[:, None] - sy) ** 2) <= r * r
-        return out
+        return self.sheet_pts(np.asarray(xs)[None, :], np.asarray(ys)[:, None])
 
     # ------------------------------------------------------------------ layout pieces
     def _uv(self, x, y):
