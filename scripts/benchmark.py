@@ -117,9 +117,9 @@ def _plain_watershed(image, markers, mask):
 
 
 def _plain_split(labels, boxes, mpp, h_um, open_sides=None):
-    from marrowseg.analyzers import nuclei
+    from marrowseg.analyzers.nuclei import split
 
-    return [nuclei._split_box(labels[r0:r1, c0:c1] == lab, mpp, h_um) for lab, r0, r1, c0, c1 in boxes]
+    return [split._split_box(labels[r0:r1, c0:c1] == lab, mpp, h_um) for lab, r0, r1, c0, c1 in boxes]
 
 
 @contextmanager
@@ -139,18 +139,21 @@ def scikit_image_only():
     below. The rest of the post-processing (labelling, measurements, the ring band's nearest
     labels) is shared with the pipeline.
     """
-    from marrowseg.analyzers import distance, ecad, fibres, nuclei, reticulin, tissue
+    from marrowseg.analyzers import distance, fibres, reticulin, tissue
+    from marrowseg.analyzers.ecad import membrane
+    from marrowseg.analyzers.nuclei import detect, faint, lobes, seeds, split
 
-    swaps = [(ecad, "nearest_label_band", _whole_tile_band),
+    swaps = [(membrane, "nearest_label_band", _whole_tile_band),
              (distance, "_SEPARABLE_MAX_PX", -1),  # the band's distances by OpenCV's precise whole-tile transform
              (fibres, "nearest_feature", _plain_nearest_feature), (tissue, "nearest_feature", _plain_nearest_feature),
              (fibres, "label_sums", _plain_label_sums),
-             (nuclei, "distance_to_background", _plain_edt), (tissue, "distance_to_background", _plain_edt),
+             *[(mod, "distance_to_background", _plain_edt) for mod in (detect, lobes, split, faint, tissue)],
              (fibres, "distance_to_background", _plain_edt), (reticulin, "distance_to_background", _plain_edt),
              (fibres, "gaussian_zero_border", _plain_gaussian),
              (fibres, "binary_dilation", _plain_dilation), (tissue, "binary_opening", _plain_opening),
-             (tissue, "binary_closing", _plain_closing), (nuclei, "_peak_candidates", _plain_peaks),
-             (nuclei, "_watershed", _plain_watershed), (nuclei, "_split_boxes_packed", _plain_split)]
+             (tissue, "binary_closing", _plain_closing), (seeds, "_peak_candidates", _plain_peaks),
+             (seeds, "_watershed", _plain_watershed), (split, "_watershed", _plain_watershed),
+             (split, "_split_boxes_packed", _plain_split)]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in swaps]
     try:
         for mod, name, fn in swaps:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from marrowseg import synth
-from marrowseg.analyzers import distance, ecad, fibres, get_analyzer, nuclei, reticulin, tissue
+from marrowseg.analyzers import distance, fibres, get_analyzer, reticulin, tissue
+from marrowseg.analyzers.ecad import membrane
+from marrowseg.analyzers.nuclei import faint, seeds, split
 from marrowseg.config import load_config
 from marrowseg.engine import analyze_array
 from tests._scripts import load_script
@@ -24,18 +26,21 @@ def test_scikit_image_only_swaps_the_fast_paths_and_gives_the_same_totals(stain)
     rgb = ph.render(0, 0, 640, 640)
     cfg = load_config(stain)
     fast = analyze_array(rgb, MPP, get_analyzer(stain, cfg), cfg, device="cpu")
-    before = {name: getattr(nuclei, name) for name in ("_peak_candidates", "_watershed", "_split_boxes_packed")}
+    before = {(mod, name): getattr(mod, name) for mod, name in ((seeds, "_peak_candidates"), (seeds, "_watershed"),
+                                                                 (split, "_watershed"), (split, "_split_boxes_packed"))}
     with bench.scikit_image_only():
-        assert nuclei._watershed is bench._plain_watershed and nuclei._split_boxes_packed is bench._plain_split
+        assert seeds._watershed is bench._plain_watershed is split._watershed
+        assert split._split_boxes_packed is bench._plain_split and seeds._peak_candidates is bench._plain_peaks
+        assert faint.distance_to_background is bench._plain_edt
         assert tissue.distance_to_background is bench._plain_edt and fibres.binary_dilation is bench._plain_dilation
         assert reticulin.distance_to_background is bench._plain_edt
-        assert ecad.nearest_label_band is bench._whole_tile_band
+        assert membrane.nearest_label_band is bench._whole_tile_band
         assert fibres.gaussian_zero_border is bench._plain_gaussian
         assert distance._SEPARABLE_MAX_PX == -1  # the ring band's distances by the precise whole-tile transform
         assert fibres.nearest_feature is bench._plain_nearest_feature is tissue.nearest_feature
         assert fibres.label_sums is bench._plain_label_sums
         plain = analyze_array(rgb, MPP, get_analyzer(stain, cfg), cfg, device="cpu")
-    assert {name: getattr(nuclei, name) for name in before} == before  # restored
+    assert {(mod, name): getattr(mod, name) for mod, name in before} == before  # restored
     assert distance._SEPARABLE_MAX_PX > 0
     assert len(fast.cells.get("x", [])) == len(plain.cells.get("x", []))
     # every fast path is exact but OpenCV's Gaussian (float rounding: 1e-9 of a fibre length)

@@ -677,7 +677,7 @@ def test_ring_scores_own_sectors_fallback_and_boxed_in_cell():
 
 def test_analyzer_scores_membrane_without_the_territory_border(monkeypatch):
     """ECadAnalyzer passes ecad.ring_min_own_sectors (2 of 8 in ecad.yaml) to ring_scores."""
-    from marrowseg.analyzers import ecad as ecad_mod
+    from marrowseg.analyzers.ecad import analyzer as ecad_mod
 
     seen = {}
     real = ecad_mod.ring_scores
@@ -920,11 +920,11 @@ def test_analyzer_counts_pale_nuclei_as_other_cells(compartment):
 
 
 def test_grow_seeds_equals_the_full_tile_watershed():
-    """nuclei._grow_seeds (faint_nuclei, nuclei_from_centres): one watershed per multi-seed component gives the full-tile watershed's labels."""
+    """nuclei.seeds._grow_seeds (faint_nuclei, nuclei_from_centres): one watershed per multi-seed component gives the full-tile watershed's labels."""
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
-    from marrowseg.analyzers.nuclei import _grow_seeds
+    from marrowseg.analyzers.nuclei.seeds import _grow_seeds
 
     rng = np.random.default_rng(3)
     relief = ndi.gaussian_filter(rng.random((200, 200)), 3).astype(np.float32)
@@ -959,7 +959,7 @@ def test_territory_border_at_ring_pixels_equals_whole_image_reference():
     from scipy import ndimage as ndi
 
     from marrowseg.analyzers.distance import nearest_label_band
-    from marrowseg.analyzers.ecad import _territory_border
+    from marrowseg.analyzers.ecad.membrane import _territory_border
 
     rng = np.random.default_rng(5)
     for _ in range(10):

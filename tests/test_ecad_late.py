@@ -111,7 +111,7 @@ def test_rim_limit_falls_with_nuclear_area():
 
 def test_pale_share_limit_rises_with_nuclear_area():
     """late_rim.pale_share_per_um2: the same part-pale rim keeps a small late call and drops a large one."""
-    from marrowseg.analyzers.ecad import _rim_stats, rim_density
+    from marrowseg.analyzers.ecad.membrane import _rim_stats, rim_density
 
     labels, h, table, xx, rings = _two_nuclei()
     h[rings] = 0.09  # dense enough to be no cytoplasm, pale enough to pass the rim quantile (0.11)

@@ -8,6 +8,7 @@ import torch
 from scipy import ndimage as ndi
 
 from marrowseg.analyzers import nuclei as nuc
+from marrowseg.analyzers.nuclei import table as ntable
 from marrowseg.config import load_config
 
 
@@ -764,4 +765,4 @@ def test_convex_pixel_counts_equal_per_label_cv2_hull_area():
             hv = cv2.convexHull(pts).reshape(-1, 2)
             d = np.abs(np.diff(np.vstack([hv, hv[:1]]), axis=0))
             ref[i - 1] = abs(cv2.contourArea(hv)) + np.gcd(d[:, 0], d[:, 1]).sum() / 2.0 + 1.0
-        assert np.array_equal(nuc._convex_pixel_counts(labels, n), ref), t
+        assert np.array_equal(ntable._convex_pixel_counts(labels, n), ref), t

@@ -68,7 +68,7 @@ def test_background_and_eccentricity_limits_drop_what_they_should_and_nothing_el
 
 def test_limits_off_give_the_ecad_pass_unchanged():
     """The E-cadherin analyzer uses the same function; without the new limits its output is the same."""
-    assert ecad.faint_nuclei is nuc.faint_nuclei
+    assert ecad.analyzer.faint_nuclei is nuc.faint_nuclei
     h, dense, _ = _scene()
     mask_od = ndi.gaussian_filter(h, 0.5 / MPP).astype(np.float32)
     peak_od = ndi.gaussian_filter(h, 1.5 / MPP).astype(np.float32)

@@ -18,6 +18,11 @@ from skimage.segmentation import watershed
 
 from marrowseg.analyzers import nuclei as nuc
 from marrowseg.analyzers.distance import distance_to_background
+from marrowseg.analyzers.nuclei import lobes as nlobes
+from marrowseg.analyzers.nuclei import seeds as nseeds
+from marrowseg.analyzers.nuclei import split as nsplit
+from marrowseg.analyzers.nuclei import table as ntable
+from marrowseg.analyzers.nuclei import watershed as nws
 
 EIGHT = np.ones((3, 3), bool)
 
@@ -168,12 +173,12 @@ def ref_split_by_shape(h_od, mpp, labels, table, *, min_area_um2, max_solidity, 
 
 def ref_merge_megakaryocytes(h_od, mpp, mask, labels, table, **kw):
     """merge_megakaryocytes with the plain full-tile distance threshold in place of the erosion pre-test."""
-    plain = nuc._deep_pixels
-    nuc._deep_pixels = lambda m, r: distance_to_background(m) >= r
+    plain = nlobes._deep_pixels
+    nlobes._deep_pixels = lambda m, r: distance_to_background(m) >= r
     try:
         return nuc.merge_megakaryocytes(h_od, mpp, mask, labels, table, **kw)
     finally:
-        nuc._deep_pixels = plain
+        nlobes._deep_pixels = plain
 
 
 def ref_group_lobes(h_od, mpp, mask, labels, table, *, min_area_um2, max_gap_um, max_extent_um, allowed=None):
@@ -291,7 +296,7 @@ def test_watershed_matches_skimage_with_ties(seed):
     markers = np.zeros(shape, np.int32)
     k = int(rng.integers(1, 6))
     markers[rng.integers(0, shape[0], k), rng.integers(0, shape[1], k)] = np.arange(1, k + 1)
-    got = nuc._watershed(-img, markers, mask)
+    got = nws._watershed(-img, markers, mask)
     assert got.dtype == np.int32
     assert np.array_equal(got, watershed(-img, markers, mask=mask))
 
@@ -304,7 +309,7 @@ def test_edt_um_matches_scipy(mpp):
         mask = _blobs(rng, shape, 6, 2, 12)
         for m in (mask, np.ones(shape, bool), np.zeros(shape, bool)):
             ref = (ndi.distance_transform_edt(m) * mpp).astype(np.float32)
-            assert np.array_equal(nuc._edt_um(m, mpp), ref)
+            assert np.array_equal(nsplit._edt_um(m, mpp), ref)
 
 
 def test_reconstruction_matches_skimage():
@@ -314,7 +319,7 @@ def test_reconstruction_matches_skimage():
         dist = (ndi.distance_transform_edt(_blobs(rng, (50, 70), 8, 3, 11)) * 0.5).astype(np.float32)
         h = np.float32(0.25)
         seed = dist - h - 2 * np.finfo(dist.dtype).resolution * np.abs(dist)
-        assert np.array_equal(nuc._reconstruct_by_dilation(seed, dist),
+        assert np.array_equal(nsplit._reconstruct_by_dilation(seed, dist),
                               reconstruction(seed, dist, method="dilation"))
 
 
@@ -363,9 +368,9 @@ def test_split_boxes_packed_matches_per_box_on_symmetric_waists():
     labels[np.any([(rr - a) ** 2 + (cc - b) ** 2 <= 64 for a, b in tri], axis=0)] = 2
     boxes = [(lab, sl[0].start - 1, sl[0].stop + 1, sl[1].start - 1, sl[1].stop + 1)
              for lab, sl in enumerate(ndi.find_objects(labels), start=1)]
-    packed = nuc._split_boxes_packed(labels, boxes, 0.5, 0.25)
+    packed = nsplit._split_boxes_packed(labels, boxes, 0.5, 0.25)
     for (lab, r0, r1, c0, c1), got in zip(boxes, packed, strict=True):
-        ref = nuc._split_box(labels[r0:r1, c0:c1] == lab, 0.5, 0.25)
+        ref = nsplit._split_box(labels[r0:r1, c0:c1] == lab, 0.5, 0.25)
         assert got is not None and ref is not None
         assert got[2] == ref[2] >= 2
         assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
@@ -378,16 +383,16 @@ def test_deep_pixels_match_distance_threshold(radius):
     for shape, n, lo, hi in [((300, 260), 10, 8, 30), ((90, 600), 30, 3, 10), ((40, 40), 1, 60, 61)]:
         mask = _blobs(rng, shape, n, lo, hi, elongate=True)
         ref = distance_to_background(mask) >= radius
-        assert np.array_equal(nuc._deep_pixels(mask, radius), ref)
+        assert np.array_equal(nlobes._deep_pixels(mask, radius), ref)
     for mask in (np.zeros((50, 50), bool), np.ones((50, 50), bool)):
-        assert np.array_equal(nuc._deep_pixels(mask, radius), distance_to_background(mask) >= radius)
+        assert np.array_equal(nlobes._deep_pixels(mask, radius), distance_to_background(mask) >= radius)
 
 
 def test_deep_pixels_finds_the_deep_core():
     """A disk of radius 20 px holds deep pixels within 5 px of its centre at radius 15 (not a vacuous test)."""
     rr, cc = np.mgrid[0:100, 0:100]
     mask = (rr - 50) ** 2 + (cc - 50) ** 2 <= 400
-    deep = nuc._deep_pixels(mask, np.float32(15.0))
+    deep = nlobes._deep_pixels(mask, np.float32(15.0))
     assert deep[50, 50] and deep.sum() > 40 and not deep[50, 35]
 
 
@@ -419,14 +424,14 @@ def test_grow_seeds_matches_reference(seed):
     mask = _blobs(rng, shape, 25, 4, 12)
     relief = np.round(ndi.gaussian_filter(rng.random(shape), 2) * 20).astype(np.float32)
     centres = np.argwhere(mask)[rng.choice(int(mask.sum()), 40, replace=False)]
-    assert np.array_equal(nuc._grow_seeds(centres, relief, mask), ref_grow_seeds(centres, relief, mask))
+    assert np.array_equal(nseeds._grow_seeds(centres, relief, mask), ref_grow_seeds(centres, relief, mask))
     # without ties, the same as one watershed over the whole tile
     from skimage.segmentation import watershed
 
     smooth = ndi.gaussian_filter(rng.random(shape), 2).astype(np.float32)
     markers = np.zeros(shape, np.int32)
     markers[centres[:, 0], centres[:, 1]] = np.arange(1, len(centres) + 1)
-    assert np.array_equal(nuc._grow_seeds(centres, smooth, mask), watershed(-smooth, markers, mask=mask))
+    assert np.array_equal(nseeds._grow_seeds(centres, smooth, mask), watershed(-smooth, markers, mask=mask))
 
 
 def test_replace_regions_matches_reference():
@@ -439,7 +444,7 @@ def test_replace_regions_matches_reference():
     new = np.where(removed, labels, 0).astype(np.int32)
     _, new_table = nuc.measure_labels(new, h_od, 0.5, 0.0)
     rl, rt = ref_replace_regions(labels, table, removed, keep_rows, new, new_table)
-    gl, gt = nuc._replace_regions(labels, table, removed, keep_rows, new, new_table)
+    gl, gt = ntable._replace_regions(labels, table, removed, keep_rows, new, new_table)
     assert np.array_equal(gl, rl) and gl.dtype == rl.dtype
     _tables_equal(rt, gt)
 
@@ -457,10 +462,10 @@ def test_split_boxes_packed_matches_per_box_at_the_tile_edge():
         boxes.append((lab, max(sl[0].start - 1, 0), min(sl[0].stop + 1, h), max(sl[1].start - 1, 0),
                       min(sl[1].stop + 1, w)))
         sides.append((int(sl[0].start == 0), int(sl[0].stop == h), int(sl[1].start == 0), int(sl[1].stop == w)))
-    packed = nuc._split_boxes_packed(labels, boxes, 0.5, 0.25, sides)
+    packed = nsplit._split_boxes_packed(labels, boxes, 0.5, 0.25, sides)
     cut = 0
     for (lab, r0, r1, c0, c1), got in zip(boxes, packed, strict=True):
-        ref = nuc._split_box(labels[r0:r1, c0:c1] == lab, 0.5, 0.25)
+        ref = nsplit._split_box(labels[r0:r1, c0:c1] == lab, 0.5, 0.25)
         assert (got is None) == (ref is None)
         if ref is not None:
             cut += 1
@@ -502,5 +507,5 @@ def test_fortran_ordered_inputs_give_the_same_tables():
         assert np.array_equal(gl, rl)
         _tables_equal(rt, gt)
     mask = _blobs(rng, (120, 130), 4, 18, 25)
-    deep = nuc._deep_pixels(np.asfortranarray(mask), np.float32(15.0))
+    deep = nlobes._deep_pixels(np.asfortranarray(mask), np.float32(15.0))
     assert deep.any() and np.array_equal(deep, distance_to_background(mask) >= np.float32(15.0))
