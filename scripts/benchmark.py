@@ -139,18 +139,22 @@ def scikit_image_only():
     below. The rest of the post-processing (labelling, measurements, the ring band's nearest
     labels) is shared with the pipeline.
     """
-    from marrowseg.analyzers import distance, fibres, reticulin, tissue
+    from marrowseg.analyzers import distance, fibres, tissue
     from marrowseg.analyzers.ecad import membrane
+    from marrowseg.analyzers.fibres import overlap, skeleton, width
     from marrowseg.analyzers.nuclei import detect, faint, lobes, seeds, split
+    from marrowseg.analyzers.reticulin import analyzer as reticulin
 
+    # each fast path is swapped in every module that calls it by name
     swaps = [(membrane, "nearest_label_band", _whole_tile_band),
              (distance, "_SEPARABLE_MAX_PX", -1),  # the band's distances by OpenCV's precise whole-tile transform
-             (fibres, "nearest_feature", _plain_nearest_feature), (tissue, "nearest_feature", _plain_nearest_feature),
-             (fibres, "label_sums", _plain_label_sums),
-             *[(mod, "distance_to_background", _plain_edt) for mod in (detect, lobes, split, faint, tissue)],
-             (fibres, "distance_to_background", _plain_edt), (reticulin, "distance_to_background", _plain_edt),
-             (fibres, "gaussian_zero_border", _plain_gaussian),
-             (fibres, "binary_dilation", _plain_dilation), (tissue, "binary_opening", _plain_opening),
+             (width, "nearest_feature", _plain_nearest_feature), (tissue, "nearest_feature", _plain_nearest_feature),
+             (skeleton, "label_sums", _plain_label_sums), (fibres, "label_sums", _plain_label_sums),
+             *[(mod, "distance_to_background", _plain_edt) for mod in (detect, lobes, split, faint, tissue, width,
+                                                                      reticulin)],
+             *[(mod, "gaussian_zero_border", _plain_gaussian) for mod in (overlap, width, fibres)],
+             (skeleton, "binary_dilation", _plain_dilation), (width, "binary_dilation", _plain_dilation),
+             (tissue, "binary_opening", _plain_opening),
              (tissue, "binary_closing", _plain_closing), (seeds, "_peak_candidates", _plain_peaks),
              (seeds, "_watershed", _plain_watershed), (split, "_watershed", _plain_watershed),
              (split, "_split_boxes_packed", _plain_split)]

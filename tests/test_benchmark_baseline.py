@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import pytest
 
-from marrowseg import synth
-from marrowseg.analyzers import distance, fibres, get_analyzer, reticulin, tissue
+from marrowseg import analyzers, synth
+from marrowseg.analyzers import distance, get_analyzer
 from marrowseg.analyzers.ecad import membrane
-from marrowseg.analyzers.nuclei import faint, seeds, split
+from marrowseg.analyzers.fibres import overlap, skeleton, width
+from marrowseg.analyzers.nuclei import seeds, split
 from marrowseg.config import load_config
 from marrowseg.engine import analyze_array
 from tests._scripts import load_script
@@ -19,6 +23,24 @@ def _benchmark():
     return load_script("benchmark")
 
 
+#: the fast paths the baseline replaces by plain SciPy / scikit-image calls
+FAST = ("distance_to_background", "nearest_feature", "nearest_label_band", "binary_dilation", "binary_opening",
+        "binary_closing", "label_sums", "gaussian_zero_border", "_peak_candidates", "_watershed", "_split_boxes_packed")
+
+
+def _importers() -> list[tuple[object, str]]:
+    """(module, name) of each analyzer module that imports a fast path of another marrowseg module by name."""
+    out = []
+    for info in pkgutil.walk_packages(analyzers.__path__, "marrowseg.analyzers."):
+        mod = importlib.import_module(info.name)
+        for name in FAST:
+            fn = getattr(mod, name, None)
+            where = getattr(fn, "__module__", "") or ""
+            if callable(fn) and where.startswith("marrowseg.") and where != mod.__name__:
+                out.append((mod, name))
+    return out
+
+
 @pytest.mark.parametrize("stain", ["he", "ecad", "reticulin"])
 def test_scikit_image_only_swaps_the_fast_paths_and_gives_the_same_totals(stain):
     bench = _benchmark()
@@ -26,21 +48,20 @@ def test_scikit_image_only_swaps_the_fast_paths_and_gives_the_same_totals(stain)
     rgb = ph.render(0, 0, 640, 640)
     cfg = load_config(stain)
     fast = analyze_array(rgb, MPP, get_analyzer(stain, cfg), cfg, device="cpu")
-    before = {(mod, name): getattr(mod, name) for mod, name in ((seeds, "_peak_candidates"), (seeds, "_watershed"),
-                                                                 (split, "_watershed"), (split, "_split_boxes_packed"))}
+    # every module that calls a fast path by an imported name, and the modules that define and call one
+    where = _importers() + [(skeleton, "label_sums"), (overlap, "gaussian_zero_border"),
+                            (seeds, "_peak_candidates"), (split, "_split_boxes_packed")]
+    assert len(where) >= 20 and (membrane, "nearest_label_band") in where and (width, "nearest_feature") in where
+    before = {(mod, name): getattr(mod, name) for mod, name in where}
     with bench.scikit_image_only():
+        for mod, name in where:
+            assert getattr(mod, name) is not before[(mod, name)], f"{mod.__name__}.{name} not swapped"
         assert seeds._watershed is bench._plain_watershed is split._watershed
         assert split._split_boxes_packed is bench._plain_split and seeds._peak_candidates is bench._plain_peaks
-        assert faint.distance_to_background is bench._plain_edt
-        assert tissue.distance_to_background is bench._plain_edt and fibres.binary_dilation is bench._plain_dilation
-        assert reticulin.distance_to_background is bench._plain_edt
         assert membrane.nearest_label_band is bench._whole_tile_band
-        assert fibres.gaussian_zero_border is bench._plain_gaussian
         assert distance._SEPARABLE_MAX_PX == -1  # the ring band's distances by the precise whole-tile transform
-        assert fibres.nearest_feature is bench._plain_nearest_feature is tissue.nearest_feature
-        assert fibres.label_sums is bench._plain_label_sums
         plain = analyze_array(rgb, MPP, get_analyzer(stain, cfg), cfg, device="cpu")
-    assert {(mod, name): getattr(mod, name) for mod, name in before} == before  # restored
+    assert {(mod, name): getattr(mod, name) for mod, name in where} == before  # restored
     assert distance._SEPARABLE_MAX_PX > 0
     assert len(fast.cells.get("x", [])) == len(plain.cells.get("x", []))
     # every fast path is exact but OpenCV's Gaussian (float rounding: 1e-9 of a fibre length)
