@@ -88,8 +88,8 @@ def build_settings(out_dir: Path, *, config: str | Path | None = None, sets: Seq
                    device: str | None = None, min_confidence: float = 0.25, thumbnail_px: int = 1024,
                    command: Sequence[str] = ()) -> BatchSettings:
     """Resolve the config of every available stain once (a bad ``--set`` fails here, not per slide)."""
+    from marrowseg.analyzers import available_stains
     from marrowseg.config import config_hash, load_config
-    from marrowseg.demo import available_stains
 
     overrides = [*sets, *([f"engine.device={device}"] if device else [])]
     configs = {s: load_config(s, path=config, overrides=overrides) for s in available_stains()}

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from marrowseg.analyzers import ANALYZERS
+from marrowseg.analyzers import available_stains
 
 __all__ = ["DEMO_SLIDES", "write_demo_slides", "run_demo"]
 
@@ -27,20 +26,6 @@ _SHOWN = {
     "ecad": ("ecad_pos_per_100_nucleated", "left_shift_ratio"),
     "reticulin": ("fibre_length_um_per_1e4um2", "intersections_per_mm2", "mf_grade"),
 }
-
-
-def available_stains() -> list[str]:
-    """Stains whose analyzer module is importable in this installation."""
-    ok = []
-    for stain, target in ANALYZERS.items():
-        try:
-            importlib.import_module(target.split(":")[0])
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("marrowseg"):
-                continue
-            raise
-        ok.append(stain)
-    return ok
 
 
 def write_demo_slides(slide_dir: str | Path, *, size_px: int = 4096, mpp: float = 0.25) -> list[tuple[Path, str]]:

@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from marrowseg.demo import available_stains
+    from marrowseg.analyzers import available_stains
 
     stains = [s for s in args.stains.split(",") if s in available_stains()]
     rows = []

@@ -18,10 +18,10 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from marrowseg.analyzers import available_stains
 from marrowseg.batch import run_batch
 from marrowseg.batch_plan import find_slides, load_stain_rules, plan_jobs, slide_ids
 from marrowseg.batch_slide import BatchSettings, process_slide, slide_lock
-from marrowseg.demo import available_stains
 from marrowseg.errors import ConfigError
 from tests._cli import run_cli
 

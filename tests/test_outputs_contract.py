@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zarr
 
+from marrowseg.analyzers import available_stains
 from marrowseg.analyzers.reticulin import GRADE_RGB
-from marrowseg.demo import available_stains
 from tests._cli import run_cli
 
 STAINS = available_stains()

@@ -11,7 +11,7 @@ from marrowseg.errors import ConfigError
 if TYPE_CHECKING:
     from marrowseg.config import Config
 
-__all__ = ["Analyzer", "LabelClass", "TileContext", "TileResult", "ANALYZERS", "get_analyzer"]
+__all__ = ["Analyzer", "LabelClass", "TileContext", "TileResult", "ANALYZERS", "available_stains", "get_analyzer"]
 
 #: stain key -> "module:Class"; imported on demand so one analyzer's import cost is paid only when used
 ANALYZERS = {
@@ -36,3 +36,17 @@ def get_analyzer(stain: str, config: Config) -> Analyzer:
     module_name, cls_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     return cls(config.stain_section(stain))
+
+
+def available_stains() -> list[str]:
+    """Stains whose analyzer module is importable in this installation."""
+    ok = []
+    for stain, target in ANALYZERS.items():
+        try:
+            importlib.import_module(target.split(":")[0])
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("marrowseg"):
+                continue
+            raise
+        ok.append(stain)
+    return ok

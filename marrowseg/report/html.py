@@ -121,7 +121,7 @@ def provenance_html(metrics: Mapping[str, Any]) -> str:
 def slide_section_html(slide: SlideOutput, lines: Sequence[str] = (), *, n_fields: int = 3,
                        flags: Sequence[str] = (), figures: Mapping[str, Any] | None = None) -> str:
     """The section of one slide: report lines, figures, metrics and provenance."""
-    from marrowseg.grade import STAIN_NAMES
+    from marrowseg.report.wording import STAIN_NAMES
 
     m = slide.metrics
     figs = figures if figures is not None else slide_figures(slide, n_fields=n_fields)
@@ -170,7 +170,7 @@ def case_report_html(doc: Mapping[str, Any], slides: Sequence[SlideOutput], *, t
         The same slides, for their figures.
     """
     from marrowseg import __version__
-    from marrowseg.grade import STAIN_NAMES
+    from marrowseg.report.wording import STAIN_NAMES
 
     by_id = {s.slide_id: s for s in slides}
     case = doc.get("case") or {}

@@ -169,8 +169,8 @@ def summary_html(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def slide_panel_html(slide: SlideOutput, *, n_fields: int = 3, **flag_kw: Any) -> str:
     """Overview, fields, heatmap, metrics and provenance of one slide, with its flags and report lines."""
-    from marrowseg.grade import slide_report_lines
     from marrowseg.report.html import slide_section_html
+    from marrowseg.report.wording import slide_report_lines
 
     return slide_section_html(slide, slide_report_lines(slide.metrics), n_fields=n_fields,
                               flags=slide_flags(slide, **flag_kw))
