@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1] / "marrowseg"
 #: top-level modules and packages of marrowseg, lowest first; a module may import its own layer or lower
 LAYERS = (
     ("marrowseg", "errors"),
-    ("config", "stains", "io", "synth"),
+    ("io", "synth"),  # reading slides and drawing phantoms know nothing of stains or settings
+    ("config", "stains"),
     ("tiling", "stain_id", "focus"),
     ("analyzers",),
     ("engine",),
