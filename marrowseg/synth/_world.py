@@ -652,10 +652,6 @@ def _cat(parts: list[dict]) -> dict:
     return {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}
 
 
-def empty_prims() -> dict:
-    return _prims(np.zeros(0), np.zeros(0), 0.0, 0.0, 0.0, "nuc", 0.0)
-
-
 # Per stage: nucleus diameter range (µm), cytoplasm rim (µm), nucleus OD amount, chromatin
 # texture, cytoplasm role and amount, nucleus aspect ratio range, shape.
 _STAGE_GEOM = {

@@ -4,9 +4,6 @@ the smoothed colour features of the tissue classes.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
 from marrowseg.analyzers import fibres
@@ -78,8 +75,3 @@ class _ReticulinModule(torch.nn.Module):
             "wide_dark_od": wide_dark[:, 0],
         }
 
-
-def _disk(radius_px: float) -> np.ndarray:
-    r = int(math.floor(radius_px))
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    return (yy**2 + xx**2) <= radius_px * radius_px + 1e-9
