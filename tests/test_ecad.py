@@ -17,6 +17,7 @@ from marrowseg.analyzers.ecad import (
     wilson_interval,
 )
 from marrowseg.config import load_config
+from marrowseg.config.ecad import load_ecad_reference
 from marrowseg.engine import analyze_array
 
 MPP = 0.5
@@ -316,6 +317,11 @@ def test_readouts_are_sums_of_tile_stats_and_ratio_has_interval():
     assert lo <= res.readouts["left_shift_ratio"] <= hi
     assert set(res.report["interpretation"]) == {"ecad_pos_per_100_nucleated", "left_shift", "clusters"}
     assert "source" in res.report["interpretation"]["ecad_pos_per_100_nucleated"]
+    # the early share's normal range, from the reference file, as a fraction like the ratio
+    ref = load_ecad_reference().early_erythroid_pct_of_erythroid
+    orient = res.report["interpretation"]["left_shift"]["orientation"]
+    assert orient["low"] == pytest.approx(ref.low / 100) and orient["high"] == pytest.approx(ref.high / 100)
+    assert orient["source"] == ref.source and orient["low"] < orient["high"] < 1
 
 
 def test_phantom_counts_and_ratio_near_truth():

@@ -204,3 +204,16 @@ def test_cli_grade_error_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     assert captured.out == ""
     assert captured.err.strip().count("\n") == 0 and "nope.svs: no such file" in captured.err
 
+
+
+def test_left_shift_ratio_is_worded_with_its_orientation_range_only_when_given():
+    """The normal early share is shown beside the ratio, marked as orientation; absent, nothing is made up."""
+    ro = {"ecad_pos_per_100_nucleated": 3.0, "left_shift_ratio": 0.31, "left_shift_ratio_ci95": [0.25, 0.38]}
+    shift = {"verdict": "left-shifted erythropoiesis", "erythroid_cells": 200,
+             "orientation": {"low": 0.05, "high": 0.08}}
+    line = slide_report_lines({"stain": "ecad", "readouts": ro, "interpretation": {"left_shift": shift}})[0]
+    assert "left-shift ratio 0.31 (95% CI 0.25-0.38) [normal marrow about 0.05-0.08, for orientation only]: " \
+           "left-shifted erythropoiesis" in line
+    del shift["orientation"]
+    assert "orientation" not in slide_report_lines({"stain": "ecad", "readouts": ro,
+                                                    "interpretation": {"left_shift": shift}})[0]

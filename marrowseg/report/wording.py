@@ -79,6 +79,9 @@ def _ecad_lines(m: Mapping[str, Any]) -> list[str]:
     ratio = "left-shift ratio n/a (no erythroid precursors found)" if lsr is None else f"left-shift ratio {lsr:.2f}"
     if lsr is not None and ci:
         ratio += f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})"
+    orient = shift.get("orientation") or {}
+    if lsr is not None and orient.get("low") is not None and orient.get("high") is not None:
+        ratio += f" [normal marrow about {orient['low']:.2f}-{orient['high']:.2f}, for orientation only]"
     verdict = shift.get("verdict")
     if verdict:
         n_ery = shift.get("erythroid_cells")

@@ -50,7 +50,12 @@ from marrowseg.analyzers.ecad.membrane import (
     ring_scores,
     unstained_part,
 )
-from marrowseg.analyzers.ecad.readouts import _cluster_note, _range_verdict, wilson_interval
+from marrowseg.analyzers.ecad.readouts import (
+    _cluster_note,
+    _range_verdict,
+    fraction_range,
+    wilson_interval,
+)
 from marrowseg.analyzers.ecad.stain import (
     ECadModule,
     estimate_hdab_vectors,
@@ -690,6 +695,9 @@ class ECadAnalyzer(Analyzer):
             "left_shift": {
                 "value": lsr, "threshold": icfg.left_shift_ratio_high, "min_erythroid_cells": icfg.min_erythroid_cells,
                 "erythroid_cells": n_ery, "verdict": shift, "source": ref.left_shift_ratio.source,
+                # the ratio is the early share of the erythroid precursors: its normal range for
+                # orientation (no cut-off of the ratio itself is published; the verdict is the setting above)
+                "orientation": fraction_range(ref.early_erythroid_pct_of_erythroid),
             },
             "clusters": {
                 "value": n_clusters, "alert_count": icfg.cluster_alert_count,

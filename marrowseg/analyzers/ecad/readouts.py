@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from marrowseg.config.ecad import ECadConfig
+from marrowseg.config.ecad import ECadConfig, ReferenceRange
 
-__all__ = ["wilson_interval"]
+__all__ = ["wilson_interval", "fraction_range"]
 
 
 _Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -58,3 +59,18 @@ def _cluster_note(cfg: ECadConfig) -> str:
     exact = cfg.halo_um - c.link_um - (c.neighbourhood_um or 0.0)
     return (f"clusters of {sheet}linked within {c.link_um:g} µm, extent > {c.min_extent_um:g} µm; "
             f"exact up to an extent of about {exact:g} µm")
+
+
+def fraction_range(pct: ReferenceRange) -> dict[str, Any]:
+    """A reference range given in percent of erythroid precursors, as a fraction (like the left-shift ratio).
+
+    Returns
+    -------
+    dict
+        ``low``, ``high`` (fractions 0-1, None where the reference gives none), ``unit`` and ``source``.
+    """
+    def frac(v: float | None) -> float | None:
+        return None if v is None else float(v) / 100.0
+
+    return {"low": frac(pct.low), "high": frac(pct.high), "unit": "fraction of erythroid precursors",
+            "source": pct.source}
