@@ -21,7 +21,8 @@ from marrowseg import stains
 from marrowseg.analyzers import nuclei as nuc
 from marrowseg.analyzers import nuclei_model as nmod
 from marrowseg.analyzers import tissue as tis
-from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
+from marrowseg.analyzers.base import LabelClass, TileContext, TileResult
+from marrowseg.analyzers.marrow import MarrowAnalyzer, index_runs
 from marrowseg.config.he import CellularityReference, HEConfig, load_cellularity_reference
 from marrowseg.errors import ConfigError
 
@@ -87,13 +88,6 @@ def _nucleus_box(ctx: TileContext, shape: tuple[int, int], margin_px: float) -> 
     return (slice(r0, r1), slice(c0, c1)), (r0, c0)
 
 
-def _runs(idx: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Values of a non-decreasing index array and the [start, stop) range each one covers."""
-    vals, starts = np.unique(idx, return_index=True)
-    stops = np.append(starts[1:], len(idx))
-    return vals, [(int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
-
-
 def cellularity_interval(age: float, rule_name: str, reference: CellularityReference) -> tuple[float, float]:
     """Normal cellularity interval (low, high) in percent for ``age`` years under a named rule.
 
@@ -135,7 +129,7 @@ _NUCLEAR_MIN_H_OD = 0.15
 _NUCLEAR_MIN_PIXELS = 300
 
 
-class HEAnalyzer(Analyzer):
+class HEAnalyzer(MarrowAnalyzer):
     """Cellularity and nucleated cells of an H&E-stained marrow trephine.
 
     Parameters
@@ -176,14 +170,6 @@ class HEAnalyzer(Analyzer):
             raise ConfigError(f"he.nuclei.detector unet is trained at {nmod.TRAIN_MPP} µm/px; he.mpp is {config.mpp}")
         if config.nuclei.mask_net and not math.isclose(float(config.mpp), nmod.TRAIN_MPP):
             raise ConfigError(f"he.nuclei.mask_net is trained at {nmod.TRAIN_MPP} µm/px; he.mpp is {config.mpp}")
-
-    @property
-    def map_downsample(self) -> int:
-        return self.k
-
-    @property
-    def window_um(self) -> float | None:
-        return None if self.config.window_um is None else float(self.config.window_um)
 
     # -- dense ----------------------------------------------------------------------------
     @property
@@ -313,32 +299,6 @@ class HEAnalyzer(Analyzer):
         return {key: np.asarray(v, np.float32)[None] for key, v in out.items()}
 
     # -- per tile -------------------------------------------------------------------------
-    def _geometry(self, ctx: TileContext, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """Valid (inside-slide) and open-border masks at the class resolution.
-
-        ``shape`` is the (possibly cropped) tile shape at the analysis resolution.
-        """
-        k = self.k
-        hc, wc = -(-shape[0] // k), -(-shape[1] // k)
-        vr = min(shape[0], int(ctx.valid_px[0]))
-        vc = min(shape[1], int(ctx.valid_px[1]))
-        vrc, vcc = -(-vr // k), -(-vc // k)
-        valid = np.zeros((hc, wc), bool)
-        valid[:vrc, :vcc] = True
-        border = np.zeros((hc, wc), bool)
-        # A tile edge is interior to the slide when the grid cut the slide there: above and
-        # left when the tile does not start at 0; below and right when the core stops
-        # short of the slide pixels the tile holds (the last tile's core runs to the slide edge).
-        if ctx.origin_px[0] > 0:
-            border[0, :] = True
-        if ctx.origin_px[1] > 0:
-            border[:, 0] = True
-        if ctx.core[0].stop < vr:
-            border[vrc - 1, :] = True
-        if ctx.core[1].stop < vc:
-            border[:, vcc - 1] = True
-        return valid, border & valid
-
     def post(self, dense: dict[str, np.ndarray], rgb: np.ndarray, ctx: TileContext) -> TileResult:
         cfg = self.config
         mpp = float(ctx.mpp)
@@ -348,10 +308,7 @@ class HEAnalyzer(Analyzer):
         full = d["h_od"].shape
         if "background" in d:  # the nuclear mask's background comes on a coarse grid of its own
             d["background"] = nuc.upsample_background(d["background"], full, cfg.nuclei.mask_background_sigma_um / mpp)
-        vr = min(full[0], -(-int(ctx.valid_px[0]) // k) * k)
-        vc = min(full[1], -(-int(ctx.valid_px[1]) // k) * k)
-        for key, v in d.items():
-            d[key] = v[:vr, :vc] if v.shape == full else v[: vr // k, : vc // k]
+        d, vr, vc = self._valid_box(d, ctx)
         shape = d["h_od"].shape
         class_mpp = mpp * k
         valid_c, border_c = self._geometry(ctx, shape)
@@ -364,13 +321,7 @@ class HEAnalyzer(Analyzer):
         labels = tis.upsample_labels(labels_c, k, shape)
         core = ctx.core
         core_labels = labels[core]
-        counts = np.bincount(core_labels.ravel(), minlength=4)
-        stats: dict[str, float] = {
-            "excluded_px": int(counts[tis.EXCLUDED]),
-            "haematopoietic_px": int(counts[tis.HAEMATOPOIETIC]),
-            "fat_px": int(counts[tis.FAT]),
-            "bone_px": int(counts[tis.BONE]),
-        }
+        stats = self._tissue_stats(core_labels)
 
         # adipocytes: one per fat space, counted by the tile holding its centroid
         fr = (fat.row + 0.5) * k - 0.5
@@ -436,13 +387,6 @@ class HEAnalyzer(Analyzer):
         return {k: np.concatenate([np.asarray(table[k]), np.asarray(ft[k]).astype(np.asarray(table[k]).dtype)])
                 for k in table}
 
-    def _map(self, labels: np.ndarray, ctx: TileContext) -> np.ndarray:
-        """The core's labels on the slide-aligned grid of every k-th analysis pixel."""
-        k = self.k
-        r0, c0 = ctx.core_origin_px
-        core = labels[ctx.core]
-        return np.ascontiguousarray(core[(-r0) % k :: k, (-c0) % k :: k])
-
     def _windows(self, core_labels: np.ndarray, cells: dict[str, np.ndarray], ctx: TileContext) -> dict:
         mpp = float(ctx.mpp)
         win = float(self.config.window_um)
@@ -455,8 +399,8 @@ class HEAnalyzer(Analyzer):
         cr = np.floor((r0 + np.floor(cells["row"]) - ctx.core[0].start) * mpp / win).astype(np.int64)
         cc = np.floor((c0 + np.floor(cells["col"]) - ctx.core[1].start) * mpp / win).astype(np.int64)
         # window indices grow with the pixel index: each window is a contiguous block (a view)
-        for i, (ra, rb) in zip(*_runs(wr), strict=True):
-            for j, (ca, cb) in zip(*_runs(wc), strict=True):
+        for i, (ra, rb) in zip(*index_runs(wr), strict=True):
+            for j, (ca, cb) in zip(*index_runs(wc), strict=True):
                 n = np.bincount(core_labels[ra:rb, ca:cb].ravel(), minlength=4)
                 entry = {name: int(n[v]) for v, name in names.items()}
                 entry["n_nucleated"] = int(((cr == i) & (cc == j)).sum())

@@ -41,7 +41,7 @@ from scipy.spatial import cKDTree
 from marrowseg import stains
 from marrowseg.analyzers import nuclei as nuc
 from marrowseg.analyzers import tissue as tis
-from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext, TileResult
+from marrowseg.analyzers.base import LabelClass, TileContext, TileResult
 from marrowseg.analyzers.ecad.clusters import count_clusters, sheet_members
 from marrowseg.analyzers.ecad.membrane import (
     _region_means,
@@ -62,6 +62,7 @@ from marrowseg.analyzers.ecad.stain import (
     haematoxylin_scale,
     hdab_matrix,
 )
+from marrowseg.analyzers.marrow import MarrowAnalyzer, index_runs
 from marrowseg.analyzers.nuclei import faint_nuclei
 from marrowseg.config.ecad import ECadConfig, ECadReference, load_ecad_reference
 
@@ -78,14 +79,7 @@ CELL_CLASSES = ("ecad_pos", "late_erythroid", "megakaryocyte", "other")
 _MEAS_COLUMNS = ("area_um2", "eccentricity", "solidity", "h_od_mean", "h_od_cv")
 
 
-def _runs(idx: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Values of a non-decreasing index array and the [start, stop) range each one covers."""
-    vals, starts = np.unique(idx, return_index=True)
-    stops = np.append(starts[1:], len(idx))
-    return vals, [(int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
-
-
-class ECadAnalyzer(Analyzer):
+class ECadAnalyzer(MarrowAnalyzer):
     """E-cadherin-positive early erythroid precursors and the erythroid left shift.
 
     Parameters
@@ -120,14 +114,6 @@ class ECadAnalyzer(Analyzer):
         self.h_scale = 1.0
         self.k = tis.class_factor(config.mpp, config.tissue.classes.class_mpp)
         self.reference = reference if reference is not None else load_ecad_reference()
-
-    @property
-    def map_downsample(self) -> int:
-        return self.k
-
-    @property
-    def window_um(self) -> float | None:
-        return None if self.config.window_um is None else float(self.config.window_um)
 
     # -- dense ----------------------------------------------------------------------------
     def prepare(self, sample_rgb: np.ndarray, patches: Sequence[np.ndarray] = ()) -> dict[str, Any]:
@@ -207,25 +193,6 @@ class ECadAnalyzer(Analyzer):
         return {key: np.asarray(v, np.float32)[None] for key, v in out.items()}
 
     # -- per tile -------------------------------------------------------------------------
-    def _geometry(self, ctx: TileContext, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """Valid (inside-slide) and open-border masks at the class resolution."""
-        k = self.k
-        hc, wc = -(-shape[0] // k), -(-shape[1] // k)
-        vr, vc = min(shape[0], int(ctx.valid_px[0])), min(shape[1], int(ctx.valid_px[1]))
-        vrc, vcc = -(-vr // k), -(-vc // k)
-        valid = np.zeros((hc, wc), bool)
-        valid[:vrc, :vcc] = True
-        border = np.zeros((hc, wc), bool)
-        if ctx.origin_px[0] > 0:
-            border[0, :] = True
-        if ctx.origin_px[1] > 0:
-            border[:, 0] = True
-        if ctx.core[0].stop < vr:
-            border[vrc - 1, :] = True
-        if ctx.core[1].stop < vc:
-            border[:, vcc - 1] = True
-        return valid, border & valid
-
     def classify_cells(self, table: dict[str, np.ndarray], score_od: np.ndarray,
                        may_be_positive: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Positive call and class of each nucleus.
@@ -328,11 +295,7 @@ class ECadAnalyzer(Analyzer):
         mpp = float(ctx.mpp)
         k = self.k
         d = {key: np.asarray(v, dtype=np.float32).reshape(np.shape(v)[-2:]) for key, v in dense.items()}
-        full = d["h_od"].shape
-        vr = min(full[0], -(-int(ctx.valid_px[0]) // k) * k)
-        vc = min(full[1], -(-int(ctx.valid_px[1]) // k) * k)
-        for key, v in d.items():
-            d[key] = v[:vr, :vc] if v.shape == full else v[: vr // k, : vc // k]
+        d, vr, vc = self._valid_box(d, ctx)
         shape = d["h_od"].shape
         valid_c, border_c = self._geometry(ctx, shape)
         # black fill and marker ink: outside the section, and no stain
@@ -342,13 +305,7 @@ class ECadAnalyzer(Analyzer):
                                           valid=valid_c, open_border=border_c)
         labels = tis.upsample_labels(labels_c, k, shape)
         core_labels = labels[ctx.core]
-        counts = np.bincount(core_labels.ravel(), minlength=4)
-        stats: dict[str, float] = {
-            "excluded_px": int(counts[tis.EXCLUDED]),
-            "haematopoietic_px": int(counts[tis.HAEMATOPOIETIC]),
-            "fat_px": int(counts[tis.FAT]),
-            "bone_px": int(counts[tis.BONE]),
-        }
+        stats = self._tissue_stats(core_labels)
 
         allowed = (labels == tis.HAEMATOPOIETIC) | (labels == tis.FAT)
         nuc_labels, table = nuc.detect_nuclei(d["det_od"], mpp, cfg.nuclei, peak_map=d["peak"],
@@ -611,13 +568,6 @@ class ECadAnalyzer(Analyzer):
                 n_trunc += 1
         return n, n_trunc, member
 
-    def _map(self, labels: np.ndarray, ctx: TileContext) -> np.ndarray:
-        """The core's labels on the slide-aligned grid of every k-th analysis pixel."""
-        k = self.k
-        r0, c0 = ctx.core_origin_px
-        core = labels[ctx.core]
-        return np.ascontiguousarray(core[(-r0) % k :: k, (-c0) % k :: k])
-
     def _windows(self, core_labels: np.ndarray, cells: dict[str, np.ndarray], ctx: TileContext) -> dict:
         mpp = float(ctx.mpp)
         win = float(self.config.window_um)
@@ -630,8 +580,8 @@ class ECadAnalyzer(Analyzer):
         cls = cells["class"]
         out: dict[tuple[int, int], dict[str, float]] = {}
         # window indices grow with the pixel index: each window is a contiguous block (a view)
-        for i, (ra, rb) in zip(*_runs(wr), strict=True):
-            for j, (ca, cb) in zip(*_runs(wc), strict=True):
+        for i, (ra, rb) in zip(*index_runs(wr), strict=True):
+            for j, (ca, cb) in zip(*index_runs(wc), strict=True):
                 n = np.bincount(core_labels[ra:rb, ca:cb].ravel(), minlength=4)
                 inwin = (cr == i) & (cc == j)
                 out[(int(i), int(j))] = {

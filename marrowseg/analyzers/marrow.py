@@ -1,0 +1,104 @@
+"""What the H&E and E-cadherin analyzers share: marrow tissue classes on a coarser class grid.
+
+Both classify tissue every ``k`` analysis pixels (:func:`marrowseg.analyzers.tissue.class_factor`),
+write that label map downsampled by ``k`` on a slide-aligned grid, and count per slide-aligned
+window. :class:`MarrowAnalyzer` holds the tile geometry of that grid; the stains' own steps
+(stain separation, nuclei, readouts) stay in their analyzers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from marrowseg.analyzers import tissue as tis
+from marrowseg.analyzers.base import Analyzer, TileContext
+
+__all__ = ["MarrowAnalyzer", "index_runs"]
+
+
+def index_runs(idx: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Values of a non-decreasing index array and the [start, stop) range each one covers."""
+    vals, starts = np.unique(idx, return_index=True)
+    stops = np.append(starts[1:], len(idx))
+    return vals, [(int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
+
+
+class MarrowAnalyzer(Analyzer):
+    """An analyzer whose tissue classes lie on a grid ``k`` analysis pixels apart.
+
+    Subclasses set ``self.k`` (the class grid factor) in ``__init__`` and keep ``window_um``
+    (µm, or null) in their config.
+    """
+
+    k: int
+
+    @property
+    def map_downsample(self) -> int:
+        return self.k
+
+    @property
+    def window_um(self) -> float | None:
+        return None if self.config.window_um is None else float(self.config.window_um)
+
+    def _valid_box(self, d: dict[str, np.ndarray], ctx: TileContext) -> tuple[dict[str, np.ndarray], int, int]:
+        """The tile's dense maps cut to the part inside the slide, rounded up to whole class cells.
+
+        Beyond the slide there is only white padding. Maps at the analysis resolution (the
+        shape of ``h_od``) keep ``vr x vc`` pixels, maps at the class resolution ``vr/k x vc/k``.
+
+        Returns
+        -------
+        d : dict of str to ndarray
+            A new dict of views.
+        vr, vc : int
+            Rows and columns kept at the analysis resolution, px.
+        """
+        k = self.k
+        full = d["h_od"].shape
+        vr = min(full[0], -(-int(ctx.valid_px[0]) // k) * k)
+        vc = min(full[1], -(-int(ctx.valid_px[1]) // k) * k)
+        return {key: v[:vr, :vc] if v.shape == full else v[: vr // k, : vc // k] for key, v in d.items()}, vr, vc
+
+    def _geometry(self, ctx: TileContext, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Valid (inside-slide) and open-border masks at the class resolution.
+
+        ``shape`` is the (possibly cropped) tile shape at the analysis resolution.
+        """
+        k = self.k
+        hc, wc = -(-shape[0] // k), -(-shape[1] // k)
+        vr = min(shape[0], int(ctx.valid_px[0]))
+        vc = min(shape[1], int(ctx.valid_px[1]))
+        vrc, vcc = -(-vr // k), -(-vc // k)
+        valid = np.zeros((hc, wc), bool)
+        valid[:vrc, :vcc] = True
+        border = np.zeros((hc, wc), bool)
+        # A tile edge is interior to the slide when the grid cut the slide there: above and
+        # left when the tile does not start at 0; below and right when the core stops
+        # short of the slide pixels the tile holds (the last tile's core runs to the slide edge).
+        if ctx.origin_px[0] > 0:
+            border[0, :] = True
+        if ctx.origin_px[1] > 0:
+            border[:, 0] = True
+        if ctx.core[0].stop < vr:
+            border[vrc - 1, :] = True
+        if ctx.core[1].stop < vc:
+            border[:, vcc - 1] = True
+        return valid, border & valid
+
+    @staticmethod
+    def _tissue_stats(core_labels: np.ndarray) -> dict[str, float]:
+        """Pixels of each tissue class in the tile's core (analysis resolution)."""
+        counts = np.bincount(core_labels.ravel(), minlength=4)
+        return {
+            "excluded_px": int(counts[tis.EXCLUDED]),
+            "haematopoietic_px": int(counts[tis.HAEMATOPOIETIC]),
+            "fat_px": int(counts[tis.FAT]),
+            "bone_px": int(counts[tis.BONE]),
+        }
+
+    def _map(self, labels: np.ndarray, ctx: TileContext) -> np.ndarray:
+        """The core's labels on the slide-aligned grid of every k-th analysis pixel."""
+        k = self.k
+        r0, c0 = ctx.core_origin_px
+        core = labels[ctx.core]
+        return np.ascontiguousarray(core[(-r0) % k :: k, (-c0) % k :: k])
