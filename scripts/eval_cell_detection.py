@@ -51,6 +51,7 @@ from scipy.spatial.distance import cdist
 from marrowseg.analyzers.he import HEAnalyzer
 from marrowseg.config import load_config
 from marrowseg.stains import restain
+from marrowseg.synth import parse_seeds
 
 # free parameters tuned under --lopo (small grid: 18 settings; --grid adds dimensions). An early
 # grid over the seed rule (seeds peaks/distance x min_distance_um 1.5/2.5/3.5, the detector of the
@@ -324,15 +325,6 @@ def lopo_learned(items, mpp: float, radius_px: float, weights_dir: Path, overrid
         print(f"| {p} | {w.name} | {meta['min_score']} | {len(test)} | {s['f1']:.3f} | {s['precision']:.3f} "
               f"| {s['recall']:.3f} | {s['mae']:.2f} |", flush=True)
     print(f"| **mean** | | | | {np.mean(f1s):.3f} | | | {np.mean(maes):.2f} |")
-
-
-def parse_seeds(spec: str) -> list[int]:
-    """``"1000-1004,1010"`` -> [1000, 1001, 1002, 1003, 1004, 1010]."""
-    out: list[int] = []
-    for part in spec.split(","):
-        a, _, b = part.partition("-")
-        out.extend(range(int(a), int(b or a) + 1))
-    return out
 
 
 def phantoms(seeds: list[int], size_px: int, mpp: float, radius_px: float, overrides: dict,

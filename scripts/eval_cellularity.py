@@ -21,17 +21,9 @@ import numpy as np
 
 from marrowseg.analyzers.he import HEAnalyzer
 from marrowseg.config import Config, load_config, parse_overrides
+from marrowseg.synth import parse_seeds
 
 CLASS_NAMES = ("excluded", "haem", "fat", "bone")
-
-
-def parse_seeds(spec: str) -> list[int]:
-    """``"1000-1004,1010"`` -> [1000, ..., 1004, 1010]."""
-    out: list[int] = []
-    for part in spec.split(","):
-        a, _, b = part.partition("-")
-        out.extend(range(int(a), int(b) + 1) if b else [int(a)])
-    return out
 
 
 def parse_sizes(spec: str) -> list[tuple[int, float]]:

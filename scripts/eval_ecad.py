@@ -44,7 +44,7 @@ from scipy.spatial import cKDTree
 
 from marrowseg.config import load_config
 from marrowseg.pipeline import analyze_slide
-from marrowseg.synth import write_phantom
+from marrowseg.synth import parse_seeds, write_phantom
 
 RATIOS = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
 MATCH_UM = 3.0  # a detection lies on its nucleus: centroid within ~half a small nucleus' radius
@@ -52,15 +52,6 @@ SIZE_CUTS_UM2 = tuple(range(24, 46, 2))
 JITTERS = (0.0, 0.1, 0.2, 0.3)
 #: classes a truth late erythroid cell can be called (``none``: it owns no detection)
 CALL_CLASSES = ("late_erythroid", "ecad_pos", "other", "megakaryocyte", "none")
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"1000-1009"`` or ``"1000,1003"`` -> list of ints."""
-    out: list[int] = []
-    for part in text.split(","):
-        a, sep, b = part.partition("-")
-        out.extend(range(int(a), int(b) + 1) if sep else [int(a)])
-    return out
 
 
 def read_cells(path: Path) -> dict[str, np.ndarray]:

@@ -29,16 +29,9 @@ from marrowseg.analyzers import get_analyzer
 from marrowseg.config import load_config
 from marrowseg.engine import analyze_array
 from marrowseg.stains import restain
+from marrowseg.synth import parse_seeds
 
 BOMBR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reticulin-bombr"
-
-
-def _seeds(spec: str) -> list[int]:
-    out: list[int] = []
-    for part in spec.split(","):
-        a, _, b = part.partition("-")
-        out.extend(range(int(a), int(b) + 1) if b else [int(a)])
-    return out
 
 
 def f1_with_tolerance(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
@@ -310,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bombr:
         eval_bombr(args.od_scale)
     if args.seeds:
-        eval_phantoms(_seeds(args.seeds), args.size, args.mpp, args.heterogeneous, args.save_windows,
+        eval_phantoms(parse_seeds(args.seeds), args.size, args.mpp, args.heterogeneous, args.save_windows,
                       args.od_scale)
     if args.regrade is not None:
         regrade_saved(args.regrade, args.set)

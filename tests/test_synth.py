@@ -347,3 +347,13 @@ def test_sheets_leave_the_rest_of_the_phantom_as_it_was(sheets):
 def test_sheets_must_be_a_whole_number(bad):
     with pytest.raises(ConfigError, match="sheets"):
         make_phantom("ecad", sheets=bad)
+
+
+def test_parse_seeds_reads_lists_and_ranges_and_refuses_the_rest():
+    from marrowseg.synth import parse_seeds
+
+    assert parse_seeds("1000-1004,1010") == [1000, 1001, 1002, 1003, 1004, 1010]
+    assert parse_seeds("7") == [7] and parse_seeds("3-3, 9") == [3, 9]
+    for bad in ("5-2", "a-3", "1000-", "1,,2"):
+        with pytest.raises(ValueError, match="seeds"):
+            parse_seeds(bad)

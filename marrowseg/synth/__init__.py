@@ -29,7 +29,7 @@ from marrowseg.errors import ConfigError
 from marrowseg.synth import _render, _stains, _world
 from marrowseg.synth._world import CLASSES, STAGES, Params
 
-__all__ = ["make_phantom", "Phantom", "write_phantom", "STAINS", "LABELS", "CELL_CLASSES"]
+__all__ = ["make_phantom", "Phantom", "write_phantom", "parse_seeds", "STAINS", "LABELS", "CELL_CLASSES"]
 
 log = logging.getLogger(__name__)
 
@@ -406,3 +406,34 @@ def _fmt(v):
     if isinstance(v, (float, np.floating)):
         return f"{float(v):.3f}" if math.isfinite(v) else ""
     return v
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """Phantom seeds from a range list, as the evaluation scripts take them.
+
+    Parameters
+    ----------
+    spec : str
+        Comma-separated seeds and inclusive ranges: ``"1000-1004,1010"``.
+
+    Returns
+    -------
+    list of int
+        ``[1000, 1001, 1002, 1003, 1004, 1010]``, in the order given.
+
+    Raises
+    ------
+    ValueError
+        A part that is not a seed or an ascending range.
+    """
+    out: list[int] = []
+    for part in spec.split(","):
+        a, sep, b = part.strip().partition("-")
+        try:
+            lo, hi = int(a), int(b) if sep else int(a)
+        except ValueError:
+            raise ValueError(f"seeds {spec!r}: {part!r} is not a seed or a range like 1000-1004") from None
+        if hi < lo:
+            raise ValueError(f"seeds {spec!r}: range {part!r} runs backwards")
+        out.extend(range(lo, hi + 1))
+    return out
