@@ -1,15 +1,15 @@
 """A pathologist's review of a batch: ``reviews.csv`` and agreement with the measurements.
 
 ``OUT_DIR/reviews.csv`` holds one row per (slide, reviewer): the verdict (``agree`` with the
-readout, or ``override`` it), the pathologist's own grade or cellularity where they override,
-and a comment. It sits beside the analysis outputs and never changes them: metrics stay what
+readout, or ``override`` it), the pathologist's own grade, cellularity or E-cadherin+ share where
+they override, and a comment. It sits beside the analysis outputs and never changes them: metrics stay what
 the software measured; the review is a second opinion next to it.
 
 Agreement statistics
     * grades (reticulin MF-0..3): Cohen's weighted kappa (quadratic weights by default; Cohen
       1968, Psychol Bull 70:213-220), the usual measure for ordinal grades;
-    * cellularity (%): Bland-Altman bias and 95% limits of agreement (Bland & Altman 1986,
-      Lancet 1:307-310);
+    * cellularity (%) and E-cadherin+ cells per 100 nucleated cells: Bland-Altman bias and 95%
+      limits of agreement (Bland & Altman 1986, Lancet 1:307-310);
     * the slides with the largest disagreement, in units a reader can compare (grade steps,
       percentage points).
 """
@@ -31,6 +31,7 @@ from marrowseg.outputs.atomic import atomic_write_bytes
 
 __all__ = [
     "REVIEW_COLUMNS",
+    "REVIEWED",
     "VERDICTS",
     "reviews_path",
     "read_reviews",
@@ -44,7 +45,12 @@ __all__ = [
 ]
 
 REVIEW_COLUMNS = ("slide_id", "stain", "reviewer", "verdict", "mf_grade", "cellularity_pct",
-                  "comment", "reviewed_at")
+                  "ecad_pos_per_100_nucleated", "comment", "reviewed_at")
+#: readouts a review may give its own value of (each is also a column of reviews.csv)
+REVIEWED = ("mf_grade", "cellularity_pct", "ecad_pos_per_100_nucleated")
+#: how far apart counts as one step of disagreement, per readout (one MF grade ~ 10 points of
+#: cellularity ~ 2 E-cad+ cells per 100, about the normal share itself), for ranking the largest
+_STEP = {"mf_grade": 1.0, "cellularity_pct": 10.0, "ecad_pos_per_100_nucleated": 2.0}
 VERDICTS = ("agree", "override")
 _FILE = "reviews.csv"
 
@@ -80,8 +86,13 @@ def _clean(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     cell = _opt_float(row.get("cellularity_pct"), "cellularity_pct", where)
     if cell is not None and not 0 <= cell <= 100:
         raise MarrowsegError(f"{where}: slide {slide}: cellularity_pct {cell} outside 0-100")
-    if verdict == "override" and grade is None and cell is None and not str(row.get("comment") or "").strip():
-        raise MarrowsegError(f"{where}: slide {slide}: an override needs mf_grade, cellularity_pct or a comment")
+    ecad = _opt_float(row.get("ecad_pos_per_100_nucleated"), "ecad_pos_per_100_nucleated", where)
+    if ecad is not None and not 0 <= ecad <= 100:
+        raise MarrowsegError(f"{where}: slide {slide}: ecad_pos_per_100_nucleated {ecad} outside 0-100")
+    if (verdict == "override" and grade is None and cell is None and ecad is None
+            and not str(row.get("comment") or "").strip()):
+        raise MarrowsegError(f"{where}: slide {slide}: an override needs mf_grade, cellularity_pct, "
+                             "ecad_pos_per_100_nucleated or a comment")
     return {
         "slide_id": slide,
         "stain": str(row.get("stain") or "").strip(),
@@ -89,6 +100,7 @@ def _clean(row: Mapping[str, Any], where: str) -> dict[str, Any]:
         "verdict": verdict,
         "mf_grade": None if grade is None else int(grade),
         "cellularity_pct": cell,
+        "ecad_pos_per_100_nucleated": ecad,
         "comment": str(row.get("comment") or "").strip(),
         "reviewed_at": str(row.get("reviewed_at") or "").strip(),
     }
@@ -140,6 +152,7 @@ def record_review(
     stain: str = "",
     mf_grade: int | None = None,
     cellularity_pct: float | None = None,
+    ecad_pos_per_100_nucleated: float | None = None,
     comment: str = "",
 ) -> Path:
     """Add or replace one review in ``OUT_DIR/reviews.csv``; metrics are not touched.
@@ -155,15 +168,20 @@ def record_review(
         The pathologist's MF grade (0-3) when overriding a reticulin slide.
     cellularity_pct : float, optional
         The pathologist's cellularity estimate, %, when overriding an H&E slide.
+    ecad_pos_per_100_nucleated : float, optional
+        The pathologist's estimate of E-cadherin+ cells per 100 nucleated cells, when
+        overriding an E-cadherin slide.
 
     Raises
     ------
     MarrowsegError
-        Unknown verdict, grade outside 0-3, cellularity outside 0-100, or an empty override.
+        Unknown verdict, grade outside 0-3, cellularity or E-cad+ share outside 0-100, or an
+        empty override.
     """
     rows = read_reviews(out_dir)
     rows.append({"slide_id": slide_id, "stain": stain, "reviewer": reviewer, "verdict": verdict,
-                 "mf_grade": mf_grade, "cellularity_pct": cellularity_pct, "comment": comment,
+                 "mf_grade": mf_grade, "cellularity_pct": cellularity_pct,
+                 "ecad_pos_per_100_nucleated": ecad_pos_per_100_nucleated, "comment": comment,
                  "reviewed_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
     return write_reviews(out_dir, rows)
 
@@ -263,7 +281,7 @@ def review_pairs(slides: Iterable[Mapping[str, Any]], reviews: Iterable[Mapping[
     Returns
     -------
     list of dict
-        ``slide_id``, ``stain``, ``reviewer``, ``quantity`` ('mf_grade' or 'cellularity_pct'),
+        ``slide_id``, ``stain``, ``reviewer``, ``quantity`` (one of :data:`REVIEWED`),
         ``measured``, ``reviewed`` (the measured value where the verdict is agree and no own value
         was given), ``difference`` (measured - reviewed), ``verdict``, ``comment``. Reviews of
         slides without that readout are left out.
@@ -275,7 +293,7 @@ def review_pairs(slides: Iterable[Mapping[str, Any]], reviews: Iterable[Mapping[
         if s is None:
             continue
         ro = s.get("readouts") or {}
-        for qty in ("mf_grade", "cellularity_pct"):
+        for qty in REVIEWED:
             measured = ro.get(qty)
             if measured is None:
                 continue
@@ -298,9 +316,10 @@ def agreement(slides: Iterable[Mapping[str, Any]], reviews: Iterable[Mapping[str
     -------
     dict
         ``n_reviews``; ``grade`` (``n``, ``kappa_quadratic``, ``kappa_linear``, ``exact_frac``);
-        ``cellularity`` (Bland-Altman of measured - reviewed, percentage points); ``largest``:
-        up to ``n_largest`` pairs by disagreement (grade steps and percentage points / 10, so
-        one MF step weighs like 10 points of cellularity), largest first, zero differences left out.
+        ``cellularity`` (Bland-Altman of measured - reviewed, percentage points); ``ecad_pos``
+        (the same for E-cad+ cells per 100 nucleated cells); ``largest``: up to ``n_largest``
+        pairs by disagreement (one MF step weighs like 10 points of cellularity and 2 E-cad+
+        cells per 100), largest first, zero differences left out.
     """
     reviews = list(reviews)
     pairs = review_pairs(slides, reviews)
@@ -315,9 +334,11 @@ def agreement(slides: Iterable[Mapping[str, Any]], reviews: Iterable[Mapping[str
         "exact_frac": float(np.mean([a == b for a, b in zip(gm, gr, strict=True)])) if g else float("nan"),
     }
     cell = bland_altman([p["measured"] for p in c], [p["reviewed"] for p in c])
+    e = [p for p in pairs if p["quantity"] == "ecad_pos_per_100_nucleated"]
+    ecad = bland_altman([p["measured"] for p in e], [p["reviewed"] for p in e])
 
     def weight(p: dict[str, Any]) -> float:
-        return abs(p["difference"]) / (10.0 if p["quantity"] == "cellularity_pct" else 1.0)
+        return abs(p["difference"]) / _STEP[p["quantity"]]
 
     largest = sorted((p for p in pairs if p["difference"] != 0), key=weight, reverse=True)[:n_largest]
-    return {"n_reviews": len(reviews), "grade": grade, "cellularity": cell, "largest": largest}
+    return {"n_reviews": len(reviews), "grade": grade, "cellularity": cell, "ecad_pos": ecad, "largest": largest}

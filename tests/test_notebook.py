@@ -34,10 +34,10 @@ def test_qa_notebook_runs_and_records_agreement(tmp_path, monkeypatch):
     metrics = sorted(out.glob("*/metrics.json"))
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in metrics}
     reviews = tmp_path / "reviews_in.csv"
-    reviews.write_text("slide_id,stain,reviewer,verdict,mf_grade,cellularity_pct,comment\n"
-                       "p1_ret,reticulin,QA,override,1,,fewer fibres than measured\n"
-                       "p1_he,he,QA,override,,60,\n"
-                       "p1_ecad,ecad,QA,agree,,,\n")
+    reviews.write_text("slide_id,stain,reviewer,verdict,mf_grade,cellularity_pct,ecad_pos_per_100_nucleated,comment\n"
+                       "p1_ret,reticulin,QA,override,1,,,fewer fibres than measured\n"
+                       "p1_he,he,QA,override,,60,,\n"
+                       "p1_ecad,ecad,QA,override,,,1.5,\n")
     monkeypatch.setenv("MARROWSEG_QA_DIR", str(out))
     monkeypatch.setenv("MARROWSEG_QA_REVIEWS", str(reviews))
     monkeypatch.delenv("DISPLAY", raising=False)
@@ -51,6 +51,7 @@ def test_qa_notebook_runs_and_records_agreement(tmp_path, monkeypatch):
     assert html.count("data:image/png;base64,") >= 6  # overviews, fields, heatmap
     assert "Local fibrosis grades" in html
     assert "weighted kappa" in html and "limits of agreement" in html and "p1_ret" in html
+    assert "E-cadherin+ cells per 100 nucleated (measured - pathologist): n = 1" in html
     assert (out / "reviews.csv").exists()
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in metrics} == before
     # the committed notebook carries no outputs

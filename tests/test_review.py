@@ -63,6 +63,7 @@ def test_record_review_round_trip_replaces_same_reviewer(tmp_path):
     ({"verdict": "maybe"}, "verdict"),
     ({"verdict": "override", "mf_grade": 5}, "mf_grade"),
     ({"verdict": "override", "cellularity_pct": 140}, "outside 0-100"),
+    ({"verdict": "override", "ecad_pos_per_100_nucleated": -1}, "ecad_pos_per_100_nucleated -1.0 outside 0-100"),
     ({"verdict": "override"}, "needs mf_grade"),
 ])
 def test_record_review_rejects_bad_entries(tmp_path, kw, match):
@@ -101,3 +102,23 @@ def test_agreement_pairs_reviews_with_readouts():
     assert a["grade"]["n"] == 2 and a["grade"]["exact_frac"] == 0.5
     assert a["cellularity"]["n"] == 2 and a["cellularity"]["bias"] == pytest.approx(-10.0)
     assert [p["slide_id"] for p in a["largest"]] == ["h1", "r1"]  # 20 points = 2 steps > 1 step
+
+
+def test_ecad_share_is_reviewed_and_agreed_like_cellularity(tmp_path):
+    """A pathologist's E-cad+ share per 100 nucleated cells: stored, paired with the readout, Bland-Altman,
+    and ranked among the largest disagreements (2 per 100 ~ one MF step); an older reviews.csv without
+    the column still reads."""
+    record_review(tmp_path, "e1", "override", reviewer="A", stain="ecad", ecad_pos_per_100_nucleated=4.0)
+    record_review(tmp_path, "e2", "agree", reviewer="A", stain="ecad")
+    rows = read_reviews(tmp_path)
+    assert [r["ecad_pos_per_100_nucleated"] for r in rows] == [4.0, None]
+    slides = [{"slide_id": "e1", "stain": "ecad", "readouts": {"ecad_pos_per_100_nucleated": 8.0}},
+              {"slide_id": "e2", "stain": "ecad", "readouts": {"ecad_pos_per_100_nucleated": 3.0}},
+              {"slide_id": "r1", "stain": "reticulin", "readouts": {"mf_grade": 2}}]
+    a = agreement(slides, rows + [{"slide_id": "r1", "verdict": "override", "mf_grade": 1, "reviewer": "A"}])
+    assert a["ecad_pos"]["n"] == 2 and a["ecad_pos"]["bias"] == pytest.approx(2.0)  # (8 - 4 + 3 - 3) / 2
+    assert a["cellularity"]["n"] == 0 and a["grade"]["n"] == 1
+    assert [p["slide_id"] for p in a["largest"]] == ["e1", "r1"]  # 4 per 100 = 2 steps > 1 MF step
+    old = tmp_path / "old.csv"
+    old.write_text("slide_id,stain,reviewer,verdict,mf_grade,cellularity_pct,comment,reviewed_at\ns9,he,B,agree,,,,\n")
+    assert read_reviews(old)[0]["ecad_pos_per_100_nucleated"] is None

@@ -188,7 +188,8 @@ def review_form_help(out_dir: str | Path) -> str:
     """Plain-text lines to paste into the notebook's review cell, one per slide of the batch."""
     lines = []
     for s in load_batch(out_dir):
-        extra = {"reticulin": ", mf_grade=None", "he": ", cellularity_pct=None"}.get(s.stain, "")
+        extra = {"reticulin": ", mf_grade=None", "he": ", cellularity_pct=None",
+                 "ecad": ", ecad_pos_per_100_nucleated=None"}.get(s.stain, "")
         lines.append(f'# review.record_review(OUT, "{s.slide_id}", "agree", reviewer=""{extra}, comment="")')
     return "\n".join(lines)
 
@@ -206,7 +207,7 @@ def agreement_html(out_dir: str | Path, *, n_largest: int = 5) -> str:
     def f(x: float, fmt: str = ".2f") -> str:
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
-    g, c = a["grade"], a["cellularity"]
+    g, c, e = a["grade"], a["cellularity"], a["ecad_pos"]
     rows = "".join(
         f"<tr><td>{_e(p['slide_id'])}</td><td>{_e(p['quantity'])}</td><td>{f(p['measured'], '.1f')}</td>"
         f"<td>{f(p['reviewed'], '.1f')}</td><td>{f(p['difference'], '+.1f')}</td><td>{_e(p['reviewer'])}</td>"
@@ -215,6 +216,8 @@ def agreement_html(out_dir: str | Path, *, n_largest: int = 5) -> str:
             f"<li>MF grade: n = {g['n']}, Cohen's weighted kappa {f(g['kappa_quadratic'])} (quadratic), "
             f"{f(g['kappa_linear'])} (linear); exact agreement {f(100 * g['exact_frac'] if g['n'] else float('nan'), '.0f')}%</li>"
             f"<li>Cellularity (measured - pathologist): n = {c['n']}, bias {f(c['bias'], '+.1f')} points, "
-            f"95% limits of agreement {f(c['loa_low'], '+.1f')} to {f(c['loa_high'], '+.1f')} points</li></ul>"
+            f"95% limits of agreement {f(c['loa_low'], '+.1f')} to {f(c['loa_high'], '+.1f')} points</li>"
+            f"<li>E-cadherin+ cells per 100 nucleated (measured - pathologist): n = {e['n']}, bias {f(e['bias'], '+.1f')}, "
+            f"95% limits of agreement {f(e['loa_low'], '+.1f')} to {f(e['loa_high'], '+.1f')}</li></ul>"
             "<p>Largest disagreements:</p><table><tr><th>slide</th><th>readout</th><th>measured</th><th>pathologist</th>"
             f"<th>difference</th><th>reviewer</th><th>comment</th></tr>{rows}</table>")
