@@ -655,6 +655,213 @@ def _focus_summary(rows: list[dict[str, Any]], mpp: float, focus_min: float) -> 
             "out_of_focus_area_um2": float(sum(r["core_rows"] * r["core_cols"] for r in blurred) * mpp**2)}
 
 
+@dataclass(frozen=True)
+class _Execution:
+    """How a slide runs: device, loader batch and workers, where post-processing happens."""
+
+    device: torch.device
+    batch_size: int
+    workers: int
+    # on the CPU with worker processes, each worker runs whole tiles (see _TileWorkDataset);
+    # otherwise the module runs here and post in threads beside it
+    tile_workers: bool
+    post_threads: int
+    amp: bool
+
+
+def _execution(config: Config, analyzer: Analyzer, reader: Any, device: str | None, batch_size: int | None,
+               workers: int | str | None) -> _Execution:
+    """Resolve the engine settings (and the overrides of :func:`run_slide`) for this slide and machine.
+
+    Sets torch's CPU thread count as a side effect.
+    """
+    ecfg = config.engine
+    dev = resolve_device(device or ecfg.device)
+    nw = _resolve_workers(ecfg.workers if workers is None else workers, reader, dev.type, analyzer=analyzer,
+                          tile_px=config.tiling.tile_px, memory_mb=ecfg.memory_mb)
+    tile_workers = dev.type == "cpu" and nw > 0
+    n_post = 0 if tile_workers else _resolve_post_threads(ecfg.post_threads, dev.type, nw)
+    if dev.type == "cpu":
+        threads = _resolve_threads(ecfg.threads)
+        if ecfg.threads == "auto" and n_post:
+            # the post threads take cores too: OpenMP threads of the module that find their
+            # core busy make every torch call wait for the slowest of them
+            threads = max(1, threads - n_post)
+        torch.set_num_threads(threads)
+    return _Execution(device=dev, batch_size=int(batch_size or ecfg.batch_size), workers=nw,
+                      tile_workers=tile_workers, post_threads=n_post,
+                      amp=dev.type == "cuda" and ecfg.amp and analyzer.allow_amp)
+
+
+def _loader(exe: _Execution, reader: Any, layout: SlideLayout, analyzer: Analyzer, module: torch.nn.Module,
+            config: Config, focus_min_um2: float | None) -> DataLoader:
+    prefetch = config.engine.prefetch_batches
+    if exe.tile_workers:
+        dataset: Dataset = _TileWorkDataset(reader, layout, analyzer, module, focus_min_um2)
+        # One tile per loader batch: the DataLoader hands whole batches to workers, so with
+        # batches of bs tiles a slide of bs tiles ran on one worker, and the last batches of any
+        # slide left the other workers idle. Out of order: a worker takes the next tile as soon
+        # as it has room, instead of in turn behind a worker still on a slow tile (in order, the
+        # loader held every worker to the pace of the slowest: 2 workers did 1.68x one worker's
+        # work on the E-cadherin benchmark slide); the accumulator puts results back in tile order.
+        return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=exe.workers, collate_fn=_unbatched,
+                          worker_init_fn=_worker_init, prefetch_factor=prefetch, persistent_workers=False,
+                          in_order=False)
+    nw = exe.workers
+    return DataLoader(
+        _TileDataset(reader, layout), batch_size=exe.batch_size, shuffle=False, num_workers=nw,
+        pin_memory=exe.device.type == "cuda", worker_init_fn=_worker_init if nw else None,
+        prefetch_factor=prefetch if nw else None, persistent_workers=False,
+    )
+
+
+class _Accumulator:
+    """Per-tile results taken in tile order: sums, windows and ``tiles.csv`` rows; maps and cells to the sink.
+
+    Results are added in tile order whatever order they were computed in, so the sums cannot
+    depend on thread or worker timing.
+    """
+
+    def __init__(self, reader_name: str, layout: SlideLayout, sink: ResultSink, focus_min: float | None) -> None:
+        self.reader_name = reader_name
+        self.layout = layout
+        self.sink = sink
+        self.focus_min = focus_min
+        self.totals: dict[str, float] = {}
+        self.windows: dict[tuple[int, int], dict[str, float]] = {}
+        self.tile_rows: list[dict[str, Any]] = []
+        self.missing = 0
+
+    def add(self, tile: Tile, ctx: TileContext, err: str, fut: Any, focus: tuple[float | None, int] = (None, 0)) -> None:
+        """One tile: ``err`` (unreadable: excluded) or ``fut.result()``, a :class:`TileResult`."""
+        row = {"tile": tile.index, "grid_row": tile.grid_rc[0], "grid_col": tile.grid_rc[1],
+               "row_px": tile.core_slide[0].start, "col_px": tile.core_slide[1].start,
+               "core_rows": ctx.core_shape[0], "core_cols": ctx.core_shape[1]}
+        if err:
+            self.missing += 1
+            log.warning("%s: tile %d at (row %d, col %d) px unreadable, excluded: %s",
+                        self.reader_name, tile.index, *tile.origin_px, err)
+            row.update(status="missing", error=err)
+            self.tile_rows.append(row)
+            return
+        res: TileResult = fut.result()
+        _add(self.totals, res.stats)
+        for key, st in res.windows.items():
+            _add(self.windows.setdefault(tuple(key), {}), st)
+        if res.maps:
+            self.sink.write_maps(tile, self.layout.map_slice(tile), res.maps)
+        cells = _cells_to_slide(res.cells, tile, self.layout, ctx)
+        if cells:
+            self.sink.write_cells(cells)
+        row.update(status="ok", error="", n_cells=len(cells.get("x", ())), **res.stats)
+        if self.focus_min is not None:
+            value, px = focus
+            # numeric columns only in tiles.csv: 1 = out of focus; focus empty where not judged
+            row.update(focus=value, focus_tissue_px=px, out_of_focus=int(value is not None and value < self.focus_min))
+        self.tile_rows.append(row)
+
+    def tiles_summary(self) -> dict[str, Any]:
+        """The ``tiles`` section of the report: tiles read and missing, and the areas they cover."""
+        layout = self.layout
+        core_px = sum(r["core_rows"] * r["core_cols"] for r in self.tile_rows)
+        missing_px = sum(r["core_rows"] * r["core_cols"] for r in self.tile_rows if r["status"] == "missing")
+        out = {
+            "n": len(layout.tiles), "missing": self.missing,
+            "analysed_area_um2": float((core_px - missing_px) * layout.mpp**2),
+            "missing_area_um2": float(missing_px * layout.mpp**2),
+            "tile_px": layout.tile_px, "overlap_px": layout.overlap_px, "analysis_mpp": layout.mpp,
+            "map_mpp": layout.map_mpp,
+        }
+        if self.focus_min is not None:
+            out.update(_focus_summary(self.tile_rows, layout.mpp, self.focus_min))
+        return out
+
+
+def _run_tile_workers(loader: DataLoader, acc: _Accumulator,
+                      progress: Callable[[int, int, float], None] | None) -> tuple[float, float, dict[int, int]]:
+    """Tiles run whole in the loader's worker processes; returns forward and post seconds and tiles per worker."""
+    layout = acc.layout
+    mp_per_tile = layout.tile_px**2 / 1e6
+    t_forward = t_post = 0.0
+    per_worker: dict[int, int] = {}
+    done = 0
+    # what waits here is per-tile results (counts, cells, map tiles), not pixels
+    arrived: dict[int, dict[str, Any]] = {}
+    for batch in loader:
+        for item in batch:
+            arrived[item["index"]] = item
+        while done in arrived:
+            item = arrived.pop(done)
+            tile = layout.tiles[item["index"]]
+            t_forward += item["t_forward"]
+            t_post += item["t_post"]
+            per_worker[item["worker"]] = per_worker.get(item["worker"], 0) + 1
+            acc.add(tile, layout.context(tile), item["error"], _Done(item["result"]), item.get("focus", (None, 0)))
+            done += 1
+            if progress is not None:
+                progress(done, len(layout.tiles), done * mp_per_tile)
+    return t_forward, t_post, per_worker
+
+
+def _run_here(loader: DataLoader, exe: _Execution, module: torch.nn.Module, analyzer: Analyzer, acc: _Accumulator,
+              focus_min_um2: float | None, progress: Callable[[int, int, float], None] | None) -> tuple[float, float]:
+    """The module runs here on the loader's batches, post-processing in threads beside it; forward and post seconds."""
+    layout = acc.layout
+    dev = exe.device
+    mp_per_tile = layout.tile_px**2 / 1e6
+    t_forward = t_post = 0.0
+    done = 0
+    # Post-processing (labelling, skeletons: NumPy/SciPy/OpenCV, which release the GIL) runs
+    # in threads while the next batch goes through the module. (Processes instead of threads
+    # beside a GPU were measured no faster: H&E 16,384 px on 16 cores, 10.2 s against 10.5 s.)
+    n_post = exe.post_threads
+    pool = ThreadPoolExecutor(max_workers=n_post, thread_name_prefix="post") if n_post else None
+    pending: deque = deque()
+    max_pending = max(2 * exe.batch_size, 2 * n_post)
+    try:
+        for batch in loader:
+            t0 = time.perf_counter()
+            if dev.type == "cpu":
+                dense_list = _forward_cpu(module, batch["rgb"])
+            else:
+                x = planar(batch["rgb"].to(dev, non_blocking=True))
+                with torch.autocast(dev.type, enabled=exe.amp):
+                    out = module(x)
+                out = {k: v.float().cpu().numpy() for k, v in out.items()}
+                dense_list = [{k: v[i] for k, v in out.items()} for i in range(x.shape[0])]
+            rgbs = batch["rgb"].numpy()
+            t1 = time.perf_counter()
+            t_forward += t1 - t0
+            for j, idx in enumerate(batch["index"].tolist()):
+                tile = layout.tiles[idx]
+                ctx = layout.context(tile)
+                err = batch["error"][j]
+                if err:
+                    fut = None
+                elif pool is None:
+                    fut = _Done(analyzer.post(dense_list[j], rgbs[j], ctx))
+                else:
+                    fut = pool.submit(analyzer.post, dense_list[j], rgbs[j], ctx)
+                focus = (None, 0) if err else _focus(rgbs[j], ctx, focus_min_um2)
+                pending.append((tile, ctx, err, fut, focus))
+            # Results are taken in tile order, so sums cannot depend on thread timing; the
+            # queue depth bounds memory to a couple of batches.
+            while len(pending) > max_pending:
+                acc.add(*pending.popleft())
+            t_post += time.perf_counter() - t1
+            done += len(batch["index"])
+            if progress is not None:
+                progress(done, len(layout.tiles), done * mp_per_tile)
+        t1 = time.perf_counter()
+        while pending:
+            acc.add(*pending.popleft())
+        t_post += time.perf_counter() - t1
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return t_forward, t_post
+
+
 def run_slide(
     reader: Any,
     analyzer: Analyzer,
@@ -698,189 +905,50 @@ def run_slide(
         Every tile failed to read.
     """
     t_start = time.perf_counter()
-    ecfg = config.engine
-    dev = resolve_device(device or ecfg.device)
-    bs = int(batch_size or ecfg.batch_size)
-    nw = _resolve_workers(ecfg.workers if workers is None else workers, reader, dev.type, analyzer=analyzer,
-                          tile_px=config.tiling.tile_px, memory_mb=ecfg.memory_mb)
-    # On the CPU with worker processes, each worker runs whole tiles (see _TileWorkDataset);
-    # otherwise the module runs here and post in threads beside it.
-    tile_workers = dev.type == "cpu" and nw > 0
-    n_post = 0 if tile_workers else _resolve_post_threads(ecfg.post_threads, dev.type, nw)
-    if dev.type == "cpu":
-        threads = _resolve_threads(ecfg.threads)
-        if ecfg.threads == "auto" and n_post:
-            # the post threads take cores too: OpenMP threads of the module that find their
-            # core busy make every torch call wait for the slowest of them
-            threads = max(1, threads - n_post)
-        torch.set_num_threads(threads)
+    exe = _execution(config, analyzer, reader, device, batch_size, workers)
     layout = plan_slide(reader, analyzer, config)
     t_plan = time.perf_counter()
-    prep = _prepare(analyzer, reader, layout, ecfg.seed)
-    module = analyzer.module.to(dev).eval()
+    prep = _prepare(analyzer, reader, layout, config.engine.seed)
+    module = analyzer.module.to(exe.device).eval()
     sink = sink if sink is not None else MemorySink()
     sink.begin(layout, analyzer)
-
     focus_min_um2 = None if config.tissue.focus_min is None else float(config.tissue.focus_min_tissue_um2)
-    if tile_workers:
-        dataset: Dataset = _TileWorkDataset(reader, layout, analyzer, module, focus_min_um2)
-        # One tile per loader batch: the DataLoader hands whole batches to workers, so with
-        # batches of bs tiles a slide of bs tiles ran on one worker, and the last batches of any
-        # slide left the other workers idle. Out of order: a worker takes the next tile as soon
-        # as it has room, instead of in turn behind a worker still on a slow tile (in order, the
-        # loader held every worker to the pace of the slowest: 2 workers did 1.68x one worker's
-        # work on the E-cadherin benchmark slide); the loop below puts results back in tile order.
-        loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=nw, collate_fn=_unbatched,
-                            worker_init_fn=_worker_init, prefetch_factor=ecfg.prefetch_batches,
-                            persistent_workers=False, in_order=False)
-    else:
-        loader = DataLoader(
-            _TileDataset(reader, layout), batch_size=bs, shuffle=False, num_workers=nw,
-            pin_memory=dev.type == "cuda", worker_init_fn=_worker_init if nw else None,
-            prefetch_factor=ecfg.prefetch_batches if nw else None, persistent_workers=False,
-        )
-    amp = dev.type == "cuda" and ecfg.amp and analyzer.allow_amp
-    focus_min = config.tissue.focus_min
-    totals: dict[str, float] = {}
-    windows: dict[tuple[int, int], dict[str, float]] = {}
-    tile_rows: list[dict[str, Any]] = []
-    t_forward = t_post = 0.0
+    loader = _loader(exe, reader, layout, analyzer, module, config, focus_min_um2)
+    acc = _Accumulator(reader.name, layout, sink, config.tissue.focus_min)
     per_worker: dict[int, int] = {}
-    done = 0
-    mp_per_tile = layout.tile_px**2 / 1e6
-    missing = 0
-    # Post-processing (labelling, skeletons: NumPy/SciPy/OpenCV, which release the GIL) runs
-    # in threads while the next batch goes through the module. (Processes instead of threads
-    # beside a GPU were measured no faster: H&E 16,384 px on 16 cores, 10.2 s against 10.5 s.)
-    pool = ThreadPoolExecutor(max_workers=n_post, thread_name_prefix="post") if n_post else None
-    pending: deque = deque()
-    max_pending = max(2 * bs, 2 * n_post)
-
-    def _finish(tile: Tile, ctx: TileContext, err: str, fut: Any, focus: tuple[float | None, int] = (None, 0)) -> None:
-        nonlocal missing
-        row = {"tile": tile.index, "grid_row": tile.grid_rc[0], "grid_col": tile.grid_rc[1],
-               "row_px": tile.core_slide[0].start, "col_px": tile.core_slide[1].start,
-               "core_rows": ctx.core_shape[0], "core_cols": ctx.core_shape[1]}
-        if err:
-            missing += 1
-            log.warning("%s: tile %d at (row %d, col %d) px unreadable, excluded: %s",
-                        reader.name, tile.index, *tile.origin_px, err)
-            row.update(status="missing", error=err)
-            tile_rows.append(row)
-            return
-        res: TileResult = fut.result()
-        _add(totals, res.stats)
-        for key, st in res.windows.items():
-            _add(windows.setdefault(tuple(key), {}), st)
-        if res.maps:
-            sink.write_maps(tile, layout.map_slice(tile), res.maps)
-        cells = _cells_to_slide(res.cells, tile, layout, ctx)
-        if cells:
-            sink.write_cells(cells)
-        row.update(status="ok", error="", n_cells=len(cells.get("x", ())), **res.stats)
-        if focus_min is not None:
-            value, px = focus
-            # numeric columns only in tiles.csv: 1 = out of focus; focus empty where not judged
-            row.update(focus=value, focus_tissue_px=px, out_of_focus=int(value is not None and value < focus_min))
-        tile_rows.append(row)
-
-    try:
-        with torch.inference_mode():
-            arrived: dict[int, dict[str, Any]] = {}
-            for batch in loader:
-                if tile_workers:
-                    # sums, cells and rows in tile order whatever order the workers finish in;
-                    # what waits here is per-tile results (counts, cells, map tiles), not pixels
-                    for item in batch:
-                        arrived[item["index"]] = item
-                    while done in arrived:
-                        item = arrived.pop(done)
-                        tile = layout.tiles[item["index"]]
-                        t_forward += item["t_forward"]
-                        t_post += item["t_post"]
-                        per_worker[item["worker"]] = per_worker.get(item["worker"], 0) + 1
-                        _finish(tile, layout.context(tile), item["error"], _Done(item["result"]),
-                                item.get("focus", (None, 0)))
-                        done += 1
-                        if progress is not None:
-                            progress(done, len(layout.tiles), done * mp_per_tile)
-                    continue
-                t0 = time.perf_counter()
-                if dev.type == "cpu":
-                    dense_list = _forward_cpu(module, batch["rgb"])
-                else:
-                    x = planar(batch["rgb"].to(dev, non_blocking=True))
-                    with torch.autocast(dev.type, enabled=amp):
-                        out = module(x)
-                    out = {k: v.float().cpu().numpy() for k, v in out.items()}
-                    dense_list = [{k: v[i] for k, v in out.items()} for i in range(x.shape[0])]
-                rgbs = batch["rgb"].numpy()
-                t1 = time.perf_counter()
-                t_forward += t1 - t0
-                for j, idx in enumerate(batch["index"].tolist()):
-                    tile = layout.tiles[idx]
-                    ctx = layout.context(tile)
-                    err = batch["error"][j]
-                    if err:
-                        fut = None
-                    elif pool is None:
-                        fut = _Done(analyzer.post(dense_list[j], rgbs[j], ctx))
-                    else:
-                        fut = pool.submit(analyzer.post, dense_list[j], rgbs[j], ctx)
-                    focus = (None, 0) if err else _focus(rgbs[j], ctx, focus_min_um2)
-                    pending.append((tile, ctx, err, fut, focus))
-                # Results are taken in tile order, so sums cannot depend on thread timing; the
-                # queue depth bounds memory to a couple of batches.
-                while len(pending) > max_pending:
-                    _finish(*pending.popleft())
-                t_post += time.perf_counter() - t1
-                done += len(batch["index"])
-                if progress is not None:
-                    progress(done, len(layout.tiles), done * mp_per_tile)
-            t1 = time.perf_counter()
-            while pending:
-                _finish(*pending.popleft())
-            t_post += time.perf_counter() - t1
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    if layout.tiles and missing == len(layout.tiles):
-        first = next((r["error"] for r in tile_rows if r.get("error")), "")
+    with torch.inference_mode():
+        if exe.tile_workers:
+            t_forward, t_post, per_worker = _run_tile_workers(loader, acc, progress)
+        else:
+            t_forward, t_post = _run_here(loader, exe, module, analyzer, acc, focus_min_um2, progress)
+    if layout.tiles and acc.missing == len(layout.tiles):
+        first = next((r["error"] for r in acc.tile_rows if r.get("error")), "")
         head, _, rest = first.partition(": ")
         reason = rest if rest and head.endswith(reader.name) else first  # the file is named once
-        raise AnalysisError(f"{reader.name}: every tile failed to read ({missing} tiles; the first: {reason})")
+        raise AnalysisError(f"{reader.name}: every tile failed to read ({acc.missing} tiles; the first: {reason})")
     sink.end()
-    report = analyzer.finalize(totals, windows, age=age)
-    core_px = sum(r["core_rows"] * r["core_cols"] for r in tile_rows)
-    missing_px = sum(r["core_rows"] * r["core_cols"] for r in tile_rows if r["status"] == "missing")
-    report["tiles"] = {
-        "n": len(layout.tiles), "missing": missing,
-        "analysed_area_um2": float((core_px - missing_px) * layout.mpp**2),
-        "missing_area_um2": float(missing_px * layout.mpp**2),
-        "tile_px": layout.tile_px, "overlap_px": layout.overlap_px, "analysis_mpp": layout.mpp,
-        "map_mpp": layout.map_mpp,
-    }
-    if focus_min is not None:
-        report["tiles"].update(_focus_summary(tile_rows, layout.mpp, focus_min))
+    report = analyzer.finalize(acc.totals, acc.windows, age=age)
+    report["tiles"] = acc.tiles_summary()
     t_end = time.perf_counter()
+    dev, nw = exe.device, exe.workers
     provenance = {
         "config": config.model_dump(mode="json"),
         "config_hash": config_hash(config),
         "versions": versions(),
         "device": {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-                   "threads": 1 if tile_workers else torch.get_num_threads(), "workers": nw,
-                   "tile_workers": tile_workers, "post_threads": n_post,
-                   "tiles_per_worker": [per_worker.get(i, 0) for i in range(nw)] if tile_workers else None,
+                   "threads": 1 if exe.tile_workers else torch.get_num_threads(), "workers": nw,
+                   "tile_workers": exe.tile_workers, "post_threads": exe.post_threads,
+                   "tiles_per_worker": [per_worker.get(i, 0) for i in range(nw)] if exe.tile_workers else None,
                    "memory_estimate_mb": (round(analyzer.memory_estimate_mb(config.tiling.tile_px, nw))
-                                          if tile_workers else None),
-                   "batch_size": bs, "amp": amp},
+                                          if exe.tile_workers else None),
+                   "batch_size": exe.batch_size, "amp": exe.amp},
         "prepare": prep,
         "tissue": layout.tissue,
         "timings_s": {"plan": t_plan - t_start, "forward": t_forward, "post": t_post,
                       "total": t_end - t_start},
     }
-    return SlideResult(stain=analyzer.stain, layout=layout, totals=totals, windows=windows,
-                       report=report, tiles=tile_rows, provenance=provenance, sink=sink)
+    return SlideResult(stain=analyzer.stain, layout=layout, totals=acc.totals, windows=acc.windows,
+                       report=report, tiles=acc.tile_rows, provenance=provenance, sink=sink)
 
 
 def analyze_array(
