@@ -165,22 +165,6 @@ def local_grades(
         for k in CELL_SUMS:
             grids[k][r - r0, c - c0] = float(w.get(k, 0.0))
 
-    def box(a: np.ndarray, h: int) -> np.ndarray:
-        # window sums, zero beyond the grid; shifted adds (not a summed-area table, whose
-        # differences of large running sums leave rounding residue in empty windows)
-        p = np.pad(a, h)
-        out = np.zeros(a.shape, np.float64)
-        for dr in range(2 * h + 1):
-            for dc in range(2 * h + 1):
-                out += p[dr : dr + shape[0], dc : dc + shape[1]]
-        return out
-
-    def shifted(a: np.ndarray, dr: int, dc: int, fill: float) -> np.ndarray:
-        # out[r, c] = a[r + dr, c + dc]: the value of the window centred (dr, dc) cells away
-        m = max(abs(dr), abs(dc))
-        p = np.pad(a, m, constant_values=fill)
-        return p[m + dr : m + dr + shape[0], m + dc : m + dc + shape[1]]
-
     px_um2 = mpp * mpp
     haem_um2 = grids["haem_px"] * px_um2
     need_um2 = min_haem_frac * (n * cell_um) ** 2
@@ -197,7 +181,7 @@ def local_grades(
     for h in range(half, max_half + 1):
         if not todo.any():
             break
-        win = {k: box(v, h) for k, v in grids.items()}
+        win = {k: _window_sums(v, h) for k, v in grids.items()}
         ok = win["haem_px"] * px_um2 >= need_um2
         readouts = window_readouts(win, mpp)
         g, i = grade_index_array(readouts, thresholds)
@@ -206,31 +190,8 @@ def local_grades(
             grade[sel], idx[sel], used[sel] = g[sel], i[sel], 2 * h + 1
             todo &= ~sel
             continue
-        mom = {k: box(v, h) for k, v in moments.items()}
-        sw = np.where(mom["w"] > 0, mom["w"], 1.0)
-        mean = mom["wx"] / sw
-        var = np.where(ok, np.maximum(mom["wxx"] / sw - mean * mean, 0.0), np.inf)
         logd = np.log(readouts["fibre_length_um_per_1e4um2"] + density_floor)
-        lo, hi = np.where(ok, logd, np.inf), np.where(ok, logd, -np.inf)
-        shifts = [(dr, dc) for dr in range(-h, h + 1) for dc in range(-h, h + 1) if (dr, dc) != (0, 0)]
-        lo_all, hi_all = lo.copy(), hi.copy()
-        for dr, dc in shifts:
-            lo_all = np.minimum(lo_all, shifted(lo, dr, dc, np.inf))
-            hi_all = np.maximum(hi_all, shifted(hi, dr, dc, -np.inf))
-        border = np.isfinite(lo_all) & (hi_all - lo_all > math.log(border_ratio))
-        # the centred window first; an off-centre one only at a border and only when strictly
-        # more homogeneous (ties keep the earlier, so the choice does not depend on float order)
-        best = np.where(ok, var, np.inf)
-        bg, bi = g.copy(), i.copy()
-        boff = np.zeros(shape + (2,), np.int16)
-        for dr, dc in shifts:
-            v = shifted(var, dr, dc, np.inf)
-            better = border & (v < best)
-            if better.any():
-                best = np.where(better, v, best)
-                bg = np.where(better, shifted(g, dr, dc, 0), bg)
-                bi = np.where(better, shifted(i, dr, dc, 0.0), bi)
-                boff[better] = (dr, dc)
+        best, bg, bi, boff = _most_homogeneous(moments, h, ok, logd, g, i, border_ratio)
         sel = todo & np.isfinite(best)
         grade[sel], idx[sel], used[sel], offset[sel] = bg[sel], bi[sel], 2 * h + 1, boff[sel]
         todo &= ~sel
@@ -243,6 +204,63 @@ def local_grades(
             "haem_um2": haem_um2,
             "area_by_grade": area_by_grade, "window_cells": n, "window_cells_used": used,
             "window_offset": offset}
+
+
+def _window_sums(a: np.ndarray, h: int) -> np.ndarray:
+    """Sum over the ``(2h + 1)²`` block of cells centred on each cell, zero beyond the grid."""
+    # shifted adds, not a summed-area table, whose differences of large running sums leave
+    # rounding residue in empty windows
+    p = np.pad(a, h)
+    out = np.zeros(a.shape, np.float64)
+    for dr in range(2 * h + 1):
+        for dc in range(2 * h + 1):
+            out += p[dr : dr + a.shape[0], dc : dc + a.shape[1]]
+    return out
+
+
+def _shifted(a: np.ndarray, dr: int, dc: int, fill: float) -> np.ndarray:
+    """``out[r, c] = a[r + dr, c + dc]`` (``fill`` beyond the grid): the value of the window centred
+    (dr, dc) cells away."""
+    m = max(abs(dr), abs(dc))
+    p = np.pad(a, m, constant_values=fill)
+    return p[m + dr : m + dr + a.shape[0], m + dc : m + dc + a.shape[1]]
+
+
+def _most_homogeneous(moments: dict[str, np.ndarray], h: int, ok: np.ndarray, logd: np.ndarray, g: np.ndarray,
+                      i: np.ndarray, border_ratio: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``placement='homogeneous'``: the window of half-side ``h`` that grades each cell.
+
+    ``moments`` are the per-cell ``w``, ``wx``, ``wxx`` of the log length density (weights: the
+    cell's marrow); ``ok`` the windows with enough marrow; ``logd`` each window's log pooled
+    density, ``g``, ``i`` its grade and index. Returns the chosen window's variance (inf: none),
+    grade, index and centre offset (cells).
+    """
+    shape = ok.shape
+    mom = {k: _window_sums(v, h) for k, v in moments.items()}
+    sw = np.where(mom["w"] > 0, mom["w"], 1.0)
+    mean = mom["wx"] / sw
+    var = np.where(ok, np.maximum(mom["wxx"] / sw - mean * mean, 0.0), np.inf)
+    lo, hi = np.where(ok, logd, np.inf), np.where(ok, logd, -np.inf)
+    shifts = [(dr, dc) for dr in range(-h, h + 1) for dc in range(-h, h + 1) if (dr, dc) != (0, 0)]
+    lo_all, hi_all = lo.copy(), hi.copy()
+    for dr, dc in shifts:
+        lo_all = np.minimum(lo_all, _shifted(lo, dr, dc, np.inf))
+        hi_all = np.maximum(hi_all, _shifted(hi, dr, dc, -np.inf))
+    border = np.isfinite(lo_all) & (hi_all - lo_all > math.log(border_ratio))
+    # the centred window first; an off-centre one only at a border and only when strictly
+    # more homogeneous (ties keep the earlier, so the choice does not depend on float order)
+    best = np.where(ok, var, np.inf)
+    bg, bi = g.copy(), i.copy()
+    boff = np.zeros(shape + (2,), np.int16)
+    for dr, dc in shifts:
+        v = _shifted(var, dr, dc, np.inf)
+        better = border & (v < best)
+        if better.any():
+            best = np.where(better, v, best)
+            bg = np.where(better, _shifted(g, dr, dc, 0), bg)
+            bi = np.where(better, _shifted(i, dr, dc, 0.0), bi)
+            boff[better] = (dr, dc)
+    return best, bg, bi, boff
 
 
 def local_grades_from_config(cells: dict[tuple[int, int], dict[str, float]], mpp: float, c: Any,
