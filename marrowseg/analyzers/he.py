@@ -22,7 +22,7 @@ from marrowseg.analyzers import nuclei as nuc
 from marrowseg.analyzers import nuclei_model as nmod
 from marrowseg.analyzers import tissue as tis
 from marrowseg.analyzers.base import LabelClass, TileContext, TileResult
-from marrowseg.analyzers.marrow import MarrowAnalyzer, index_runs
+from marrowseg.analyzers.marrow import MarrowAnalyzer
 from marrowseg.config.he import CellularityReference, HEConfig, load_cellularity_reference
 from marrowseg.errors import ConfigError
 
@@ -139,15 +139,12 @@ class HEAnalyzer(MarrowAnalyzer):
     """
 
     stain: ClassVar[str] = "he"
-    map_names: ClassVar[tuple[str, ...]] = ("labels",)
-    label_classes: ClassVar[tuple[LabelClass, ...]] = tis.LABEL_CLASSES
     cell_classes: ClassVar[tuple[LabelClass, ...]] = (
         LabelClass(1, "late_erythroid", (220, 30, 30)),
         LabelClass(2, "megakaryocyte", (30, 30, 220)),
         LabelClass(3, "other", (30, 180, 30)),
     )
     allow_amp: ClassVar[bool] = False  # OD thresholds near 0.25 do not survive float16 rounding of logs
-    needs_colour: ClassVar[bool] = True
     # mbm-dev crops resampled to coarser scans: detection F1 0.896 at 1.5 µm/px, 0.871 at 2.0,
     # 0.780 at 3.0 (count -16 %), 0.383 at 4.0 (docs/validation.md)
     max_scan_mpp: ClassVar[float | None] = 2.0
@@ -388,23 +385,10 @@ class HEAnalyzer(MarrowAnalyzer):
                 for k in table}
 
     def _windows(self, core_labels: np.ndarray, cells: dict[str, np.ndarray], ctx: TileContext) -> dict:
-        mpp = float(ctx.mpp)
-        win = float(self.config.window_um)
-        r0, c0 = ctx.core_origin_px
-        h, w = core_labels.shape
-        wr = np.floor((r0 + np.arange(h)) * mpp / win).astype(np.int64)
-        wc = np.floor((c0 + np.arange(w)) * mpp / win).astype(np.int64)
-        out: dict[tuple[int, int], dict[str, float]] = {}
         names = {tis.HAEMATOPOIETIC: "haematopoietic_px", tis.FAT: "fat_px", tis.BONE: "bone_px"}
-        cr = np.floor((r0 + np.floor(cells["row"]) - ctx.core[0].start) * mpp / win).astype(np.int64)
-        cc = np.floor((c0 + np.floor(cells["col"]) - ctx.core[1].start) * mpp / win).astype(np.int64)
-        # window indices grow with the pixel index: each window is a contiguous block (a view)
-        for i, (ra, rb) in zip(*index_runs(wr), strict=True):
-            for j, (ca, cb) in zip(*index_runs(wc), strict=True):
-                n = np.bincount(core_labels[ra:rb, ca:cb].ravel(), minlength=4)
-                entry = {name: int(n[v]) for v, name in names.items()}
-                entry["n_nucleated"] = int(((cr == i) & (cc == j)).sum())
-                out[(int(i), int(j))] = entry
+        out: dict[tuple[int, int], dict[str, float]] = {}
+        for key, n, inwin in self._window_blocks(core_labels, cells, ctx):
+            out[key] = {name: int(n[v]) for v, name in names.items()} | {"n_nucleated": int(inwin.sum())}
         return out
 
     # -- slide ----------------------------------------------------------------------------

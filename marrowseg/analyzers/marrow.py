@@ -8,10 +8,13 @@ window. :class:`MarrowAnalyzer` holds the tile geometry of that grid; the stains
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import ClassVar
+
 import numpy as np
 
 from marrowseg.analyzers import tissue as tis
-from marrowseg.analyzers.base import Analyzer, TileContext
+from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext
 
 __all__ = ["MarrowAnalyzer", "index_runs"]
 
@@ -31,6 +34,8 @@ class MarrowAnalyzer(Analyzer):
     """
 
     k: int
+    label_classes: ClassVar[tuple[LabelClass, ...]] = tis.LABEL_CLASSES
+    needs_colour: ClassVar[bool] = True  # haematoxylin is told from eosin / DAB by hue: greyscale is refused
 
     @property
     def map_downsample(self) -> int:
@@ -102,3 +107,30 @@ class MarrowAnalyzer(Analyzer):
         r0, c0 = ctx.core_origin_px
         core = labels[ctx.core]
         return np.ascontiguousarray(core[(-r0) % k :: k, (-c0) % k :: k])
+
+    def _window_blocks(self, core_labels: np.ndarray, cells: dict[str, np.ndarray],
+                       ctx: TileContext) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray]]:
+        """Each slide-aligned window (side ``window_um``) the tile's core meets.
+
+        Yields
+        ------
+        key : (int, int)
+            The window's (row, col) index, ``floor(slide µm / window_um)``.
+        class_px : (4,) int ndarray
+            Core pixels of each tissue class in the window.
+        in_window : (N,) bool ndarray
+            The rows of ``cells`` (tile ``row`` / ``col``, px) whose pixel lies in the window.
+        """
+        mpp = float(ctx.mpp)
+        win = float(self.config.window_um)
+        r0, c0 = ctx.core_origin_px
+        h, w = core_labels.shape
+        wr = np.floor((r0 + np.arange(h)) * mpp / win).astype(np.int64)
+        wc = np.floor((c0 + np.arange(w)) * mpp / win).astype(np.int64)
+        cr = np.floor((ctx.origin_px[0] + np.floor(cells["row"])) * mpp / win).astype(np.int64)
+        cc = np.floor((ctx.origin_px[1] + np.floor(cells["col"])) * mpp / win).astype(np.int64)
+        # window indices grow with the pixel index: each window is a contiguous block (a view)
+        for i, (ra, rb) in zip(*index_runs(wr), strict=True):
+            for j, (ca, cb) in zip(*index_runs(wc), strict=True):
+                n = np.bincount(core_labels[ra:rb, ca:cb].ravel(), minlength=4)
+                yield (int(i), int(j)), n, (cr == i) & (cc == j)

@@ -62,7 +62,7 @@ from marrowseg.analyzers.ecad.stain import (
     haematoxylin_scale,
     hdab_matrix,
 )
-from marrowseg.analyzers.marrow import MarrowAnalyzer, index_runs
+from marrowseg.analyzers.marrow import MarrowAnalyzer
 from marrowseg.analyzers.nuclei import faint_nuclei
 from marrowseg.config.ecad import ECadConfig, ECadReference, load_ecad_reference
 
@@ -89,8 +89,6 @@ class ECadAnalyzer(MarrowAnalyzer):
     """
 
     stain: ClassVar[str] = "ecad"
-    map_names: ClassVar[tuple[str, ...]] = ("labels",)
-    label_classes: ClassVar[tuple[LabelClass, ...]] = tis.LABEL_CLASSES
     cell_classes: ClassVar[tuple[LabelClass, ...]] = (
         LabelClass(1, "ecad_pos", (160, 80, 0)),
         LabelClass(2, "late_erythroid", (220, 30, 30)),
@@ -98,7 +96,6 @@ class ECadAnalyzer(MarrowAnalyzer):
         LabelClass(4, "other", (30, 180, 30)),
     )
     allow_amp: ClassVar[bool] = False  # OD thresholds near 0.15 do not survive float16 logs
-    needs_colour: ClassVar[bool] = True
     # the membrane ring is 1 µm wide: Ki67 tiles resampled to 1.0 µm/px lose a quarter of their
     # detections (recall 0.71 -> 0.54, docs/validation.md); a 20x scan at ~0.5 µm/px is fine
     max_scan_mpp: ClassVar[float | None] = 0.6
@@ -569,27 +566,15 @@ class ECadAnalyzer(MarrowAnalyzer):
         return n, n_trunc, member
 
     def _windows(self, core_labels: np.ndarray, cells: dict[str, np.ndarray], ctx: TileContext) -> dict:
-        mpp = float(ctx.mpp)
-        win = float(self.config.window_um)
-        r0, c0 = ctx.core_origin_px
-        h, w = core_labels.shape
-        wr = np.floor((r0 + np.arange(h)) * mpp / win).astype(np.int64)
-        wc = np.floor((c0 + np.arange(w)) * mpp / win).astype(np.int64)
-        cr = np.floor((ctx.origin_px[0] + np.floor(cells["row"])) * mpp / win).astype(np.int64)
-        cc = np.floor((ctx.origin_px[1] + np.floor(cells["col"])) * mpp / win).astype(np.int64)
         cls = cells["class"]
         out: dict[tuple[int, int], dict[str, float]] = {}
-        # window indices grow with the pixel index: each window is a contiguous block (a view)
-        for i, (ra, rb) in zip(*index_runs(wr), strict=True):
-            for j, (ca, cb) in zip(*index_runs(wc), strict=True):
-                n = np.bincount(core_labels[ra:rb, ca:cb].ravel(), minlength=4)
-                inwin = (cr == i) & (cc == j)
-                out[(int(i), int(j))] = {
-                    "haematopoietic_px": int(n[tis.HAEMATOPOIETIC]),
-                    "n_nucleated": int(inwin.sum()),
-                    "n_ecad_pos": int((inwin & (cls == "ecad_pos")).sum()),
-                    "n_late_erythroid": int((inwin & (cls == "late_erythroid")).sum()),
-                }
+        for key, n, inwin in self._window_blocks(core_labels, cells, ctx):
+            out[key] = {
+                "haematopoietic_px": int(n[tis.HAEMATOPOIETIC]),
+                "n_nucleated": int(inwin.sum()),
+                "n_ecad_pos": int((inwin & (cls == "ecad_pos")).sum()),
+                "n_late_erythroid": int((inwin & (cls == "late_erythroid")).sum()),
+            }
         return out
 
     # -- slide ----------------------------------------------------------------------------
