@@ -42,8 +42,9 @@ def detect_nuclei(
         Pixel size, µm per pixel (> 0).
     cfg : NucleiConfig
         ``peak_sigma_um``, ``min_distance_um``, ``min_peak_od``, ``mask_sigma_um``,
-        ``mask_od``, ``min_area_um2``; ``seed_unseeded`` (a seed for every mask component
-        of a nucleus's size that has none: :func:`unseeded_components`); ``mask_contrast_od`` (null: no contrast test),
+        ``mask_od``, ``min_area_um2``; ``seed_unseeded`` (a seed for every component of the
+        thresholded mask of a nucleus's size that has none: :func:`unseeded_components`; never
+        on a given ``mask``); ``mask_contrast_od`` (null: no contrast test),
         ``mask_background_sigma_um`` and ``mask_fill_holes_um2`` for :func:`nuclear_mask`; ``split_max_solidity`` (null: no split),
         ``split_min_area_um2``, ``split_h_um`` for :func:`split_by_shape`;
         ``megakaryocyte_min_radius_um`` (null: no merge), ``megakaryocyte_core_radius_um``,
@@ -82,7 +83,8 @@ def detect_nuclei(
     maskm = _smooth(h_od, cfg.mask_sigma_um, mpp) if mask_map is None else _check_image(mask_map, "mask_map")
     if peak.shape != h_od.shape or maskm.shape != h_od.shape:
         raise ValueError(f"peak/mask maps {peak.shape}/{maskm.shape} differ from h_od {h_od.shape}")
-    if mask is None:
+    learned = mask is not None
+    if not learned:
         mask, filled = nuclear_mask(h_od, mpp, cfg, maskm, background_map)
     else:
         mask = np.asarray(mask, bool)
@@ -108,7 +110,10 @@ def detect_nuclei(
         search = search & (peak >= threshold) & (dist_um >= np.float32(cfg.min_radius_um))
         threshold = float(cfg.min_radius_um)
     centres = local_peaks(relief, min_dist_px, threshold, search)
-    if getattr(cfg, "seed_unseeded", False):
+    # the rule was chosen for the thresholded mask, whose components are all dense enough to be
+    # nuclei; a learned mask also marks pale ones, and seeding them took mbm-dev from 3,904 to
+    # 4,355 calls for 3,805 cells (MAE 8.3 -> 19.6)
+    if getattr(cfg, "seed_unseeded", False) and not learned:
         extra = unseeded_components(mask, seedable, relief, centres, float(cfg.min_area_um2) / float(mpp) ** 2)
         centres = np.concatenate([centres, extra]) if len(extra) else centres
     lobe_gap_um = getattr(cfg, "lobe_max_gap_um", None)
