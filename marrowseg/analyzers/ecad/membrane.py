@@ -270,15 +270,18 @@ def _territory_border(labels: np.ndarray, lut: np.ndarray, rr: np.ndarray, cc: n
     """
     h, w = labels.shape
     lut1 = (np.asarray(lut, np.int64) + 1).astype(np.int32)  # 0: nobody's (background, or a label not in the table)
-    owner = lut1[labels]
     own = (np.asarray(idx) + 1).astype(np.int32)
-    owner[rr, cc] = own
+    # ring pixels are background (label 0, owner 0 through lut1) and no nucleus is a ring pixel,
+    # so a pixel's owner is the sum of the two lookups: no tile-sized owner map to fill first
+    ring = np.zeros(h * w, np.int32)
+    ring[rr * w + cc] = own
+    lab = labels.ravel()
     border = np.zeros(len(rr), bool)
     for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        r, c = rr + dr, cc + dc
-        ok = np.flatnonzero((r >= 0) & (r < h) & (c >= 0) & (c < w))
-        nb = owner[r[ok], c[ok]]
-        border[ok] |= (nb != own[ok]) & (nb > 0)
+        # off the tile a neighbour is clipped onto the pixel itself, which is its own
+        q = np.clip(rr + dr, 0, h - 1) * w + np.clip(cc + dc, 0, w - 1)
+        nb = ring[q] + lut1[lab[q]]
+        border |= (nb != own) & (nb > 0)
     return border
 
 
