@@ -394,7 +394,10 @@ def test_eval_script_restains_the_phantom_it_measures(tmp_path):
 
 
 def test_phantom_nucleated_count_needs_the_faint_nuclei():
-    """A small tuning phantom (seed 7, black box): the nucleated count is near truth only with faint_nuclei."""
+    """A small tuning phantom (seed 7, black box): the nucleated count is near truth only with faint_nuclei.
+
+    The pale nuclei add nucleated cells; E-cad+ ones only inside a closed membrane.
+    """
     from marrowseg.synth import make_phantom
 
     w = 1600
@@ -407,7 +410,12 @@ def test_phantom_nucleated_count_needs_the_faint_nuclei():
     r_off = analyze_array(rgb, 0.25, ECadAnalyzer(off.ecad), off, device="cpu").readouts
     assert abs(r["nucleated_cells"] - n_true) <= 0.1 * n_true
     assert r_off["nucleated_cells"] < 0.85 * n_true  # pale myeloid nuclei and caps missed
-    assert r["ecad_pos_cells"] == r_off["ecad_pos_cells"]  # pale nuclei are never E-cad+
+    # pale nuclei are E-cad+ only inside a closed membrane (faint_enclosed_positive)
+    assert r["ecad_pos_cells"] >= r_off["ecad_pos_cells"]
+    shut = load_config("ecad", overrides=["ecad.faint_enclosed_positive=false"])
+    r_shut = analyze_array(rgb, 0.25, ECadAnalyzer(shut.ecad), shut, device="cpu").readouts
+    assert r_shut["ecad_pos_cells"] == r_off["ecad_pos_cells"]
+    assert r_shut["nucleated_cells"] == r["nucleated_cells"]
     # the late calls of the main detection do not depend on the pale nuclei; late_faint only adds
     assert r["late_erythroid_cells"] >= r_off["late_erythroid_cells"]
 
@@ -747,6 +755,93 @@ def test_ring_enclosed_cells_find_faint_nuclei_in_closed_empty_rings():
     # a paler threshold on the enclosed counterstain admits the empty ring as well
     _, t3 = ring_enclosed_cells(dab, h, 0.5, np.zeros((0, 2)), **(kw | {"min_h_od": 0.02}))
     assert sorted(int(round(c)) for c in t3["col"]) == [30, 75, 120]
+
+
+def test_membrane_enclosures_tell_closed_rings_from_open_ones_and_large_ones():
+    """Inside a closed ring: enclosed; in a ring with a gap, on the membrane or in a big enclosure: not."""
+    from marrowseg.analyzers.ecad import inside_enclosure, membrane_enclosures
+
+    h, dab, centres = _ring_cells_scene()
+    yy, xx = np.mgrid[: dab.shape[0], : dab.shape[1]].astype(np.float64)
+    rh = load_config("ecad").ecad.ring_holes
+    enc = membrane_enclosures(dab, 0.5, dab_min_od=rh.dab_min_od, sigma_um=rh.sigma_um)
+    r, c = centres[:, 0], centres[:, 1]
+    assert inside_enclosure(enc, r, c, rh.max_area_um2).tolist() == [True, True, True, False]
+    # on the membrane itself, and in the open tissue round the rings
+    assert not inside_enclosure(enc, [40, 5], [30 + 9, 5], rh.max_area_um2).any()
+    # the ring's interior is ~50 µm²: a limit below it leaves even a closed ring out
+    assert not inside_enclosure(enc, r[:1], c[:1], 30.0).any()
+    # the same scene framed by a closed membrane: the tissue outside the rings is one enclosure of
+    # ~3,000 µm², enclosed only under a limit that large
+    framed = dab.copy()
+    framed[:3], framed[-3:], framed[:, :3], framed[:, -3:] = 0.7, 0.7, 0.7, 0.7
+    enc2 = membrane_enclosures(framed, 0.5, dab_min_od=rh.dab_min_od, sigma_um=rh.sigma_um)
+    assert not inside_enclosure(enc2, [10], [100], rh.max_area_um2)[0]
+    assert inside_enclosure(enc2, [10], [100], 1e4)[0]
+    assert np.isinf(enc[1][0]) and np.isfinite(enc2[1][enc2[0][10, 100]])
+
+
+def test_open_positive_calls_need_the_score_of_the_enclosed_ones():
+    """Open calls below the fraction of the enclosed calls' median score turn negative; too few enclosed: none."""
+    h, dab, centres = _ring_cells_scene()
+    rh = load_config("ecad").ecad.ring_holes
+    from marrowseg.analyzers.ecad import membrane_enclosures
+
+    enc = membrane_enclosures(dab, 0.5, dab_min_od=rh.dab_min_od, sigma_um=rh.sigma_um)
+    # rows 0-2 lie in closed rings, row 3 in the ring with a gap, rows 4-5 in the open tissue
+    rows = np.array([40, 40, 40, 40, 5, 70], np.float64)
+    cols = np.array([30, 75, 120, 165, 100, 10], np.float64)
+    table = {"row": rows, "col": cols}
+    score = np.array([0.6, 0.7, 0.8, 0.45, 0.6, 0.3])
+    positive = np.array([True, True, True, True, True, False])
+    cfg = load_config("ecad", overrides=["ecad.open_membrane={min_score_fraction: 0.7, min_reference_cells: 3}"])
+    an = ECadAnalyzer(cfg.ecad)
+    # reference: median 0.7 of the three enclosed calls; open calls need 0.49
+    keep = an._open_positives(table, positive, score, enc)
+    assert keep.tolist() == [True, True, True, False, True, True]
+    # an enclosed call keeps its call whatever its score
+    keep = an._open_positives(table, positive, np.array([0.3, 0.7, 0.8, 0.45, 0.6, 0.3]), enc)
+    assert keep.tolist() == [True, True, True, False, True, True]
+    # with fewer enclosed calls than min_reference_cells the absolute threshold alone decides
+    few = load_config("ecad", overrides=["ecad.open_membrane={min_score_fraction: 0.7, min_reference_cells: 4}"])
+    assert ECadAnalyzer(few.ecad)._open_positives(table, positive, score, enc).all()
+
+
+def test_open_membrane_and_enclosed_faint_calls_on_a_phantom():
+    """On a left-shifted phantom the calls turned negative are mostly not early erythroblasts, the pale nuclei
+    turned positive mostly are, and the E-cad+ count comes nearer the truth."""
+    from scipy.spatial import cKDTree
+
+    from marrowseg.synth import make_phantom
+
+    w = 2048
+    ph = make_phantom("ecad", seed=1, size_px=(w, w), mpp=0.25, left_shift_ratio=0.6, stain_jitter=0.1)
+    truth = ph.truth_region(0, 0, w, w)
+    early = np.asarray(truth["cells"]["cell_class"]) == "early_erythroid"
+    tree = cKDTree(np.column_stack([truth["cells"]["y_px"], truth["cells"]["x_px"]]))
+    rgb = ph.render(0, 0, w, w)
+    base = load_config("ecad", overrides=["ecad.open_membrane=null", "ecad.faint_enclosed_positive=false"])
+    on = load_config("ecad", overrides=["ecad.open_membrane={min_score_fraction: 0.8, min_reference_cells: 10}",
+                                        "ecad.faint_enclosed_positive=true"])
+    res = {}
+    for name, cfg in (("base", base), ("on", on)):
+        r = analyze_array(rgb, 0.25, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
+        key = {(round(y, 1), round(x, 1)): c for y, x, c in zip(r.cells["y"], r.cells["x"], r.cells["class"], strict=True)}
+        res[name] = (r, key)
+    was, now = res["base"][1], res["on"][1]
+    demoted = [k for k, c in was.items() if c == "ecad_pos" and now.get(k, "ecad_pos") != "ecad_pos"]
+    added = [k for k, c in now.items() if c == "ecad_pos" and was.get(k) != "ecad_pos"]
+    assert len(demoted) >= 5 and len(added) >= 3
+
+    def early_share(points):
+        d, j = tree.query(np.asarray(points, np.float64))
+        return float(np.mean(early[j] & (d <= 3.0 / 0.25)))
+
+    assert early_share(demoted) <= 0.4
+    assert early_share(added) >= 0.7
+    n_true = int(early.sum())
+    err = {k: abs(v[0].readouts["ecad_pos_cells"] - n_true) for k, v in res.items()}
+    assert err["on"] < err["base"]
 
 
 def test_analyzer_counts_ecad_cells_whose_nucleus_is_too_faint_to_detect():

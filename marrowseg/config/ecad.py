@@ -103,6 +103,17 @@ class ECadRingHolesConfig(Strict):
     min_h_od: float = Field(ge=0, description="mean counterstain OD inside an enclosure: a nucleus is in the section")
 
 
+class ECadOpenMembraneConfig(Strict):
+    """Positive calls whose centre no closed membrane encloses (``ECadAnalyzer._open_positives``)."""
+
+    min_score_fraction: float = Field(
+        gt=0, le=1, description="such a call stays E-cad+ only if its membrane score reaches this fraction of the "
+        "median score of the tile's enclosed positive calls")
+    min_reference_cells: int = Field(
+        ge=1, description="fewer enclosed positive calls in the tile (halo included): no reference, the "
+        "absolute membrane_min_dab_od alone decides")
+
+
 class ECadLateRimConfig(Strict):
     """The pale cytoplasm round a late normoblast's nucleus (``ecad.rim_density``)."""
 
@@ -181,6 +192,13 @@ class ECadConfig(Strict):
     membrane_min_dab_od: float = Field(gt=0, description="membrane score (DAB OD) at or above which a cell is E-cad positive")
     ring_holes: ECadRingHolesConfig | None = Field(
         None, description="membrane compartment: add E-cad+ cells found by their closed membrane (null: off)")
+    open_membrane: ECadOpenMembraneConfig | None = Field(
+        None, description="membrane compartment: positive calls outside a closed membrane need a score near that of "
+        "the enclosed ones (null: off; off too without ring_holes, whose membrane level and largest enclosure it uses)")
+    faint_enclosed_positive: bool = Field(
+        False, description="membrane compartment, with faint_nuclei: a pale nucleus inside a closed membrane whose "
+        "ring reaches membrane_min_dab_od is E-cad+ (off without ring_holes, whose membrane level and largest "
+        "enclosure it uses)")
     late_rim: ECadLateRimConfig | None = Field(
         None, description="membrane compartment: late-erythroid calls need a pale rim (null: off)")
     late_erythroid_od_per_um2: float = Field(

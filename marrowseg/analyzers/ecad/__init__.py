@@ -11,6 +11,8 @@ from __future__ import annotations
 from marrowseg.analyzers.ecad.analyzer import CELL_CLASSES, ECadAnalyzer
 from marrowseg.analyzers.ecad.clusters import count_clusters, sheet_members
 from marrowseg.analyzers.ecad.membrane import (
+    inside_enclosure,
+    membrane_enclosures,
     rim_density,
     ring_enclosed_cells,
     ring_scores,
@@ -28,6 +30,8 @@ __all__ = [
     "ECadAnalyzer",
     "ECadModule",
     "CELL_CLASSES",
+    "inside_enclosure",
+    "membrane_enclosures",
     "hdab_matrix",
     "estimate_hdab_vectors",
     "haematoxylin_scale",

@@ -10,12 +10,15 @@ of positive cells. With ``negative_nuclei`` set, the nuclei found negative are d
 second time with that detector (distance seeds split touching nuclei), while positive and
 megakaryocyte nuclei keep their first region. With the membrane compartment, late-erythroid
 calls must also pass the analyzer's own tests (:meth:`ECadAnalyzer._late_rules`: an OD that
-rises with nuclear area, a pale rim, :func:`rim_density`, with enough pale pixels), E-cad+
-cells whose nucleus the detector missed are added from their closed membrane
-(:func:`ring_enclosed_cells`), and pale nuclei below the nuclear mask (myeloid nuclei, caps)
-from their local contrast
-(:func:`faint_nuclei`, cells that count in the nucleated total: ``other``, or late
-erythroid when round, solid, even and dense enough, :meth:`ECadAnalyzer._late_faint`).
+rises with nuclear area, a pale rim, :func:`rim_density`, with enough pale pixels), a
+positive call that no closed membrane encloses must score like the enclosed ones
+(:meth:`ECadAnalyzer._open_positives`: a negative cell borrows its positive neighbours'
+membranes on one side only), E-cad+ cells whose nucleus the detector missed are added from
+their closed membrane (:func:`ring_enclosed_cells`), and pale nuclei below the nuclear mask
+(myeloid nuclei, caps) from their local contrast
+(:func:`faint_nuclei`, cells that count in the nucleated total: ``other``, late
+erythroid when round, solid, even and dense enough, :meth:`ECadAnalyzer._late_faint`, or
+E-cad+ inside a small closed membrane).
 ``finalize`` forms every ratio from the summed counts.
 
 Clusters (sheets of positive cells, :func:`sheet_members` and :func:`count_clusters`) are
@@ -46,6 +49,8 @@ from marrowseg.analyzers.ecad.clusters import count_clusters, sheet_members
 from marrowseg.analyzers.ecad.membrane import (
     _region_means,
     _rim_stats,
+    inside_enclosure,
+    membrane_enclosures,
     ring_enclosed_cells,
     ring_scores,
     unstained_part,
@@ -313,16 +318,26 @@ class ECadAnalyzer(MarrowAnalyzer):
             nuc_labels, table, may_be_positive = self._redetect_negatives(d, nuc_labels, table, score, allowed, mpp)
             ring_od, nucleus_od, score = self._scores(nuc_labels, table, d["dab_od"], mpp)
         positive, classes = self.classify_cells(table, score, may_be_positive)
-        if cfg.positivity_compartment == "membrane":
+        membrane = cfg.positivity_compartment == "membrane"
+        enclosures = None
+        if membrane and cfg.ring_holes is not None:
+            enclosures = membrane_enclosures(d["dab_od"], mpp, dab_min_od=cfg.ring_holes.dab_min_od,
+                                             sigma_um=cfg.ring_holes.sigma_um)
+            if cfg.open_membrane is not None:
+                keep = self._open_positives(table, positive, score, enclosures)
+                if not keep.all():
+                    ok = keep if may_be_positive is None else keep & np.asarray(may_be_positive, bool)
+                    positive, classes = self.classify_cells(table, score, ok)
+        if membrane:
             classes = self._late_rules(d, nuc_labels, table, classes, mpp)
         hole_labels = None
-        if cfg.positivity_compartment == "membrane" and cfg.ring_holes is not None:
+        if enclosures is not None:
             table, classes, positive, ring_od, nucleus_od, hole_labels = self._add_ring_enclosed(
-                d, table, classes, positive, ring_od, nucleus_od, allowed, mpp)
+                d, table, classes, positive, ring_od, nucleus_od, allowed, mpp, enclosures)
         if cfg.faint_nuclei is not None:  # either compartment: pale nuclei are nucleated cells too
             table, classes, positive, ring_od, nucleus_od = self._add_faint(
                 d, nuc_labels, hole_labels, table, classes, positive, ring_od, nucleus_od,
-                labels == tis.HAEMATOPOIETIC, mpp)
+                labels == tis.HAEMATOPOIETIC, mpp, enclosures if cfg.faint_enclosed_positive else None)
 
         keep = ctx.in_core(table["row"], table["col"])
         cells = {"row": table["row"][keep], "col": table["col"][keep], "class": classes[keep].astype(str),
@@ -339,6 +354,48 @@ class ECadAnalyzer(MarrowAnalyzer):
         stats["n_ecad_clusters_truncated"] = n_trunc
         windows = self._windows(core_labels, cells, ctx) if cfg.window_um is not None else {}
         return TileResult(stats=stats, maps={"labels": self._map(labels, ctx)}, cells=cells, windows=windows)
+
+    def _open_positives(self, table: dict[str, np.ndarray], positive: np.ndarray, score: np.ndarray,
+                        enclosures: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Which positive calls stay positive: enclosed ones, and open ones that score like them.
+
+        An E-cad+ cell's membrane runs all round it, so its nucleus lies in a closed
+        enclosure of the membrane (:func:`membrane_enclosures`, at most
+        ``ring_holes.max_area_um2``). A negative cell beside positive ones borrows their
+        membranes on the sides it shares with them and is open elsewhere; a gap in a true
+        cell's membrane leaves it open too, but its ring still scores like the enclosed
+        cells of the tile. A positive call whose centre no closed membrane encloses stays
+        positive only if its score reaches ``open_membrane.min_score_fraction`` of the
+        median score of the tile's enclosed positive calls (halo included; with fewer than
+        ``open_membrane.min_reference_cells`` of them, every call stays). Relative to the
+        tile's own cells, because the level of a membrane varies with the lab's DAB.
+
+        Parameters
+        ----------
+        table : dict of (N,) ndarray
+            Nucleus table (``row``, ``col`` px).
+        positive : (N,) bool ndarray
+            The calls by the absolute threshold.
+        score : (N,) float ndarray
+            Membrane score of each nucleus, DAB OD.
+        enclosures : (labels, area_um2)
+            :func:`membrane_enclosures` of the tile.
+
+        Returns
+        -------
+        keep : (N,) bool ndarray
+            False for the positive calls that become negative; True elsewhere.
+        """
+        oc = self.config.open_membrane
+        keep = np.ones(len(positive), bool)
+        if not positive.any():
+            return keep
+        inside = inside_enclosure(enclosures, table["row"], table["col"], self.config.ring_holes.max_area_um2)
+        ref = np.asarray(score, np.float64)[positive & inside]
+        if len(ref) < oc.min_reference_cells:
+            return keep
+        keep[positive & ~inside & (np.asarray(score) < oc.min_score_fraction * float(np.median(ref)))] = False
+        return keep
 
     def _late_rules(self, d: dict[str, np.ndarray], labels: np.ndarray, table: dict[str, np.ndarray],
                     classes: np.ndarray, mpp: float) -> np.ndarray:
@@ -464,8 +521,8 @@ class ECadAnalyzer(MarrowAnalyzer):
 
     def _add_ring_enclosed(self, d: dict[str, np.ndarray], table: dict[str, np.ndarray], classes: np.ndarray,
                            positive: np.ndarray, ring_od: np.ndarray, nucleus_od: np.ndarray, allowed: np.ndarray,
-                           mpp: float) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                                                np.ndarray]:
+                           mpp: float, enclosures: tuple[np.ndarray, np.ndarray]
+                           ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Append the E-cad+ cells found by their membrane alone (:func:`ring_enclosed_cells`).
 
         An enclosure must also score positive on its own ring (the membrane all round it),
@@ -477,7 +534,7 @@ class ECadAnalyzer(MarrowAnalyzer):
         hl, ht = ring_enclosed_cells(
             d["dab_od"], d["h_od"], mpp, np.column_stack([table["row"], table["col"]]),
             dab_min_od=rh.dab_min_od, sigma_um=rh.sigma_um, min_area_um2=rh.min_area_um2,
-            max_area_um2=rh.max_area_um2, min_h_od=rh.min_h_od, allowed=allowed)
+            max_area_um2=rh.max_area_um2, min_h_od=rh.min_h_od, allowed=allowed, enclosures=enclosures)
         h_ring = ring_scores(hl, ht, d["dab_od"], mpp, gap_um=cfg.ring_gap_um, width_um=cfg.ring_width_um,
                              sectors=cfg.ring_sectors)
         ok = h_ring >= cfg.membrane_min_dab_od
@@ -493,19 +550,24 @@ class ECadAnalyzer(MarrowAnalyzer):
 
     def _add_faint(self, d: dict[str, np.ndarray], nuc_labels: np.ndarray, hole_labels: np.ndarray | None,
                    table: dict[str, np.ndarray], classes: np.ndarray, positive: np.ndarray, ring_od: np.ndarray,
-                   nucleus_od: np.ndarray, marrow: np.ndarray,
-                   mpp: float) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Append the pale nuclei below the nuclear mask (:func:`faint_nuclei`): ``other`` or late-erythroid cells.
+                   nucleus_od: np.ndarray, marrow: np.ndarray, mpp: float,
+                   enclosures: tuple[np.ndarray, np.ndarray] | None = None,
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Append the pale nuclei below the nuclear mask (:func:`faint_nuclei`): ``other``, late-erythroid or E-cad+ cells.
 
         Only in haematopoietic tissue, away from the nuclei and the membrane-enclosed cells
-        already found. They are never E-cad+ (an E-cad+ cell whose nucleus is a faint cap is
-        found by its closed membrane), and late erythroid only by :meth:`_late_faint`
-        (``late_faint``: round, solid, even and not too pale). Scoring them on their
-        own ring took the E-cad+ count error mean from 0.069 to 0.161 (tuning seeds 0-11,
-        2,048 px); calling the round, small, dense-enough ones with a pale rim late erythroid
-        took the ratio error max from 0.082 to 0.091-0.099 and the late max from 0.58 to
-        0.73-0.79 (seeds 0-23). The membrane ring is still measured (``dab_ring_od`` in
-        cells.csv).
+        already found. Late erythroid only by :meth:`_late_faint` (``late_faint``: round,
+        solid, even and not too pale). E-cad+ only with ``enclosures``
+        (``faint_enclosed_positive``): a pale nucleus inside a closed membrane of at most
+        ``ring_holes.max_area_um2`` whose own ring scores ``membrane_min_dab_od`` (an
+        enclosure too small for :func:`ring_enclosed_cells`, which takes 20 µm² and up, round
+        the cap of an early erythroblast's nucleus). Scoring every pale nucleus on its own
+        ring took the E-cad+ count error mean from 0.069 to 0.161 (tuning seeds 0-11,
+        2,048 px): most of them are myeloid nuclei beside a positive cell, open on their
+        other sides. Calling the round, small, dense-enough ones with a pale rim late
+        erythroid took the ratio error max from 0.082 to 0.091-0.099 and the late max from
+        0.58 to 0.73-0.79 (seeds 0-23). The membrane ring is measured for all
+        (``dab_ring_od`` in cells.csv).
         """
         cfg = self.config
         fc = cfg.faint_nuclei
@@ -525,9 +587,15 @@ class ECadAnalyzer(MarrowAnalyzer):
         ft = dict(ft, label=ft["label"] + offset)
         f_ring = ring_scores(both, ft, d["dab_od"], mpp, gap_um=cfg.ring_gap_um, width_um=cfg.ring_width_um,
                              sectors=cfg.ring_sectors, min_own_sectors=cfg.ring_min_own_sectors)
+        f_class = self._late_faint(ft)
+        f_pos = np.zeros(n_new, bool)
+        if enclosures is not None:
+            f_pos = (f_ring >= cfg.membrane_min_dab_od) & inside_enclosure(
+                enclosures, ft["row"], ft["col"], cfg.ring_holes.max_area_um2)
+            f_class[f_pos] = "ecad_pos"
         table = {k: np.concatenate([np.asarray(table[k]), ft[k].astype(np.asarray(table[k]).dtype)]) for k in table}
-        classes = np.concatenate([classes, self._late_faint(ft)])
-        positive = np.concatenate([positive, np.zeros(n_new, bool)])
+        classes = np.concatenate([classes, f_class])
+        positive = np.concatenate([positive, f_pos])
         ring_od = np.concatenate([ring_od, f_ring])
         nucleus_od = np.concatenate([nucleus_od, _region_means(d["dab_od"], both, ft["label"])])
         return table, classes, positive, ring_od, nucleus_od

@@ -11,7 +11,8 @@ from scipy import ndimage as ndi
 from marrowseg.analyzers import nuclei as nuc
 from marrowseg.analyzers.distance import nearest_label_band
 
-__all__ = ["ring_scores", "ring_enclosed_cells", "rim_density", "unstained_part"]
+__all__ = ["ring_scores", "membrane_enclosures", "inside_enclosure", "ring_enclosed_cells", "rim_density",
+           "unstained_part"]
 
 
 def ring_scores(
@@ -90,6 +91,62 @@ def ring_scores(
     return out
 
 
+def membrane_enclosures(dab_od: np.ndarray, mpp: float, *, dab_min_od: float,
+                        sigma_um: float) -> tuple[np.ndarray, np.ndarray]:
+    """The regions a DAB membrane encloses: 4-connected components below the membrane level.
+
+    Parameters
+    ----------
+    dab_od : (H, W) float ndarray
+        DAB optical density.
+    mpp : float
+        µm per pixel.
+    dab_min_od : float
+        DAB OD of a membrane pixel, after smoothing with ``sigma_um``.
+    sigma_um : float
+        Gaussian sigma of the smoothing, µm (0: none).
+
+    Returns
+    -------
+    labels : (H, W) int32 ndarray
+        Components of the pixels below ``dab_min_od`` numbered 1..K; 0 on the membrane.
+    area_um2 : (K + 1,) float64 ndarray
+        Area of each component, µm²; ``inf`` for a component that touches the image edge
+        (open: it is not known to be closed) and for index 0 (the membrane).
+    """
+    ds = cv2.GaussianBlur(np.asarray(dab_od, np.float32), (0, 0), sigma_um / mpp) if sigma_um > 0 else dab_od
+    lab, n = ndi.label(ds < np.float32(dab_min_od))
+    area = np.bincount(lab.ravel(), minlength=n + 1) * (mpp * mpp)
+    area[0] = np.inf
+    for edge in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
+        area[edge] = np.inf
+    return lab.astype(np.int32, copy=False), area
+
+
+def inside_enclosure(enclosures: tuple[np.ndarray, np.ndarray], rows: np.ndarray, cols: np.ndarray,
+                     max_area_um2: float) -> np.ndarray:
+    """Whether each point lies in a closed enclosure of at most ``max_area_um2`` (:func:`membrane_enclosures`).
+
+    Parameters
+    ----------
+    enclosures : (labels, area_um2)
+        As returned by :func:`membrane_enclosures`.
+    rows, cols : (N,) float ndarray
+        Points, px (rounded to the nearest pixel, clipped to the image).
+    max_area_um2 : float
+        Larger enclosures (a ring of positive cells round a group of others) do not count, µm².
+
+    Returns
+    -------
+    (N,) bool ndarray
+    """
+    lab, area = enclosures
+    h, w = lab.shape
+    r = np.clip(np.round(np.asarray(rows, np.float64)).astype(np.int64), 0, h - 1)
+    c = np.clip(np.round(np.asarray(cols, np.float64)).astype(np.int64), 0, w - 1)
+    return area[lab[r, c]] <= max_area_um2
+
+
 def ring_enclosed_cells(
     dab_od: np.ndarray,
     h_od: np.ndarray,
@@ -102,6 +159,7 @@ def ring_enclosed_cells(
     max_area_um2: float,
     min_h_od: float,
     allowed: np.ndarray | None = None,
+    enclosures: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Cells enclosed by a closed DAB membrane that hold no detected nucleus.
 
@@ -124,6 +182,9 @@ def ring_enclosed_cells(
         Mean haematoxylin OD inside the enclosure: a nucleus is in the section.
     allowed : (H, W) bool ndarray, optional
         Where cell centres may lie.
+    enclosures : (labels, area_um2), optional
+        :func:`membrane_enclosures` of ``dab_od`` with ``dab_min_od`` and ``sigma_um``, when
+        already computed.
 
     Returns
     -------
@@ -142,18 +203,14 @@ def ring_enclosed_cells(
     (4-connected) that does not touch the image edge.
     """
     h, w = dab_od.shape
-    ds = cv2.GaussianBlur(np.asarray(dab_od, np.float32), (0, 0), sigma_um / mpp) if sigma_um > 0 else dab_od
-    lab, n = ndi.label(ds < np.float32(dab_min_od))
+    lab, area = enclosures if enclosures is not None else membrane_enclosures(
+        dab_od, mpp, dab_min_od=dab_min_od, sigma_um=sigma_um)
+    n = len(area) - 1
     if n == 0:
         return np.zeros((h, w), np.int32), nuc.empty_table()
-    ok = np.ones(n + 1, bool)
-    ok[0] = False
-    for edge in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
-        ok[edge] = False
     cnt = np.bincount(lab.ravel(), minlength=n + 1)
-    area = cnt * mpp * mpp
     hmean = np.bincount(lab.ravel(), weights=np.asarray(h_od, np.float64).ravel(), minlength=n + 1) / np.maximum(cnt, 1)
-    ok &= (area >= min_area_um2) & (area <= max_area_um2) & (hmean >= min_h_od)
+    ok = (area >= min_area_um2) & (area <= max_area_um2) & (hmean >= min_h_od)  # inf: open or the membrane
     rc = np.asarray(taken_rc, np.float64).reshape(-1, 2)
     if len(rc):
         r = np.clip(np.round(rc[:, 0]).astype(np.int64), 0, h - 1)
