@@ -832,6 +832,12 @@ def test_open_membrane_and_enclosed_faint_calls_on_a_phantom():
     demoted = [k for k, c in was.items() if c == "ecad_pos" and now.get(k, "ecad_pos") != "ecad_pos"]
     added = [k for k, c in now.items() if c == "ecad_pos" and was.get(k) != "ecad_pos"]
     assert len(demoted) >= 5 and len(added) >= 3
+    # metrics.json records what the rules changed; with them off nothing is recorded
+    counts = res["on"][0].report["counts"]
+    assert counts["ecad_open_turned_negative"] == len(demoted)
+    assert counts["ecad_pos_pale_enclosed"] == len(added)
+    assert res["base"][0].report["counts"]["ecad_open_turned_negative"] == 0
+    assert res["base"][0].report["counts"]["ecad_pos_pale_enclosed"] == 0
 
     def early_share(points):
         d, j = tree.query(np.asarray(points, np.float64))

@@ -318,28 +318,35 @@ class ECadAnalyzer(MarrowAnalyzer):
             nuc_labels, table, may_be_positive = self._redetect_negatives(d, nuc_labels, table, score, allowed, mpp)
             ring_od, nucleus_od, score = self._scores(nuc_labels, table, d["dab_od"], mpp)
         positive, classes = self.classify_cells(table, score, may_be_positive)
+        turned = np.zeros(len(positive), bool)  # positive calls turned negative by the open-membrane rule
         membrane = cfg.positivity_compartment == "membrane"
         enclosures = None
         if membrane and cfg.ring_holes is not None:
             enclosures = membrane_enclosures(d["dab_od"], mpp, dab_min_od=cfg.ring_holes.dab_min_od,
                                              sigma_um=cfg.ring_holes.sigma_um)
             if cfg.open_membrane is not None:
-                keep = self._open_positives(table, positive, score, enclosures)
-                if not keep.all():
-                    ok = keep if may_be_positive is None else keep & np.asarray(may_be_positive, bool)
+                stays = self._open_positives(table, positive, score, enclosures)
+                if not stays.all():
+                    ok = stays if may_be_positive is None else stays & np.asarray(may_be_positive, bool)
+                    was = positive
                     positive, classes = self.classify_cells(table, score, ok)
+                    turned = was & ~positive
         if membrane:
             classes = self._late_rules(d, nuc_labels, table, classes, mpp)
         hole_labels = None
         if enclosures is not None:
             table, classes, positive, ring_od, nucleus_od, hole_labels = self._add_ring_enclosed(
                 d, table, classes, positive, ring_od, nucleus_od, allowed, mpp, enclosures)
+        n_before_faint = len(positive)
         if cfg.faint_nuclei is not None:  # either compartment: pale nuclei are nucleated cells too
             table, classes, positive, ring_od, nucleus_od = self._add_faint(
                 d, nuc_labels, hole_labels, table, classes, positive, ring_od, nucleus_od,
                 labels == tis.HAEMATOPOIETIC, mpp, enclosures if cfg.faint_enclosed_positive else None)
 
         keep = ctx.in_core(table["row"], table["col"])
+        # what the two closed-membrane rules changed, for the record (metrics.json counts)
+        stats["n_ecad_open_turned_negative"] = int((turned & keep[:len(turned)]).sum())
+        stats["n_ecad_pos_pale_enclosed"] = int((positive[n_before_faint:] & keep[n_before_faint:]).sum())
         cells = {"row": table["row"][keep], "col": table["col"][keep], "class": classes[keep].astype(str),
                  "dab_ring_od": ring_od[keep], "dab_nucleus_od": nucleus_od[keep]}
         for c in _MEAS_COLUMNS:
@@ -720,7 +727,10 @@ class ECadAnalyzer(MarrowAnalyzer):
                 "excluded": g("excluded_px") * px_um2,
             },
             "counts": {name: int(g(f"n_{name}")) for name in CELL_CLASSES}
-            | {"ecad_clusters_truncated": int(g("n_ecad_clusters_truncated"))},
+            | {"ecad_clusters_truncated": int(g("n_ecad_clusters_truncated")),
+               # positive calls that the closed-membrane rules turned negative / pale nuclei they made E-cad+
+               "ecad_open_turned_negative": int(g("n_ecad_open_turned_negative")),
+               "ecad_pos_pale_enclosed": int(g("n_ecad_pos_pale_enclosed"))},
             "interpretation": interpretation,
             "stain_vectors_source": self.vectors_source,
             "positivity_compartment": cfg.positivity_compartment,
