@@ -141,10 +141,14 @@ def inside_enclosure(enclosures: tuple[np.ndarray, np.ndarray], rows: np.ndarray
     (N,) bool ndarray
     """
     lab, area = enclosures
-    h, w = lab.shape
-    r = np.clip(np.round(np.asarray(rows, np.float64)).astype(np.int64), 0, h - 1)
-    c = np.clip(np.round(np.asarray(cols, np.float64)).astype(np.int64), 0, w - 1)
-    return area[lab[r, c]] <= max_area_um2
+    return area[lab[_pixels(rows, cols, lab.shape)]] <= max_area_um2
+
+
+def _pixels(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays of the pixels nearest to points (row, col px), clipped to an image of ``shape``."""
+    r = np.clip(np.round(np.asarray(rows, np.float64)).astype(np.int64), 0, shape[0] - 1)
+    c = np.clip(np.round(np.asarray(cols, np.float64)).astype(np.int64), 0, shape[1] - 1)
+    return r, c
 
 
 def ring_enclosed_cells(
@@ -213,10 +217,7 @@ def ring_enclosed_cells(
     ok = (area >= min_area_um2) & (area <= max_area_um2) & (hmean >= min_h_od)  # inf: open or the membrane
     rc = np.asarray(taken_rc, np.float64).reshape(-1, 2)
     if len(rc):
-        r = np.clip(np.round(rc[:, 0]).astype(np.int64), 0, h - 1)
-        c = np.clip(np.round(rc[:, 1]).astype(np.int64), 0, w - 1)
-        ok[lab[r, c]] = False
-        ok[0] = False
+        ok[lab[_pixels(rc[:, 0], rc[:, 1], lab.shape)]] = False
     keep = np.flatnonzero(ok)
     if len(keep) == 0:
         return np.zeros((h, w), np.int32), nuc.empty_table()
@@ -225,9 +226,7 @@ def ring_enclosed_cells(
     labels = lut[lab]
     _, table = nuc.measure_labels(labels, np.asarray(h_od, np.float32), mpp, 0.0)
     if allowed is not None:
-        rr = np.clip(np.round(table["row"]).astype(np.int64), 0, h - 1)
-        cc = np.clip(np.round(table["col"]).astype(np.int64), 0, w - 1)
-        sel = np.asarray(allowed, bool)[rr, cc]
+        sel = np.asarray(allowed, bool)[_pixels(table["row"], table["col"], (h, w))]
         table = {k: v[sel] for k, v in table.items()}
     return labels, table
 
