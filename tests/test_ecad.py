@@ -762,7 +762,6 @@ def test_membrane_enclosures_tell_closed_rings_from_open_ones_and_large_ones():
     from marrowseg.analyzers.ecad import inside_enclosure, membrane_enclosures
 
     h, dab, centres = _ring_cells_scene()
-    yy, xx = np.mgrid[: dab.shape[0], : dab.shape[1]].astype(np.float64)
     rh = load_config("ecad").ecad.ring_holes
     enc = membrane_enclosures(dab, 0.5, dab_min_od=rh.dab_min_od, sigma_um=rh.sigma_um)
     r, c = centres[:, 0], centres[:, 1]
