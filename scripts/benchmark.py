@@ -45,10 +45,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def _plain_edt(mask, dtype=np.float32):
+def _plain_edt(mask, dtype=np.float32, reach=None):
     from scipy import ndimage as ndi
 
-    return ndi.distance_transform_edt(mask).astype(dtype)
+    d = ndi.distance_transform_edt(mask).astype(dtype)
+    return d if reach is None else np.minimum(d, dtype(reach + 1))  # the depth tests read no further
 
 
 def _plain_gaussian(img, sigma_px):

@@ -81,8 +81,8 @@ def test_distance_to_background_far_from_background_falls_back_exactly():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_nearest_label_band_of_wanted_labels_is_their_part_of_the_band(seed, monkeypatch):
-    # a few wanted labels among many: the windowed transform must give exactly the wanted
-    # owners' share of the whole band, and must really run on windows, not on the tile
+    # a few wanted labels among many: exactly the wanted owners' share of the whole band, ties
+    # included, and the owners looked for at a part of the band only (what makes it cheaper)
     import marrowseg.analyzers.distance as dist
 
     rng = np.random.default_rng(100 + seed)
@@ -93,19 +93,35 @@ def test_nearest_label_band_of_wanted_labels_is_their_part_of_the_band(seed, mon
         labels[max(r - rad, 0) : r + rad + 1, max(c - rad, 0) : c + rad + 1] = k
     present = np.unique(labels[labels > 0])
     wanted = rng.choice(present, 4, replace=False)
-    sizes = []
-    band = dist._band
-    monkeypatch.setattr(dist, "_band", lambda lab, *a: (sizes.append(lab.size), band(lab, *a))[1])
+    looked = []
+    owners = dist._owners
+    monkeypatch.setattr(dist, "_owners", lambda lab, rr, *a: (looked.append(len(rr)), owners(lab, rr, *a))[1])
     _, rr, cc, owner = nearest_label_band(labels, 0.5, 6.2, wanted=wanted)
-    assert sizes and max(sizes) < labels.size  # windows, not the whole tile
     er, ec, nearest = _brute_force_band(labels, 0.5, 6.2)
     lookup = {p: s for p, s in zip(zip(er.tolist(), ec.tolist(), strict=True), nearest, strict=True)}
     assert all(int(o) in lookup[p] for p, o in zip(zip(rr.tolist(), cc.tolist(), strict=True), owner, strict=True))
     assert np.all(np.diff(rr * labels.shape[1] + cc) > 0)  # raster order
-    # the windows settle ties between equidistant labels as the whole tile does: exactly its share
     _, fr, fc, fo = nearest_label_band(labels, 0.5, 6.2)
     share = np.isin(fo, wanted)
     assert np.array_equal(rr, fr[share]) and np.array_equal(cc, fc[share]) and np.array_equal(owner, fo[share])
+    assert len(rr) <= looked[0] < len(fr) / 4  # candidates: the wanted share and its ties, not the band
+
+
+def test_nearest_label_band_of_wanted_labels_with_the_precise_transform(monkeypatch):
+    # radii past the separable transform's reach: the same share of the band
+    import marrowseg.analyzers.distance as dist
+
+    rng = np.random.default_rng(5)
+    labels = ndi.label(ndi.gaussian_filter(rng.random((150, 160)), 2.0) > 0.58)[0].astype(np.int32)
+    wanted = rng.choice(np.unique(labels[labels > 0]), 3, replace=False)
+    fast = nearest_label_band(labels, 1.0, 7.0, wanted=wanted)
+    monkeypatch.setattr(dist, "_SEPARABLE_MAX_PX", -1)
+    slow = nearest_label_band(labels, 1.0, 7.0, wanted=wanted)
+    _, fr, fc, fo = nearest_label_band(labels, 1.0, 7.0)
+    share = np.isin(fo, wanted)
+    assert share.any() and not share.all()
+    for a, b, c in zip(fast[1:], slow[1:], (fr[share], fc[share], fo[share]), strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
 
 
 def test_nearest_label_band_of_many_wanted_labels_is_the_whole_tile_band():
@@ -163,3 +179,21 @@ def test_nearest_feature_in_windows_equals_the_whole_image_feature_transform(see
     assert np.array_equal(dist[near], d[qr, qc][near])
     assert np.array_equal(fr[near], ir[qr, qc][near]) and np.array_equal(fc[near], ic[qr, qc][near])
     assert np.all((dist[~near] > 3.0) & ((fr[~near] == -1) | (fr[~near] == ir[qr, qc][~near])))
+
+
+@pytest.mark.parametrize("reach", [0, 1, 3, 7, 12, 30])
+def test_distance_to_background_within_a_reach_is_exact_below_it(reach):
+    # depth tests need the distance only up to a radius: exact there, reach + 1 beyond
+    rng = np.random.default_rng(reach)
+    smooth = ndi.gaussian_filter(rng.random((160, 170)), 6.0)
+    mask = smooth > np.quantile(smooth, 0.3)
+    mask[40:120, 40:120] = True  # depths up to 40, past the separable transform's reach at 30
+    full = distance_to_background(mask)
+    near = distance_to_background(mask, reach=reach)
+    below = full < reach + 1
+    assert (~below).any() and below.any()
+    assert np.array_equal(near[below], full[below])
+    assert np.all(near[~below] == np.float32(reach + 1))
+    assert near.dtype == np.float32
+    whole = np.ones((5, 6), bool)  # no background: SciPy's convention, capped as well
+    assert np.array_equal(distance_to_background(whole, reach=2), np.minimum(distance_to_background(whole), 3))

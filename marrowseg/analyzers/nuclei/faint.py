@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -106,7 +108,8 @@ def faint_nuclei(
     empty = np.zeros((h, w), np.int32), empty_table()
     if not faint.any():
         return empty
-    depth = distance_to_background(faint)
+    # only the depth test needs the distance: known up to just past the radius
+    depth = distance_to_background(faint, reach=int(math.ceil(float(min_radius_um) / mpp)))
     search = depth * np.float32(mpp) >= np.float32(min_radius_um)
     if allowed is not None:
         search &= np.asarray(allowed, bool)

@@ -290,4 +290,4 @@ def _deep_pixels(mask: np.ndarray, radius_px: np.float32) -> np.ndarray:
                          borderType=cv2.BORDER_CONSTANT, borderValue=1)
         if not near.any():
             return np.zeros(mask.shape, bool)
-    return distance_to_background(mask) >= radius_px
+    return distance_to_background(mask, reach=int(math.ceil(float(radius_px)))) >= radius_px
