@@ -33,6 +33,20 @@ def test_max_and_min_filters_match_scipy(img, r):
                                   ndi.minimum_filter(img[0, 0], size=2 * r + 1, mode="nearest"))
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 64, 50), (2, 3, 30, 17), (1, 2, 5, 7)])
+@pytest.mark.parametrize("r", [1, 4, 12])
+def test_square_filters_on_the_cpu_are_the_running_maxima_of_other_devices(shape, r, monkeypatch):
+    # OpenCV serves the CPU; the shifted-slice maxima serve CUDA: they must agree bit for bit,
+    # batches, channels and windows wider than the image included
+    x = torch.from_numpy(np.random.default_rng(r).random(shape).astype(np.float32))
+    cpu = [filters.max_filter(x, r), filters.min_filter(x, r), filters.grey_opening(x, r)]
+    monkeypatch.setattr(filters, "_on_cpu", lambda t: False)
+    other = [filters.max_filter(x, r), filters.min_filter(x, r), filters.grey_opening(x, r)]
+    for a, b in zip(cpu, other, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(cpu[0], x) and not torch.equal(cpu[1], x)
+
+
 def test_grey_opening_removes_thin_bright_lines_and_keeps_wide_ones():
     x = torch.zeros(1, 1, 40, 40)
     x[0, 0, 10, :] = 1.0          # one pixel wide
@@ -41,14 +55,18 @@ def test_grey_opening_removes_thin_bright_lines_and_keeps_wide_ones():
     assert out[10].max() == 0 and out[22:28].min() == 1
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 700, 530), (2, 3, 90, 64)])
-def test_cache_slabs_give_the_bit_identical_blur(shape, monkeypatch):
-    """The CPU blur runs over row slabs for speed: the result equals one pass over the whole image."""
+@pytest.mark.parametrize("shape", [(1, 1, 70, 53), (2, 3, 40, 64), (1, 1, 5, 9)])
+@pytest.mark.parametrize("sigma", [0.7, 3.0, 6.0])
+def test_the_cpu_blur_is_the_shifted_slice_blur_of_other_devices(shape, sigma, monkeypatch):
+    # OpenCV serves the CPU, the shifted slices CUDA: the same taps and borders (mirrored, or
+    # replicated on images narrower than the kernel), to a float32 rounding
     x = torch.from_numpy(np.random.default_rng(1).random(shape).astype(np.float32))
-    monkeypatch.setattr(filters, "_SLAB_ELEMENTS", 1 << 40)  # one slab
-    whole = filters.gaussian_blur(x, 2.7)
-    monkeypatch.setattr(filters, "_SLAB_ELEMENTS", 1000)  # a few rows per slab
-    np.testing.assert_array_equal(filters.gaussian_blur(x, 2.7).numpy(), whole.numpy())
+    cpu = filters.gaussian_blur(x, sigma)
+    monkeypatch.setattr(filters, "_on_cpu", lambda t: False)
+    other = filters.gaussian_blur(x, sigma)
+    assert cpu.dtype == other.dtype == torch.float32 and cpu.shape == other.shape
+    np.testing.assert_allclose(cpu.numpy(), other.numpy(), rtol=0, atol=1e-6)
+    assert float((cpu - x).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
