@@ -34,6 +34,7 @@ space, so it is background; regions cut by the slide edge are judged by size alo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -521,7 +522,9 @@ def _within(sites: np.ndarray, radius_px: float) -> np.ndarray:
     """
     if not sites.any():
         return np.zeros(sites.shape, bool)
-    return distance_to_background(~sites).astype(np.float64) <= float(radius_px)
+    # distances past the radius only need to be known as such
+    reach = int(math.floor(float(radius_px)))
+    return distance_to_background(~sites, reach=reach).astype(np.float64) <= float(radius_px)
 
 
 def convex_area_px(mask: np.ndarray) -> int:
