@@ -32,10 +32,10 @@ def gaussian_taps(sigma_px: float) -> list[float]:
 def _blur_axis(x: torch.Tensor, taps: list[float], dim: int, mode: str) -> torch.Tensor:
     r = (len(taps) - 1) // 2
     pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
-    return _blur_slab(F.pad(x, pad, mode=mode), taps, dim, x.shape[dim])
+    return _blur_pass(F.pad(x, pad, mode=mode), taps, dim, x.shape[dim])
 
 
-def _blur_slab(y: torch.Tensor, taps: list[float], dim: int, n: int) -> torch.Tensor:
+def _blur_pass(y: torch.Tensor, taps: list[float], dim: int, n: int) -> torch.Tensor:
     r = (len(taps) - 1) // 2
     out = y.narrow(dim, r, n) * taps[r]
     for i in range(1, r + 1):  # symmetric kernel: one multiply per pair of taps
