@@ -131,7 +131,7 @@ def scikit_image_only():
     ``ndi.distance_transform_edt``, binary morphology by ``ndi.binary_*``, peak candidates by
     ``peak_local_max``, Gaussians by ``ndi.gaussian_filter``, one ``watershed`` call per region,
     nuclear splitting box by box, the
-    E-cadherin ring band over the whole tile (not in windows around the cells it is for) and
+    E-cadherin ring band over the whole tile (not only where the cells it is for are nearest) and
     its distances from OpenCV's precise transform of the whole tile (not the band-limited
     separable one), nearest features by SciPy's whole-image feature transform (not in windows),
     per-label sums by ``ndi.sum``. Each

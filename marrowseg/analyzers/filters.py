@@ -31,12 +31,8 @@ def gaussian_taps(sigma_px: float) -> list[float]:
 
 def _blur_axis(x: torch.Tensor, taps: list[float], dim: int, mode: str) -> torch.Tensor:
     r = (len(taps) - 1) // 2
-    pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
-    return _blur_pass(F.pad(x, pad, mode=mode), taps, dim, x.shape[dim])
-
-
-def _blur_pass(y: torch.Tensor, taps: list[float], dim: int, n: int) -> torch.Tensor:
-    r = (len(taps) - 1) // 2
+    n = x.shape[dim]
+    y = F.pad(x, (r, r, 0, 0) if dim == -1 else (0, 0, r, r), mode=mode)
     out = y.narrow(dim, r, n) * taps[r]
     for i in range(1, r + 1):  # symmetric kernel: one multiply per pair of taps
         out.add_(y.narrow(dim, r - i, n) + y.narrow(dim, r + i, n), alpha=taps[r + i])
@@ -102,11 +98,9 @@ def _cv2_planes(x: torch.Tensor, fn) -> torch.Tensor:
     return out
 
 
-def _cv2_square(x: torch.Tensor, r: int, op) -> torch.Tensor | None:
+def _cv2_square(x: torch.Tensor, r: int, op) -> torch.Tensor:
     """``op`` (``cv2.erode`` / ``cv2.dilate``) with a square of half-side ``r`` on each plane of
-    a CPU float tensor, replicated borders; None where OpenCV cannot take it (other devices, autograd)."""
-    if not _on_cpu(x):
-        return None
+    a CPU float tensor (:func:`_on_cpu`), replicated borders."""
     row, col = np.ones((1, 2 * r + 1), np.uint8), np.ones((2 * r + 1, 1), np.uint8)
     # two 1-D passes: the same square, and OpenCV's row filter need not build a 2-D one
     return _cv2_planes(x, lambda src, dst: op(op(src, row, dst=dst, borderType=cv2.BORDER_REPLICATE), col,
@@ -118,8 +112,9 @@ def max_filter(x: torch.Tensor, radius_px: float) -> torch.Tensor:
     r = int(round(radius_px))
     if r <= 0:
         return x
-    out = _cv2_square(x, r, cv2.dilate)
-    return out if out is not None else _running_max(_running_max(x, r, -1), r, -2)
+    if _on_cpu(x):
+        return _cv2_square(x, r, cv2.dilate)
+    return _running_max(_running_max(x, r, -1), r, -2)
 
 
 def min_filter(x: torch.Tensor, radius_px: float) -> torch.Tensor:
@@ -127,8 +122,9 @@ def min_filter(x: torch.Tensor, radius_px: float) -> torch.Tensor:
     r = int(round(radius_px))
     if r <= 0:
         return x
-    out = _cv2_square(x, r, cv2.erode)
-    return out if out is not None else _running_max(_running_max(x, r, -1, torch.minimum), r, -2, torch.minimum)
+    if _on_cpu(x):
+        return _cv2_square(x, r, cv2.erode)
+    return _running_max(_running_max(x, r, -1, torch.minimum), r, -2, torch.minimum)
 
 
 def grey_dilation(x: torch.Tensor, radius_px: float) -> torch.Tensor:

@@ -141,14 +141,7 @@ def inside_enclosure(enclosures: tuple[np.ndarray, np.ndarray], rows: np.ndarray
     (N,) bool ndarray
     """
     lab, area = enclosures
-    return area[lab[_pixels(rows, cols, lab.shape)]] <= max_area_um2
-
-
-def _pixels(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Index arrays of the pixels nearest to points (row, col px), clipped to an image of ``shape``."""
-    r = np.clip(np.round(np.asarray(rows, np.float64)).astype(np.int64), 0, shape[0] - 1)
-    c = np.clip(np.round(np.asarray(cols, np.float64)).astype(np.int64), 0, shape[1] - 1)
-    return r, c
+    return area[lab[nuc.nearest_pixels(rows, cols, lab.shape)]] <= max_area_um2
 
 
 def ring_enclosed_cells(
@@ -217,7 +210,7 @@ def ring_enclosed_cells(
     ok = (area >= min_area_um2) & (area <= max_area_um2) & (hmean >= min_h_od)  # inf: open or the membrane
     rc = np.asarray(taken_rc, np.float64).reshape(-1, 2)
     if len(rc):
-        ok[lab[_pixels(rc[:, 0], rc[:, 1], lab.shape)]] = False
+        ok[lab[nuc.nearest_pixels(rc[:, 0], rc[:, 1], lab.shape)]] = False
     keep = np.flatnonzero(ok)
     if len(keep) == 0:
         return np.zeros((h, w), np.int32), nuc.empty_table()
@@ -226,7 +219,7 @@ def ring_enclosed_cells(
     labels = lut[lab]
     _, table = nuc.measure_labels(labels, np.asarray(h_od, np.float32), mpp, 0.0)
     if allowed is not None:
-        sel = np.asarray(allowed, bool)[_pixels(table["row"], table["col"], (h, w))]
+        sel = np.asarray(allowed, bool)[nuc.nearest_pixels(table["row"], table["col"], (h, w))]
         table = {k: v[sel] for k, v in table.items()}
     return labels, table
 

@@ -71,6 +71,7 @@ from marrowseg.analyzers.nuclei.table import (
     empty_table,
     label_measurements,
     measure_labels,
+    nearest_pixels,
 )
 
 __all__ = [
@@ -96,6 +97,7 @@ __all__ = [
     "empty_table",
     "label_measurements",
     "measure_labels",
+    "nearest_pixels",
     "fill_holes",
     "local_peaks",
     "gaussian_reference",

@@ -16,6 +16,7 @@ from marrowseg.analyzers.nuclei.table import (
     ellipse_width_um,
     empty_table,
     measure_labels,
+    nearest_pixels,
 )
 
 __all__ = ["drop_thin", "group_lobes", "merge_megakaryocytes"]
@@ -228,8 +229,7 @@ def merge_megakaryocytes(
     r_px = max(1, int(round(core_radius_um / float(mpp))))
     disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_px + 1, 2 * r_px + 1))
     px_um2 = float(mpp) ** 2
-    rows = np.clip(np.round(table["row"]).astype(np.intp), 0, labels.shape[0] - 1)
-    cols = np.clip(np.round(table["col"]).astype(np.intp), 0, labels.shape[1] - 1)
+    rows, cols = nearest_pixels(table["row"], table["col"], labels.shape)
     cores = np.zeros(labels.shape, np.int32)
     n_cores = 0
     for cid in np.unique(comp[deep]):

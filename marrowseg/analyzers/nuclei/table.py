@@ -9,7 +9,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-__all__ = ["NUCLEUS_COLUMNS", "NUCLEUS_CLASSES", "empty_table", "measure_labels", "label_measurements", "ellipse_width_um", "classify_nuclei"]
+__all__ = ["NUCLEUS_COLUMNS", "NUCLEUS_CLASSES", "empty_table", "measure_labels", "label_measurements", "ellipse_width_um", "classify_nuclei",
+           "nearest_pixels"]
 
 
 #: columns of the nucleus table, in order; row/col in pixels of the input, float64
@@ -25,6 +26,13 @@ def empty_table() -> dict[str, np.ndarray]:
     out = {c: np.zeros(0, np.float64) for c in NUCLEUS_COLUMNS}
     out["label"] = np.zeros(0, np.int32)
     return out
+
+
+def nearest_pixels(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays of the pixels nearest to points (``row``, ``col`` px, as in the table), clipped to ``shape``."""
+    r = np.clip(np.round(np.asarray(rows, np.float64)).astype(np.intp), 0, shape[0] - 1)
+    c = np.clip(np.round(np.asarray(cols, np.float64)).astype(np.intp), 0, shape[1] - 1)
+    return r, c
 
 
 def measure_labels(labels: np.ndarray, h_od: np.ndarray, mpp: float, min_area_um2: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
