@@ -27,8 +27,9 @@ SMALL = ["ecad.halo_um=48", "tiling.tile_px=640", "ecad.clusters.min_extent_um=4
 #: drawn scenes: Ruifrok vectors as drawn, and no counterstain scale. Their flat 0.8 OD nuclei read
 #: darker than the reference level (0.55, set on textured phantom nuclei) and would be scaled to 0.69x,
 #: which makes a sparse grid of nuclei in an even 0.2 OD counterstain read as bone (acellular matrix);
-#: these tests are about calls, not the scale (tests/test_counterstain.py, the phantom tests)
-DRAWN = ["ecad.stain.vectors=standard", "ecad.stain.h_reference_od=null"]
+#: nor DAB scale (their rings would be brought to the reference membrane level); these tests are about
+#: calls, not the scales (tests/test_counterstain.py, tests/test_ecad_dab_level.py, the phantom tests)
+DRAWN = ["ecad.stain.vectors=standard", "ecad.stain.h_reference_od=null", "ecad.stain.dab_reference_od=null"]
 
 
 def _render(h_od: np.ndarray, dab_od: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """E-cadherin IHC analyzer: erythroid left shift from membrane DAB on early precursors.
 
 Modules: ``stain`` (haematoxylin-DAB vectors, counterstain scale, the dense torch step),
-``membrane`` (ring scores and other per-cell DAB measurements), ``clusters`` (sheets of E-cad+
+``dab_level`` (the slide's membrane DAB level and the DAB scale), ``membrane`` (ring scores and other per-cell DAB measurements), ``clusters`` (sheets of E-cad+
 cells), ``readouts`` (the Wilson interval and verdicts) and ``analyzer`` (:class:`ECadAnalyzer`,
 which runs them per tile and forms the slide readouts). The public names are importable from here.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from marrowseg.analyzers.ecad.analyzer import CELL_CLASSES, ECadAnalyzer
 from marrowseg.analyzers.ecad.clusters import count_clusters, sheet_members
+from marrowseg.analyzers.ecad.dab_level import dab_scale, membrane_level
 from marrowseg.analyzers.ecad.membrane import (
     inside_enclosure,
     membrane_enclosures,
@@ -28,6 +29,8 @@ from marrowseg.analyzers.ecad.stain import (
 
 __all__ = [
     "ECadAnalyzer",
+    "dab_scale",
+    "membrane_level",
     "ECadModule",
     "CELL_CLASSES",
     "inside_enclosure",

@@ -46,6 +46,7 @@ from marrowseg.analyzers import nuclei as nuc
 from marrowseg.analyzers import tissue as tis
 from marrowseg.analyzers.base import LabelClass, TileContext, TileResult
 from marrowseg.analyzers.ecad.clusters import count_clusters, sheet_members
+from marrowseg.analyzers.ecad.dab_level import dab_scale
 from marrowseg.analyzers.ecad.membrane import (
     _region_means,
     _rim_stats,
@@ -66,6 +67,7 @@ from marrowseg.analyzers.ecad.stain import (
     estimate_hdab_vectors,
     haematoxylin_scale,
     hdab_matrix,
+    stains_from_rgb,
 )
 from marrowseg.analyzers.marrow import MarrowAnalyzer
 from marrowseg.analyzers.nuclei import faint_nuclei
@@ -114,14 +116,15 @@ class ECadAnalyzer(MarrowAnalyzer):
         self.rgb_from_stains = hdab_matrix(stains.RUIFROK_H, stains.RUIFROK_DAB)
         self.vectors_source = "standard"
         self.h_scale = 1.0
+        self.dab_scale = 1.0
         self.k = tis.class_factor(config.mpp, config.tissue.classes.class_mpp)
         self.reference = reference if reference is not None else load_ecad_reference()
 
     # -- dense ----------------------------------------------------------------------------
     def prepare(self, sample_rgb: np.ndarray, patches: Sequence[np.ndarray] = ()) -> dict[str, Any]:
         """Estimate the slide's H and DAB vectors (fallback: Ruifrok H-DAB, with the reason)
-        from the sample's pixels, and its counterstain scale from the nuclei of ``patches``
-        (none: no scaling)."""
+        from the sample's pixels, its counterstain scale from the nuclei of ``patches`` and its
+        DAB scale from their closed membrane rings (:func:`dab_scale`; no patches: no scaling)."""
         sample_rgb = tis.without_opaque(sample_rgb, self.config.tissue.classes)
         m, info = estimate_hdab_vectors(sample_rgb, self.config.stain)
         if info["stain_vectors_source"] == "standard" and self.config.stain.vectors == "estimate":
@@ -135,14 +138,23 @@ class ECadAnalyzer(MarrowAnalyzer):
         elif sinfo.get("h_scale_clipped"):
             log.warning("E-cadherin counterstain scale clipped to %.2f (nuclear level %.2f OD)",
                         scale, sinfo["h_level_od"])
+        dscale, dinfo = dab_scale(patches, stains_from_rgb(m, scale), float(self.config.mpp), self.config,
+                                  self.config.tissue.classes)
+        info.update(dinfo)
+        # the positivity threshold is absolute: an unscaled or clipped DAB shifts the positive count
+        if "dab_scale_note" in dinfo:
+            log.info("E-cadherin %s", dinfo["dab_scale_note"])
+        elif dinfo.get("dab_scale_clipped"):
+            log.warning("E-cadherin DAB scale clipped to %.2f (membrane level %.2f OD)", dscale, dinfo["dab_level_od"])
         self.rgb_from_stains = m
         self.h_scale = scale
+        self.dab_scale = dscale
         self.vectors_source = info["stain_vectors_source"]
         self._module = None
         return info
 
     def build_module(self) -> torch.nn.Module:
-        return ECadModule(self.rgb_from_stains, self.config, h_scale=self.h_scale).eval()
+        return ECadModule(self.rgb_from_stains, self.config, h_scale=self.h_scale, dab_scale=self.dab_scale).eval()
 
     def reference_dense(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
         """The module's dense outputs for one tile in plain NumPy / SciPy (the peer baseline).
@@ -168,7 +180,7 @@ class ECadAnalyzer(MarrowAnalyzer):
 
         Notes
         -----
-        Uses the stain matrix and counterstain scale set by :meth:`prepare`. Gaussian blurs
+        Uses the stain matrix and the counterstain and DAB scales set by :meth:`prepare`. Gaussian blurs
         are ``scipy.ndimage.gaussian_filter`` (``mode="mirror"``, radius ``ceil(3 sigma)``,
         the module's padding and truncation); the matrix/nuclear split is
         ``scipy.ndimage.grey_opening`` with a square window and ``mode="nearest"`` (the
@@ -180,9 +192,7 @@ class ECadAnalyzer(MarrowAnalyzer):
         cfg = self.config
         mpp = float(cfg.mpp)
         od = stains.od_from_rgb(rgb)
-        stains_from_rgb = np.linalg.inv(np.asarray(self.rgb_from_stains, np.float64))
-        stains_from_rgb[:, 0] *= float(self.h_scale)
-        conc = od @ stains_from_rgb.astype(np.float32)
+        conc = od @ stains_from_rgb(self.rgb_from_stains, self.h_scale, self.dab_scale).astype(np.float32)
         h = np.maximum(conc[..., 0], 0.0)
         dab = np.maximum(conc[..., 1], 0.0)
         det = h + dab if cfg.positivity_compartment == "nucleus" else h

@@ -17,7 +17,7 @@ from marrowseg.analyzers import tissue as tis
 from marrowseg.analyzers.counterstain import nuclear_level
 from marrowseg.config.ecad import ECadConfig
 
-__all__ = ["hdab_matrix", "estimate_hdab_vectors", "haematoxylin_scale", "ECadModule"]
+__all__ = ["hdab_matrix", "estimate_hdab_vectors", "haematoxylin_scale", "stains_from_rgb", "ECadModule"]
 
 
 def hdab_matrix(h: np.ndarray | tuple, dab: np.ndarray | tuple) -> np.ndarray:
@@ -127,7 +127,8 @@ def haematoxylin_scale(patches: Sequence[np.ndarray], rgb_from_stains: np.ndarra
     (:func:`marrowseg.analyzers.counterstain.nuclear_level`: the median over nucleus-like
     blobs of their ``level_percentile``) is scaled to ``h_reference_od``, clipped to
     ``[h_scale_min, h_scale_max]``: a pale or a heavy counterstain then meets the same
-    nuclear thresholds. DAB is not scaled: its absolute density is the measurement.
+    nuclear thresholds. DAB has its own scale, from the membranes
+    (:func:`marrowseg.analyzers.ecad.dab_level.dab_scale`).
 
     Parameters
     ----------
@@ -163,6 +164,15 @@ def haematoxylin_scale(patches: Sequence[np.ndarray], rgb_from_stains: np.ndarra
     return scale, {"h_level_od": level, "h_level_blobs": n, "h_scale": scale, "h_scale_clipped": bool(scale != raw)}
 
 
+def stains_from_rgb(rgb_from_stains: np.ndarray, h_scale: float = 1.0, dab_scale: float = 1.0) -> np.ndarray:
+    """Inverse stain matrix, indexed (rgb, stain), with the counterstain and DAB brought to their
+    reference densities (:func:`haematoxylin_scale`, :func:`marrowseg.analyzers.ecad.dab_level.dab_scale`)."""
+    inv = np.linalg.inv(np.asarray(rgb_from_stains, np.float64))
+    inv[:, 0] *= float(h_scale)
+    inv[:, 1] *= float(dab_scale)
+    return inv
+
+
 class ECadModule(torch.nn.Module):
     """``(B, 3, H, W)`` RGB 0..255 -> stain densities, nuclear maps and tissue maps.
 
@@ -172,10 +182,10 @@ class ECadModule(torch.nn.Module):
     ``h_ctx``, ``e_ctx``.
     """
 
-    def __init__(self, rgb_from_stains: np.ndarray, config: ECadConfig, *, h_scale: float = 1.0) -> None:
+    def __init__(self, rgb_from_stains: np.ndarray, config: ECadConfig, *, h_scale: float = 1.0,
+                 dab_scale: float = 1.0) -> None:
         super().__init__()
-        inv = np.linalg.inv(np.asarray(rgb_from_stains, np.float64))
-        inv[:, 0] *= float(h_scale)  # counterstain brought to the reference density
+        inv = stains_from_rgb(rgb_from_stains, h_scale, dab_scale)
         # od = conc @ rgb_from_stains (row vectors), so conc = od @ inv: indexed (rgb, stain)
         self.register_buffer("rgb_to_stain", torch.as_tensor(inv, dtype=torch.float32))
         self.nuclear_dab = config.positivity_compartment == "nucleus"
