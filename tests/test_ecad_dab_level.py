@@ -98,3 +98,29 @@ def test_a_pale_dab_run_keeps_its_positive_cells():
 
     assert abs(positives() - n_pos) <= 0.15 * n_pos
     assert positives("ecad.stain.dab_reference_od=null") < 0.5 * n_pos
+
+
+def test_qa_flags_a_dab_run_far_from_the_reference(tmp_path):
+    from marrowseg.report.qa import slide_flags
+    from marrowseg.report.slides import SlideOutput
+
+    def flags(scale: float) -> list[str]:
+        metrics = {"stain": "ecad", "readouts": {}, "areas_um2": {"haematopoietic": 2e6},
+                   "provenance": {"prepare": {"dab_scale": scale}}}
+        return [f for f in slide_flags(SlideOutput("s", tmp_path, metrics)) if f.startswith("DAB run")]
+
+    assert flags(1.9) == ["DAB run pale (membranes scaled x1.90 to the reference level)"]
+    assert flags(0.6) == ["DAB run heavy (membranes scaled x0.60 to the reference level)"]
+    assert flags(1.2) == [] and flags(0.8) == []
+
+
+def test_grade_wording_names_a_dab_run_far_from_the_reference():
+    from marrowseg.report.wording import slide_report_lines
+
+    def lines(scale: float) -> list[str]:
+        metrics = {"stain": "ecad", "readouts": {}, "provenance": {"prepare": {"dab_scale": scale}}}
+        return [x for x in slide_report_lines(metrics) if x.startswith("Check the staining run")]
+
+    assert len(lines(2.0)) == 1 and "paler" in lines(2.0)[0] and "x2.00" in lines(2.0)[0]
+    assert "heavier" in lines(0.5)[0]
+    assert lines(1.3) == []

@@ -7,8 +7,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "scan_too_coarse", "out_of_focus",
-           "stain_fallbacks", "OUT_OF_FOCUS_FLAG_FRAC"]
+__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "dab_run_off_reference", "scan_too_coarse",
+           "out_of_focus", "stain_fallbacks", "OUT_OF_FOCUS_FLAG_FRAC"]
 
 OUT_OF_FOCUS_FLAG_FRAC = 0.1
 """A slide is reported out of focus when at least this share of its judged tissue is."""
@@ -74,6 +74,20 @@ def stain_fallbacks(metrics: Any) -> str:
         return out
 
     return "; ".join(found((metrics.get("provenance") or {}).get("prepare")))
+
+
+def dab_run_off_reference(metrics: Any, margin: float = 1.5) -> float | None:
+    """The E-cadherin DAB scale of a ``metrics.json`` when it is ``margin`` or more from 1 either
+    way (a run that much paler or heavier than the reference), else None.
+
+    The scale (``provenance.prepare.dab_scale``, :func:`marrowseg.analyzers.ecad.dab_level.dab_scale`)
+    makes the counts comparable; a run that far off still deserves a look at its controls.
+    """
+    ds = ((metrics.get("provenance") or {}).get("prepare") or {}).get("dab_scale")
+    if not ds:
+        return None
+    ds = float(ds)
+    return ds if (ds >= margin or ds <= 1.0 / margin) else None
 
 
 def scan_too_coarse(metrics: Any) -> dict[str, Any] | None:

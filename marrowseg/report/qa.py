@@ -26,6 +26,11 @@ at first; they never change a measurement:
     be brought into it (``provenance.prepare`` has a ``fallback_reason`` or
     ``h_scale_fallback_reason``; every reason is named), or an automatic stain recognition had
     low confidence;
+``DAB run pale`` / ``DAB run heavy``
+    the E-cadherin membranes were brought to the reference level by a factor of
+    ``dab_scale_margin`` or more (or its inverse): the counts are comparable, but a run that far
+    from the usual one deserves a look at its controls (``provenance.prepare.dab_scale``;
+    :func:`marrowseg.analyzers.ecad.dab_level.dab_scale`);
 ``near a grade boundary``
     cellularity within ``cellularity_margin_pct`` points of the age-adjusted limits; fibrosis
     index within ``index_margin`` of a grade boundary (the grade is ``floor(index)``, so the
@@ -45,7 +50,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from marrowseg.outputs.metrics import out_of_focus, scan_too_coarse, stain_fallbacks, stain_mismatch
+from marrowseg.outputs.metrics import (
+    dab_run_off_reference,
+    out_of_focus,
+    scan_too_coarse,
+    stain_fallbacks,
+    stain_mismatch,
+)
 from marrowseg.report.slides import SlideOutput, load_batch, read_failures
 
 __all__ = ["qa_dir", "slide_flags", "summary_rows", "summary_html", "slide_panel_html", "reviews_from_env",
@@ -61,7 +72,8 @@ def qa_dir(default: str = "demo-out") -> Path:
 
 
 def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_margin_pct: float = 5.0,
-                index_margin: float = 0.15, min_stain_confidence: float = 0.5) -> list[str]:
+                index_margin: float = 0.15, min_stain_confidence: float = 0.5,
+                dab_scale_margin: float = 1.5) -> list[str]:
     """Review flags of one analysed slide (see the module docstring), each a short phrase."""
     m = slide.metrics
     ro = slide.readouts
@@ -90,6 +102,9 @@ def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_
     reason = stain_fallbacks(m)
     if reason:
         flags.append(f"stain estimate unreliable ({reason})")
+    ds = dab_run_off_reference(m, dab_scale_margin)
+    if ds is not None:
+        flags.append(f"DAB run {'pale' if ds > 1.0 else 'heavy'} (membranes scaled x{ds:.2f} to the reference level)")
     b = m.get("batch") or {}
     conf = b.get("stain_confidence")
     if conf is not None and str(b.get("stain_source", "")) not in ("", "given", "manifest", "cli", "option") \

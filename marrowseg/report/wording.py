@@ -10,7 +10,13 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from marrowseg.outputs.metrics import out_of_focus, scan_too_coarse, stain_fallbacks, stain_mismatch
+from marrowseg.outputs.metrics import (
+    dab_run_off_reference,
+    out_of_focus,
+    scan_too_coarse,
+    stain_fallbacks,
+    stain_mismatch,
+)
 
 __all__ = ["STAINS", "STAIN_NAMES", "slide_report_lines"]
 
@@ -147,6 +153,11 @@ def slide_report_lines(metrics: Mapping[str, Any]) -> list[str]:
     fallback = stain_fallbacks(metrics)
     if fallback:
         lines.append(f"Check the stain (its per-slide estimate fell back): {fallback}")
+    ds = dab_run_off_reference(metrics)
+    if ds is not None:
+        lines.append(f"Check the staining run: its E-cadherin membranes were {'paler' if ds > 1 else 'heavier'} than "
+                     f"the reference run (brought to it by x{ds:.2f} before positivity was judged, so the counts are "
+                     "comparable); its controls deserve a look")
     coarse = scan_too_coarse(metrics)
     if coarse:
         what = _BLUR_LOSES.get(str(metrics.get("stain")), "the figures")
