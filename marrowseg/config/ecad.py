@@ -64,6 +64,8 @@ class ECadStainConfig(Strict):
                                           "smoothed DAB stays above this fraction of the membrane level")
     dab_level_band_um: float = Field(1.0, gt=0, description="width of the band outside a closed ring's "
                                      "enclosure whose mean DAB is the ring's density, µm")
+    dab_level_ring_contrast: float = Field(2.0, ge=1, description="a ring counts when its band's mean DAB is "
+                                           "at least this many times the mean DAB of what it encloses")
     dab_level_min_rings: int = Field(20, ge=1, description="fewer closed rings than this in the sample "
                                      "patches: DAB not scaled, and the reason is recorded")
     dab_scale_min: float = Field(0.5, gt=0, description="smallest accepted DAB scale factor (clipped)")

@@ -27,13 +27,16 @@ __all__ = ["membrane_level", "dab_scale"]
 _LOWER = 0.75
 
 
-def _ring_values(dab: np.ndarray, h: np.ndarray, mpp: float, dab_min_od: float, cfg: Any) -> np.ndarray:
-    """Mean DAB of the band just outside each closed, nucleated, cell-sized enclosure, OD."""
+def _ring_values(dab: np.ndarray, h: np.ndarray, mpp: float, dab_min_od: float, haze: float, cfg: Any) -> np.ndarray:
+    """Mean DAB of the band just outside each closed, nucleated, cell-sized enclosure that stands
+    ``dab_level_ring_contrast`` times above the enclosure's own mean DAB and above ``haze``, OD."""
     rh = cfg.ring_holes
     lab, area = membrane_enclosures(dab, mpp, dab_min_od=dab_min_od, sigma_um=rh.sigma_um)
     n = len(area)
     flat = lab.ravel()
-    h_mean = np.bincount(flat, h.ravel(), n) / np.maximum(np.bincount(flat, minlength=n), 1)
+    size = np.maximum(np.bincount(flat, minlength=n), 1)
+    h_mean = np.bincount(flat, h.ravel(), n) / size
+    inner = np.bincount(flat, dab.ravel(), n) / size
     cell = (area >= rh.min_area_um2) & (area <= rh.max_area_um2) & (h_mean >= rh.min_h_od)
     cell[0] = False
     if not cell.any():
@@ -47,8 +50,11 @@ def _ring_values(dab: np.ndarray, h: np.ndarray, mpp: float, dab_min_od: float, 
     idx = grown[band]
     sums = np.bincount(idx, dab[band], n)
     counts = np.bincount(idx, minlength=n)
-    ok = cell & (counts > 0)
-    return sums[ok] / counts[ok]
+    ring = sums / np.maximum(counts, 1)
+    # a membrane stands out from what it encloses and from the tissue's DAB haze (unspecific
+    # background), which also breaks into closed "rings" at a low cut, as dense inside as out
+    ok = cell & (counts > 0) & (ring >= cfg.stain.dab_level_ring_contrast * np.maximum(inner, haze))
+    return ring[ok]
 
 
 def membrane_level(patches: Sequence[np.ndarray], stains_from_rgb: np.ndarray, mpp: float, cfg: Any,
@@ -86,24 +92,28 @@ def membrane_level(patches: Sequence[np.ndarray], stains_from_rgb: np.ndarray, m
     by steps of 0.75 down to the one of the largest scale (``dab_scale_max``) first.
     """
     m = np.asarray(stains_from_rgb, np.float32)
-    planes = []
+    planes, stained = [], []
     for rgb in patches:
         rgb = np.asarray(rgb)
         if rgb.ndim != 3 or min(rgb.shape[:2]) < 8:
             continue
-        conc = stains.od_from_rgb(rgb) @ m
+        od = stains.od_from_rgb(rgb)
+        conc = od @ m
         h, dab = np.maximum(conc[..., 0], 0.0), np.maximum(conc[..., 1], 0.0)
         opaque = tis.opaque_colour(rgb, opaque_cfg) if opaque_cfg is not None else None
         if opaque is not None:
             h[opaque] = 0.0
             dab[opaque] = 0.0
         planes.append((np.ascontiguousarray(dab, np.float32), np.ascontiguousarray(h, np.float32)))
+        stained.append(dab[od.sum(axis=-1) > cfg.stain.min_od])
     sc = cfg.stain
+    # most marrow cells are E-cad-: the median DAB of the stained tissue is its haze
+    haze = float(np.median(np.concatenate(stained))) if sum(map(len, stained)) else 0.0
     level, n, steps = float(sc.dab_reference_od), 0, 0
     floor = sc.dab_reference_od / sc.dab_scale_max
     while steps < sc.level_max_steps:
         cut = sc.dab_level_cut_fraction * level
-        v = np.concatenate([_ring_values(dab, h, float(mpp), cut, cfg) for dab, h in planes] or [np.zeros(0)])
+        v = np.concatenate([_ring_values(dab, h, float(mpp), cut, haze, cfg) for dab, h in planes] or [np.zeros(0)])
         n = int(len(v))
         if n < sc.dab_level_min_rings:
             # a pale run's rings do not close at the reference cut: look lower before giving up
