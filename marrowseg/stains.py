@@ -18,6 +18,7 @@ __all__ = [
     "stain_matrix",
     "OD_OF_UINT8",
     "od_from_rgb",
+    "scale_to_reference",
     "od_from_rgb_torch",
     "rgb_from_od",
     "restain",
@@ -111,6 +112,16 @@ def rgb_from_od(od: np.ndarray, background: float = 255.0) -> np.ndarray:
     """
     od = np.asarray(od, dtype=np.float64)
     return np.clip(np.round(background * 10.0 ** (-od)), 0, 255).astype(np.uint8)
+
+
+def scale_to_reference(reference: float, level: float, low: float, high: float) -> tuple[float, bool]:
+    """Factor that brings a slide's stain ``level`` to ``reference`` (both OD), clipped to ``[low, high]``.
+
+    Returns the factor and whether it was clipped; a level of 0 or less takes ``high``.
+    """
+    raw = reference / level if level > 0 else high
+    scale = float(np.clip(raw, low, high))
+    return scale, bool(scale != raw)
 
 
 def restain(rgb: np.ndarray, factor: float) -> np.ndarray:

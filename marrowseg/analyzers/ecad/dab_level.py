@@ -160,7 +160,5 @@ def dab_scale(patches: Sequence[np.ndarray], stains_from_rgb: np.ndarray, mpp: f
         return 1.0, {"dab_scale": 1.0, "dab_level_rings": n,
                      "dab_scale_note": f"DAB not scaled: too few closed membrane rings in the sample "
                                        f"({n} < {sc.dab_level_min_rings}); the positivity threshold is absolute"}
-    raw = sc.dab_reference_od / level if level > 0 else sc.dab_scale_max
-    scale = float(np.clip(raw, sc.dab_scale_min, sc.dab_scale_max))
-    return scale, {"dab_level_od": level, "dab_level_rings": n, "dab_scale": scale,
-                   "dab_scale_clipped": bool(scale != raw)}
+    scale, clipped = stains.scale_to_reference(sc.dab_reference_od, level, sc.dab_scale_min, sc.dab_scale_max)
+    return scale, {"dab_level_od": level, "dab_level_rings": n, "dab_scale": scale, "dab_scale_clipped": clipped}

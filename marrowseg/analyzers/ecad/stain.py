@@ -159,9 +159,8 @@ def haematoxylin_scale(patches: Sequence[np.ndarray], rgb_from_stains: np.ndarra
         return 1.0, {"h_scale": 1.0, "h_level_blobs": n,
                      "h_scale_fallback_reason": f"counterstain not scaled: too few nucleus-like blobs in the "
                                                 f"sample ({n} < {cfg.level_min_blobs})"}
-    raw = cfg.h_reference_od / level if level > 0 else cfg.h_scale_max
-    scale = float(np.clip(raw, cfg.h_scale_min, cfg.h_scale_max))
-    return scale, {"h_level_od": level, "h_level_blobs": n, "h_scale": scale, "h_scale_clipped": bool(scale != raw)}
+    scale, clipped = stains.scale_to_reference(cfg.h_reference_od, level, cfg.h_scale_min, cfg.h_scale_max)
+    return scale, {"h_level_od": level, "h_level_blobs": n, "h_scale": scale, "h_scale_clipped": clipped}
 
 
 def stains_from_rgb(rgb_from_stains: np.ndarray, h_scale: float = 1.0, dab_scale: float = 1.0) -> np.ndarray:
