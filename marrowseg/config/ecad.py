@@ -60,12 +60,13 @@ class ECadStainConfig(Strict):
     dab_reference_od: float | None = Field(
         None, gt=0, description="membrane DAB level (median over closed rings round nuclei of their mean DAB) "
         "the slide is scaled to, OD (null: DAB not scaled; membrane compartment only)")
-    dab_level_cut_fraction: float = Field(0.5, gt=0, lt=1, description="a membrane ring closes where its "
+    dab_level_cut_fraction: float = Field(0.7, gt=0, lt=1, description="a membrane ring closes where its "
                                           "smoothed DAB stays above this fraction of the membrane level")
     dab_level_band_um: float = Field(1.0, gt=0, description="width of the band outside a closed ring's "
                                      "enclosure whose mean DAB is the ring's density, µm")
     dab_level_ring_contrast: float = Field(2.0, ge=1, description="a ring counts when its band's mean DAB is "
-                                           "at least this many times the mean DAB of what it encloses")
+                                           "at least this many times the mean DAB of what it encloses and the "
+                                           "median DAB of the stained tissue (its haze)")
     dab_level_min_rings: int = Field(20, ge=1, description="fewer closed rings than this in the sample "
                                      "patches: DAB not scaled, and the reason is recorded")
     dab_scale_min: float = Field(0.5, gt=0, description="smallest accepted DAB scale factor (clipped)")
