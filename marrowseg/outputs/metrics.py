@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "dab_run_off_reference", "scan_too_coarse",
-           "out_of_focus", "stain_fallbacks", "OUT_OF_FOCUS_FLAG_FRAC"]
+           "out_of_focus", "stain_fallbacks", "OUT_OF_FOCUS_FLAG_FRAC", "DAB_RUN_FLAG_SCALE"]
 
 OUT_OF_FOCUS_FLAG_FRAC = 0.1
 """A slide is reported out of focus when at least this share of its judged tissue is."""
@@ -76,7 +76,11 @@ def stain_fallbacks(metrics: Any) -> str:
     return "; ".join(found((metrics.get("provenance") or {}).get("prepare")))
 
 
-def dab_run_off_reference(metrics: Any, margin: float = 1.5) -> float | None:
+DAB_RUN_FLAG_SCALE = 1.5
+"""An E-cadherin run is named pale or heavy when its DAB scale is at least this far from 1 (either way)."""
+
+
+def dab_run_off_reference(metrics: Any, margin: float = DAB_RUN_FLAG_SCALE) -> float | None:
     """The E-cadherin DAB scale of a ``metrics.json`` when it is ``margin`` or more from 1 either
     way (a run that much paler or heavier than the reference), else None.
 

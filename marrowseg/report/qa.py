@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from marrowseg.outputs.metrics import (
+    DAB_RUN_FLAG_SCALE,
     dab_run_off_reference,
     out_of_focus,
     scan_too_coarse,
@@ -73,7 +74,7 @@ def qa_dir(default: str = "demo-out") -> Path:
 
 def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_margin_pct: float = 5.0,
                 index_margin: float = 0.15, min_stain_confidence: float = 0.5,
-                dab_scale_margin: float = 1.5) -> list[str]:
+                dab_scale_margin: float = DAB_RUN_FLAG_SCALE) -> list[str]:
     """Review flags of one analysed slide (see the module docstring), each a short phrase."""
     m = slide.metrics
     ro = slide.readouts

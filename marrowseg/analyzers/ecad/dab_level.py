@@ -37,8 +37,8 @@ def _ring_values(dab: np.ndarray, h: np.ndarray, mpp: float, dab_min_od: float, 
     size = np.maximum(np.bincount(flat, minlength=n), 1)
     h_mean = np.bincount(flat, h.ravel(), n) / size
     inner = np.bincount(flat, dab.ravel(), n) / size
+    # index 0 (the membrane) and open components have an infinite area: never a cell
     cell = (area >= rh.min_area_um2) & (area <= rh.max_area_um2) & (h_mean >= rh.min_h_od)
-    cell[0] = False
     if not cell.any():
         return np.zeros(0)
     own = np.where(cell[lab], lab, 0).astype(np.float32)
