@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from marrowseg.errors import ConfigError
+from marrowseg.io.files import dicom_files
 
 __all__ = [
     "SLIDE_SUFFIXES",
@@ -183,7 +184,8 @@ def find_slides(in_dir: str | Path, *, pattern: str | None = None, exclude: tupl
 
     Skips hidden files and folders, zarr stores, our own output folders (``out_dir`` and any
     folder holding ``metrics.json`` or a batch log), files matching ``exclude`` globs, and
-    files whose suffix no reader opens.
+    files whose suffix no reader opens. A folder holding ``.dcm`` files is one DICOM slide:
+    it is listed, not walked.
 
     Parameters
     ----------
@@ -198,6 +200,9 @@ def find_slides(in_dir: str | Path, *, pattern: str | None = None, exclude: tupl
     root = Path(in_dir)
     if not root.is_dir():
         raise ConfigError(f"{root}: not a folder")
+    if dicom_files(root):
+        raise ConfigError(f"{root}: is one DICOM slide (a folder of .dcm files); give the folder that holds it, "
+                          "or analyse it with `marrowseg analyze`")
     out_res = Path(out_dir).resolve() if out_dir is not None else None
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -208,6 +213,11 @@ def find_slides(in_dir: str | Path, *, pattern: str | None = None, exclude: tupl
             if d.startswith(".") or d.lower().endswith(".zarr"):
                 continue
             if (out_res is not None and sub.resolve() == out_res) or _is_output_dir(sub):
+                continue
+            if dicom_files(sub):  # a DICOM whole-slide image is a folder: one slide, not a tree to walk
+                rel = sub.relative_to(root).as_posix()
+                if not any(fnmatch.fnmatch(d, g) for g in exclude) and (not pattern or PurePosixPath(rel).match(pattern)):
+                    found.append(sub)
                 continue
             keep.append(d)
         dirnames[:] = keep

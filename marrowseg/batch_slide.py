@@ -35,6 +35,7 @@ from typing import Any
 
 from marrowseg.batch_plan import SlideJob
 from marrowseg.errors import MarrowsegError
+from marrowseg.io.files import files_sha256, files_stamp, slide_files
 from marrowseg.outputs.metrics import stain_mismatch
 
 __all__ = ["BatchSettings", "UnknownStainError", "slide_lock", "completed_metrics", "process_slide",
@@ -104,18 +105,14 @@ def slide_lock(out_dir: Path, slide_id: str, *, wait: bool = True, poll_s: float
 
 # ----------------------------------------------------------------------------- completeness
 def _input_record(path: Path) -> dict[str, int]:
-    st = path.stat()
-    return {"size_bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+    """Size (bytes, summed) and newest mtime (ns) of the files the slide is made of."""
+    stamp = files_stamp(slide_files(path))
+    return {"size_bytes": sum(s for _, s, _ in stamp), "mtime_ns": max((m for _, _, m in stamp), default=0)}
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    """The slide's SHA-256 as its reader records it in metrics.json (every file of a DICOM folder)."""
+    return files_sha256(slide_files(path))
 
 
 def completed_metrics(job: SlideJob, settings: BatchSettings) -> dict[str, Any] | None:

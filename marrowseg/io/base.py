@@ -8,7 +8,6 @@ into windows at any pixel size, thumbnails, identity and pickling.
 from __future__ import annotations
 
 import abc
-import hashlib
 import logging
 import math
 import operator
@@ -22,6 +21,7 @@ import numpy as np
 
 from marrowseg.errors import MarrowsegError, SlideError
 from marrowseg.io import _resample
+from marrowseg.io.files import files_sha256, files_size, files_stamp, slide_files
 
 __all__ = ["SlideReader", "LEVEL_WINDOW_MAX_PX", "READ_AT_MPP_MAX_PX", "LEVEL_TOL"]
 
@@ -34,7 +34,6 @@ READ_AT_MPP_MAX_PX = 64 * 2**20
 LEVEL_TOL = 1e-3
 """Relative tolerance when matching a level's downsample to the requested scale."""
 _BLOCK_MAX_SIDE_PX = 8192
-_HASH_CHUNK_BYTES = 2**20
 
 
 def level_downsamples_xy(level_dims: list[tuple[int, int]]) -> list[tuple[float, float]]:
@@ -101,10 +100,10 @@ class SlideReader(abc.ABC):
         self._handle_pid: int | None = None
         self._closed = False
         self._sha256: str | None = None
-        self._file_stamp: tuple[int, int] | None = None
-        if path is not None and path.is_file():
-            st = path.stat()
-            self._file_stamp = (st.st_size, st.st_mtime_ns)
+        # every file the slide is made of (a DICOM folder's .dcm files, a MIRAX index and its data)
+        self._file_stamp: tuple[tuple[str, int, int], ...] | None = None
+        if path is not None and (path.is_file() or path.is_dir()):
+            self._file_stamp = files_stamp(slide_files(path))
 
     # ------------------------------------------------------------------ backend hooks
     @abc.abstractmethod
@@ -155,10 +154,10 @@ class SlideReader(abc.ABC):
         if self._file_stamp is None or self.path is None:
             return
         try:
-            st = self.path.stat()
+            stamp = files_stamp(slide_files(self.path))
         except OSError as exc:
             raise SlideError(f"{self.path}: cannot reopen: {exc.strerror or exc}") from exc
-        if (st.st_size, st.st_mtime_ns) != self._file_stamp:
+        if stamp != self._file_stamp:
             raise SlideError(f"{self.path}: file changed on disk since it was opened")
 
     def close(self) -> None:
@@ -482,20 +481,16 @@ class SlideReader(abc.ABC):
     # ------------------------------------------------------------------ identity
     def _content_sha256(self) -> str:
         assert self.path is not None
-        digest = hashlib.sha256()
         try:
-            with open(self.path, "rb") as fh:
-                while chunk := fh.read(_HASH_CHUNK_BYTES):
-                    digest.update(chunk)
+            return files_sha256(slide_files(self.path))
         except OSError as exc:
             raise SlideError(
                 f"{self.path}: cannot read for hashing: {exc.strerror or exc}"
             ) from exc
-        return digest.hexdigest()
 
     def _size_bytes(self) -> int:
         assert self.path is not None
-        return self.path.stat().st_size
+        return files_size(slide_files(self.path))
 
     def identity(self) -> dict[str, Any]:
         """Provenance record of the slide.

@@ -17,6 +17,7 @@ from marrowseg.errors import SlideError, UnsupportedFormatError
 from marrowseg.io._colour import plan_colour, to_rgb_uint8
 from marrowseg.io._mpp import resolve_mpp
 from marrowseg.io.base import SlideReader
+from marrowseg.io.files import dicom_files
 
 __all__ = ["OpenSlideReader", "openslide_available", "OPENSLIDE_SUFFIXES"]
 
@@ -39,7 +40,7 @@ def openslide_available() -> bool:
 
 def dicom_file_in(folder: Path) -> Path | None:
     """The first ``.dcm`` file of a DICOM WSI folder, or None."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
+    files = dicom_files(folder)
     return files[0] if files else None
 
 
@@ -63,9 +64,7 @@ class OpenSlideReader(SlideReader):
             dcm = dicom_file_in(path)
             if dcm is None:
                 raise SlideError(f"{path}: is a directory without .dcm files, not a slide")
-            self._target = dcm
-            st = dcm.stat()
-            self._file_stamp = (st.st_size, st.st_mtime_ns)
+            self._target = dcm  # OpenSlide opens one file and finds the rest of the series beside it
         handle = self._open_handle()
         try:
             props = {str(k): v for k, v in handle.properties.items()}
@@ -116,13 +115,3 @@ class OpenSlideReader(SlideReader):
 
     def _load_properties(self) -> dict[str, Any]:
         return dict(self._props)
-
-    def _content_sha256(self) -> str:
-        path, self.path = self.path, self._target
-        try:
-            return super()._content_sha256()
-        finally:
-            self.path = path
-
-    def _size_bytes(self) -> int:
-        return self._target.stat().st_size
