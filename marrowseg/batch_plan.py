@@ -34,7 +34,7 @@ __all__ = [
 
 #: file suffixes the readers open (OpenSlide-only ones fail per slide when it is absent)
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".png", ".jpg", ".jpeg", ".bmp",
-                  ".mrxs", ".vms", ".vmu", ".scn", ".bif")
+                  ".mrxs", ".vms", ".vmu", ".czi", ".svslide", ".scn", ".bif")
 #: names in OUT_DIR a slide folder must never take
 RESERVED_IDS = frozenset({"summary.csv", "failures.csv", "marrowseg-batch.log", "slides"})
 _ID_MAX_LEN = 100

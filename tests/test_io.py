@@ -189,6 +189,57 @@ def test_ome_physical_size_with_units(tmp_path, size, unit, expected_um):
         assert (r.mpp_source, r.vendor) == ("ome", "ome")
 
 
+def _philips_xml(spacings_mm: list[float], macro_mm: float = 0.0315) -> str:
+    """A Philips DP ImageDescription: one DICOM_PIXEL_SPACING (mm, row then column) per level of the
+    WSI image, one for its macro image (the shape of Philips IntelliSite TIFFs)."""
+    reps = "".join(
+        '<DataObject ObjectType="PixelDataRepresentation"><Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" '
+        f'Element="0x0030" PMSVR="IDoubleArray">&quot;{s:g}&quot; &quot;{s:g}&quot;</Attribute></DataObject>'
+        for s in spacings_mm)
+    attr = '<Attribute Name="{}" Group="0x301D" Element="0x1004" PMSVR="{}">{}</Attribute>'
+    return ('<?xml version="1.0" encoding="UTF-8" ?><DataObject ObjectType="DPUfsImport">'
+            + attr.format("DICOM_MANUFACTURER", "IString", "PHILIPS")
+            + '<Attribute Name="PIM_DP_SCANNED_IMAGES" Group="0x301D" Element="0x1003" PMSVR="IDataObjectArray"><Array>'
+            '<DataObject ObjectType="DPScannedImage">' + attr.format("PIM_DP_IMAGE_TYPE", "IString", "WSI")
+            + '<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" Group="0x1001" Element="0x8B01" '
+            'PMSVR="IDataObjectArray"><Array>' + reps + '</Array></Attribute></DataObject>'
+            '<DataObject ObjectType="DPScannedImage">' + attr.format("PIM_DP_IMAGE_TYPE", "IString", "MACRO")
+            + f'<Attribute Name="DICOM_PIXEL_SPACING" PMSVR="IDoubleArray">&quot;{macro_mm}&quot; &quot;{macro_mm}&quot;'
+            '</Attribute></DataObject></Array></Attribute></DataObject>')
+
+
+def test_philips_pixel_spacing_is_level_0_of_the_wsi_image():
+    from marrowseg.io._mpp import mpp_from_philips
+
+    assert mpp_from_philips(_philips_xml([0.000227, 0.000454, 0.000908])) == pytest.approx(("philips", 0.227, 0.227))
+    assert mpp_from_philips(_philips_xml([])) is None  # the macro's spacing is not the slide's
+    assert mpp_from_philips("Aperio Image Library | MPP = 0.25") is None
+    assert mpp_from_philips('<?xml version="1.0"?><DataObject ObjectType="DPUfsImport"><broken') is None
+
+
+def test_philips_tiff_reads_its_pixel_size_from_the_xml(tmp_path):
+    """A Philips TIFF (no resolution tags, pixel size in the XML) opens without --mpp, and where
+    OpenSlide is installed it reads the same pixels."""
+    from marrowseg.io.openslide import openslide_available
+
+    img = _smooth(512, 768)
+    path = tmp_path / "philips.tiff"
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(3):
+            tw.write(img[:: 2**k, :: 2**k].copy(), tile=(128, 128), compression="jpeg", photometric="rgb",
+                     software="Philips DP v1.0", description=_philips_xml([0.00025, 0.0005, 0.001]) if k == 0 else "",
+                     subfiletype=1 if k else 0, metadata=None)
+    with open_slide(path) as r:
+        assert (r.mpp, r.mpp_source, r.dimensions, r.level_count) == (0.25, "philips", (768, 512), 3)
+        ours = r.read_region(100, 50, 300, 200, 0.25)
+    if openslide_available():
+        import openslide
+
+        with openslide.OpenSlide(str(path)) as s:
+            assert s.properties["openslide.vendor"] == "philips"
+            np.testing.assert_array_equal(ours, np.asarray(s.read_region((100, 50), 0, (300, 200)).convert("RGB")))
+
+
 def test_planar_rgb_ome_pyramid_reads_as_interleaved(tmp_path):
     """A planar (one plane per colour, axes 'SYX') pyramidal OME-TIFF, which tiffslide refuses, reads
     pixel for pixel as the same image written interleaved, at every level and between levels."""
@@ -725,8 +776,9 @@ def test_jpeg_check_steps_over_an_exif_thumbnail():
     assert jpeg_problem(b"\x00" * 16) == "no start-of-image marker"
 
 
-def test_openslide_backend_is_used_when_importable(tmp_path, monkeypatch):
-    """A stand-in ``openslide`` module is picked up lazily for .mrxs."""
+@pytest.mark.parametrize("suffix", [".mrxs", ".czi", ".svslide"])
+def test_openslide_backend_is_used_when_importable(tmp_path, monkeypatch, suffix):
+    """A stand-in ``openslide`` module is picked up lazily for MIRAX, Zeiss CZI and Sakura SVSLIDE."""
     from PIL import Image
 
     img = _noise(40, 60)
@@ -752,7 +804,8 @@ def test_openslide_backend_is_used_when_importable(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setitem(sys.modules, "openslide", types.SimpleNamespace(OpenSlide=FakeSlide))
-    path = _mrxs(tmp_path)
+    path = tmp_path / f"slide{suffix}"
+    path.write_bytes(b"ZISRAWFILE" if suffix == ".czi" else b"SQLite format 3\0" if suffix == ".svslide" else b"[GENERAL]\n")
     with open_slide(path) as r:
         assert isinstance(r, SlideReader) and r.backend == "openslide"
         assert (r.mpp, r.mpp_source, r.vendor) == (0.5, "openslide", "mirax")

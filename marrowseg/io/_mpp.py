@@ -20,6 +20,7 @@ __all__ = [
     "resolve_mpp",
     "mpp_from_aperio",
     "mpp_from_ome",
+    "mpp_from_philips",
     "mpp_from_resolution",
 ]
 
@@ -109,6 +110,57 @@ def mpp_from_ome(ome_xml: str | None) -> Candidate:
         except ValueError:
             return None
     return ("ome", sizes[0], sizes[1])
+
+
+def mpp_from_philips(description: str | None) -> Candidate:
+    """Read level 0's DICOM_PIXEL_SPACING from a Philips TIFF's XML ImageDescription.
+
+    Philips IntelliSite TIFFs carry no resolution tags; the pixel size is in the XML, in mm,
+    row spacing first (DICOM 0028,0030), once per pyramid level of the WSI image (level 0 first)
+    and once for the macro image.
+
+    Parameters
+    ----------
+    description : str or None
+        The first page's ImageDescription.
+
+    Returns
+    -------
+    candidate : ('philips', mpp_x_um, mpp_y_um) or None
+        None when the description is not Philips XML or holds no pixel spacing.
+    """
+    if not description or "DPUfsImport" not in description[:400]:
+        return None
+    try:
+        root = ET.fromstring(description)
+    except ET.ParseError:
+        return None
+    spacings = []
+
+    def add(attrs) -> None:
+        for attr in attrs:
+            if attr.get("Name") == "DICOM_PIXEL_SPACING" and attr.text:
+                try:
+                    values = [float(v) for v in attr.text.replace('"', " ").split()]
+                except ValueError:
+                    continue
+                if len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values):
+                    spacings.append(values)
+
+    for image in root.iter("DataObject"):
+        if image.get("ObjectType") != "DPScannedImage":
+            continue
+        kind = next((a.text for a in image.findall("Attribute") if a.get("Name") == "PIM_DP_IMAGE_TYPE"), None)
+        if (kind or "").strip().upper() != "WSI":
+            continue
+        add(image.findall("Attribute"))  # the image's own spacing, where the scanner writes one
+        for rep in image.iter("DataObject"):
+            if rep.get("ObjectType") == "PixelDataRepresentation":
+                add(rep.findall("Attribute"))
+    if not spacings:
+        return None
+    row_mm, col_mm = min(spacings, key=lambda v: v[0] * v[1])  # level 0 is the finest
+    return ("philips", col_mm * 1e3, row_mm * 1e3)
 
 
 def _is_default_density(value: float, unit_um: float) -> bool:

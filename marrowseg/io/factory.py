@@ -21,7 +21,8 @@ LAZY_TIFF_MIN_PX = 2**26
 logger = logging.getLogger(__name__)
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_OPENSLIDE_ONLY = frozenset({".mrxs", ".vms", ".vmu"})
+# MIRAX, Hamamatsu VMS/VMU, Zeiss CZI and Sakura SVSLIDE (an SQLite file): OpenSlide reads them, tiffslide does not
+_OPENSLIDE_ONLY = frozenset({".mrxs", ".vms", ".vmu", ".czi", ".svslide"})
 _OPENSLIDE_PREFERRED = frozenset({".scn", ".bif"})
 
 

@@ -1,5 +1,5 @@
-"""Formats tiffslide lacks (MIRAX .mrxs, Hamamatsu .vms/.vmu, Leica .scn, Ventana .bif,
-DICOM), through OpenSlide when it is installed.
+"""Formats tiffslide lacks (MIRAX .mrxs, Hamamatsu .vms/.vmu, Zeiss .czi, Sakura .svslide, Leica .scn,
+Ventana .bif, DICOM), through OpenSlide when it is installed.
 
 ``openslide`` is imported lazily: without it this module still imports and
 :func:`openslide_available` returns False.
@@ -21,7 +21,7 @@ from marrowseg.io.files import dicom_files
 
 __all__ = ["OpenSlideReader", "openslide_available", "OPENSLIDE_SUFFIXES"]
 
-OPENSLIDE_SUFFIXES = frozenset({".mrxs", ".vms", ".vmu", ".scn", ".bif"})
+OPENSLIDE_SUFFIXES = frozenset({".mrxs", ".vms", ".vmu", ".czi", ".svslide", ".scn", ".bif"})
 """Suffixes read with OpenSlide when it is available."""
 
 

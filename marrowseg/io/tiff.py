@@ -20,6 +20,7 @@ from marrowseg.io._mpp import (
     Candidate,
     mpp_from_aperio,
     mpp_from_ome,
+    mpp_from_philips,
     mpp_from_resolution,
     resolve_mpp,
 )
@@ -281,6 +282,7 @@ class TiffReader(SlideReader):
             [
                 mpp_from_aperio(description),
                 mpp_from_ome(ome_xml),
+                mpp_from_philips(description),
                 tiff_resolution_candidate(page0),
                 tiffslide_mpp,
             ],
