@@ -1,6 +1,6 @@
 """Cellularity, bone fraction and tissue-class pixel agreement of the H&E analyzer on phantoms.
 
-``eval_cellularity.py --seeds 1000-1004 --sizes 1024@0.5,4096@0.25 --cellularity 10,50,95``
+``eval_cellularity.py --seeds 1000-1004 --sizes 1024@0.5,4096@0.25 --cellularity 10,50,95 [--od-scale F]``
     Per (size, cellularity, seed): truth and measured cellularity (haematopoietic /
     (haematopoietic + fat) x 100) and bone fraction (bone / (bone + haematopoietic + fat)),
     both through the engine as ``marrowseg analyze``, and per-class pixel agreement of the
@@ -21,6 +21,7 @@ import numpy as np
 
 from marrowseg.analyzers.he import HEAnalyzer
 from marrowseg.config import Config, load_config, parse_overrides
+from marrowseg.stains import restain
 from marrowseg.synth import parse_seeds
 
 CLASS_NAMES = ("excluded", "haem", "fat", "bone")
@@ -61,7 +62,7 @@ def agreement(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 def run_one(seed: int, size_px: int, mpp: float, cellularity: float | None, cfg: Config,
-            haemorrhage: float = 0.0) -> dict:
+            haemorrhage: float = 0.0, od_scale: float = 1.0) -> dict:
     from marrowseg import synth
     from marrowseg.engine import analyze_array
 
@@ -70,7 +71,10 @@ def run_one(seed: int, size_px: int, mpp: float, cellularity: float | None, cfg:
     truth = ph.truth_region(0, 0, size_px, size_px)["labels"]
     spilled = truth == 4
     truth = np.where(spilled, np.uint8(0), truth)  # spilled blood is excluded from the marrow space
-    res = analyze_array(ph.render(0, 0, size_px, size_px), mpp, HEAnalyzer(cfg.he), cfg, device="cpu")
+    rgb = ph.render(0, 0, size_px, size_px)
+    if od_scale != 1.0:
+        rgb = restain(rgb, od_scale)
+    res = analyze_array(rgb, mpp, HEAnalyzer(cfg.he), cfg, device="cpu")
     t_cell, t_bone = fractions(np.bincount(truth.ravel(), minlength=4))
     r = res.readouts
     row = {"seed": seed, "size": f"{size_px}@{mpp:g}", "c_req": cellularity, "t_cell": t_cell,
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--haemorrhage", type=float, default=0.0, metavar="PCT",
                     help="spilled blood, %% of the marrow space (default 0: none)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. he.tissue.envelope_um=60")
+    ap.add_argument("--od-scale", type=float, default=1.0, metavar="F",
+                    help="multiply every optical density of the phantoms by F (a paler or darker run)")
     args = ap.parse_args(argv)
 
     base = load_config("he").model_dump(mode="json")
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     for size_px, mpp in parse_sizes(args.sizes):
         for c in cells:
             for seed in parse_seeds(args.seeds):
-                r = run_one(seed, size_px, mpp, c, cfg, args.haemorrhage)
+                r = run_one(seed, size_px, mpp, c, cfg, args.haemorrhage, args.od_scale)
                 rows.append(r)
                 a = r["agree"]
                 print(f"| {r['size']} | {'-' if c is None else f'{c:g}'} | {seed} | {r['t_cell']:.1f} | {r['p_cell']:.1f} "

@@ -287,14 +287,17 @@ def test_phantom_targets_cellularity_3_points_count_10_pct(phantom_run):
     assert abs(got["nucleated_cells"] / truth["nucleated_cells"] - 1) <= 0.10
 
 
-def test_reference_dense_matches_module_and_post(scene):
-    """The NumPy/SciPy reference gives the module's dense maps (1e-4 OD) and the same tile stats."""
+@pytest.mark.parametrize("tissue_scale", [1.0, 1.3])
+def test_reference_dense_matches_module_and_post(scene, tissue_scale):
+    """The NumPy/SciPy reference gives the module's dense maps (1e-4 OD) and the same tile stats,
+    also with a pale slide's tissue scale (he.stain.tissue_follows_floor)."""
     import torch
 
     from marrowseg.analyzers.base import TileContext
 
     rgb = scene[0][:512, :512]
     an = HEAnalyzer(load_config("he").he)
+    an.tissue_scale = tissue_scale
     with torch.inference_mode():
         dense = {k: v[0].numpy() for k, v in an.module(torch.from_numpy(rgb).permute(2, 0, 1)[None].float()).items()}
     ref = an.reference_dense(rgb)

@@ -51,8 +51,9 @@ class HEModule(torch.nn.Module):
     (B, 1, ceil(H/f), ceil(W/f)), f = :func:`marrowseg.analyzers.nuclei.background_factor`.
     """
 
-    def __init__(self, rgb_from_stains: np.ndarray, config: HEConfig) -> None:
+    def __init__(self, rgb_from_stains: np.ndarray, config: HEConfig, tissue_scale: float = 1.0) -> None:
         super().__init__()
+        self.tissue_scale = float(tissue_scale)  # x summed OD and eosin for the tissue classes (HEAnalyzer.prepare)
         inv = np.linalg.inv(np.asarray(rgb_from_stains, np.float64))
         # od = conc @ rgb_from_stains (row vectors), so conc = od @ inv: indexed (rgb, stain)
         self.register_buffer("rgb_to_stain", torch.as_tensor(inv, dtype=torch.float32))
@@ -70,7 +71,11 @@ class HEModule(torch.nn.Module):
         h = torch.clamp(conc[:, 0:1], min=0.0)
         out = {"h_od": h}
         out.update(self.nuclei(h))
-        out.update(self.tissue(od.sum(dim=1, keepdim=True), conc[:, 0:2]))
+        od_sum, he_conc = od.sum(dim=1, keepdim=True), conc[:, 0:2]
+        if self.tissue_scale != 1.0:
+            od_sum = od_sum * self.tissue_scale
+            he_conc = torch.cat([conc[:, 0:1], conc[:, 1:2] * self.tissue_scale], dim=1)  # H is scaled already
+        out.update(self.tissue(od_sum, he_conc))
         if self.centre_net is not None:
             out["centre"] = self.centre_net(x.float())
         if self.mask_net is not None:
@@ -154,6 +159,7 @@ class HEAnalyzer(MarrowAnalyzer):
     def __init__(self, config: HEConfig) -> None:
         super().__init__(config)
         self.rgb_from_stains = stains.stain_matrix(stains.RUIFROK_H, stains.RUIFROK_E)
+        self.tissue_scale = 1.0  # set per slide by prepare (he.stain.tissue_follows_floor)
         self.k = tis.class_factor(config.mpp, config.tissue.class_mpp)
         self._ref_nets: dict[str, torch.nn.Module] | None = None  # reference_dense's learned nets
         self.reference = load_cellularity_reference()
@@ -199,8 +205,15 @@ class HEAnalyzer(MarrowAnalyzer):
                     info["e"] = [float(x) for x in e]
                 else:
                     log.warning("Macenko vectors %.0f/%.0f deg from Ruifrok: keeping Ruifrok", dh, de)
+        self.tissue_scale = 1.0
         if cfg.scales_haematoxylin:
             info.update(self._normalise_haematoxylin(np.asarray(sample_rgb).reshape(-1, 3)))
+            if cfg.tissue_follows_floor and info.get("h_scale", 1.0) > 1.0:
+                # a thinner section or a paler run takes every dye down by the same factor (Beer-Lambert);
+                # the tissue thresholds (bright_max_od, bone_min_eosin_od) are absolute, and at 0.6-0.7x
+                # fat membranes fell below bright_max_od and fat spaces merged into "tissue"
+                self.tissue_scale = float(info["h_scale"])
+                info["tissue_od_scale"] = self.tissue_scale
         return info
 
     def _normalise_haematoxylin(self, sample_rgb: np.ndarray) -> dict[str, Any]:
@@ -248,7 +261,7 @@ class HEAnalyzer(MarrowAnalyzer):
         return info
 
     def build_module(self) -> torch.nn.Module:
-        return HEModule(self.rgb_from_stains, self.config).eval()
+        return HEModule(self.rgb_from_stains, self.config, self.tissue_scale).eval()
 
     def reference_dense(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
         """The module's dense outputs for one tile, in plain NumPy / SciPy (the peer baseline).
@@ -281,7 +294,11 @@ class HEAnalyzer(MarrowAnalyzer):
         h = np.maximum(conc[..., 0], 0.0)
         out = {"h_od": h}
         out.update(nuc.reference_maps(h, mpp, cfg.nuclei))
-        out.update(tis.reference_maps(od.sum(axis=2), conc[..., :2], mpp, cfg.tissue))
+        od_sum, he_conc = od.sum(axis=2), conc[..., :2]
+        if self.tissue_scale != 1.0:
+            od_sum = od_sum * np.float32(self.tissue_scale)
+            he_conc = np.concatenate([conc[..., 0:1], conc[..., 1:2] * np.float32(self.tissue_scale)], axis=-1)
+        out.update(tis.reference_maps(od_sum, he_conc, mpp, cfg.tissue))
         # the learned maps have no SciPy twin: the same nets, one tile, loaded once per analyzer
         # (not the module's: the engine may have moved those to a GPU)
         if self._ref_nets is None:

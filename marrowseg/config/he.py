@@ -45,6 +45,10 @@ class HEStainConfig(Strict):
     h_scale_limits: tuple[float, float] = Field(
         (0.5, 1.5), description="the scale is clipped to these bounds; a lower bound of 1 never darkens a slide, "
         "whatever h_ceiling_od says")
+    tissue_follows_floor: bool = Field(
+        True, description="a slide brought up to h_reference_od (a pale run, a thin section) has its tissue-class "
+        "densities (summed OD, eosin) brought up by the same factor, so that pale fat membranes still close their "
+        "spaces and pale bone stays bone; a darker slide's tissue densities are left as read")
 
     @property
     def scales_haematoxylin(self) -> bool:
