@@ -9,7 +9,8 @@ all; a seed's tissue and ratio do not depend on it), written to a temporary
 folder and analysed through :func:`marrowseg.pipeline.analyze_slide` (the path of
 ``marrowseg analyze``). Printed per phantom: truth vs measured E-cad+ cells, late
 erythroid cells, left-shift ratio and nucleated cells, with relative count errors and the
-absolute ratio error; then the mean and largest absolute errors. Tune on seeds 0-99,
+absolute ratio error, and the haematopoietic area (µm², the denominator of ``ecad_pos_per_mm2``);
+then the mean and largest absolute errors. Tune on seeds 0-99,
 report on seeds >= 1000.
 
 ``--match`` also matches each detected cell to the nearest truth cell (within 3 µm) and
@@ -173,12 +174,14 @@ def run_one(seed: int, size_px: int, mpp: float, sets: list[str], tmp: Path, jit
                                      mpp=mpp, left_shift_ratio=ratio, stain_jitter=jitter, sheets=sheets)
     if od_scale != 1.0:
         tiff = _restained_copy(Path(tiff), od_scale, mpp)
-    truth = json.loads(Path(truth_path).read_text())["readouts"]
+    truth_doc = json.loads(Path(truth_path).read_text())
+    truth = truth_doc["readouts"]
     config = load_config("ecad", overrides=sets)
     metrics, _ = analyze_slide(tiff, "ecad", tmp / f"out_{seed}", config=config)
     truth_cells = read_cells(tmp / f"ecad_{seed}.cells.csv")
     det_cells = read_cells(tmp / f"out_{seed}" / "cells.csv")
     return {"seed": seed, "ratio_req": ratio, "jitter": jitter, "truth": truth, "meas": metrics["readouts"],
+            "haem_um2": (truth_doc["areas_um2"]["haematopoietic"], metrics["areas_um2"]["haematopoietic"]),
             "vectors": metrics.get("stain_vectors_source"),
             "match": match_calls(det_cells, truth_cells), "by_class": detection_by_class(det_cells, truth_cells),
             "size_bound": size_bound_counts(truth_cells)}
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     bound = []
     sheets: list[tuple[int, int]] = []
     print(f"{'seed':>5}{'jit':>5}{'vec':>5} | {'pos t/m':>11}{'err':>7} | {'late t/m':>11}{'err':>7} | "
-          f"{'ratio t/m':>13}{'err':>7} | {'nucl t/m':>11}{'err':>7} | {'clusters t/m':>12}")
+          f"{'ratio t/m':>13}{'err':>7} | {'nucl t/m':>11}{'err':>7} | {'clusters t/m':>12} | {'haem 1e3um2 t/m':>15}{'err':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for seed in parse_seeds(args.seeds):
             r = run_one(seed, args.size_px, args.mpp, args.set, Path(tmp), args.jitter, args.sheets, args.od_scale)
@@ -233,19 +236,25 @@ def main(argv: list[str] | None = None) -> int:
             e_n = rel(m["nucleated_cells"], t["nucleated_cells"])
             mr = m["left_shift_ratio"] if m["left_shift_ratio"] is not None else float("nan")
             e_r = mr - t["left_shift_ratio"]
-            rows.append((e_pos, e_late, e_r, e_n))
+            ht, hm = r["haem_um2"]
+            e_h = rel(hm, ht)
+            # E-cad+ cells per mm² of haematopoietic tissue, as ecad_pos_per_mm2 reports them
+            e_d = rel(m["ecad_pos_cells"] / max(hm, 1e-9), t["ecad_pos_cells"] / ht) if t["ecad_pos_cells"] else float("nan")
+            rows.append((e_pos, e_late, e_r, e_n, e_h, e_d))
             print(f"{seed:>5}{r['jitter']:>5.1f}{str(r['vectors'])[:4]:>5} | "
                   f"{t['ecad_pos_cells']:>5}/{m['ecad_pos_cells']:<5}{e_pos:>+7.2f} | "
                   f"{t['late_erythroid_cells']:>5}/{m['late_erythroid_cells']:<5}{e_late:>+7.2f} | "
                   f"{t['left_shift_ratio']:>6.3f}/{mr:<6.3f}{e_r:>+7.3f} | "
                   f"{t['nucleated_cells']:>5}/{m['nucleated_cells']:<5}{e_n:>+7.2f} | "
-                  f"{t.get('ecad_sheets', 0):>5}/{m['ecad_pos_clusters']:<6}", flush=True)
+                  f"{t.get('ecad_sheets', 0):>5}/{m['ecad_pos_clusters']:<6} | "
+                  f"{ht / 1e3:>7.1f}/{hm / 1e3:<7.1f}{e_h:>+7.2f}", flush=True)
             sheets.append((t.get("ecad_sheets", 0), m["ecad_pos_clusters"]))
             matches.append((seed, r["match"]))
             by_class.append(r["by_class"])
             bound.append((t["late_erythroid_cells"], t["ecad_pos_cells"], r["size_bound"]))
     a = np.abs(np.array(rows, dtype=np.float64))
-    names = ("pos count (rel)", "late count (rel)", "ratio (abs)", "nucleated (rel)")
+    names = ("pos count (rel)", "late count (rel)", "ratio (abs)", "nucleated (rel)", "haem area (rel)",
+             "pos per mm2 (rel)")
     for j, name in enumerate(names):
         print(f"{name:<18} mean |err| {np.nanmean(a[:, j]):.3f}   max |err| {np.nanmax(a[:, j]):.3f}")
     sh = np.array(sheets, np.int64).reshape(-1, 2)

@@ -364,6 +364,25 @@ def test_phantom_counts_and_ratio_near_truth():
     assert abs(r["left_shift_ratio"] - n_pos / (n_pos + n_late)) <= 0.1
 
 
+def test_phantom_haematopoietic_area_is_the_denominator_of_the_densities():
+    """The unstained cytoplasm of an IHC slide is marrow, not fat or background: the haematopoietic
+    area (what ecad_pos_per_mm2 divides by) and the marrow's fat share near truth (seed 3: before
+    ecad.tissue.classes.stained_closing_um the area read 40 % low)."""
+    from marrowseg.synth import make_phantom
+
+    w = 2048
+    ph = make_phantom("ecad", seed=3, size_px=(w, w), mpp=0.25)
+    truth = ph.truth_region(0, 0, w, w)["labels"]
+    t_haem, t_fat = (float((truth == k).sum()) * 0.25**2 for k in (1, 2))
+    cfg = load_config("ecad")
+    res = analyze_array(ph.render(0, 0, w, w), 0.25, ECadAnalyzer(cfg.ecad), cfg, device="cpu")
+    areas = res.report["areas_um2"]
+    assert abs(areas["haematopoietic"] / t_haem - 1) <= 0.15
+    cellularity = 100 * areas["haematopoietic"] / (areas["haematopoietic"] + areas["fat"])
+    assert abs(cellularity - 100 * t_haem / (t_haem + t_fat)) <= 5
+    assert res.readouts["ecad_pos_per_mm2"] == pytest.approx(res.readouts["ecad_pos_cells"] / (areas["haematopoietic"] / 1e6))
+
+
 @pytest.mark.parametrize("n_sheets", [0, 2])
 def test_phantom_sheets_are_the_clusters_of_a_strong_left_shift(n_sheets):
     """Tuning phantom seed 5 (ratio 0.8: erythroid islands full of E-cad+ cells; black box): its

@@ -71,13 +71,41 @@ def test_rim_is_fat_and_marrow_stays(he_cfg):
     assert labels[90, 90 + 40] == tis.HAEMATOPOIETIC
 
 
+def _ihc_scene():
+    """(bright, h_ctx, e_ctx): 300 x 300 µm of marrow as an IHC counterstain shows it, only the
+    nuclei stained (6 µm discs on a 9 µm grid, every fifth left out: an anucleate profile), round a
+    70 µm adipocyte whose 1.5 µm membrane is stained."""
+    shape = (300, 300)
+    stained = np.zeros(shape, bool)
+    for i, r in enumerate(range(5, 300, 9)):
+        for j, c in enumerate(range(5, 300, 9)):
+            if (i * 7 + j * 3) % 5:
+                stained |= _disc(shape, r, c, 3)
+    fat = _disc(shape, 150, 150, 35)
+    stained = (stained & ~fat) | (_disc(shape, 150, 150, 36.5) & ~fat)
+    bright = ~stained
+    return bright, np.where(stained, 0.4, 0.0).astype(np.float32), np.zeros(shape, np.float32), fat
+
+
+def test_ihc_gaps_between_nuclei_are_marrow_with_the_stained_closing(he_cfg):
+    bright, h_ctx, e_ctx, fat = _ihc_scene()
+    marrow = ~_disc(bright.shape, 150, 150, 45)
+    plain, _ = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, he_cfg)
+    assert np.mean(plain[marrow] == tis.HAEMATOPOIETIC) < 0.6  # the gaps join into "background" or "fat"
+    cfg = he_cfg.model_copy(update={"stained_closing_um": 6.0})
+    labels, spaces = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, cfg)
+    assert np.mean(labels[marrow] == tis.HAEMATOPOIETIC) > 0.97
+    assert np.mean(labels[fat] == tis.FAT) > 0.97 and spaces.row.size == 1
+
+
 def test_new_keys_are_optional_and_off_by_default(he_cfg):
-    """A config without the new keys (ecad files) loads and keeps the old rule: the open edge space is glass."""
+    """A config without the new keys loads and keeps the old rule: the open edge space is glass."""
     old = he_cfg.model_dump()
-    for key in ("fat_split_um", "envelope_fat", "fat_rim_um"):
+    for key in ("fat_split_um", "envelope_fat", "fat_rim_um", "stained_closing_um"):
         old.pop(key, None)
     cfg = TissueClassesConfig.model_validate(old)
     assert cfg.fat_split_um is None and cfg.envelope_fat is False and cfg.fat_rim_um is None
+    assert cfg.stained_closing_um is None
     bright, h_ctx, e_ctx, spots = _scene()
     labels, _ = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, cfg)
     assert labels[spots["inner"]] == tis.FAT

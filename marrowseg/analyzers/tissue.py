@@ -9,6 +9,7 @@ Method, at ``class_mpp`` (about 1 µm/px: fat membranes are 1-2 µm, a fat space
     bright   = summed RGB OD < bright_max_od        (min-pooled: a thin membrane keeps a space closed)
     bright outside the tissue outline (tissue closed by envelope_um) -> glass (excluded);
         with envelope_fat, bright walled in by tissue (reaching no tile or slide edge) is inside
+    with stained_closing_um (IHC), bright gaps the closing of the stained pixels fills are tissue
     each 4-connected bright region inside the outline:
         equivalent diameter < fat_min_diameter_um   -> a hole in the tissue around it
         touches an interior tile border              -> open, large: background (excluded)
@@ -23,8 +24,8 @@ Method, at ``class_mpp`` (about 1 µm/px: fat membranes are 1-2 µm, a fat space
     membranes: closing of fat by membrane_um gives the thin septa between spaces to fat;
         with fat_rim_um, haematopoietic pixels that close to fat are its membrane (fat)
 
-The new keys (envelope_fat, fat_split_um, fat_rim_um) are optional and off by default, so
-stain files written before them (ecad) keep the older rule.
+The newer keys (envelope_fat, fat_split_um, fat_rim_um, stained_closing_um) are optional and off
+by default; he.yaml sets the first three, ecad.yaml all four.
 
 The enclosure test needs context: a region whose core part lies within the tile's core can
 reach the tile border only if it is at least as wide as the halo. With the halo at least the
@@ -319,6 +320,10 @@ def classify_tissue(
         open_border = np.zeros(shape, bool)
     px_um2 = float(class_mpp) ** 2
     bright = bright & valid
+    close_um = getattr(cfg, "stained_closing_um", None)
+    if close_um:
+        # IHC: the unstained cytoplasm between nuclei is tissue; a fat space is far wider than the disk
+        bright = bright & ~_closing_edt(valid & ~bright, close_um / class_mpp)
     tissue = valid & ~bright
     # Unstained space outside the tissue outline (tissue closed by envelope_um) is glass,
     # whatever its shape: this cuts peripheral fat spaces whose outer membrane is missing
