@@ -17,7 +17,6 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from marrowseg.errors import ConfigError
-from marrowseg.io.files import dicom_files
 
 __all__ = [
     "SLIDE_SUFFIXES",
@@ -200,13 +199,25 @@ def find_slides(in_dir: str | Path, *, pattern: str | None = None, exclude: tupl
     root = Path(in_dir)
     if not root.is_dir():
         raise ConfigError(f"{root}: not a folder")
-    if dicom_files(root):
-        raise ConfigError(f"{root}: is one DICOM slide (a folder of .dcm files); give the folder that holds it, "
-                          "or analyse it with `marrowseg analyze`")
     out_res = Path(out_dir).resolve() if out_dir is not None else None
+
+    def wanted(path: Path) -> bool:
+        if any(fnmatch.fnmatch(path.name, g) for g in exclude):
+            return False
+        return not pattern or PurePosixPath(path.relative_to(root).as_posix()).match(pattern)
+
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         here = Path(dirpath)
+        if any(name.lower().endswith(".dcm") for name in filenames):
+            # a DICOM whole-slide image is a folder of .dcm files: one slide, not a tree to walk
+            if here == root:
+                raise ConfigError(f"{root}: is one DICOM slide (a folder of .dcm files); give the folder that "
+                                  "holds it, or analyse it with `marrowseg analyze`")
+            dirnames[:] = []
+            if wanted(here):
+                found.append(here)
+            continue
         keep = []
         for d in sorted(dirnames):
             sub = here / d
@@ -214,23 +225,13 @@ def find_slides(in_dir: str | Path, *, pattern: str | None = None, exclude: tupl
                 continue
             if (out_res is not None and sub.resolve() == out_res) or _is_output_dir(sub):
                 continue
-            if dicom_files(sub):  # a DICOM whole-slide image is a folder: one slide, not a tree to walk
-                rel = sub.relative_to(root).as_posix()
-                if not any(fnmatch.fnmatch(d, g) for g in exclude) and (not pattern or PurePosixPath(rel).match(pattern)):
-                    found.append(sub)
-                continue
             keep.append(d)
         dirnames[:] = keep
         for name in sorted(filenames):
             if name.startswith(".") or not name.lower().endswith(SLIDE_SUFFIXES):
                 continue
-            if any(fnmatch.fnmatch(name, g) for g in exclude):
-                continue
-            path = here / name
-            rel = path.relative_to(root).as_posix()
-            if pattern and not PurePosixPath(rel).match(pattern):
-                continue
-            found.append(path)
+            if wanted(here / name):
+                found.append(here / name)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
