@@ -169,3 +169,36 @@ def test_opaque_pixels_are_black_or_grey_ink_not_stain():
     assert opaque[:, :4].all() and not opaque[:, 4:].any()
     off = cfg.model_copy(update={"opaque_min_od": None})
     assert tis.opaque_pixels(img, 2, off) is None
+
+
+def _bone_scene(cfg):
+    """(bright, h_ctx, e_ctx) through :func:`tis.reference_maps` at 1 µm/px: marrow (rows 0-59), a clear
+    space (60-119), a trabecula (120-179: even eosin at 1.5x the bone cut, no nuclei) and marrow
+    again (180-299)."""
+    shape = (300, 300)
+    od_sum = np.full(shape, 0.8, np.float32)
+    he = np.zeros(shape + (2,), np.float32)
+    he[..., 0], he[..., 1] = 0.3, 0.15
+    od_sum[60:120], he[60:120] = 0.02, 0.0
+    od_sum[120:180], he[120:180, :, 0], he[120:180, :, 1] = 0.5, 0.02, 1.5 * cfg.bone_min_eosin_od
+    maps = tis.reference_maps(od_sum, he, MPP, cfg)
+    return maps["bright"], maps["h_ctx"], maps["e_ctx"]
+
+
+@pytest.mark.parametrize("stain", ["he", "ecad"])
+def test_bone_reaches_the_clear_space_beside_it(stain):
+    """A plain Gaussian mean halves beside a clear space, so the trabecula's rim read as marrow;
+    the mean over stained tissue keeps bone up to its edge and changes nothing inside the tissue."""
+    cfg = getattr(load_config(stain), stain).tissue
+    cfg = cfg.classes if stain == "ecad" else cfg
+    assert cfg.context_over_tissue  # shipped on for both stains
+    bright, h_ctx, e_ctx = _bone_scene(cfg)
+    plain, _ = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, cfg.model_copy(update={"context_over_tissue": False}))
+    labels, _ = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, cfg)
+    rim = slice(120, 124)  # the 4 µm of bone next to the clear space
+    assert np.mean(plain[rim] == tis.BONE) < 0.5
+    assert np.mean(labels[rim] == tis.BONE) > 0.95
+    assert np.mean(labels[120:176] == tis.BONE) > 0.98
+    # bone stops where the marrow begins, as before, and the marrow stays marrow
+    np.testing.assert_array_equal(labels[176:], plain[176:])
+    assert (labels[190:] == tis.HAEMATOPOIETIC).all() and (labels[:50] == tis.HAEMATOPOIETIC).all()

@@ -383,6 +383,12 @@ def classify_tissue(
             labels[is_fat[comp]] = FAT
 
     # tissue: bone where matrix is eosinophilic and acellular over a context window
+    if getattr(cfg, "context_over_tissue", False) and tissue.any():
+        # the window's mean over its stained pixels: the unstained share would dilute it by the
+        # edge (floor: a thin strand between clear spaces is not amplified past 4x)
+        share = gaussian_reference(tissue.astype(np.float32), float(cfg.context_sigma_um) / float(class_mpp))
+        share = np.maximum(share, np.float32(0.25))
+        h_ctx, e_ctx = h_ctx / share, e_ctx / share
     bone = tissue & (e_ctx >= cfg.bone_min_eosin_od) & (h_ctx <= cfg.bone_max_haem_od)
     r_open = int(round(cfg.bone_open_um / class_mpp))
     if r_open > 0 and bone.any():
