@@ -99,3 +99,20 @@ def test_real_slides_give_sane_tissue_and_class_fractions(shared_data, tmp_path,
     assert counts["late_erythroid"] + counts["megakaryocyte"] + counts["other"] == r["nucleated_cells"]
     assert 0 < r["late_erythroid_per_100"] < 30
     assert (out / "overlay.png").is_file() and (out / "labels.png").is_file()
+
+
+def test_real_trabecula_is_bone_and_marrow_without_one_is_not(shared_data, tmp_path):
+    """mbm-dev 0003_02_002 holds a decalcified trabecula (lamellar matrix, lacunae; by eye) along its
+    lower-left edge, about 3,500-4,000 µm² of the crop; 0003_02_000 holds none. Before the thirtieth
+    session none of it was bone (its rim's mean halved beside the fat, its matrix 0.19-0.21 OD)."""
+    folder = shared_data("mbm-dev")
+    bone = _analyze(folder / "BM_GRAZ_HE_0003_02_002.png", tmp_path / "b", "--mpp", "0.25")
+    plain = _analyze(folder / "BM_GRAZ_HE_0003_02_000.png", tmp_path / "p", "--mpp", "0.25")
+    assert bone["areas_um2"]["bone"] >= 2500
+    assert plain["areas_um2"].get("bone", 0) == 0
+    # the bone sits in the lower-left corner of the 150 x 150 µm crop
+    from PIL import Image
+
+    labels = np.asarray(Image.open(tmp_path / "b" / "labels.png"))
+    rows, cols = np.nonzero(labels == 3)
+    assert rows.mean() > 0.6 * labels.shape[0] and cols.mean() < 0.6 * labels.shape[1]
