@@ -202,3 +202,70 @@ def test_bone_reaches_the_clear_space_beside_it(stain):
     # bone stops where the marrow begins, as before, and the marrow stays marrow
     np.testing.assert_array_equal(labels[176:], plain[176:])
     assert (labels[190:] == tis.HAEMATOPOIETIC).all() and (labels[:50] == tis.HAEMATOPOIETIC).all()
+
+
+def _ihc_fat_scene():
+    """(bright, h_ctx, e_ctx, clear_od, corner_space, pale_patch, glass) at 1 µm/px: IHC marrow (nuclei
+    only, as in :func:`_ihc_scene`) holding a triangular fat space with a 30° corner and a 1 µm membrane,
+    a 40 µm patch of pale, nucleus-free tissue (summed OD 0.10 where glass and fat read 0.045), and a
+    45 µm band of glass along the top that reads as high as the patch."""
+    import cv2
+
+    from marrowseg.analyzers.nuclei import gaussian_reference
+
+    shape = (300, 300)
+    nuclei = np.zeros(shape, bool)
+    for i, r in enumerate(range(5, 300, 9)):
+        for j, c in enumerate(range(5, 300, 9)):
+            if (i * 7 + j * 3) % 5:
+                nuclei |= _disc(shape, r, c, 3)
+    corner = np.zeros(shape, np.uint8)
+    cv2.fillPoly(corner, [np.array([[60, 180], [60, 280], [118, 180]], np.int32)], 1)  # (x, y) vertices
+    corner = corner.astype(bool)
+    near = cv2.dilate(corner.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (11, 11))).astype(bool)
+    membrane = cv2.dilate(corner.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~corner
+    patch = _disc(shape, 80, 200, 20)
+    glass = np.zeros(shape, bool)
+    glass[:45] = True
+    stained = (nuclei & ~near & ~_disc(shape, 80, 200, 24) & ~glass) | membrane
+    h = np.where(nuclei & stained, 0.4, np.where(membrane, 0.15, 0.0)).astype(np.float32)
+    clear_od = np.where(stained, 0.5, np.where(patch | glass, 0.10, 0.045)).astype(np.float32)
+    return ~stained, gaussian_reference(h, 6.0), np.zeros(shape, np.float32), clear_od, corner, patch, glass
+
+
+def test_ihc_fat_corners_stay_fat_and_a_pale_patch_is_tissue():
+    """E-cadherin's closing keeps fat corners clear where no nucleus is near (stained_closing_min_haem_od),
+    and a clear patch that still absorbs light is tissue (clear_max_od_excess); glass wider than any fat
+    space stays glass however it reads, and the marrow is untouched."""
+    cfg = load_config("ecad").ecad.tissue.classes
+    assert cfg.stained_closing_min_haem_od is not None and cfg.clear_max_od_excess is not None
+    bright, h_ctx, e_ctx, clear_od, corner, patch, glass = _ihc_fat_scene()
+    off = cfg.model_copy(update={"stained_closing_min_haem_od": None, "clear_max_od_excess": None})
+    plain, _ = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, off, clear_od=clear_od, clear_level=0.045)
+    labels, _ = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, cfg, clear_od=clear_od, clear_level=0.045)
+    assert np.mean(plain[corner] == tis.FAT) < 0.97  # the closing fills its 30° corner
+    assert np.mean(labels[corner] == tis.FAT) > 0.99
+    assert np.mean(plain[patch] == tis.FAT) > 0.9  # walled in, clear: taken for a fat space
+    assert np.mean(labels[patch] == tis.HAEMATOPOIETIC) > 0.99
+    assert (labels[:40] == tis.EXCLUDED).all() and (plain[:40] == tis.EXCLUDED).all()
+    marrow = np.ones(bright.shape, bool)
+    marrow[:60] = False
+    marrow[140:300, 40:140] = False  # round the corner space
+    marrow[40:125, 155:245] = False  # round the patch
+    np.testing.assert_array_equal(labels[marrow], plain[marrow])
+    # without a clear level (too few clear sample pixels) the patch rule is off
+    nolevel, _ = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, cfg, clear_od=clear_od, clear_level=None)
+    assert np.mean(nolevel[patch] == tis.FAT) > 0.9
+
+
+def test_clear_level_is_the_median_of_clear_sample_pixels_without_padding():
+    cfg = load_config("ecad").ecad.tissue.classes
+    rng = np.random.default_rng(0)
+    glass = np.full((3000, 3), 246, np.uint8) + rng.integers(0, 3, (3000, 3)).astype(np.uint8)
+    tissue = np.full((2000, 3), 150, np.uint8)
+    padding = np.full((9000, 3), 255, np.uint8)  # white padding round a small slide: not glass
+    level = tis.clear_level(np.concatenate([glass, tissue, padding]), cfg)
+    want = float(np.median(-np.log10(glass.astype(np.float64) / 255.0).sum(axis=1)))
+    assert level == pytest.approx(want, abs=1e-4)
+    assert tis.clear_level(tissue, cfg) is None  # nothing clear
+    assert tis.clear_level(glass, cfg.model_copy(update={"clear_max_od_excess": None})) is None

@@ -110,6 +110,7 @@ class TissueMaps(torch.nn.Module):
         self.bright_sigma_px = float(cfg.bright_sigma_um) / float(mpp)
         self.context_sigma_px = float(cfg.context_sigma_um) / self.class_mpp
         self.bright_max_od = float(cfg.bright_max_od)
+        self.clear_od = getattr(cfg, "clear_max_od_excess", None) is not None
 
     def forward(self, od_sum: torch.Tensor, he: torch.Tensor) -> dict[str, torch.Tensor]:
         k = self.k
@@ -120,7 +121,10 @@ class TissueMaps(torch.nn.Module):
         bright = 1.0 - F.max_pool2d(stained, k) if k > 1 else 1.0 - stained
         dens = F.avg_pool2d(_pad_to_multiple(he, k, "replicate"), k) if k > 1 else he
         dens = gaussian_blur_torch(torch.clamp(dens, min=0.0), self.context_sigma_px)
-        return {"bright": bright, "h_ctx": dens[:, 0:1], "e_ctx": dens[:, 1:2]}
+        out = {"bright": bright, "h_ctx": dens[:, 0:1], "e_ctx": dens[:, 1:2]}
+        if self.clear_od:
+            out["clear_od"] = F.avg_pool2d(_pad_to_multiple(od_sum, k, "replicate"), k) if k > 1 else od_sum
+        return out
 
 
 def _block_reduce_edge(img: np.ndarray, k: int, fn) -> np.ndarray:
@@ -158,11 +162,15 @@ def reference_maps(od_sum: np.ndarray, he: np.ndarray, mpp: float, cfg: Any) -> 
     dens = _block_reduce_edge(np.asarray(he, np.float32), k, np.mean) if k > 1 else np.asarray(he, np.float32)
     dens = np.maximum(dens, 0.0)
     ctx_px = float(cfg.context_sigma_um) / (mpp * k)
-    return {
+    out = {
         "bright": bright.astype(np.float32),
         "h_ctx": gaussian_reference(dens[..., 0], ctx_px),
         "e_ctx": gaussian_reference(dens[..., 1], ctx_px),
     }
+    if getattr(cfg, "clear_max_od_excess", None) is not None:
+        od = np.asarray(od_sum, np.float32)
+        out["clear_od"] = _block_reduce_edge(od, k, np.mean).astype(np.float32) if k > 1 else od
+    return out
 
 
 @dataclass
@@ -241,6 +249,22 @@ def exclude_opaque(rgb: np.ndarray, k: int, cfg: Any, valid: np.ndarray, border:
     return valid, border & valid
 
 
+def clear_level(sample_rgb: np.ndarray, cfg: Any, min_pixels: int = 1000) -> float | None:
+    """The slide's clear level: median summed RGB OD of the sample's clear pixels (summed OD
+    below ``cfg.bright_max_od``: glass and fat lumen, with a few pale-tissue pixels).
+
+    Pure white pixels are left out: they are the padding round a slide smaller than its tile,
+    not glass. None when ``cfg.clear_max_od_excess`` is null or fewer than ``min_pixels`` are clear.
+    """
+    if getattr(cfg, "clear_max_od_excess", None) is None:
+        return None
+    px = np.asarray(sample_rgb).reshape(-1, 3)
+    px = px[(px < 255).any(axis=1)]
+    od = stains.od_from_rgb(px).sum(axis=1)
+    clear = od[od < float(cfg.bright_max_od)]
+    return float(np.median(clear)) if clear.size >= min_pixels else None
+
+
 def without_opaque(sample_rgb: np.ndarray, cfg: Any) -> np.ndarray:
     """A stain sample's pixels, ``(N, 3)``, less the opaque ones (:func:`opaque_colour`): black
     fill would pass for the darkest stain in the slide's stain estimate."""
@@ -284,6 +308,8 @@ def classify_tissue(
     *,
     valid: np.ndarray | None = None,
     open_border: np.ndarray | None = None,
+    clear_od: np.ndarray | None = None,
+    clear_level: float | None = None,
 ) -> tuple[np.ndarray, FatObjects]:
     """Label every pixel haematopoietic, fat, bone or excluded.
 
@@ -302,6 +328,12 @@ def classify_tissue(
         Pixels on tile borders that lie inside the slide: a bright region touching one
         continues beyond the tile and is background. Default: none (the whole image
         is the slide).
+    clear_od : (H, W) float32 ndarray, optional
+        Mean summed RGB OD of each class pixel (``TissueMaps``' ``clear_od``).
+    clear_level : float, optional
+        The slide's clear level, summed OD (glass and fat lumen). With both and
+        ``cfg.clear_max_od_excess``, a clear region whose mean ``clear_od`` lies more than that
+        above the level is pale tissue: it joins the tissue before anything is judged.
 
     Returns
     -------
@@ -323,7 +355,35 @@ def classify_tissue(
     close_um = getattr(cfg, "stained_closing_um", None)
     if close_um:
         # IHC: the unstained cytoplasm between nuclei is tissue; a fat space is far wider than the disk
-        bright = bright & ~_closing_edt(valid & ~bright, close_um / class_mpp)
+        closed = _closing_edt(valid & ~bright, close_um / class_mpp)
+        min_h = getattr(cfg, "stained_closing_min_haem_od", None)
+        if min_h is not None:
+            # the closing fills the corners of fat spaces (where membranes meet, or a membrane meets
+            # bone) as it fills the gaps between nuclei; a corner holds no nucleus nearby
+            closed &= ~(bright & (h_ctx < np.float32(min_h)))
+        bright = bright & ~closed
+    excess = getattr(cfg, "clear_max_od_excess", None)
+    if excess is not None and clear_od is not None and clear_level is not None and bright.any():
+        # an IHC counterstain leaves pale cytoplasm below bright_max_od; a patch of it still holds
+        # some light absorption, where a fat space or the glass holds none
+        comp, n = ndi.label(bright)
+        # the inside of each region: its edge takes up the blur of the stain around it
+        inner = np.where(distance_to_background(bright) * float(class_mpp) >= 2.0, comp, 0)
+        od = np.asarray(clear_od, np.float64).ravel()
+        cnt = np.bincount(inner.ravel(), minlength=n + 1)
+        mean = np.bincount(inner.ravel(), weights=od, minlength=n + 1) / np.maximum(cnt, 1)
+        edge_only = cnt == 0
+        if edge_only.any():
+            all_cnt = np.bincount(comp.ravel(), minlength=n + 1)
+            all_mean = np.bincount(comp.ravel(), weights=od, minlength=n + 1) / np.maximum(all_cnt, 1)
+            mean[edge_only] = all_mean[edge_only]
+        pale = mean > float(clear_level) + float(excess)
+        # only regions the size of a fat space at most: the glass round a pale section is one
+        # region with the pale tissue it reaches, and is not to be taken for tissue
+        area_um2 = np.bincount(comp.ravel(), minlength=n + 1) * float(class_mpp) ** 2
+        pale &= area_um2 <= math.pi / 4.0 * float(cfg.fat_max_diameter_um) ** 2
+        pale[0] = False
+        bright = bright & ~pale[comp]
     tissue = valid & ~bright
     # Unstained space outside the tissue outline (tissue closed by envelope_um) is glass,
     # whatever its shape: this cuts peripheral fat spaces whose outer membrane is missing

@@ -117,6 +117,7 @@ class ECadAnalyzer(MarrowAnalyzer):
         self.vectors_source = "standard"
         self.h_scale = 1.0
         self.dab_scale = 1.0
+        self.clear_level: float | None = None  # summed OD of glass and fat lumen (prepare)
         self.k = tis.class_factor(config.mpp, config.tissue.classes.class_mpp)
         self.reference = reference if reference is not None else load_ecad_reference()
 
@@ -127,6 +128,9 @@ class ECadAnalyzer(MarrowAnalyzer):
         DAB scale from their closed membrane rings (:func:`dab_scale`; no patches: no scaling)."""
         sample_rgb = tis.without_opaque(sample_rgb, self.config.tissue.classes)
         m, info = estimate_hdab_vectors(sample_rgb, self.config.stain)
+        self.clear_level = tis.clear_level(sample_rgb, self.config.tissue.classes)
+        if self.clear_level is not None:
+            info["clear_od_level"] = self.clear_level
         if info["stain_vectors_source"] == "standard" and self.config.stain.vectors == "estimate":
             log.warning("E-cadherin stain vectors: standard Ruifrok H-DAB used: %s", info["fallback_reason"])
         scale, sinfo = haematoxylin_scale(patches, m, float(self.config.mpp), self.config.stain,
@@ -314,7 +318,8 @@ class ECadAnalyzer(MarrowAnalyzer):
         valid_c, border_c = tis.exclude_opaque(rgb[:vr, :vc], k, cfg.tissue.classes, valid_c, border_c, d,
                                                ("det_od", "h_od", "dab_od", "peak", "mask"))
         labels_c, _ = tis.classify_tissue(d["bright"], d["h_ctx"], d["e_ctx"], mpp * k, cfg.tissue.classes,
-                                          valid=valid_c, open_border=border_c)
+                                          valid=valid_c, open_border=border_c, clear_od=d.get("clear_od"),
+                                          clear_level=self.clear_level)
         labels = tis.upsample_labels(labels_c, k, shape)
         core_labels = labels[ctx.core]
         stats = self._tissue_stats(core_labels)
