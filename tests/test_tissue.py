@@ -71,16 +71,22 @@ def test_rim_is_fat_and_marrow_stays(he_cfg):
     assert labels[90, 90 + 40] == tis.HAEMATOPOIETIC
 
 
+def _nuclei_grid(shape):
+    """6 µm nuclei on a 9 µm grid, every fifth left out (an anucleate profile)."""
+    nuclei = np.zeros(shape, bool)
+    for i, r in enumerate(range(5, shape[0], 9)):
+        for j, c in enumerate(range(5, shape[1], 9)):
+            if (i * 7 + j * 3) % 5:
+                nuclei |= _disc(shape, r, c, 3)
+    return nuclei
+
+
 def _ihc_scene():
     """(bright, h_ctx, e_ctx): 300 x 300 µm of marrow as an IHC counterstain shows it, only the
     nuclei stained (6 µm discs on a 9 µm grid, every fifth left out: an anucleate profile), round a
     70 µm adipocyte whose 1.5 µm membrane is stained."""
     shape = (300, 300)
-    stained = np.zeros(shape, bool)
-    for i, r in enumerate(range(5, 300, 9)):
-        for j, c in enumerate(range(5, 300, 9)):
-            if (i * 7 + j * 3) % 5:
-                stained |= _disc(shape, r, c, 3)
+    stained = _nuclei_grid(shape)
     fat = _disc(shape, 150, 150, 35)
     stained = (stained & ~fat) | (_disc(shape, 150, 150, 36.5) & ~fat)
     bright = ~stained
@@ -214,11 +220,7 @@ def _ihc_fat_scene():
     from marrowseg.analyzers.nuclei import gaussian_reference
 
     shape = (300, 300)
-    nuclei = np.zeros(shape, bool)
-    for i, r in enumerate(range(5, 300, 9)):
-        for j, c in enumerate(range(5, 300, 9)):
-            if (i * 7 + j * 3) % 5:
-                nuclei |= _disc(shape, r, c, 3)
+    nuclei = _nuclei_grid(shape)
     corner = np.zeros(shape, np.uint8)
     cv2.fillPoly(corner, [np.array([[60, 180], [60, 280], [118, 180]], np.int32)], 1)  # (x, y) vertices
     corner = corner.astype(bool)
