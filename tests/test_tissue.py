@@ -214,7 +214,7 @@ def _ihc_fat_scene():
     """(bright, h_ctx, e_ctx, clear_od, corner_space, pale_patch, glass) at 1 µm/px: IHC marrow (nuclei
     only, as in :func:`_ihc_scene`) holding a triangular fat space with a 30° corner and a 1 µm membrane,
     a 40 µm patch of pale, nucleus-free tissue (summed OD 0.10 where glass and fat read 0.045), and a
-    45 µm band of glass along the top that reads as high as the patch."""
+    45 µm band of glass along the top that reads as high as the patch (glass wider than any fat space)."""
     import cv2
 
     from marrowseg.analyzers.nuclei import gaussian_reference
@@ -255,9 +255,15 @@ def test_ihc_fat_corners_stay_fat_and_a_pale_patch_is_tissue():
     marrow[140:300, 40:140] = False  # round the corner space
     marrow[40:125, 155:245] = False  # round the patch
     np.testing.assert_array_equal(labels[marrow], plain[marrow])
-    # without a clear level (too few clear sample pixels) the patch rule is off
-    nolevel, _ = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, cfg, clear_od=clear_od, clear_level=None)
+    # the level is the tile's own large fat space's, not the slide's (here its glass, far paler)
+    local, _ = tis.classify_tissue(bright, h_ctx, e_ctx, MPP, cfg, clear_od=clear_od, clear_level=0.0)
+    np.testing.assert_array_equal(local, labels)
+    # with no fat space of that size in the tile and no slide level, the patch rule is off
+    alone = bright & ~corner
+    nolevel, _ = tis.classify_tissue(alone, h_ctx, e_ctx, MPP, cfg, clear_od=clear_od, clear_level=None)
     assert np.mean(nolevel[patch] == tis.FAT) > 0.9
+    slide, _ = tis.classify_tissue(alone, h_ctx, e_ctx, MPP, cfg, clear_od=clear_od, clear_level=0.045)
+    assert np.mean(slide[patch] == tis.HAEMATOPOIETIC) > 0.99
 
 
 def test_clear_level_is_the_median_of_clear_sample_pixels_without_padding():

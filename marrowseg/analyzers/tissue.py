@@ -331,9 +331,10 @@ def classify_tissue(
     clear_od : (H, W) float32 ndarray, optional
         Mean summed RGB OD of each class pixel (``TissueMaps``' ``clear_od``).
     clear_level : float, optional
-        The slide's clear level, summed OD (glass and fat lumen). With both and
-        ``cfg.clear_max_od_excess``, a clear region whose mean ``clear_od`` lies more than that
-        above the level is pale tissue: it joins the tissue before anything is judged.
+        The slide's clear level, summed OD (glass and fat lumen: :func:`clear_level`). With
+        ``clear_od`` and ``cfg.clear_max_od_excess``, pale clear regions join the tissue before
+        anything is judged (:func:`_pale_regions_are_tissue`); this level is used where the tile
+        holds no large fat space to measure its own.
 
     Returns
     -------
@@ -363,27 +364,8 @@ def classify_tissue(
             closed &= ~(bright & (h_ctx < np.float32(min_h)))
         bright = bright & ~closed
     excess = getattr(cfg, "clear_max_od_excess", None)
-    if excess is not None and clear_od is not None and clear_level is not None and bright.any():
-        # an IHC counterstain leaves pale cytoplasm below bright_max_od; a patch of it still holds
-        # some light absorption, where a fat space or the glass holds none
-        comp, n = ndi.label(bright)
-        # the inside of each region: its edge takes up the blur of the stain around it
-        inner = np.where(distance_to_background(bright) * float(class_mpp) >= 2.0, comp, 0)
-        od = np.asarray(clear_od, np.float64).ravel()
-        cnt = np.bincount(inner.ravel(), minlength=n + 1)
-        mean = np.bincount(inner.ravel(), weights=od, minlength=n + 1) / np.maximum(cnt, 1)
-        edge_only = cnt == 0
-        if edge_only.any():
-            all_cnt = np.bincount(comp.ravel(), minlength=n + 1)
-            all_mean = np.bincount(comp.ravel(), weights=od, minlength=n + 1) / np.maximum(all_cnt, 1)
-            mean[edge_only] = all_mean[edge_only]
-        pale = mean > float(clear_level) + float(excess)
-        # only regions the size of a fat space at most: the glass round a pale section is one
-        # region with the pale tissue it reaches, and is not to be taken for tissue
-        area_um2 = np.bincount(comp.ravel(), minlength=n + 1) * float(class_mpp) ** 2
-        pale &= area_um2 <= math.pi / 4.0 * float(cfg.fat_max_diameter_um) ** 2
-        pale[0] = False
-        bright = bright & ~pale[comp]
+    if excess is not None and clear_od is not None and bright.any():
+        bright = _pale_regions_are_tissue(bright, np.asarray(clear_od), clear_level, float(excess), class_mpp, cfg)
     tissue = valid & ~bright
     # Unstained space outside the tissue outline (tissue closed by envelope_um) is glass,
     # whatever its shape: this cuts peripheral fat spaces whose outer membrane is missing
@@ -480,6 +462,44 @@ def classify_tissue(
         labels[near & (labels == HAEMATOPOIETIC)] = FAT
     labels[~valid] = EXCLUDED
     return labels, fat
+
+
+
+def _pale_regions_are_tissue(bright: np.ndarray, clear_od: np.ndarray, slide_level: float | None, excess: float,
+                             class_mpp: float, cfg: Any) -> np.ndarray:
+    """``bright`` less the clear regions of a fat space's size or smaller that still absorb light.
+
+    An IHC counterstain leaves pale cytoplasm below ``bright_max_od``; a patch of it holds some
+    light absorption, where a fat space holds none. Each region is judged by its mean summed OD 2 µm
+    in from its edge (the edge takes up the blur of the stain round it) against the level of the
+    tile's large fat-sized clear regions (half the widest fat space across to the widest: fat
+    lumen), or ``slide_level`` where the tile has none; the phantoms' fat lumen reads 0.02-0.05
+    above their glass, so the glass is no measure of it. Regions larger than a fat space are
+    never changed: the glass round a pale section is one region with the pale tissue it reaches.
+    """
+    comp, n = ndi.label(bright)
+    inner = np.where(distance_to_background(bright) * float(class_mpp) >= 2.0, comp, 0)
+    od = np.asarray(clear_od, np.float64).ravel()
+    cnt = np.bincount(inner.ravel(), minlength=n + 1)
+    mean = np.bincount(inner.ravel(), weights=od, minlength=n + 1) / np.maximum(cnt, 1)
+    all_cnt = np.bincount(comp.ravel(), minlength=n + 1)
+    edge_only = cnt == 0
+    if edge_only.any():
+        all_mean = np.bincount(comp.ravel(), weights=od, minlength=n + 1) / np.maximum(all_cnt, 1)
+        mean[edge_only] = all_mean[edge_only]
+    area_um2 = all_cnt * float(class_mpp) ** 2
+    fat_max_um2 = math.pi / 4.0 * float(cfg.fat_max_diameter_um) ** 2
+    ref = (area_um2 >= fat_max_um2 / 4.0) & (area_um2 <= fat_max_um2) & (cnt > 0)
+    ref[0] = False
+    if ref.any():
+        level = float(np.median(od[ref[inner.ravel()]]))
+    elif slide_level is not None:
+        level = float(slide_level)
+    else:
+        return bright
+    pale = (mean > level + excess) & (area_um2 <= fat_max_um2)
+    pale[0] = False
+    return bright & ~pale[comp]
 
 
 def _fat_spaces(

@@ -38,9 +38,10 @@ class TissueClassesConfig(Strict):
         "local haematoxylin (h_ctx) is below this, OD: the corners of fat spaces hold no nucleus, the gaps between "
         "nuclei do; null: the closing fills both")
     clear_max_od_excess: float | None = Field(
-        None, ge=0, description="a clear region (below bright_max_od) whose mean summed OD lies more than this above "
-        "the slide's clear level (median summed OD of its clear sample pixels: glass and fat lumen) is pale tissue, "
-        "not a fat space or glass; null: off (H&E: eosin stains the cytoplasm)")
+        None, ge=0, description="a clear region (below bright_max_od) no larger than a fat space whose mean summed OD "
+        "lies more than this above the fat level (the tile's large fat-sized clear regions, else the slide's clear "
+        "level: median summed OD of its clear sample pixels) is pale tissue, not a fat space; null: off (H&E: eosin "
+        "stains the cytoplasm)")
     context_over_tissue: bool = Field(False, description="the bone test's local densities are means over the stained tissue in the context window, not over every pixel: beside a fat space or the glass a plain mean falls to about half, and a rim of bone several µm wide read as haematopoietic")
     stained_closing_um: float | None = Field(None, gt=0, description="closing radius of the stained pixels before the unstained regions are judged, µm: an IHC counterstain leaves the cytoplasm between nuclei unstained, and those gaps joined the fat spaces into regions judged background; null: off (H&E's eosin stains the cytoplasm)")
     opaque_min_od: float | None = Field(None, gt=0, description="a class pixel this dark (summed RGB OD of its mean colour) and this grey (opaque_min_greyness) is no stain but black fill or marker ink: excluded, and treated as outside the slide; null: off")
