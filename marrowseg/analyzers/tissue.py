@@ -464,7 +464,6 @@ def classify_tissue(
     return labels, fat
 
 
-
 def _pale_regions_are_tissue(bright: np.ndarray, clear_od: np.ndarray, slide_level: float | None, excess: float,
                              class_mpp: float, cfg: Any) -> np.ndarray:
     """``bright`` less the clear regions of a fat space's size or smaller that still absorb light.
