@@ -272,8 +272,8 @@ def test_clear_level_is_the_median_of_clear_sample_pixels_without_padding():
     glass = np.full((3000, 3), 246, np.uint8) + rng.integers(0, 3, (3000, 3)).astype(np.uint8)
     tissue = np.full((2000, 3), 150, np.uint8)
     padding = np.full((9000, 3), 255, np.uint8)  # white padding round a small slide: not glass
-    level = tis.clear_level(np.concatenate([glass, tissue, padding]), cfg)
+    level = tis.slide_clear_level(np.concatenate([glass, tissue, padding]), cfg)
     want = float(np.median(-np.log10(glass.astype(np.float64) / 255.0).sum(axis=1)))
     assert level == pytest.approx(want, abs=1e-4)
-    assert tis.clear_level(tissue, cfg) is None  # nothing clear
-    assert tis.clear_level(glass, cfg.model_copy(update={"clear_max_od_excess": None})) is None
+    assert tis.slide_clear_level(tissue, cfg) is None  # nothing clear
+    assert tis.slide_clear_level(glass, cfg.model_copy(update={"clear_max_od_excess": None})) is None

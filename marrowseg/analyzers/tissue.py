@@ -100,7 +100,9 @@ class TissueMaps(torch.nn.Module):
     Input: summed RGB OD ``(B, 1, H, W)`` and stain densities ``(B, 2, H, W)``
     (haematoxylin, eosin) at the analysis resolution. Output at the class resolution
     ``ceil(H / k) x ceil(W / k)``: ``bright`` (1.0 where every analysis pixel of the
-    class pixel is unstained), ``h_ctx`` and ``e_ctx`` (local mean densities).
+    class pixel is unstained), ``h_ctx`` and ``e_ctx`` (local mean densities); with
+    ``clear_max_od_excess`` set, ``clear_od`` (mean summed OD of each class pixel, for
+    :func:`classify_tissue`'s pale-region test).
     """
 
     def __init__(self, mpp: float, cfg: Any) -> None:
@@ -153,7 +155,7 @@ def reference_maps(od_sum: np.ndarray, he: np.ndarray, mpp: float, cfg: Any) -> 
     Returns
     -------
     dict of str to (ceil(H/k), ceil(W/k)) float32 ndarray
-        ``bright``, ``h_ctx``, ``e_ctx`` as the module.
+        ``bright``, ``h_ctx``, ``e_ctx`` (and ``clear_od``) as the module.
     """
     k = class_factor(mpp, cfg.class_mpp)
     smooth = gaussian_reference(od_sum, float(cfg.bright_sigma_um) / float(mpp))
@@ -249,7 +251,7 @@ def exclude_opaque(rgb: np.ndarray, k: int, cfg: Any, valid: np.ndarray, border:
     return valid, border & valid
 
 
-def clear_level(sample_rgb: np.ndarray, cfg: Any, min_pixels: int = 1000) -> float | None:
+def slide_clear_level(sample_rgb: np.ndarray, cfg: Any, min_pixels: int = 1000) -> float | None:
     """The slide's clear level: median summed RGB OD of the sample's clear pixels (summed OD
     below ``cfg.bright_max_od``: glass and fat lumen, with a few pale-tissue pixels).
 
@@ -331,7 +333,7 @@ def classify_tissue(
     clear_od : (H, W) float32 ndarray, optional
         Mean summed RGB OD of each class pixel (``TissueMaps``' ``clear_od``).
     clear_level : float, optional
-        The slide's clear level, summed OD (glass and fat lumen: :func:`clear_level`). With
+        The slide's clear level, summed OD (glass and fat lumen: :func:`slide_clear_level`). With
         ``clear_od`` and ``cfg.clear_max_od_excess``, pale clear regions join the tissue before
         anything is judged (:func:`_pale_regions_are_tissue`); this level is used where the tile
         holds no large fat space to measure its own.

@@ -128,7 +128,7 @@ class ECadAnalyzer(MarrowAnalyzer):
         DAB scale from their closed membrane rings (:func:`dab_scale`; no patches: no scaling)."""
         sample_rgb = tis.without_opaque(sample_rgb, self.config.tissue.classes)
         m, info = estimate_hdab_vectors(sample_rgb, self.config.stain)
-        self.clear_level = tis.clear_level(sample_rgb, self.config.tissue.classes)
+        self.clear_level = tis.slide_clear_level(sample_rgb, self.config.tissue.classes)
         if self.clear_level is not None:
             info["clear_od_level"] = self.clear_level
         if info["stain_vectors_source"] == "standard" and self.config.stain.vectors == "estimate":
@@ -174,7 +174,7 @@ class ECadAnalyzer(MarrowAnalyzer):
             The keys of :class:`ECadModule`'s output, each float32 and shaped like it
             without the batch axis: ``(1, H, W)`` at the analysis resolution (``h_od``,
             ``dab_od``, ``det_od``, ``peak``, ``mask``), ``(1, ceil(H/k), ceil(W/k))`` at the
-            tissue-class resolution (``bright``, ``h_ctx``, ``e_ctx``);
+            tissue-class resolution (``bright``, ``h_ctx``, ``e_ctx``, ``clear_od``);
             ``post(reference_dense(rgb), rgb, ctx)`` works.
 
         Raises

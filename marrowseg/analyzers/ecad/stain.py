@@ -178,7 +178,7 @@ class ECadModule(torch.nn.Module):
     Outputs at the analysis resolution: ``h_od`` (counterstain), ``dab_od``, ``det_od``
     (the image nuclei are detected on: haematoxylin, plus DAB when the compartment is the
     nucleus), ``peak``, ``mask`` (B, 1, H, W); at the tissue-class resolution: ``bright``,
-    ``h_ctx``, ``e_ctx``.
+    ``h_ctx``, ``e_ctx`` (and ``clear_od`` with ``tissue.classes.clear_max_od_excess``).
     """
 
     def __init__(self, rgb_from_stains: np.ndarray, config: ECadConfig, *, h_scale: float = 1.0,
