@@ -51,12 +51,20 @@ class HEModule(torch.nn.Module):
     (B, 1, ceil(H/f), ceil(W/f)), f = :func:`marrowseg.analyzers.nuclei.background_factor`.
     """
 
-    def __init__(self, rgb_from_stains: np.ndarray, config: HEConfig, tissue_scale: float = 1.0) -> None:
+    def __init__(self, rgb_from_stains: np.ndarray, config: HEConfig, tissue_scale: float = 1.0,
+                 tissue_rgb_from_stains: np.ndarray | None = None) -> None:
         super().__init__()
         self.tissue_scale = float(tissue_scale)  # x summed OD and eosin for the tissue classes (HEAnalyzer.prepare)
         inv = np.linalg.inv(np.asarray(rgb_from_stains, np.float64))
         # od = conc @ rgb_from_stains (row vectors), so conc = od @ inv: indexed (rgb, stain)
         self.register_buffer("rgb_to_stain", torch.as_tensor(inv, dtype=torch.float32))
+        # he.stain.vectors: reference deconvolves the tissue classes' H and E apart from the nuclei's
+        self.tissue_rgb_to_stain: torch.Tensor | None
+        if tissue_rgb_from_stains is None:
+            self.tissue_rgb_to_stain = None
+        else:
+            inv_t = np.linalg.inv(np.asarray(tissue_rgb_from_stains, np.float64))
+            self.register_buffer("tissue_rgb_to_stain", torch.as_tensor(inv_t, dtype=torch.float32))
         self.nuclei = nuc.NucleusMaps(config.mpp, config.nuclei)
         self.tissue = tis.TissueMaps(config.mpp, config.tissue)
         # he.nuclei.detector: unet adds the learned centre map (output "centre")
@@ -72,9 +80,11 @@ class HEModule(torch.nn.Module):
         out = {"h_od": h}
         out.update(self.nuclei(h))
         od_sum, he_conc = od.sum(dim=1, keepdim=True), conc[:, 0:2]
+        if self.tissue_rgb_to_stain is not None:
+            he_conc = torch.einsum("bchw,cs->bshw", od, self.tissue_rgb_to_stain[:, 0:2].to(od.dtype))
         if self.tissue_scale != 1.0:
             od_sum = od_sum * self.tissue_scale
-            he_conc = torch.cat([conc[:, 0:1], conc[:, 1:2] * self.tissue_scale], dim=1)  # H is scaled already
+            he_conc = torch.cat([he_conc[:, 0:1], he_conc[:, 1:2] * self.tissue_scale], dim=1)  # H is scaled already
         out.update(self.tissue(od_sum, he_conc))
         if self.centre_net is not None:
             out["centre"] = self.centre_net(x.float())
@@ -160,6 +170,8 @@ class HEAnalyzer(MarrowAnalyzer):
         super().__init__(config)
         self.rgb_from_stains = stains.stain_matrix(stains.RUIFROK_H, stains.RUIFROK_E)
         self.tissue_scale = 1.0  # set per slide by prepare (he.stain.tissue_follows_floor)
+        # the tissue classes' own deconvolution where it differs from the nuclei's (he.stain.vectors: reference)
+        self.tissue_rgb_from_stains: np.ndarray | None = None
         self.k = tis.class_factor(config.mpp, config.tissue.class_mpp)
         self._ref_nets: dict[str, torch.nn.Module] | None = None  # reference_dense's learned nets
         self.reference = load_cellularity_reference()
@@ -177,46 +189,98 @@ class HEAnalyzer(MarrowAnalyzer):
     # -- dense ----------------------------------------------------------------------------
     @property
     def needs_sample(self) -> bool:
-        return self.config.stain.vectors == "macenko" or self.config.stain.scales_haematoxylin
+        return self.config.stain.vectors != "ruifrok" or self.config.stain.scales_haematoxylin
 
     def prepare(self, sample_rgb: np.ndarray) -> dict[str, Any]:
-        """Choose the stain vectors: Ruifrok, or a Macenko estimate close enough to it."""
+        """Choose the stain vectors (Ruifrok, a Macenko estimate, or the slide's stain mapped onto
+        the reference stain), then the haematoxylin scale."""
         cfg = self.config.stain
         sample_rgb = tis.without_opaque(sample_rgb, self.config.tissue)
         ruifrok = stains.stain_matrix(stains.RUIFROK_H, stains.RUIFROK_E)
         self.rgb_from_stains = ruifrok  # each slide starts from the published vectors
         self._module = None
         info: dict[str, Any] = {"stain_vectors": "ruifrok"}
-        if cfg.vectors == "macenko":
-            od = stains.od_from_rgb(np.asarray(sample_rgb).reshape(-1, 3))
-            vecs, est = stains.estimate_two_stains(od, min_od=cfg.macenko_min_od, percentile=cfg.macenko_percentile)
+        self.tissue_rgb_from_stains = None
+        has_reference = cfg.reference_h is not None and cfg.reference_e is not None
+        if cfg.vectors != "ruifrok" or has_reference:
+            h_e, est = self._macenko(sample_rgb, ruifrok)
             info["macenko"] = est
-            if vecs is not None:
-                # assign by angle to the reference vectors, not by the estimator's own order
-                a = [[_angle_deg(v, ruifrok[j]) for j in range(2)] for v in vecs]
-                order = (0, 1) if a[0][0] + a[1][1] <= a[0][1] + a[1][0] else (1, 0)
-                h, e = vecs[order[0]], vecs[order[1]]
-                dh, de = _angle_deg(h, ruifrok[0]), _angle_deg(e, ruifrok[1])
-                info.update(h_angle_deg=dh, e_angle_deg=de)
-                if dh <= cfg.max_angle_deg and de <= cfg.max_angle_deg:
-                    self.rgb_from_stains = stains.stain_matrix(h, e)
-                    info["stain_vectors"] = "macenko"
-                    info["h"] = [float(x) for x in h]
-                    info["e"] = [float(x) for x in e]
-                else:
-                    log.warning("Macenko vectors %.0f/%.0f deg from Ruifrok: keeping Ruifrok", dh, de)
+            if h_e is not None:
+                info["h"], info["e"] = [float(x) for x in h_e[0]], [float(x) for x in h_e[1]]
+                if has_reference:
+                    # how far the slide's stain lies from the one the nuclear thresholds were set on
+                    # (provenance only; the development crops' own estimates scatter up to 4.7 degrees)
+                    ref = stains.stain_matrix(cfg.reference_h, cfg.reference_e)
+                    info["stain_hue_deg"] = {"h": round(_angle_deg(h_e[0], ref[0]), 2), "e": round(_angle_deg(h_e[1], ref[1]), 2)}
+                if cfg.vectors != "ruifrok":
+                    info.update(self._use_vectors(h_e, ruifrok))
+        if info["stain_vectors"] == "reference":
+            # the tissue thresholds were set on phantoms drawn with Ruifrok's vectors (and one real
+            # trabecula, whose stain is the reference): the tissue classes keep the Ruifrok deconvolution
+            self.tissue_rgb_from_stains = ruifrok
         self.tissue_scale = 1.0
         if cfg.scales_haematoxylin:
-            info.update(self._normalise_haematoxylin(np.asarray(sample_rgb).reshape(-1, 3)))
-            if cfg.tissue_follows_floor and info.get("h_scale", 1.0) > 1.0:
+            pixels = np.asarray(sample_rgb).reshape(-1, 3)
+            self.rgb_from_stains, h_info = self._normalise_haematoxylin(pixels, self.rgb_from_stains)
+            info.update(h_info)
+            tissue_scale = info.get("h_scale", 1.0)
+            if self.tissue_rgb_from_stains is not None:
+                self.tissue_rgb_from_stains, t_info = self._normalise_haematoxylin(pixels, self.tissue_rgb_from_stains)
+                tissue_scale = t_info.get("h_scale", 1.0)
+                info["tissue_h_scale"] = tissue_scale
+            if cfg.tissue_follows_floor and tissue_scale > 1.0:
                 # a thinner section or a paler run takes every dye down by the same factor (Beer-Lambert);
                 # the tissue thresholds (bright_max_od, bone_min_eosin_od) are absolute, and at 0.6-0.7x
                 # fat membranes fell below bright_max_od and fat spaces merged into "tissue"
-                self.tissue_scale = float(info["h_scale"])
+                self.tissue_scale = float(tissue_scale)
                 info["tissue_od_scale"] = self.tissue_scale
         return info
 
-    def _normalise_haematoxylin(self, sample_rgb: np.ndarray) -> dict[str, Any]:
+    def _macenko(self, sample_rgb: np.ndarray, ruifrok: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict]:
+        """The slide's (haematoxylin, eosin) Macenko vectors, or None, and the estimator's report."""
+        cfg = self.config.stain
+        od = stains.od_from_rgb(np.asarray(sample_rgb).reshape(-1, 3))
+        vecs, est = stains.estimate_two_stains(od, min_od=cfg.macenko_min_od, percentile=cfg.macenko_percentile)
+        if vecs is None:
+            return None, est
+        # assign by angle to the reference vectors, not by the estimator's own order
+        a = [[_angle_deg(v, ruifrok[j]) for j in range(2)] for v in vecs]
+        order = (0, 1) if a[0][0] + a[1][1] <= a[0][1] + a[1][0] else (1, 0)
+        return (vecs[order[0]], vecs[order[1]]), est
+
+    def _use_vectors(self, h_e: tuple[np.ndarray, np.ndarray], ruifrok: np.ndarray) -> dict[str, Any]:
+        """Set ``rgb_from_stains`` from the slide's Macenko vectors (``he.stain.vectors``).
+
+        ``macenko`` deconvolves with the estimate itself. ``reference`` keeps the Ruifrok
+        deconvolution the nuclear thresholds were chosen with, but first maps the slide's stains
+        onto the reference stain, ``conc = od @ inv(S) @ Ref @ inv(Ruifrok)``, where ``S`` is the
+        slide's estimate and ``Ref`` the development crops' estimate by the same estimator, whose
+        bias (its eosin lies 15-20 degrees from Ruifrok's on every real H&E here) then cancels as
+        long as the tissue is alike. Either keeps Ruifrok, and says why, when a vector lies more
+        than ``max_angle_deg`` from the vector it is compared with.
+        """
+        cfg = self.config.stain
+        h, e = h_e
+        ref = ruifrok if cfg.vectors == "macenko" else stains.stain_matrix(cfg.reference_h, cfg.reference_e)
+        dh, de = _angle_deg(h, ref[0]), _angle_deg(e, ref[1])
+        info: dict[str, Any] = {"h_angle_deg": dh, "e_angle_deg": de}
+        if dh > cfg.max_angle_deg or de > cfg.max_angle_deg:
+            against = "Ruifrok" if cfg.vectors == "macenko" else "reference"
+            info["stain_vectors_fallback_reason"] = (
+                f"estimated vectors {dh:.0f} / {de:.0f} deg from the {against} vectors, beyond "
+                f"he.stain.max_angle_deg {cfg.max_angle_deg:g}: Ruifrok kept")
+            log.warning("H&E %s", info["stain_vectors_fallback_reason"])
+            return info
+        slide = stains.stain_matrix(h, e)
+        if cfg.vectors == "macenko":
+            self.rgb_from_stains = slide
+        else:
+            # od @ inv(M) = od @ inv(S) @ Ref @ inv(R)  <=>  M = R @ inv(Ref) @ S
+            self.rgb_from_stains = ruifrok @ np.linalg.inv(ref) @ slide
+        info["stain_vectors"] = cfg.vectors
+        return info
+
+    def _normalise_haematoxylin(self, sample_rgb: np.ndarray, rgb_from_stains: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """Scale the haematoxylin vector so that the slide's nuclear OD lies between the floor and the ceiling.
 
         The nuclear thresholds are absolute ODs; a slide stained 20 % paler than the crops they
@@ -227,18 +291,19 @@ class HEAnalyzer(MarrowAnalyzer):
         ``_NUCLEAR_MIN_H_OD``), so a fatty marrow, whose tissue is mostly pale membranes, is not
         taken for a pale stain. Dividing the H vector by ``s`` multiplies every haematoxylin
         concentration by ``s``, so the module and the NumPy reference both see the normalised stain.
+        Returns the scaled copy of ``rgb_from_stains`` and what was measured.
         """
         cfg = self.config.stain
         od = stains.od_from_rgb(sample_rgb)
         tissue = od.sum(axis=1) >= cfg.h_tissue_min_od
         lo, hi = cfg.h_scale_limits
         if tissue.sum() < 1000:
-            return {"h_scale": 1.0, "h_scale_note": f"too few tissue pixels in the sample ({int(tissue.sum())})"}
-        conc = od[tissue] @ np.linalg.inv(np.asarray(self.rgb_from_stains, np.float64))
+            return rgb_from_stains, {"h_scale": 1.0, "h_scale_note": f"too few tissue pixels in the sample ({int(tissue.sum())})"}
+        conc = od[tissue] @ np.linalg.inv(np.asarray(rgb_from_stains, np.float64))
         h = np.maximum(conc[:, 0], 0.0)
         nuclear = (h > conc[:, 1]) & (h > _NUCLEAR_MIN_H_OD)
         if nuclear.sum() < _NUCLEAR_MIN_PIXELS:
-            return {"h_scale": 1.0, "h_scale_note": f"too few nuclear pixels in the sample ({int(nuclear.sum())})"}
+            return rgb_from_stains, {"h_scale": 1.0, "h_scale_note": f"too few nuclear pixels in the sample ({int(nuclear.sum())})"}
         level = max(float(np.percentile(h[nuclear], cfg.h_reference_percentile)), 1e-6)
         target = level
         if cfg.h_reference_od is not None:
@@ -247,9 +312,8 @@ class HEAnalyzer(MarrowAnalyzer):
             target = min(target, cfg.h_ceiling_od)
         raw = target / level
         scale = float(np.clip(raw, lo, hi))
-        m = np.array(self.rgb_from_stains, np.float64)
+        m = np.array(rgb_from_stains, np.float64)
         m[0] = m[0] / scale
-        self.rgb_from_stains = m
         info: dict[str, Any] = {"h_scale": scale, "h_level_od": level}
         if scale != raw:
             # the nuclear thresholds then see a stain outside the range they were chosen on: the QA
@@ -258,10 +322,10 @@ class HEAnalyzer(MarrowAnalyzer):
                 f"haematoxylin not brought into range: nuclear level {level:.2f} OD needs x{raw:.2f}, beyond "
                 f"he.stain.h_scale_limits [{lo:g}, {hi:g}]; counts may read {'low' if raw > 1 else 'high'}")
             log.warning("H&E %s", info["h_scale_fallback_reason"])
-        return info
+        return m, info
 
     def build_module(self) -> torch.nn.Module:
-        return HEModule(self.rgb_from_stains, self.config, self.tissue_scale).eval()
+        return HEModule(self.rgb_from_stains, self.config, self.tissue_scale, self.tissue_rgb_from_stains).eval()
 
     def reference_dense(self, rgb: np.ndarray) -> dict[str, np.ndarray]:
         """The module's dense outputs for one tile, in plain NumPy / SciPy (the peer baseline).
@@ -295,9 +359,11 @@ class HEAnalyzer(MarrowAnalyzer):
         out = {"h_od": h}
         out.update(nuc.reference_maps(h, mpp, cfg.nuclei))
         od_sum, he_conc = od.sum(axis=2), conc[..., :2]
+        if self.tissue_rgb_from_stains is not None:
+            he_conc = od @ np.linalg.inv(np.asarray(self.tissue_rgb_from_stains, np.float64)).astype(np.float32)[:, :2]
         if self.tissue_scale != 1.0:
             od_sum = od_sum * np.float32(self.tissue_scale)
-            he_conc = np.concatenate([conc[..., 0:1], conc[..., 1:2] * np.float32(self.tissue_scale)], axis=-1)
+            he_conc = np.concatenate([he_conc[..., 0:1], he_conc[..., 1:2] * np.float32(self.tissue_scale)], axis=-1)
         out.update(tis.reference_maps(od_sum, he_conc, mpp, cfg.tissue))
         # the learned maps have no SciPy twin: the same nets, one tile, loaded once per analyzer
         # (not the module's: the engine may have moved those to a GPU)

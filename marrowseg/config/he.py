@@ -25,13 +25,20 @@ __all__ = [
 class HEStainConfig(Strict):
     """Which haematoxylin and eosin vectors deconvolve the slide."""
 
-    vectors: Literal["ruifrok", "macenko"] = Field(
+    vectors: Literal["ruifrok", "macenko", "reference"] = Field(
         description="ruifrok: fixed published vectors; macenko: estimated per slide in prepare(), "
-        "kept only if each lies within max_angle_deg of its Ruifrok vector"
+        "kept only if each lies within max_angle_deg of its Ruifrok vector; reference: the slide's Macenko "
+        "estimate is mapped onto reference_h / reference_e (the same estimator's reading of the stain the "
+        "thresholds were chosen on) before the Ruifrok deconvolution, if each lies within max_angle_deg of its "
+        "reference vector"
     )
+    reference_h: tuple[float, float, float] | None = Field(
+        None, description="vectors: reference: the Macenko haematoxylin vector of the development stain (RGB OD)")
+    reference_e: tuple[float, float, float] | None = Field(
+        None, description="vectors: reference: the Macenko eosin vector of the development stain (RGB OD)")
     macenko_min_od: float = Field(ge=0, description="summed OD of pixels used by the estimate")
     macenko_percentile: float = Field(gt=0, lt=50, description="robust angle extreme, percent")
-    max_angle_deg: float = Field(gt=0, le=90, description="largest accepted deviation from Ruifrok, degrees")
+    max_angle_deg: float = Field(gt=0, le=90, description="largest accepted deviation of an estimated vector from its Ruifrok vector (macenko) or its reference vector (reference), degrees")
     h_reference_od: float | None = Field(
         None, gt=0, description="haematoxylin floor: a slide whose nuclear level (the h_reference_percentile of "
         "nuclear pixels: haematoxylin above eosin and above 0.15 OD, among tissue pixels of the stain sample) "
@@ -57,6 +64,8 @@ class HEStainConfig(Strict):
 
     @model_validator(mode="after")
     def _ceiling_above_floor(self) -> HEStainConfig:
+        if self.vectors == "reference" and (self.reference_h is None or self.reference_e is None):
+            raise ValueError("he.stain.vectors: reference needs reference_h and reference_e")
         lo, hi = self.h_scale_limits
         if not 0 < lo <= 1 <= hi:
             raise ValueError(f"h_scale_limits {self.h_scale_limits}: need 0 < low <= 1 <= high")
