@@ -29,6 +29,11 @@ Modes
     maturation stage (the phantom's ``stage`` column: myeloblast ... segmented,
     proerythroblast ... orthochromatic_erythroblast, lymphocyte, megakaryocyte), pooled.
 
+``--hue H1,H2,H3:E1,E2,E3``
+    Restain every image from the reference stain (``he.stain.reference_h`` / ``reference_e``,
+    the development crops' Macenko vectors) to these haematoxylin and eosin vectors (RGB OD)
+    before the analysis: the same tissue as another lab's hue would show it (:func:`rehue`).
+
 Detections come from the analyzer run through the engine
 (:func:`marrowseg.engine.analyze_array`), the code path of ``marrowseg analyze``.
 """
@@ -88,6 +93,16 @@ GRID = {
     "he.nuclei.min_peak_od": [0.25, 0.3, 0.35],
     "he.nuclei.min_distance_um": [1.5, 2.0],
 }
+
+
+def rehue(rgb: np.ndarray, source: tuple, target: tuple) -> np.ndarray:
+    """``rgb`` with its stains moved from the ``source`` (h, e) vectors to the ``target`` ones (Beer-Lambert:
+    concentrations by the source matrix, OD again by the target's; the residual keeps its share)."""
+    from marrowseg.stains import od_from_rgb, rgb_from_od, stain_matrix
+
+    od = od_from_rgb(rgb).reshape(-1, 3)
+    m = np.linalg.inv(stain_matrix(*source)) @ stain_matrix(*target)
+    return rgb_from_od((od @ m).reshape(rgb.shape))
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -413,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --phantoms: the share of truth cells found per maturation stage")
     ap.add_argument("--od-scale", type=float, default=1.0, metavar="F",
                     help="multiply every optical density of the images by F (a paler or darker staining run)")
+    ap.add_argument("--hue", default=None, metavar="H1,H2,H3:E1,E2,E3",
+                    help="restain the images from the reference stain to these H and E vectors (another lab's hue)")
     ap.add_argument("-q", "--quiet", action="store_true")
     args = ap.parse_args(argv)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -447,6 +464,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.od_scale != 1.0:
         items = [(n, restain(rgb, args.od_scale), t) for n, rgb, t in items]
+    if args.hue:
+        try:
+            target = tuple(tuple(float(v) for v in part.split(",")) for part in args.hue.split(":"))
+            if len(target) != 2 or any(len(v) != 3 for v in target):
+                raise ValueError
+        except ValueError:
+            ap.error(f"--hue {args.hue!r}: expected H1,H2,H3:E1,E2,E3")
+        ref = _config(overrides).he.stain
+        items = [(n, rehue(rgb, (ref.reference_h, ref.reference_e), target), t) for n, rgb, t in items]
     log(f"{len(items)} images, mpp {args.mpp}, match radius {radius} px")
     if args.lopo and args.weights_per_patient is not None:
         lopo_learned(items, args.mpp, radius, args.weights_per_patient, overrides)
