@@ -143,3 +143,26 @@ def test_stain_reference_script_finds_the_vectors_drawn(tmp_path, capsys, fields
         cos = got @ stains.normalize_rows(np.array(want)) / np.linalg.norm(got)
         assert np.degrees(np.arccos(min(cos, 1.0))) < 1.5, line
     assert "| patient 0001 |" in out and "| all but 0002 |" in out
+
+
+def test_only_hues_between_the_reference_angles_are_mapped(fields):
+    """The shipped default maps a lab hue (10 degrees off) but reads the development stain (within 5 degrees)
+    and a hue unlike any lab checked (Ruifrok's own eosin, 17.5 degrees off, as the phantoms draw it) as they are,
+    without a fallback reason (no QA flag)."""
+    cfg = load_config("he").he
+    assert cfg.stain.vectors == "reference"
+    lo, hi = cfg.stain.reference_angle_deg
+    ruifrok = stains.stain_matrix(stains.RUIFROK_H, stains.RUIFROK_E)
+    (ref_rgb, _), (foreign_rgb, _) = fields
+    ruifrok_rgb, _ = _stained(stains.RUIFROK_H, stains.RUIFROK_E)
+    an = HEAnalyzer(_config("reference").he)
+    for rgb, mapped in ((ref_rgb, False), (foreign_rgb, True), (ruifrok_rgb, False)):
+        info = an.prepare(rgb.reshape(-1, 3))
+        worst = max(info["stain_hue_deg"].values())
+        assert (lo < worst <= hi) == mapped, info
+        assert info["stain_vectors"] == ("reference" if mapped else "ruifrok")
+        assert not any("fallback" in k for k in info)
+        if not mapped:
+            assert "stain_vectors_note" in info
+            np.testing.assert_array_equal(an.rgb_from_stains, ruifrok)
+            assert an.tissue_rgb_from_stains is None

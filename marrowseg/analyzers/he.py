@@ -264,6 +264,18 @@ class HEAnalyzer(MarrowAnalyzer):
         ref = ruifrok if cfg.vectors == "macenko" else stains.stain_matrix(cfg.reference_h, cfg.reference_e)
         dh, de = _angle_deg(h, ref[0]), _angle_deg(e, ref[1])
         info: dict[str, Any] = {"h_angle_deg": dh, "e_angle_deg": de}
+        if cfg.vectors == "reference":
+            lo, hi = cfg.reference_angle_deg
+            if max(dh, de) <= lo:
+                info["stain_vectors_note"] = (
+                    f"estimated vectors {dh:.1f} / {de:.1f} deg from the reference, within he.stain.reference_angle_deg "
+                    f"{lo:g}: stained as the reference, deconvolved as it is")
+                return info
+            if max(dh, de) > hi:
+                info["stain_vectors_note"] = (
+                    f"estimated vectors {dh:.1f} / {de:.1f} deg from the reference, beyond he.stain.reference_angle_deg "
+                    f"{hi:g} (beyond the hues the mapping was checked on): deconvolved as it is")
+                return info
         if dh > cfg.max_angle_deg or de > cfg.max_angle_deg:
             against = "Ruifrok" if cfg.vectors == "macenko" else "reference"
             info["stain_vectors_fallback_reason"] = (

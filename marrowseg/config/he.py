@@ -29,13 +29,17 @@ class HEStainConfig(Strict):
         description="ruifrok: fixed published vectors; macenko: estimated per slide in prepare(), "
         "kept only if each lies within max_angle_deg of its Ruifrok vector; reference: the slide's Macenko "
         "estimate is mapped onto reference_h / reference_e (the same estimator's reading of the stain the "
-        "thresholds were chosen on) before the Ruifrok deconvolution, if each lies within max_angle_deg of its "
-        "reference vector"
+        "thresholds were chosen on) before the Ruifrok deconvolution, for the nuclei only, when the estimate "
+        "lies between the two reference_angle_deg from the reference (and within max_angle_deg)"
     )
     reference_h: tuple[float, float, float] | None = Field(
         None, description="vectors: reference: the Macenko haematoxylin vector of the development stain (RGB OD)")
     reference_e: tuple[float, float, float] | None = Field(
         None, description="vectors: reference: the Macenko eosin vector of the development stain (RGB OD)")
+    reference_angle_deg: tuple[float, float] = Field(
+        (0.0, 90.0), description="vectors: reference: a slide is mapped onto the reference stain only when its "
+        "haematoxylin or eosin estimate lies more than the first angle from the reference vector, and neither "
+        "more than the second; otherwise it is deconvolved as it is (Ruifrok), degrees")
     macenko_min_od: float = Field(ge=0, description="summed OD of pixels used by the estimate")
     macenko_percentile: float = Field(gt=0, lt=50, description="robust angle extreme, percent")
     max_angle_deg: float = Field(gt=0, le=90, description="largest accepted deviation of an estimated vector from its Ruifrok vector (macenko) or its reference vector (reference), degrees")
@@ -66,6 +70,8 @@ class HEStainConfig(Strict):
     def _ceiling_above_floor(self) -> HEStainConfig:
         if self.vectors == "reference" and (self.reference_h is None or self.reference_e is None):
             raise ValueError("he.stain.vectors: reference needs reference_h and reference_e")
+        if not 0 <= self.reference_angle_deg[0] < self.reference_angle_deg[1] <= 90:
+            raise ValueError(f"reference_angle_deg {self.reference_angle_deg}: need 0 <= low < high <= 90")
         lo, hi = self.h_scale_limits
         if not 0 < lo <= 1 <= hi:
             raise ValueError(f"h_scale_limits {self.h_scale_limits}: need 0 < low <= 1 <= high")
