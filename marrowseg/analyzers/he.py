@@ -225,7 +225,8 @@ class HEAnalyzer(MarrowAnalyzer):
             info.update(h_info)
             tissue_scale = info.get("h_scale", 1.0)
             if self.tissue_rgb_from_stains is not None:
-                self.tissue_rgb_from_stains, t_info = self._normalise_haematoxylin(pixels, self.tissue_rgb_from_stains)
+                self.tissue_rgb_from_stains, t_info = self._normalise_haematoxylin(
+                    pixels, self.tissue_rgb_from_stains, warn=False)  # the nuclei's scale has said it
                 tissue_scale = t_info.get("h_scale", 1.0)
                 info["tissue_h_scale"] = tissue_scale
             if cfg.tissue_follows_floor and tissue_scale > 1.0:
@@ -292,7 +293,8 @@ class HEAnalyzer(MarrowAnalyzer):
         info["stain_vectors"] = cfg.vectors
         return info
 
-    def _normalise_haematoxylin(self, sample_rgb: np.ndarray, rgb_from_stains: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    def _normalise_haematoxylin(self, sample_rgb: np.ndarray, rgb_from_stains: np.ndarray,
+                                warn: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
         """Scale the haematoxylin vector so that the slide's nuclear OD lies between the floor and the ceiling.
 
         The nuclear thresholds are absolute ODs; a slide stained 20 % paler than the crops they
@@ -333,7 +335,8 @@ class HEAnalyzer(MarrowAnalyzer):
             info["h_scale_fallback_reason"] = (
                 f"haematoxylin not brought into range: nuclear level {level:.2f} OD needs x{raw:.2f}, beyond "
                 f"he.stain.h_scale_limits [{lo:g}, {hi:g}]; counts may read {'low' if raw > 1 else 'high'}")
-            log.warning("H&E %s", info["h_scale_fallback_reason"])
+            if warn:
+                log.warning("H&E %s", info["h_scale_fallback_reason"])
         return m, info
 
     def build_module(self) -> torch.nn.Module:
