@@ -85,19 +85,23 @@ def _readouts(out: Path) -> dict[str, dict]:
 
 
 def test_summary_says_when_a_slide_was_not_read_whole_or_looks_like_another_stain(serial, tmp_path):
-    """summary.csv carries tiles_missing and stain_looks_like beside the readouts."""
+    """summary.csv carries tiles_missing, stain_looks_like and stain_hue_deg beside the readouts."""
     from marrowseg.batch_plan import SlideJob
     from marrowseg.batch_slide import _row_from_metrics
 
     ok = [r for r in _summary(serial).values() if r["status"] == "ok"]
     assert ok and all(r["tiles_missing"] == "0" and r["stain_looks_like"] == "" for r in ok)
     assert all(float(r["out_of_focus_frac"]) == 0.0 for r in ok)  # the sharp phantoms
+    # the H&E phantoms are drawn with Ruifrok's eosin, ~18 degrees from the development stain; other stains: none
+    assert all(15 < float(r["stain_hue_deg"]) < 21 if r["stain"] == "he" else r["stain_hue_deg"] == "" for r in ok)
     doc = {"batch": {"stain": "he", "stain_source": "cli", "stain_confidence": 1.0, "config_hash": "x"},
            "slide": {"width": 10, "height": 10, "mpp": 0.5}, "readouts": {},
            "tiles": {"missing": 2, "out_of_focus_frac": 0.25},
-           "provenance": {"tissue": {"stain_check": {"looks_like": "reticulin", "confidence": 0.9, "mismatch": True}}}}
+           "provenance": {"tissue": {"stain_check": {"looks_like": "reticulin", "confidence": 0.9, "mismatch": True}},
+                          "prepare": {"stain_hue_deg": {"h": 3.5, "e": 11.25}}}}
     row = _row_from_metrics(SlideJob(tmp_path / "s.tif", "s.tif", "s", "he", "cli"), doc, ran=True)
     assert row["tiles_missing"] == 2 and row["stain_looks_like"] == "reticulin" and row["out_of_focus_frac"] == 0.25
+    assert row["stain_hue_deg"] == 11.25
 
 
 # ----------------------------------------------------------------------------- plan

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "dab_run_off_reference", "scan_too_coarse",
-           "out_of_focus", "stain_fallbacks", "OUT_OF_FOCUS_FLAG_FRAC", "DAB_RUN_FLAG_SCALE"]
+           "out_of_focus", "stain_fallbacks", "stain_hue", "OUT_OF_FOCUS_FLAG_FRAC", "DAB_RUN_FLAG_SCALE"]
 
 OUT_OF_FOCUS_FLAG_FRAC = 0.1
 """A slide is reported out of focus when at least this share of its judged tissue is."""
@@ -74,6 +74,16 @@ def stain_fallbacks(metrics: Any) -> str:
         return out
 
     return "; ".join(found((metrics.get("provenance") or {}).get("prepare")))
+
+
+def stain_hue(metrics: Any) -> float | None:
+    """How far an H&E slide's stain lies from the development stain, degrees: the larger of its
+    haematoxylin and eosin angles (``provenance.prepare.stain_hue_deg``, see
+    :meth:`marrowseg.analyzers.he.HEAnalyzer.prepare`), or None where none was estimated."""
+    hue = ((metrics.get("provenance") or {}).get("prepare") or {}).get("stain_hue_deg")
+    if not isinstance(hue, Mapping) or not hue:
+        return None
+    return max(float(v) for v in hue.values())
 
 
 DAB_RUN_FLAG_SCALE = 1.5
