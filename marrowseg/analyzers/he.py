@@ -1,5 +1,8 @@
 """H&E analyzer: tissue classes, cellularity, adipocytes, nucleated cells.
 
+Per slide (``prepare``): the stain's Macenko estimate, its distance from the development stain
+and, for a slide 5-15 degrees off (another lab's hue), the mapping of the nuclei's deconvolution
+onto that stain (``he.stain.vectors: reference``); the haematoxylin floor and ceiling.
 Dense step (torch, on the device): optical density, haematoxylin/eosin deconvolution,
 the smoothed haematoxylin maps of the nuclear detector and the pooled maps of the tissue
 classes. Per tile (CPU): tissue labels (:mod:`marrowseg.analyzers.tissue`), nuclei
@@ -257,8 +260,11 @@ class HEAnalyzer(MarrowAnalyzer):
         onto the reference stain, ``conc = od @ inv(S) @ Ref @ inv(Ruifrok)``, where ``S`` is the
         slide's estimate and ``Ref`` the development crops' estimate by the same estimator, whose
         bias (its eosin lies 15-20 degrees from Ruifrok's on every real H&E here) then cancels as
-        long as the tissue is alike. Either keeps Ruifrok, and says why, when a vector lies more
-        than ``max_angle_deg`` from the vector it is compared with.
+        long as the tissue is alike. ``reference`` maps only an estimate lying between the two
+        ``reference_angle_deg`` from the reference (nearer: the development stain's own scatter;
+        farther: hues where the estimate misled), and notes why it did not. Either keeps Ruifrok,
+        and says why, when a vector lies more than ``max_angle_deg`` from the vector it is
+        compared with.
         """
         cfg = self.config.stain
         h, e = h_e
