@@ -229,6 +229,38 @@ def test_cell_spacing_matches_real_marrow_annotations(shared_data):
     assert (nn < 4.0).mean() < 0.05
 
 
+def _pink_direction(rgb: np.ndarray) -> np.ndarray:
+    """Median unit OD vector of stained pixels with little haematoxylin (cytoplasm, matrix): the eosin's hue.
+    Written out here (Ruifrok & Johnston's published haematoxylin; no analyzer code)."""
+    od = -np.log10(np.clip(rgb.reshape(-1, 3).astype(np.float64), 1.0, 255.0) / 255.0)
+    h_vec = np.array([0.650, 0.704, 0.286]) / np.linalg.norm([0.650, 0.704, 0.286])
+    e_vec = np.array([0.072, 0.990, 0.105]) / np.linalg.norm([0.072, 0.990, 0.105])
+    m = np.vstack([h_vec, e_vec, np.abs(np.cross(h_vec, e_vec))])
+    m[2] /= np.linalg.norm(m[2])
+    h = (od @ np.linalg.inv(m))[:, 0]
+    total = od.sum(axis=1)
+    pink = od[(total > 0.3) & (total < 1.2) & (h < 0.08)]
+    d = np.median(pink / np.linalg.norm(pink, axis=1, keepdims=True), axis=0)
+    return d / np.linalg.norm(d)
+
+
+@pytest.mark.xfail(
+    reason="the H&E phantom's eosin is Ruifrok & Johnston's published vector, about 20 degrees from the pink of "
+    "every real H&E here (mbm-dev and MoNuSeg read (0.24-0.31, 0.84-0.87, 0.42-0.45), the phantom (0.13, 0.98, "
+    "0.12)); a real-measured eosin would change every H&E phantom figure (docs/validation.md, H&E, stain hue)",
+    strict=True,
+)
+def test_he_phantom_pink_has_the_hue_of_real_marrow(shared_data):
+    """The eosin-stained parts of an H&E phantom have the hue of real marrow's (within 8 degrees)."""
+    from skimage.io import imread
+
+    real = np.concatenate([imread(f)[..., :3].reshape(-1, 3) for f in sorted(shared_data("mbm-dev").glob("*.png"))
+                           if "_dots_" not in f.name])
+    ph = make_phantom("he", seed=5, size_px=(1024, 1024), mpp=0.5)
+    got, want = _pink_direction(ph.render(0, 0, 1024, 1024)), _pink_direction(real)
+    assert np.degrees(np.arccos(np.clip(got @ want, -1, 1))) < 8.0, (got, want)
+
+
 def test_section_profiles_of_cells_are_smaller_and_paler_than_whole_cells(he):
     """A cell is drawn as the profile a 3 µm section cuts from it: nuclear profiles range down
     from the whole nucleus's area, and a small nuclear cap is paler than a full profile."""
