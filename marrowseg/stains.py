@@ -14,6 +14,8 @@ __all__ = [
     "RUIFROK_H",
     "RUIFROK_E",
     "RUIFROK_DAB",
+    "angle_deg",
+    "match_stains",
     "normalize_rows",
     "stain_matrix",
     "OD_OF_UINT8",
@@ -167,6 +169,35 @@ def concentrations_torch(od: torch.Tensor, rgb_from_stains: np.ndarray) -> torch
     stains_from_rgb = np.linalg.inv(np.asarray(rgb_from_stains, dtype=np.float64))
     m = torch.as_tensor(stains_from_rgb, dtype=od.dtype, device=od.device)  # (3 rgb, 3 stains)
     return torch.einsum("bchw,cs->bshw", od, m)
+
+
+def angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle between two OD vectors (any length), degrees."""
+    a = np.asarray(a, np.float64) / np.linalg.norm(a)
+    b = np.asarray(b, np.float64) / np.linalg.norm(b)
+    return float(np.degrees(np.arccos(np.clip(a @ b, -1.0, 1.0))))
+
+
+def match_stains(vectors: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two estimated stain vectors in the order of the first two rows of ``reference``.
+
+    The pairing with the smaller summed angle wins, so the estimator's own order (by red/blue
+    ratio) never swaps, say, a purple haematoxylin and a brown DAB.
+
+    Parameters
+    ----------
+    vectors : (2, 3) array-like
+        Estimated stain vectors (:func:`estimate_two_stains`).
+    reference : (>= 2, 3) array-like
+        Reference vectors; rows 0 and 1 are the stains to match.
+
+    Returns
+    -------
+    first, second : (3,) ndarray
+        The vectors closest to ``reference[0]`` and ``reference[1]``.
+    """
+    a = [[angle_deg(v, reference[j]) for j in range(2)] for v in vectors]
+    return (vectors[0], vectors[1]) if a[0][0] + a[1][1] <= a[0][1] + a[1][0] else (vectors[1], vectors[0])
 
 
 def estimate_two_stains(

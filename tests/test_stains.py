@@ -84,3 +84,14 @@ def test_od_of_uint8_is_the_formula_to_the_bit_and_leaves_float_input_alone():
     before = f.copy()
     assert (stains.od_from_rgb(f) == got).all()
     assert (f == before).all()  # not clamped in place
+
+
+def test_match_stains_pairs_by_angle_not_by_the_estimators_order():
+    ref = stains.stain_matrix(stains.RUIFROK_H, stains.RUIFROK_DAB)
+    h, dab = ref[0] + 0.02, ref[1] - 0.02
+    for given in ((h, dab), (dab, h)):
+        got = stains.match_stains(np.array(given), ref)
+        np.testing.assert_array_equal(got[0], h)
+        np.testing.assert_array_equal(got[1], dab)
+    assert stains.angle_deg(ref[0], 3 * ref[0]) == pytest.approx(0.0, abs=1e-5)
+    assert stains.angle_deg([1, 0, 0], [0, 1, 0]) == pytest.approx(90.0)

@@ -37,12 +37,6 @@ _CELL_COLUMNS = ("area_um2", "eccentricity", "solidity", "h_od_mean", "h_od_cv")
 _MIN_INTENSITY, _BACKGROUND = 1.0, 255.0  # as marrowseg.stains: one grey level keeps log finite
 
 
-def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.linalg.norm(a)
-    b = b / np.linalg.norm(b)
-    return float(np.degrees(np.arccos(np.clip(a @ b, -1.0, 1.0))))
-
-
 class HEModule(torch.nn.Module):
     """``(B, 3, H, W)`` RGB 0..255 -> haematoxylin OD, nuclear maps and tissue maps.
 
@@ -214,7 +208,7 @@ class HEAnalyzer(MarrowAnalyzer):
                     # how far the slide's stain lies from the one the nuclear thresholds were set on
                     # (provenance only; the development crops' own estimates scatter up to 4.7 degrees)
                     ref = stains.stain_matrix(cfg.reference_h, cfg.reference_e)
-                    info["stain_hue_deg"] = {"h": round(_angle_deg(h_e[0], ref[0]), 2), "e": round(_angle_deg(h_e[1], ref[1]), 2)}
+                    info["stain_hue_deg"] = {"h": round(stains.angle_deg(h_e[0], ref[0]), 2), "e": round(stains.angle_deg(h_e[1], ref[1]), 2)}
                 if cfg.vectors != "ruifrok":
                     info.update(self._use_vectors(h_e, ruifrok))
         if info["stain_vectors"] == "reference":
@@ -247,10 +241,7 @@ class HEAnalyzer(MarrowAnalyzer):
         vecs, est = stains.estimate_two_stains(od, min_od=cfg.macenko_min_od, percentile=cfg.macenko_percentile)
         if vecs is None:
             return None, est
-        # assign by angle to the reference vectors, not by the estimator's own order
-        a = [[_angle_deg(v, ruifrok[j]) for j in range(2)] for v in vecs]
-        order = (0, 1) if a[0][0] + a[1][1] <= a[0][1] + a[1][0] else (1, 0)
-        return (vecs[order[0]], vecs[order[1]]), est
+        return stains.match_stains(vecs, ruifrok), est
 
     def _use_vectors(self, h_e: tuple[np.ndarray, np.ndarray], ruifrok: np.ndarray) -> dict[str, Any]:
         """Set ``rgb_from_stains`` from the slide's Macenko vectors (``he.stain.vectors``).
@@ -269,7 +260,7 @@ class HEAnalyzer(MarrowAnalyzer):
         cfg = self.config.stain
         h, e = h_e
         ref = ruifrok if cfg.vectors == "macenko" else stains.stain_matrix(cfg.reference_h, cfg.reference_e)
-        dh, de = _angle_deg(h, ref[0]), _angle_deg(e, ref[1])
+        dh, de = stains.angle_deg(h, ref[0]), stains.angle_deg(e, ref[1])
         info: dict[str, Any] = {"h_angle_deg": dh, "e_angle_deg": de}
         if cfg.vectors == "reference":
             lo, hi = cfg.reference_angle_deg

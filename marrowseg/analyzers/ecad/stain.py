@@ -42,12 +42,6 @@ def hdab_matrix(h: np.ndarray | tuple, dab: np.ndarray | tuple) -> np.ndarray:
     return np.vstack([rows, third / np.linalg.norm(third)])
 
 
-def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
-    a = np.asarray(a, np.float64) / np.linalg.norm(a)
-    b = np.asarray(b, np.float64) / np.linalg.norm(b)
-    return float(np.degrees(np.arccos(np.clip(a @ b, -1.0, 1.0))))
-
-
 def estimate_hdab_vectors(sample_rgb: np.ndarray, cfg: Any) -> tuple[np.ndarray, dict[str, Any]]:
     """Stain matrix of one slide from a sample of its pixels, or the standard one.
 
@@ -99,12 +93,9 @@ def estimate_hdab_vectors(sample_rgb: np.ndarray, cfg: Any) -> tuple[np.ndarray,
     info["angle_spread_deg"] = est.get("angle_spread_deg")
     if vecs is None:
         return fallback("estimate impossible")
-    # assign by angle to the standard vectors, not by the estimator's own order
-    a = [[_angle_deg(v, standard[j]) for j in range(2)] for v in vecs]
-    order = (0, 1) if a[0][0] + a[1][1] <= a[0][1] + a[1][0] else (1, 0)
-    h, dab = vecs[order[0]], vecs[order[1]]
-    spread = _angle_deg(h, dab)
-    dh, dd = _angle_deg(h, standard[0]), _angle_deg(dab, standard[1])
+    h, dab = stains.match_stains(vecs, standard)
+    spread = stains.angle_deg(h, dab)
+    dh, dd = stains.angle_deg(h, standard[0]), stains.angle_deg(dab, standard[1])
     info.update(spread_deg=spread, h_angle_deg=dh, dab_angle_deg=dd,
                 h_estimate=[float(x) for x in h], dab_estimate=[float(x) for x in dab])
     if not (cfg.min_spread_deg <= spread <= cfg.max_spread_deg):
