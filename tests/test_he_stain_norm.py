@@ -80,12 +80,22 @@ def test_a_ceiling_below_the_floor_or_limits_off_one_are_refused(override):
 def test_a_fatty_marrow_is_not_taken_for_a_pale_stain(seed):
     """The level comes from nuclear pixels: a 3 %-cellular field, whose tissue is mostly fat
     membranes and bone, reads the level of the same stain packed (its 99th percentile of all
-    tissue reads 0.7-0.9 OD) and is not brightened."""
-    an = HEAnalyzer(load_config("he").he)
-    info = an.prepare(_phantom(3, seed=seed).reshape(-1, 3))
-    packed = an.prepare(_phantom(95, seed=seed).reshape(-1, 3))
-    assert abs(info["h_level_od"] - packed["h_level_od"]) < 0.1, (info, packed)
-    assert info["h_scale"] <= 1.0, info
+    tissue reads 0.7-0.9 OD) and is not brightened.
+
+    Read through the hue mapping, the fatty field's Macenko haematoxylin lies 2-4 degrees bluer
+    than the packed field's (fat membranes and bone in the estimate), which darkens its raw level
+    by 0.13-0.20 OD; the ceiling then brings both to the same level, which is what the nuclear
+    thresholds see. Without the mapping the raw levels agree."""
+    for vectors in ("reference", "ruifrok"):
+        an = HEAnalyzer(load_config("he", overrides=[f"he.stain.vectors={vectors}"]).he)
+        info = an.prepare(_phantom(3, seed=seed).reshape(-1, 3))
+        packed = an.prepare(_phantom(95, seed=seed).reshape(-1, 3))
+        seen, seen_packed = info["h_level_od"] * info["h_scale"], packed["h_level_od"] * packed["h_scale"]
+        assert abs(seen - seen_packed) < 0.1, (vectors, info, packed)
+        if vectors == "reference":
+            assert info["h_scale"] <= 1.0, info
+        else:  # Ruifrok's haematoxylin reads the phantom's at ~0.75: near the floor, not brightened past it
+            assert abs(info["h_level_od"] - packed["h_level_od"]) < 0.1 and info["h_scale"] < 1.05, (info, packed)
 
 
 def test_pale_slide_counts_like_the_original_only_with_normalisation(phantom_rgb):
@@ -145,8 +155,10 @@ def test_grade_names_a_stain_beyond_the_scale_limits(phantom_rgb):
 
 
 def test_a_pale_run_keeps_its_fat_only_when_the_tissue_follows_the_floor():
-    """Every OD x0.6 (a thin section): fat membranes fall below bright_max_od and the spaces merge
-    into marrow, so a 33 % marrow read 64 %; brought up with the haematoxylin, it reads as stained."""
+    """Every OD x0.5 (a thin section): fat membranes fall below bright_max_od and the spaces merge
+    into marrow; brought up with the haematoxylin, it reads as stained. (At x0.6 the phantoms drawn
+    with Ruifrok's eosin lost their fat, a 33 % marrow reading 64 %; Macenko's eosin, drawn since
+    the thirty-second session, absorbs more in all three channels and keeps it to x0.5.)"""
     def run(rgb, follow):
         cfg = load_config("he", overrides=[f"he.stain.tissue_follows_floor={str(follow).lower()}"])
         res = analyze_array(rgb, MPP, HEAnalyzer(cfg.he), cfg, device="cpu")
@@ -155,7 +167,7 @@ def test_a_pale_run_keeps_its_fat_only_when_the_tissue_follows_the_floor():
     rgb = _phantom(30)
     base, scale = run(rgb, True)
     assert scale is None  # inside the band: the tissue is read as it is
-    pale = restain(rgb, 0.6)
+    pale = restain(rgb, 0.5)
     kept, scale = run(pale, True)
     lost, _ = run(pale, False)
     assert scale > 1.2

@@ -212,8 +212,9 @@ class HEAnalyzer(MarrowAnalyzer):
                 if cfg.vectors != "ruifrok":
                     info.update(self._use_vectors(h_e, ruifrok))
         if info["stain_vectors"] == "reference":
-            # the tissue thresholds were set on phantoms drawn with Ruifrok's vectors (and one real
-            # trabecula, whose stain is the reference): the tissue classes keep the Ruifrok deconvolution
+            # the tissue thresholds were set in the Ruifrok deconvolution (on phantoms, and one real
+            # trabecula whose stain is the reference); mapping the tissue too read phantom bone worse
+            # (thirty-first and thirty-second sessions): the tissue classes keep the Ruifrok deconvolution
             self.tissue_rgb_from_stains = ruifrok
         self.tissue_scale = 1.0
         if cfg.scales_haematoxylin:
@@ -222,10 +223,13 @@ class HEAnalyzer(MarrowAnalyzer):
             info.update(h_info)
             tissue_scale = info.get("h_scale", 1.0)
             if self.tissue_rgb_from_stains is not None:
+                # The tissue's haematoxylin gets its own scale, but whether the section is pale is the
+                # mapped (hue-corrected) level's to say: a bluer lab haematoxylin reads ~0.75 in Ruifrok's
+                # basis and would look pale, and the tissue OD scale below then took nucleus-poor marrow
+                # for bone (phantoms in Macenko's vectors, thirty-second session)
                 self.tissue_rgb_from_stains, t_info = self._normalise_haematoxylin(
                     pixels, self.tissue_rgb_from_stains, warn=False)  # the nuclei's scale has said it
-                tissue_scale = t_info.get("h_scale", 1.0)
-                info["tissue_h_scale"] = tissue_scale
+                info["tissue_h_scale"] = t_info.get("h_scale", 1.0)
             if cfg.tissue_follows_floor and tissue_scale > 1.0:
                 # a thinner section or a paler run takes every dye down by the same factor (Beer-Lambert);
                 # the tissue thresholds (bright_max_od, bone_min_eosin_od) are absolute, and at 0.6-0.7x
