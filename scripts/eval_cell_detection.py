@@ -55,7 +55,7 @@ from scipy.spatial.distance import cdist
 
 from marrowseg.analyzers.he import HEAnalyzer
 from marrowseg.config import load_config
-from marrowseg.stains import restain
+from marrowseg.stains import parse_stain_pair, rehue, restain
 from marrowseg.synth import parse_seeds
 
 # free parameters tuned under --lopo (small grid: 18 settings; --grid adds dimensions). An early
@@ -93,16 +93,6 @@ GRID = {
     "he.nuclei.min_peak_od": [0.25, 0.3, 0.35],
     "he.nuclei.min_distance_um": [1.5, 2.0],
 }
-
-
-def rehue(rgb: np.ndarray, source: tuple, target: tuple) -> np.ndarray:
-    """``rgb`` with its stains moved from the ``source`` (h, e) vectors to the ``target`` ones (Beer-Lambert:
-    concentrations by the source matrix, OD again by the target's; the residual keeps its share)."""
-    from marrowseg.stains import od_from_rgb, rgb_from_od, stain_matrix
-
-    od = od_from_rgb(rgb).reshape(-1, 3)
-    m = np.linalg.inv(stain_matrix(*source)) @ stain_matrix(*target)
-    return rgb_from_od((od @ m).reshape(rgb.shape))
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -466,11 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         items = [(n, restain(rgb, args.od_scale), t) for n, rgb, t in items]
     if args.hue:
         try:
-            target = tuple(tuple(float(v) for v in part.split(",")) for part in args.hue.split(":"))
-            if len(target) != 2 or any(len(v) != 3 for v in target):
-                raise ValueError
-        except ValueError:
-            ap.error(f"--hue {args.hue!r}: expected H1,H2,H3:E1,E2,E3")
+            target = parse_stain_pair(args.hue)
+        except ValueError as exc:
+            ap.error(f"--hue {exc}")
         ref = _config(overrides).he.stain
         items = [(n, rehue(rgb, (ref.reference_h, ref.reference_e), target), t) for n, rgb, t in items]
     log(f"{len(items)} images, mpp {args.mpp}, match radius {radius} px")

@@ -45,6 +45,7 @@ from scipy.spatial import cKDTree
 
 from marrowseg.config import load_config
 from marrowseg.pipeline import analyze_slide
+from marrowseg.stains import parse_stain_pair
 from marrowseg.synth import parse_seeds, write_phantom
 
 RATIOS = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
@@ -167,13 +168,13 @@ def size_bound_counts(truth: dict[str, np.ndarray], cuts_um2=SIZE_CUTS_UM2) -> n
 
 
 def run_one(seed: int, size_px: int, mpp: float, sets: list[str], tmp: Path, jitter: float | None = None,
-            sheets: int = 0, od_scale: float = 1.0) -> dict:
+            sheets: int = 0, od_scale: float = 1.0, hue: tuple | None = None) -> dict:
     ratio = RATIOS[seed % len(RATIOS)]
     jitter = JITTERS[seed % len(JITTERS)] if jitter is None else jitter
     tiff, truth_path = write_phantom(tmp, "ecad", name=f"ecad_{seed}", seed=seed, size_px=(size_px, size_px),
                                      mpp=mpp, left_shift_ratio=ratio, stain_jitter=jitter, sheets=sheets)
-    if od_scale != 1.0:
-        tiff = _restained_copy(Path(tiff), od_scale, mpp)
+    if od_scale != 1.0 or hue is not None:
+        tiff = _restained_copy(Path(tiff), od_scale, mpp, hue)
     truth_doc = json.loads(Path(truth_path).read_text())
     truth = truth_doc["readouts"]
     config = load_config("ecad", overrides=sets)
@@ -187,14 +188,20 @@ def run_one(seed: int, size_px: int, mpp: float, sets: list[str], tmp: Path, jit
             "size_bound": size_bound_counts(truth_cells)}
 
 
-def _restained_copy(tiff: Path, od_scale: float, mpp: float) -> Path:
-    """Level 0 of ``tiff`` with every OD x ``od_scale``, as a tiled TIFF that states its pixel size."""
+def _restained_copy(tiff: Path, od_scale: float, mpp: float, hue: tuple | None = None) -> Path:
+    """Level 0 of ``tiff`` with every OD x ``od_scale`` and, with ``hue`` (haematoxylin, DAB vectors),
+    restained from the phantom's own vectors to those, as a tiled TIFF that states its pixel size."""
     import tifffile
 
-    from marrowseg.stains import restain
+    from marrowseg.stains import rehue, restain
+    from marrowseg.synth._stains import stain_spec
 
-    out = tiff.with_name(f"{tiff.stem}_x{od_scale:g}.tif")
-    rgb = restain(tifffile.imread(tiff, level=0), od_scale)
+    out = tiff.with_name(f"{tiff.stem}_x{od_scale:g}{'_hue' if hue else ''}.tif")
+    rgb = tifffile.imread(tiff, level=0)
+    if hue is not None:
+        drawn = stain_spec("ecad")["vectors"]
+        rgb = rehue(rgb, (drawn[0], drawn[1]), hue)
+    rgb = restain(rgb, od_scale) if od_scale != 1.0 else rgb
     tifffile.imwrite(out, rgb, photometric="rgb", tile=(512, 512), resolution=(1e4 / mpp, 1e4 / mpp),
                      resolutionunit="CENTIMETER")
     return out
@@ -219,7 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--od-scale", type=float, default=1.0, metavar="F",
                     help="multiply every optical density of the phantoms by F (a paler or darker run; the truth "
                          "is the phantom's)")
+    ap.add_argument("--hue", default=None, metavar="H1,H2,H3:D1,D2,D3",
+                    help="restain the phantoms from their own haematoxylin and DAB vectors to these (another "
+                         "lab's hue; the truth is the phantom's)")
     args = ap.parse_args(argv)
+    hue = None
+    if args.hue:
+        try:
+            hue = parse_stain_pair(args.hue)
+        except ValueError as exc:
+            ap.error(f"--hue {exc}")
     rows = []
     matches = []
     by_class: list[dict[str, int]] = []
@@ -229,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'ratio t/m':>13}{'err':>7} | {'nucl t/m':>11}{'err':>7} | {'clusters t/m':>12} | {'haem 1e3um2 t/m':>15}{'err':>7}")
     with tempfile.TemporaryDirectory() as tmp:
         for seed in parse_seeds(args.seeds):
-            r = run_one(seed, args.size_px, args.mpp, args.set, Path(tmp), args.jitter, args.sheets, args.od_scale)
+            r = run_one(seed, args.size_px, args.mpp, args.set, Path(tmp), args.jitter, args.sheets, args.od_scale, hue)
             t, m = r["truth"], r["meas"]
             e_pos = rel(m["ecad_pos_cells"], t["ecad_pos_cells"])
             e_late = rel(m["late_erythroid_cells"], t["late_erythroid_cells"])

@@ -434,6 +434,16 @@ def test_eval_script_restains_the_phantom_it_measures(tmp_path):
     assert abs(float(np.median(ratio)) - 1.4) < 0.02
     with open_slide(out) as r:
         assert r.mpp == pytest.approx(0.25)
+    # --hue: the copy is the phantom restained from the vectors it was drawn with (not Ruifrok's by
+    # assumption) to the target's; the restaining itself is tested in test_stains.py
+    from marrowseg.stains import rehue
+    from marrowseg.synth._stains import stain_spec
+
+    target = ((0.403, 0.827, 0.393), (0.201, 0.462, 0.864))
+    hued = tifffile.imread(_restained_copy(Path(tiff), 1.0, 0.25, target))
+    drawn = stain_spec("ecad")["vectors"]
+    assert np.array_equal(hued, rehue(a, (drawn[0], drawn[1]), target))
+    assert np.abs(hued.astype(int) - a.astype(int)).mean() > 2.0
 
 
 def test_phantom_nucleated_count_needs_the_faint_nuclei():
