@@ -66,7 +66,8 @@ def stain_spec(stain: str) -> dict:
             # A full nucleus's haematoxylin; with the section-profile cells, real marrow (MBM
             # crops, shared data) reads a peak H OD within 1.75 µm of its annotated cell centres
             # of 0.47 / 0.52 / 0.65 / 0.81 (5th / 10th / 25th / 50th percentile) and this phantom
-            # 0.38 / 0.46 / 0.62 / 0.78 (0.9 read 0.28 / 0.34 / 0.46 / 0.58: nuclei too pale).
+            # 0.38 / 0.46 / 0.62 / 0.78 (0.9 read 0.28 / 0.34 / 0.46 / 0.58: nuclei too pale); drawn in
+            # Macenko's vectors and read through the analyzer's hue mapping, 0.38 / 0.47 / 0.64 / 0.81.
             "nuc": {"H": 1.25, "E": 0.10},
             # Real marrow's stained pixels read a median summed OD of 0.59 (mbm-dev at 0.5 µm/px, 27
             # crops without bone); cytoplasm at 0.75 made the phantom's marrow read 0.68 (0.56 at 0.55),
