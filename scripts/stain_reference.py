@@ -8,7 +8,8 @@ resolution (``he.mpp``) as ``marrowseg analyze`` reads it, and its pixels are po
 with the analyzer's own settings (``he.stain.macenko_min_od``, ``macenko_percentile``), is the
 reference. With MBM-style names (``..._PPPP_...``) the estimate of each patient and of each
 leave-one-patient-out pool is printed too, with its angle to the reference: how much the
-reference would move had one patient been kept aside.
+reference would move had one patient been kept aside. ``--each`` prints every image's own estimate
+as an ``--hue`` value for ``eval_cell_detection.py`` (another lab's hue, from its own slide).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("images_dir", type=Path)
     ap.add_argument("--mpp", type=float, default=0.25, help="pixel size of the images, µm/px")
+    ap.add_argument("--each", action="store_true", help="also each image's estimate, written as an --hue value")
     args = ap.parse_args(argv)
     cfg = load_config("he").he
     paths = sorted(p for p in args.images_dir.iterdir()
@@ -66,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(paths)} images at {cfg.mpp} µm/px")
     print(f"reference_h: [{h[0]:.3f}, {h[1]:.3f}, {h[2]:.3f}]   ({angle_deg(h, ruifrok[0]):.1f} deg from Ruifrok)")
     print(f"reference_e: [{e[0]:.3f}, {e[1]:.3f}, {e[2]:.3f}]   ({angle_deg(e, ruifrok[1]):.1f} deg from Ruifrok)")
+    if args.each:
+        print("| image | H deg to the pooled estimate | E deg to the pooled estimate | --hue |")
+        print("|---|---|---|---|")
+        for name, od in od_by_image.items():
+            ih, ie = estimate(od, cfg.stain)
+            hue = ",".join(f"{v:.4f}" for v in ih) + ":" + ",".join(f"{v:.4f}" for v in ie)
+            print(f"| {name} | {angle_deg(ih, h):.1f} | {angle_deg(ie, e):.1f} | {hue} |")
     patients = sorted({m.group(1) for n in od_by_image if (m := re.search(r"_(\d{4})_", n))})
     if len(patients) > 1:
         print("| pool | H deg to reference | E deg to reference |")

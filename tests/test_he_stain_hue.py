@@ -134,7 +134,7 @@ def test_stain_reference_script_finds_the_vectors_drawn(tmp_path, capsys, fields
     big = np.repeat(np.repeat(rgb, 2, axis=0), 2, axis=1)  # at 0.25 µm/px, as the MBM crops
     for pid in ("0001", "0002"):
         imsave(tmp_path / f"BM_{pid}_01_000.png", big, check_contrast=False)
-    assert load_script("stain_reference").main([str(tmp_path), "--mpp", "0.25"]) == 0
+    assert load_script("stain_reference").main([str(tmp_path), "--mpp", "0.25", "--each"]) == 0
     out = capsys.readouterr().out
     ref = _config("reference").he.stain
     for key, want in (("reference_h", ref.reference_h), ("reference_e", ref.reference_e)):
@@ -143,11 +143,19 @@ def test_stain_reference_script_finds_the_vectors_drawn(tmp_path, capsys, fields
         cos = got @ stains.normalize_rows(np.array(want)) / np.linalg.norm(got)
         assert np.degrees(np.arccos(min(cos, 1.0))) < 1.5, line
     assert "| patient 0001 |" in out and "| all but 0002 |" in out
+    # --each: every image's own estimate, written as an --hue value for eval_cell_detection.py
+    rows = [x for x in out.splitlines() if x.startswith("| BM_")]
+    assert len(rows) == 2
+    for row in rows:
+        h, e = stains.parse_stain_pair(row.rstrip(" |").split("|")[-1].strip())
+        assert stains.angle_deg(np.asarray(h), np.asarray(ref.reference_h)) < 1.5
+        assert stains.angle_deg(np.asarray(e), np.asarray(ref.reference_e)) < 1.5
 
 
 def test_only_hues_between_the_reference_angles_are_mapped(fields):
     """The shipped default maps a lab hue (10 degrees off) but reads the development stain (within 5 degrees)
-    and a hue unlike any lab checked (Ruifrok's own eosin, 17.5 degrees off, as the phantoms draw it) as they are,
+    and a hue unlike any lab checked (Ruifrok's own eosin, 17.5 degrees off, as the phantoms drew it until the
+    thirty-second session) as they are,
     without a fallback reason (no QA flag)."""
     cfg = load_config("he").he
     assert cfg.stain.vectors == "reference"
