@@ -18,6 +18,7 @@ __all__ = [
     "match_stains",
     "normalize_rows",
     "stain_matrix",
+    "orthogonal_stain_matrix",
     "OD_OF_UINT8",
     "od_from_rgb",
     "scale_to_reference",
@@ -72,6 +73,29 @@ def stain_matrix(*vectors: tuple[float, float, float] | np.ndarray) -> np.ndarra
     if rows.shape != (3, 3):
         raise ValueError(f"expected 2 or 3 stain vectors of length 3, got shape {rows.shape}")
     return rows
+
+
+def orthogonal_stain_matrix(first: np.ndarray | tuple, second: np.ndarray | tuple) -> np.ndarray:
+    """Two stain vectors completed with the normal of their plane as the residual row.
+
+    With an orthogonal residual the two concentrations are the least-squares fit of each pixel's
+    OD in the stains' plane. :func:`stain_matrix` folds its residual into the positive octant,
+    which for haematoxylin and DAB leaves it 1.8 degrees from the haematoxylin and the matrix
+    ill-conditioned (a DAB pixel 4 degrees off the plane read -0.4 OD of haematoxylin).
+
+    Parameters
+    ----------
+    first, second : (3,) array-like
+        Stain OD vectors (RGB); normalised here.
+
+    Returns
+    -------
+    rgb_from_stains : (3, 3) float64 ndarray
+        Rows: the two unit stain vectors and their normalised cross product.
+    """
+    rows = normalize_rows(np.vstack([np.asarray(first, np.float64), np.asarray(second, np.float64)]))
+    normal = np.cross(rows[0], rows[1])
+    return np.vstack([rows, normal / np.linalg.norm(normal)])
 
 
 def od_from_rgb(rgb: np.ndarray, background: float = 255.0) -> np.ndarray:
@@ -174,10 +198,8 @@ def rehue(rgb: np.ndarray, source: tuple, target: tuple) -> np.ndarray:
 
     Beer-Lambert: each pixel's concentrations by the ``source`` stain matrix, its optical density
     again by the ``target`` one. The residual, the OD neither stain explains, is taken along the
-    normal of each pair's plane and keeps its amount: :func:`stain_matrix`'s positive residual lies
-    within 2 degrees of the haematoxylin for H-DAB, and through it a pixel 4 degrees off the plane
-    read -0.4 OD of haematoxylin. The evaluation scripts' ``--hue`` uses it to measure how the
-    analyzers follow the stain's hue.
+    normal of each pair's plane and keeps its amount (:func:`orthogonal_stain_matrix`). The
+    evaluation scripts' ``--hue`` uses it to measure how the analyzers follow the stain's hue.
 
     Parameters
     ----------
@@ -191,14 +213,9 @@ def rehue(rgb: np.ndarray, source: tuple, target: tuple) -> np.ndarray:
     -------
     (..., 3) uint8 ndarray
     """
-    def orthogonal(pair: tuple) -> np.ndarray:
-        rows = normalize_rows(np.asarray(pair, dtype=np.float64))
-        normal = np.cross(rows[0], rows[1])
-        return np.vstack([rows, normal / np.linalg.norm(normal)])
-
     rgb = np.asarray(rgb)
     od = od_from_rgb(rgb).reshape(-1, 3).astype(np.float64)
-    m = np.linalg.inv(orthogonal(source)) @ orthogonal(target)
+    m = np.linalg.inv(orthogonal_stain_matrix(*source)) @ orthogonal_stain_matrix(*target)
     return rgb_from_od((od @ m).reshape(rgb.shape))
 
 
@@ -258,6 +275,7 @@ def estimate_two_stains(
     min_od: float = 0.15,
     percentile: float = 1.0,
     min_pixels: int = 500,
+    reference: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Estimate two stain vectors from OD pixels (Macenko et al., ISBI 2009).
 
@@ -275,6 +293,9 @@ def estimate_two_stains(
         Robust extreme of the angle distribution, percent.
     min_pixels : int
         Fewer usable pixels than this give ``None``.
+    reference : (>= 2, 3) array-like, optional
+        Reference stain vectors: the estimate is then given in the order of their first two rows
+        (:func:`match_stains`), not by red/blue ratio.
 
     Returns
     -------
@@ -310,4 +331,7 @@ def estimate_two_stains(
     vecs = normalize_rows(np.abs(np.vstack([v1, v2])))
     # Haematoxylin absorbs red most (it looks blue): the higher red/blue OD ratio goes first.
     order = np.argsort(-(vecs[:, 0] / np.maximum(vecs[:, 2], 1e-6)))
-    return vecs[order], info
+    vecs = vecs[order]
+    if reference is not None:
+        vecs = np.vstack(match_stains(vecs, np.asarray(reference, np.float64)))
+    return vecs, info

@@ -28,7 +28,6 @@ from marrowseg.stains import (
     RUIFROK_H,
     angle_deg,
     estimate_two_stains,
-    match_stains,
     od_from_rgb,
     stain_matrix,
 )
@@ -45,10 +44,11 @@ def read_od(path: Path, mpp: float, analysis_mpp: float) -> np.ndarray:
 
 def estimate(od: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
     """(h, e) Macenko vectors of OD pixels, paired with Ruifrok's as the analyzer pairs them."""
-    vecs, info = estimate_two_stains(od, min_od=cfg.macenko_min_od, percentile=cfg.macenko_percentile)
+    vecs, info = estimate_two_stains(od, min_od=cfg.macenko_min_od, percentile=cfg.macenko_percentile,
+                                     reference=stain_matrix(RUIFROK_H, RUIFROK_E))
     if vecs is None:
         raise SystemExit(f"no estimate: {info}")
-    return match_stains(vecs, stain_matrix(RUIFROK_H, RUIFROK_E))
+    return vecs[0], vecs[1]
 
 
 def main(argv: list[str] | None = None) -> int:

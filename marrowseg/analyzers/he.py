@@ -242,10 +242,9 @@ class HEAnalyzer(MarrowAnalyzer):
         """The slide's (haematoxylin, eosin) Macenko vectors, or None, and the estimator's report."""
         cfg = self.config.stain
         od = stains.od_from_rgb(np.asarray(sample_rgb).reshape(-1, 3))
-        vecs, est = stains.estimate_two_stains(od, min_od=cfg.macenko_min_od, percentile=cfg.macenko_percentile)
-        if vecs is None:
-            return None, est
-        return stains.match_stains(vecs, ruifrok), est
+        vecs, est = stains.estimate_two_stains(od, min_od=cfg.macenko_min_od, percentile=cfg.macenko_percentile,
+                                               reference=ruifrok)
+        return (None if vecs is None else (vecs[0], vecs[1])), est
 
     def _use_vectors(self, h_e: tuple[np.ndarray, np.ndarray], ruifrok: np.ndarray) -> dict[str, Any]:
         """Set ``rgb_from_stains`` from the slide's Macenko vectors (``he.stain.vectors``).

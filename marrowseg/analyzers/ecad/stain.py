@@ -21,25 +21,11 @@ __all__ = ["hdab_matrix", "estimate_hdab_vectors", "haematoxylin_scale", "stains
 
 
 def hdab_matrix(h: np.ndarray | tuple, dab: np.ndarray | tuple) -> np.ndarray:
-    """Haematoxylin/DAB stain matrix with an orthogonal residual row.
-
-    Parameters
-    ----------
-    h, dab : (3,) array-like
-        Stain OD vectors (RGB); normalised here.
-
-    Returns
-    -------
-    rgb_from_stains : (3, 3) float64 ndarray
-        Rows: H, DAB, and their normalised cross product. With an orthogonal residual the
-        H and DAB concentrations are the least-squares fit of each pixel's OD in the H-DAB
-        plane (:func:`marrowseg.stains.stain_matrix` folds the residual into the positive
-        octant, which for H and DAB leaves it almost in their plane and the matrix
-        ill-conditioned).
-    """
-    rows = stains.normalize_rows(np.vstack([np.asarray(h, np.float64), np.asarray(dab, np.float64)]))
-    third = np.cross(rows[0], rows[1])
-    return np.vstack([rows, third / np.linalg.norm(third)])
+    """Haematoxylin/DAB stain matrix with an orthogonal residual row
+    (:func:`marrowseg.stains.orthogonal_stain_matrix`: rows H, DAB and their normalised cross
+    product; the positive residual of :func:`marrowseg.stains.stain_matrix` is ill-conditioned for
+    H and DAB)."""
+    return stains.orthogonal_stain_matrix(h, dab)
 
 
 def estimate_hdab_vectors(sample_rgb: np.ndarray, cfg: Any) -> tuple[np.ndarray, dict[str, Any]]:
@@ -89,11 +75,12 @@ def estimate_hdab_vectors(sample_rgb: np.ndarray, cfg: Any) -> tuple[np.ndarray,
         return fallback(f"too few stained pixels ({info['n_stained_pixels']} < {cfg.min_pixels})")
     if info["n_dab_pixels"] < cfg.min_dab_pixels:
         return fallback(f"too few DAB pixels ({info['n_dab_pixels']} < {cfg.min_dab_pixels} at DAB OD >= {cfg.dab_pixel_od})")
-    vecs, est = stains.estimate_two_stains(od, min_od=cfg.min_od, percentile=cfg.percentile, min_pixels=cfg.min_pixels)
+    vecs, est = stains.estimate_two_stains(od, min_od=cfg.min_od, percentile=cfg.percentile, min_pixels=cfg.min_pixels,
+                                           reference=standard)
     info["angle_spread_deg"] = est.get("angle_spread_deg")
     if vecs is None:
         return fallback("estimate impossible")
-    h, dab = stains.match_stains(vecs, standard)
+    h, dab = vecs
     spread = stains.angle_deg(h, dab)
     dh, dd = stains.angle_deg(h, standard[0]), stains.angle_deg(dab, standard[1])
     info.update(spread_deg=spread, h_angle_deg=dh, dab_angle_deg=dd,
