@@ -97,6 +97,20 @@ def test_match_stains_pairs_by_angle_not_by_the_estimators_order():
     assert stains.angle_deg([1, 0, 0], [0, 1, 0]) == pytest.approx(90.0)
 
 
+def test_estimate_with_a_reference_comes_in_the_references_order():
+    """Given reference vectors, the estimate is paired with them by angle: listed DAB first, the
+    pixels of an H-DAB mixture come back DAB first; without, haematoxylin (bluest) first."""
+    rng = np.random.default_rng(1)
+    m = stains.orthogonal_stain_matrix(stains.RUIFROK_H, stains.RUIFROK_DAB)
+    od = rng.uniform(0, 1, (5000, 2)) @ m[:2]
+    plain, _ = stains.estimate_two_stains(od)
+    paired, _ = stains.estimate_two_stains(od, reference=m[[1, 0]])
+    assert stains.angle_deg(plain[0], m[0]) < 3.0 and stains.angle_deg(plain[1], m[1]) < 3.0
+    np.testing.assert_array_equal(paired, plain[[1, 0]])
+    ortho = stains.orthogonal_stain_matrix(stains.RUIFROK_H, stains.RUIFROK_DAB)
+    assert abs(ortho[2] @ ortho[0]) < 1e-12 and abs(ortho[2] @ ortho[1]) < 1e-12
+
+
 def test_rehue_moves_each_stain_onto_the_target_vector_and_back():
     """A pixel of pure haematoxylin restains along the target haematoxylin with the same amount;
     restaining there and back returns the image within 0.03 OD."""
