@@ -60,6 +60,15 @@ STAIN_MISMATCH_CONFIDENCE = 0.5
 # channel. Stained tissue reads 76-130 (mbm-dev H&E, Ki67 DAB, BoMBR silver, MoNuSeg); a grey
 # image stored as RGB reads 0, a few levels after JPEG.
 _GREY_MAX_CHROMA = 8
+# A label mask or a painted drawing, not a scan: among the tissue pixels that are neither near-white
+# nor near-black, this share or more takes one of _FLAT_COLOURS exact RGB values that leave a
+# channel at 0. No stain absorbs a colour channel completely over a flat area, and a scan's sensor
+# noise and stain spread keep any exact value rare (mbm-dev, MoNuSeg, Ki67, BoMBR, CMU-1, OS-1,
+# OS-2: the 8 commonest values 0.1-9 % of such pixels, none with a zero channel; the phantoms,
+# which draw no sensor noise, 15-35 %); the DeepLIIF label masks read 95-96 %.
+_FLAT_COLOURS = 8
+_FLAT_MIN_SHARE = 0.8
+_FLAT_MIN_PIXELS = 500
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -175,6 +184,33 @@ def _read_overview(reader: Any, mpp: float) -> tuple[np.ndarray, np.ndarray | No
     return view, bad
 
 
+def _drawing_check(name: str, tissue_px: np.ndarray) -> None:
+    """Refuse a label mask or painted drawing given where a stained slide was meant.
+
+    Such a file (an annotation saved beside its image, a segmentation export) passes every
+    other check: its black background is taken for scanner fill and its saturated colours for
+    stain, and it was measured as a slide (a Ki67 truth mask read as 23 E-cadherin+ cells per
+    100 at stain confidence 1.00).
+
+    Raises
+    ------
+    SlideError
+        ``_FLAT_MIN_SHARE`` or more of the coloured tissue pixels take one of the
+        ``_FLAT_COLOURS`` commonest exact values with a channel at 0.
+    """
+    px = tissue_px.reshape(-1, 3)
+    px = px[(px.min(axis=1) < 230) & (px.max(axis=1) > 25)]  # glass, white padding and black fill aside
+    if len(px) < _FLAT_MIN_PIXELS:
+        return
+    values, counts = np.unique(px.astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], np.uint32), return_counts=True)
+    top = np.argsort(counts)[::-1][:_FLAT_COLOURS]
+    rgb = (values[top, None] >> np.array([16, 8, 0], np.uint32)) & 255
+    painted = counts[top][rgb.min(axis=1) == 0].sum() / len(px)
+    if painted >= _FLAT_MIN_SHARE:
+        raise SlideError(f"{name}: {painted:.0%} of its coloured pixels are a few flat colours with a channel at 0: "
+                         "a label mask or drawing, not a scan of a stained slide")
+
+
 def _stain_check(name: str, view: np.ndarray, stain: str) -> dict[str, Any] | None:
     """What the slide's colours look like (:mod:`marrowseg.stain_id`), and a warning when that is
     confidently another stain than the one it is analysed as: a mislabelled slide or folder would
@@ -226,6 +262,8 @@ def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     ------
     NoTissueError
         The tissue mask is empty.
+    SlideError
+        A file that is a label mask or drawing, or greyscale for a stain told apart by colour.
     """
     mpp = analyzer.mpp
     h0, w0 = reader.shape
@@ -250,6 +288,8 @@ def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     frac = float(mask.mean()) if mask.size else 0.0
     if not readable.any():
         raise NoTissueError(f"{reader.name}: no tissue found (tissue mask empty at {mask_mpp:.3g} µm/px)")
+    if reader.path is not None:  # a file; an array handed in by code may be a drawn test scene
+        _drawing_check(reader.name, view[readable])
     if analyzer.needs_colour:
         tissue_px = view[readable].astype(np.int16)
         chroma = tissue_px.max(axis=1) - tissue_px.min(axis=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -137,6 +138,77 @@ def test_greyscale_image_is_refused_for_stains_told_apart_by_colour(tissue_tiff,
     assert (tmp_path / "c" / "metrics.json").exists()
 
 
+def _label_mask(side: int = 512) -> np.ndarray:
+    """A DeepLIIF-style truth mask: nuclei filled blue (negative) or red (positive), outlined green, on black."""
+    img = np.zeros((side, side, 3), np.uint8)
+    yy, xx = np.mgrid[:side, :side]
+    rng = np.random.default_rng(4)
+    for k, (cy, cx) in enumerate(rng.uniform(20, side - 20, (60, 2))):
+        d = np.hypot(yy - cy, xx - cx)
+        img[d < 14] = (0, 255, 0)
+        img[d < 12] = (255, 0, 0) if k % 7 == 0 else (0, 0, 255)
+    return img
+
+
+def _phantom_png(path, stain: str, side: int = 512) -> None:
+    from PIL import Image
+
+    from marrowseg.synth import make_phantom
+
+    rgb = make_phantom(stain, seed=2, size_px=(side, side), mpp=0.25).render(0, 0, side, side)
+    Image.fromarray(np.ascontiguousarray(rgb[..., :3])).save(path)
+
+
+@pytest.mark.parametrize("stain", ["he", "ecad", "reticulin"])
+def test_a_label_mask_is_refused_not_measured(tmp_path, capsys, stain):
+    """A truth mask saved beside its image is one clear error, not a slide with cells in it.
+
+    Before the check, the Ki67 truth masks of ../shared/data were measured as E-cadherin slides
+    (23 E-cad+ per 100 nucleated cells, stain confidence 1.00); their black background passed as
+    scanner fill and their saturated colours as stain."""
+    from PIL import Image
+
+    mask = tmp_path / "22_2_gt.png"
+    Image.fromarray(_label_mask()).save(mask)
+    out = tmp_path / "m"
+    code, _, err = _main(["analyze", str(mask), "--stain", stain, "--mpp", "0.25", "--out", str(out), "-q"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err
+    assert "22_2_gt.png" in lines[0] and "label mask or drawing" in lines[0], err
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("stain", ["he", "ecad", "reticulin"])
+def test_a_phantom_field_is_not_taken_for_a_drawing(tmp_path, capsys, stain):
+    """The phantoms draw no sensor noise, so their colours are the flattest of any stained field here
+    (the 8 commonest values 15-35 % of the coloured pixels, none with a zero channel): still measured."""
+    field = tmp_path / f"{stain}.png"
+    _phantom_png(field, stain)
+    code, _, err = _main(["analyze", str(field), "--stain", stain, "--mpp", "0.25", "--out", str(tmp_path / "o"), "-q"],
+                         capsys)
+    assert code == 0, err
+    assert (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_a_label_mask_in_a_batch_fails_alone(tmp_path, capsys):
+    """A folder that keeps truth masks beside the images (as ../shared/data/ihc-ki67 does): the masks are
+    failures with the reason, the images are analysed."""
+    from PIL import Image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _phantom_png(src / "22_2.png", "ecad")
+    Image.fromarray(_label_mask()).save(src / "22_2_gt.png")
+    code, _, err = _main(["batch", str(src), str(tmp_path / "out"), "--stain", "ecad", "--mpp", "0.25", "-q"], capsys)
+    assert code == 3, err
+    with open(tmp_path / "out" / "summary.csv", newline="") as fh:
+        status = {r["slide"]: r["status"] for r in csv.DictReader(fh)}
+    assert status == {"22_2.png": "ok", "22_2_gt.png": "failed"}
+    with open(tmp_path / "out" / "failures.csv", newline="") as fh:
+        reasons = {r["slide"]: r["reason"] for r in csv.DictReader(fh)}
+    assert "label mask" in reasons["22_2_gt.png"]
+
+
 @pytest.mark.parametrize("side_px", [4096, 5120])  # 2 x 2 H&E tiles; overlay at full size / from a thumbnail
 def test_grade_of_a_slide_with_a_cut_short_tile_reports_what_it_left_out(tmp_path, capsys, caplog, side_px):
     """One JPEG tile cut short: the slide is graded from the rest, and the report says what was left out."""
@@ -160,3 +232,20 @@ def test_grade_of_a_slide_with_a_cut_short_tile_reports_what_it_left_out(tmp_pat
     metrics = json.loads(next(out.rglob("metrics.json")).read_text())
     assert metrics["tiles"]["missing"] == 1 and metrics["tiles"]["n"] > 1
     assert (next(out.rglob("overlay.png"))).exists()
+
+
+@pytest.mark.parametrize("name", ["22_2", "34_3"])
+def test_real_truth_masks_are_refused_and_their_images_are_not(shared_data, name):
+    """The real DeepLIIF truth masks of ../shared/data/ihc-ki67 against their own Ki67 tiles."""
+    from marrowseg.analyzers import get_analyzer
+    from marrowseg.config import load_config
+    from marrowseg.engine import plan_slide
+    from marrowseg.errors import SlideError
+    from marrowseg.io import open_slide
+
+    cfg = load_config("ecad")
+    image, mask = shared_data(f"ihc-ki67/{name}.png"), shared_data(f"ihc-ki67/{name}_gt.png")
+    with open_slide(image, mpp=0.25) as reader:
+        assert plan_slide(reader, get_analyzer("ecad", cfg), cfg).tiles
+    with open_slide(mask, mpp=0.25) as reader, pytest.raises(SlideError, match="label mask or drawing"):
+        plan_slide(reader, get_analyzer("ecad", cfg), cfg)
