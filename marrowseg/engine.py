@@ -69,6 +69,12 @@ _GREY_MAX_CHROMA = 8
 _FLAT_COLOURS = 8
 _FLAT_MIN_SHARE = 0.8
 _FLAT_MIN_PIXELS = 500
+# A fluorescence or dark-field image, not a brightfield scan: this share or more of the overview is
+# near black (no channel above 40) and under 1 % is bright like glass (every channel >= 180). Brightfield
+# slides here: near black 0-1.3 %, bright 11-91 % (an all-tissue crop has its lumens and fat); a
+# fluorescence-like field: 85 % and 0 %.
+_DARK_MIN_SHARE = 0.5
+_DARK_MAX_BRIGHT = 0.01
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -184,31 +190,45 @@ def _read_overview(reader: Any, mpp: float) -> tuple[np.ndarray, np.ndarray | No
     return view, bad
 
 
-def _drawing_check(name: str, tissue_px: np.ndarray) -> None:
-    """Refuse a label mask or painted drawing given where a stained slide was meant.
+def _brightfield_check(name: str, view: np.ndarray, tissue: np.ndarray) -> None:
+    """Refuse a file that is not a brightfield scan: a label mask, a painted drawing, a fluorescence image.
 
-    Such a file (an annotation saved beside its image, a segmentation export) passes every
-    other check: its black background is taken for scanner fill and its saturated colours for
-    stain, and it was measured as a slide (a Ki67 truth mask read as 23 E-cadherin+ cells per
-    100 at stain confidence 1.00).
+    Such files pass every other check: a black background is taken for scanner fill and
+    saturated colours for stain. The Ki67 truth masks of the shared data were measured as
+    E-cadherin slides (23 E-cad+ per 100 nucleated cells, stain confidence 1.00), and a
+    fluorescence-like field was graded as a left-shifted E-cadherin slide.
+
+    Parameters
+    ----------
+    name : str
+        The slide's name, for the message.
+    view : (H, W, 3) uint8 ndarray
+        The tissue overview.
+    tissue : (H, W) bool ndarray
+        Its readable tissue pixels.
 
     Raises
     ------
     SlideError
         ``_FLAT_MIN_SHARE`` or more of the coloured tissue pixels take one of the
-        ``_FLAT_COLOURS`` commonest exact values with a channel at 0.
+        ``_FLAT_COLOURS`` commonest exact values with a channel at 0; or ``_DARK_MIN_SHARE``
+        of the overview is near black with next to no bright glass.
     """
-    px = tissue_px.reshape(-1, 3)
+    px = view[tissue]
     px = px[(px.min(axis=1) < 230) & (px.max(axis=1) > 25)]  # glass, white padding and black fill aside
-    if len(px) < _FLAT_MIN_PIXELS:
-        return
-    values, counts = np.unique(px.astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], np.uint32), return_counts=True)
-    top = np.argsort(counts)[::-1][:_FLAT_COLOURS]
-    rgb = (values[top, None] >> np.array([16, 8, 0], np.uint32)) & 255
-    painted = counts[top][rgb.min(axis=1) == 0].sum() / len(px)
-    if painted >= _FLAT_MIN_SHARE:
-        raise SlideError(f"{name}: {painted:.0%} of its coloured pixels are a few flat colours with a channel at 0: "
-                         "a label mask or drawing, not a scan of a stained slide")
+    if len(px) >= _FLAT_MIN_PIXELS:  # the more specific reason first: a mask's background is black too
+        values, counts = np.unique(px.astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], np.uint32), return_counts=True)
+        top = np.argsort(counts)[::-1][:_FLAT_COLOURS]
+        top_rgb = (values[top, None] >> np.array([16, 8, 0], np.uint32)) & 255
+        painted = counts[top][top_rgb.min(axis=1) == 0].sum() / len(px)
+        if painted >= _FLAT_MIN_SHARE:
+            raise SlideError(f"{name}: {painted:.0%} of its coloured pixels are a few flat colours with a channel at 0: "
+                             "a label mask or drawing, not a scan of a stained slide")
+    rgb = view.reshape(-1, 3)
+    dark = float((rgb.max(axis=1) <= 40).mean())
+    if dark >= _DARK_MIN_SHARE and float((rgb.min(axis=1) >= 180).mean()) < _DARK_MAX_BRIGHT:
+        raise SlideError(f"{name}: {dark:.0%} of it is near black and none is bright glass: a fluorescence or "
+                         "dark-field image, not a brightfield scan of a stained slide")
 
 
 def _stain_check(name: str, view: np.ndarray, stain: str) -> dict[str, Any] | None:
@@ -263,7 +283,8 @@ def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     NoTissueError
         The tissue mask is empty.
     SlideError
-        A file that is a label mask or drawing, or greyscale for a stain told apart by colour.
+        A file that is not a brightfield scan (a label mask, a drawing, a fluorescence image), or
+        greyscale for a stain told apart by colour.
     """
     mpp = analyzer.mpp
     h0, w0 = reader.shape
@@ -289,7 +310,7 @@ def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     if not readable.any():
         raise NoTissueError(f"{reader.name}: no tissue found (tissue mask empty at {mask_mpp:.3g} µm/px)")
     if reader.path is not None:  # a file; an array handed in by code may be a drawn test scene
-        _drawing_check(reader.name, view[readable])
+        _brightfield_check(reader.name, view, readable)
     if analyzer.needs_colour:
         tissue_px = view[readable].astype(np.int16)
         chroma = tissue_px.max(axis=1) - tissue_px.min(axis=1)

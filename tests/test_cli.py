@@ -190,6 +190,43 @@ def test_a_phantom_field_is_not_taken_for_a_drawing(tmp_path, capsys, stain):
     assert (tmp_path / "o" / "metrics.json").exists()
 
 
+def _fluorescence_field(side: int = 768) -> np.ndarray:
+    """DAPI-blue nuclei and a few green spots on a dark, noisy background, as a fluorescence scan shows them."""
+    rng = np.random.default_rng(0)
+    img = rng.normal(12, 4, (side, side, 3))
+    yy, xx = np.mgrid[:side, :side]
+    for cy, cx in rng.uniform(20, side - 20, (150, 2)):
+        m = np.hypot(yy - cy, xx - cx) < rng.uniform(10, 16)
+        img[m] = np.array([15, 30, 170]) * rng.uniform(0.6, 1.2) + rng.normal(0, 12, (m.sum(), 3))
+    for cy, cx in rng.uniform(20, side - 20, (40, 2)):
+        m = np.hypot(yy - cy, xx - cx) < 5
+        img[m] = np.array([20, 200, 30]) + rng.normal(0, 15, (m.sum(), 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_a_fluorescence_image_is_refused_and_black_padding_is_not(tmp_path, capsys):
+    """A dark-background image is not a brightfield slide: before the check, `grade --stain auto` read this field
+    as a left-shifted E-cadherin slide (ratio 0.70). A brightfield crop padded with black past half its area
+    (a converter's fill) keeps its fat and lumens bright and is measured."""
+    from PIL import Image
+
+    fluo = tmp_path / "dapi.png"
+    Image.fromarray(_fluorescence_field()).save(fluo)
+    for stain in ("he", "ecad", "reticulin"):
+        code, _, err = _main(["analyze", str(fluo), "--stain", stain, "--mpp", "0.25", "--out", str(tmp_path / stain), "-q"],
+                             capsys)
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and "dapi.png" in lines[0] and "fluorescence" in lines[0], err
+    field = tmp_path / "field.png"
+    _phantom_png(field, "he", side=512)
+    padded = np.zeros((768, 768, 3), np.uint8)
+    padded[:512, :512] = np.asarray(Image.open(field))[..., :3]
+    Image.fromarray(padded).save(tmp_path / "padded.png")
+    code, _, err = _main(["analyze", str(tmp_path / "padded.png"), "--stain", "he", "--mpp", "0.25",
+                          "--out", str(tmp_path / "p"), "-q"], capsys)
+    assert code == 0, err
+
+
 def test_a_label_mask_in_a_batch_fails_alone(tmp_path, capsys):
     """A folder that keeps truth masks beside the images (as ../shared/data/ihc-ki67 does): the masks are
     failures with the reason, the images are analysed."""
