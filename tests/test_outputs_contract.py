@@ -120,6 +120,29 @@ def test_atomic_open_leaves_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == "new"
 
 
+def test_outputs_get_the_mode_a_plain_open_gives(analysed, tmp_path):
+    """Every file ``analyze`` writes is as readable as one made with ``open``: the write-then-rename
+    files (metrics.json, tiles.csv, the pictures) came out 0600, which on a shared server hid a
+    batch's results from the rest of the lab."""
+    _, _, out = analysed
+    probe = tmp_path / "probe.txt"
+    probe.write_text("")
+    want = probe.stat().st_mode & 0o777
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert {"metrics.json", "tiles.csv", "cells.csv"} <= set(modes)
+    assert {k: oct(v) for k, v in modes.items() if v != want} == {}
+
+
+def test_atomic_open_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    from marrowseg.outputs.atomic import atomic_write_text
+
+    target = tmp_path / "summary.csv"
+    target.write_text("old")
+    target.chmod(0o640)
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o640
+
+
 def test_reticulin_writes_the_local_grade_map_its_grade_is_made_of(analysed):
     """local_grades.csv holds the graded grid cells whose areas give ``local_grade_frac``;
     local_grades.png draws the same grades, one block per cell."""

@@ -14,6 +14,24 @@ from typing import IO, Any
 __all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "replace_dir", "tmp_path_for"]
 
 
+def _process_umask() -> int:
+    """The process's file-creation mask (read once: setting it to read it is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
+def _file_mode(path: Path) -> int:
+    """The mode ``path`` keeps if it exists, else what ``open`` would give a new file (0o666 less the umask)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_UMASK
+
+
 def tmp_path_for(path: Path) -> Path:
     """A sibling temporary name for ``path`` (same folder, so the rename is atomic)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -24,11 +42,15 @@ def atomic_open(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[I
     """Open a temporary sibling of ``path`` for writing; on success it replaces ``path``.
 
     An exception inside the block removes the temporary file and leaves ``path`` as it was.
+    The new file gets the mode a plain ``open`` would give it (or the old file's): ``mkstemp``
+    makes its file private (0600), and a batch's metrics and reports then could not be read by
+    the rest of the lab on a shared server.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode(path))
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()
