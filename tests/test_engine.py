@@ -207,6 +207,25 @@ def test_plan_flags_a_scan_coarser_than_the_analyzer_was_validated_at(stain, sca
     assert ("coarser than the" in caplog.text) is too_coarse
 
 
+@pytest.mark.parametrize(("stain", "scan_mpp"), [("he", 4.5), ("ecad", 1.5), ("reticulin", 2.5)])
+def test_plan_refuses_a_scan_far_coarser_than_the_analyzer_resolves(stain, scan_mpp):
+    """Past twice the validated pixel size nothing the analyzer measures is resolved; the slide is
+    refused before its upsampled tiles cost minutes (an --mpp of 50 given to a 512-px tile: 1,156 tiles)."""
+    from marrowseg import synth
+    from marrowseg.analyzers import get_analyzer
+    from marrowseg.engine import COARSE_SCAN_REFUSED
+
+    cfg = load_config(stain)
+    analyzer = get_analyzer(stain, cfg)
+    assert scan_mpp > COARSE_SCAN_REFUSED * analyzer.max_scan_mpp
+    ph = synth.make_phantom(stain, seed=3, size_px=(512, 512), mpp=scan_mpp)
+    with open_slide(ph.render(0, 0, 512, 512), mpp=scan_mpp) as reader:
+        with pytest.raises(SlideError, match="coarser than .* not resolved"):
+            plan_slide(reader, analyzer, cfg)
+    with open_slide(ph.render(0, 0, 512, 512), mpp=COARSE_SCAN_REFUSED * analyzer.max_scan_mpp) as reader:
+        assert plan_slide(reader, analyzer, cfg).tissue["resolution_check"]["too_coarse"]
+
+
 def test_blank_slide_raises_no_tissue():
     img = np.full((300, 300, 3), 246, np.uint8)
     with pytest.raises(NoTissueError, match="no tissue"):
