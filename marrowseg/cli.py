@@ -346,14 +346,26 @@ def grade(
 
 
 def main() -> None:
-    """Console entry point: our errors become one line on stderr and exit code 1."""
+    """Console entry point: our errors become one line on stderr and exit code 1.
+
+    So does a file-system error that names its path (an ``--out`` that is a file, a folder that
+    cannot be written): the user can fix it, and a traceback would only hide the path.
+    """
     try:
         app()
     except MarrowsegError as exc:
-        print(f"marrowseg: error: {exc}", file=sys.stderr)
-        if os.environ.get("MARROWSEG_TRACEBACK"):
+        _fail(str(exc))
+    except OSError as exc:
+        if exc.filename is None:
             raise
-        sys.exit(1)
+        _fail(f"{exc.filename}: {exc.strerror or exc}")
+
+
+def _fail(message: str) -> None:
+    print(f"marrowseg: error: {message}", file=sys.stderr)
+    if os.environ.get("MARROWSEG_TRACEBACK"):
+        raise
+    sys.exit(1)
 
 
 if __name__ == "__main__":

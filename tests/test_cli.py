@@ -286,3 +286,29 @@ def test_real_truth_masks_are_refused_and_their_images_are_not(shared_data, name
         assert plan_slide(reader, get_analyzer("ecad", cfg), cfg).tiles
     with open_slide(mask, mpp=0.25) as reader, pytest.raises(SlideError, match="label mask or drawing"):
         plan_slide(reader, get_analyzer("ecad", cfg), cfg)
+
+
+def test_an_mpp_that_looks_like_a_magnification_is_refused_with_a_hint(tmp_path, capsys):
+    field = tmp_path / "field.png"
+    _phantom_png(field, "ecad", side=256)
+    code, _, err = _main(["analyze", str(field), "--stain", "ecad", "--mpp", "40", "--out", str(tmp_path / "o"), "-q"],
+                         capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "field.png: 40 µm/px" in lines[0], err
+    assert "is --mpp 40 a magnification?" in lines[0]
+
+
+@pytest.mark.parametrize("command", ["analyze", "grade", "batch"])
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys, command):
+    """--out (or batch's OUT) naming an existing file: the path and the reason, not a traceback."""
+    field = tmp_path / "field.png"
+    _phantom_png(field, "he", side=256)
+    taken = tmp_path / "results"
+    taken.write_text("not a folder")
+    argv = {"analyze": ["analyze", str(field), "--stain", "he", "--mpp", "0.25", "--out", str(taken), "-q"],
+            "grade": ["grade", str(field), "--stain", "he", "--mpp", "0.25", "--out", str(taken)],
+            "batch": ["batch", str(tmp_path), str(taken), "--stain", "he", "--mpp", "0.25", "-q"]}[command]
+    code, _, err = _main(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("marrowseg: error:"), err
+    assert str(taken) in lines[0] and "Traceback" not in err
