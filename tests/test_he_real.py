@@ -116,3 +116,15 @@ def test_real_trabecula_is_bone_and_marrow_without_one_is_not(shared_data, tmp_p
     labels = np.asarray(Image.open(tmp_path / "b" / "labels.png"))
     rows, cols = np.nonzero(labels == 3)
     assert rows.mean() > 0.6 * labels.shape[0] and cols.mean() < 0.6 * labels.shape[1]
+
+
+def test_a_wrong_pixel_size_is_flagged_by_the_nuclei(shared_data, tmp_path):
+    """One real crop at its pixel size (0.25 µm/px) and told half and twice that: the geometric mean
+    nuclear area (18.4 µm² here; 16.5-21.6 over the 28 crops) leaves he.nuclear_area_check_um2."""
+    crop = shared_data("mbm-dev/BM_GRAZ_HE_0002_01_002.png")
+    got = {}
+    for mpp in ("0.125", "0.25", "0.5"):
+        got[mpp] = _analyze(crop, tmp_path / mpp, "--mpp", mpp)["measurements"]["nuclear_scale"]
+    assert not got["0.25"]["outside"] and 16 < got["0.25"]["geomean_area_um2"] < 22
+    assert got["0.125"]["outside"] and got["0.125"]["geomean_area_um2"] < 13
+    assert got["0.5"]["outside"] and got["0.5"]["geomean_area_um2"] > 40

@@ -149,6 +149,22 @@ def test_qa_flags_a_scan_coarser_than_validated(tmp_path):
     assert not any("scan coarser" in f for f in slide_flags(SlideOutput("s", tmp_path, metrics)))
 
 
+def test_qa_flags_and_the_report_name_a_suspect_pixel_size(tmp_path):
+    from marrowseg.report.qa import slide_flags
+    from marrowseg.report.slides import SlideOutput
+    from marrowseg.report.wording import slide_report_lines
+
+    metrics = {"stain": "he", "readouts": {}, "areas_um2": {"haematopoietic": 2e6}, "slide": {"mpp": 0.5},
+               "measurements": {"nuclear_scale": {"cells": 268, "expected_um2": [13.0, 40.0],
+                                                  "geomean_area_um2": 42.7, "outside": True}}}
+    assert "pixel size? (nuclei 43 µm², marrow 13-40 at 0.5 µm/px)" in slide_flags(SlideOutput("s", tmp_path, metrics))
+    assert ("Check the pixel size: the nuclei measure 43 µm² on average, outside the 13-40 µm² of marrow nuclei at "
+            "0.5 µm/px; if that pixel size is wrong, so is every area and density above") in slide_report_lines(metrics)
+    metrics["measurements"]["nuclear_scale"]["outside"] = False
+    assert not any("pixel size" in f for f in slide_flags(SlideOutput("s", tmp_path, metrics)))
+    assert not any("pixel size" in line for line in slide_report_lines(metrics))
+
+
 def test_qa_flags_a_stain_that_looks_like_another(tmp_path):
     from marrowseg.report.qa import slide_flags
     from marrowseg.report.slides import SlideOutput

@@ -25,7 +25,7 @@ from marrowseg.analyzers import nuclei as nuc
 from marrowseg.analyzers import nuclei_model as nmod
 from marrowseg.analyzers import tissue as tis
 from marrowseg.analyzers.base import LabelClass, TileContext, TileResult
-from marrowseg.analyzers.marrow import MarrowAnalyzer
+from marrowseg.analyzers.marrow import MarrowAnalyzer, nuclear_log_area_sum, nuclear_scale
 from marrowseg.config.he import CellularityReference, HEConfig, load_cellularity_reference
 from marrowseg.errors import ConfigError
 
@@ -454,6 +454,7 @@ class HEAnalyzer(MarrowAnalyzer):
         for c in _CELL_COLUMNS:
             cells[c] = table[c][keep]
         stats["n_nucleated"] = int(keep.sum())
+        stats["nuclear_log_area_sum"] = nuclear_log_area_sum(cells["area_um2"])
         for name in nuc.NUCLEUS_CLASSES:
             stats[f"n_{name}"] = int((classes == name).sum())
 
@@ -593,6 +594,7 @@ class HEAnalyzer(MarrowAnalyzer):
                     "note": "counts[0] is below edges[0], counts[i] in [edges[i-1], edges[i]), the last is >= edges[-1]",
                 },
                 "local_cellularity": win_summary,
+                "nuclear_scale": nuclear_scale(totals, self.config.nuclear_area_check_um2),
             },
         }
         if interpretation:

@@ -8,15 +8,50 @@ window. :class:`MarrowAnalyzer` holds the tile geometry of that grid; the stains
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import ClassVar
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
 from marrowseg.analyzers import tissue as tis
 from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext
 
-__all__ = ["MarrowAnalyzer", "index_runs"]
+__all__ = ["MarrowAnalyzer", "index_runs", "nuclear_log_area_sum", "nuclear_scale", "NUCLEAR_SCALE_MIN_CELLS"]
+
+log = logging.getLogger(__name__)
+
+#: fewer cells than this and the nuclear scale is not judged (a field with a few nuclei says nothing)
+NUCLEAR_SCALE_MIN_CELLS = 30
+
+
+def nuclear_log_area_sum(area_um2: np.ndarray) -> float:
+    """Sum of ln(nuclear area / µm²) over a tile's cells: with the cell count, additive per tile, so
+    the slide's geometric mean nuclear area is an exact sum of per-tile quantities."""
+    return float(np.log(np.maximum(np.asarray(area_um2, np.float64), 1e-3)).sum())
+
+
+def nuclear_scale(totals: Mapping[str, float], expected_um2: list[float] | None) -> dict[str, Any]:
+    """Geometric mean nuclear area of the slide (µm²) against the range marrow nuclei read at the right pixel size.
+
+    A wrong pixel size (``--mpp``, or metadata in the wrong unit) scales every area and density of
+    the slide; the nuclei are the one ruler every marrow slide carries. ``outside`` is True when
+    the mean lies outside ``expected_um2`` (a QA flag and a report line, not an error: nuclei of a
+    blast-rich marrow run large).
+    """
+    n = int(totals.get("n_nucleated", 0))
+    out: dict[str, Any] = {"cells": n, "expected_um2": None if expected_um2 is None else [float(v) for v in expected_um2],
+                           "geomean_area_um2": None, "outside": False}
+    if n < NUCLEAR_SCALE_MIN_CELLS:
+        return out
+    gm = math.exp(float(totals.get("nuclear_log_area_sum", 0.0)) / n)
+    out["geomean_area_um2"] = gm
+    if expected_um2 is not None and not (expected_um2[0] <= gm <= expected_um2[1]):
+        out["outside"] = True
+        log.warning("nuclei measure %.1f µm² on average (geometric mean of %d), outside the %g-%g µm² of marrow "
+                    "nuclei: is the pixel size right?", gm, n, *expected_um2)
+    return out
 
 
 def index_runs(idx: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:

@@ -194,6 +194,9 @@ class ECadConfig(Strict):
         None, description="detector for the E-cad-negative cells (null: the first detection for all cells); "
         "positive nuclei keep their region from nuclei")
     classes: NucleusClassesConfig
+    nuclear_area_check_um2: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="[low, high] µm²: a slide whose geometric mean nuclear area lies "
+        "outside is flagged (a wrong pixel size?); null: not judged")
     positivity_compartment: Literal["membrane", "nucleus"] = Field(
         description="membrane: DAB in a ring just outside the nucleus (E-cadherin); nucleus: DAB inside it (Ki67-type stains)"
     )

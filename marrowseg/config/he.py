@@ -93,6 +93,9 @@ class HEConfig(Strict):
     adipocyte_bins_um2: list[float] = Field(min_length=2, description="fixed edges of the adipocyte area histogram, µm²")
     window_um: float | None = Field(gt=0, description="side of the slide-aligned windows for local cellularity, µm (null: none)")
     cellularity_rule: str = Field(min_length=1, description="name of a rule in configs/cellularity_reference.yaml")
+    nuclear_area_check_um2: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="[low, high] µm²: a slide whose geometric mean nuclear area lies "
+        "outside is flagged (a wrong pixel size?); null: not judged")
 
     @field_validator("adipocyte_bins_um2")
     @classmethod

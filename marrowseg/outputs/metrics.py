@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "dab_run_off_reference", "scan_too_coarse",
+__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "dab_run_off_reference", "scan_too_coarse", "pixel_size_suspect",
            "out_of_focus", "stain_fallbacks", "stain_hue", "OUT_OF_FOCUS_FLAG_FRAC", "DAB_RUN_FLAG_SCALE"]
 
 OUT_OF_FOCUS_FLAG_FRAC = 0.1
@@ -116,6 +116,20 @@ def scan_too_coarse(metrics: Any) -> dict[str, Any] | None:
     """
     check = ((metrics.get("provenance") or {}).get("tissue") or {}).get("resolution_check") or {}
     return check if check.get("too_coarse") else None
+
+
+def pixel_size_suspect(metrics: Any) -> dict[str, Any] | None:
+    """The nuclear-scale check of a ``metrics.json`` when its nuclei measured outside the range
+    marrow nuclei read at the right pixel size (``measurements.nuclear_scale``, see
+    :func:`marrowseg.analyzers.marrow.nuclear_scale`), else None.
+
+    Returns
+    -------
+    check : dict or None
+        ``geomean_area_um2`` and ``expected_um2`` (µm²), ``cells``, ``outside`` (True).
+    """
+    check = (metrics.get("measurements") or {}).get("nuclear_scale") or {}
+    return check if check.get("outside") else None
 
 
 def out_of_focus(metrics: Any, min_frac: float = OUT_OF_FOCUS_FLAG_FRAC) -> dict[str, Any] | None:

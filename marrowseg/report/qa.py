@@ -14,6 +14,9 @@ at first; they never change a measurement:
 ``scan coarser than validated``
     the slide's pixel size is coarser than the analyzer's ``max_scan_mpp``: it was upsampled,
     and nuclei, membranes and fibres blur (``provenance.tissue.resolution_check``);
+``pixel size?``
+    the slide's nuclei measure outside the range marrow nuclei read at the right pixel size
+    (``measurements.nuclear_scale``): every area and density scales with a wrong ``--mpp``;
 ``out of focus``
     at least 10 % of the tissue whose sharpness was judged lies in tiles below
     ``tissue.focus_min`` (:mod:`marrowseg.focus`; ``tiles.out_of_focus_frac``);
@@ -54,6 +57,7 @@ from marrowseg.outputs.metrics import (
     DAB_RUN_FLAG_SCALE,
     dab_run_off_reference,
     out_of_focus,
+    pixel_size_suspect,
     scan_too_coarse,
     stain_fallbacks,
     stain_mismatch,
@@ -92,6 +96,10 @@ def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_
     if coarse:
         flags.append(f"scan coarser than validated ({float(coarse['scan_mpp']):.2f} µm/px, "
                      f"limit {float(coarse['max_scan_mpp']):.2f})")
+    scale = pixel_size_suspect(m)
+    if scale:
+        flags.append(f"pixel size? (nuclei {float(scale['geomean_area_um2']):.0f} µm², marrow "
+                     f"{scale['expected_um2'][0]:g}-{scale['expected_um2'][1]:g} at {m.get('slide', {}).get('mpp', '?')} µm/px)")
     blurred = out_of_focus(m)
     if blurred:
         flags.append(f"out of focus ({100 * float(blurred['out_of_focus_frac']):.0f}% of the tissue, "

@@ -13,6 +13,7 @@ from typing import Any
 from marrowseg.outputs.metrics import (
     dab_run_off_reference,
     out_of_focus,
+    pixel_size_suspect,
     scan_too_coarse,
     stain_fallbacks,
     stain_mismatch,
@@ -163,6 +164,12 @@ def slide_report_lines(metrics: Mapping[str, Any]) -> list[str]:
         what = _BLUR_LOSES.get(str(metrics.get("stain")), "the figures")
         lines.append(f"Check the scan: {float(coarse['scan_mpp']):.2f} µm/px is coarser than the "
                      f"{float(coarse['max_scan_mpp']):.2f} µm/px these figures were validated at; {what} may read low")
+    scale = pixel_size_suspect(metrics)
+    if scale:
+        slide = metrics.get("slide") or {}
+        lines.append(f"Check the pixel size: the nuclei measure {float(scale['geomean_area_um2']):.0f} µm² on average, "
+                     f"outside the {scale['expected_um2'][0]:g}-{scale['expected_um2'][1]:g} µm² of marrow nuclei at "
+                     f"{slide.get('mpp', '?')} µm/px; if that pixel size is wrong, so is every area and density above")
     blurred = out_of_focus(metrics)
     if blurred:
         lines.append(f"Check the focus: {100 * float(blurred['out_of_focus_frac']):.0f}% of the tissue looked at is "

@@ -69,7 +69,7 @@ from marrowseg.analyzers.ecad.stain import (
     hdab_matrix,
     stains_from_rgb,
 )
-from marrowseg.analyzers.marrow import MarrowAnalyzer
+from marrowseg.analyzers.marrow import MarrowAnalyzer, nuclear_log_area_sum, nuclear_scale
 from marrowseg.analyzers.nuclei import faint_nuclei
 from marrowseg.config.ecad import ECadConfig, ECadReference, load_ecad_reference
 
@@ -367,6 +367,7 @@ class ECadAnalyzer(MarrowAnalyzer):
         for c in _MEAS_COLUMNS:
             cells[c] = table[c][keep]
         stats["n_nucleated"] = int(keep.sum())
+        stats["nuclear_log_area_sum"] = nuclear_log_area_sum(cells["area_um2"])
         for name in CELL_CLASSES:
             stats[f"n_{name}"] = int((classes[keep] == name).sum())
 
@@ -749,7 +750,8 @@ class ECadAnalyzer(MarrowAnalyzer):
             "interpretation": interpretation,
             "stain_vectors_source": self.vectors_source,
             "positivity_compartment": cfg.positivity_compartment,
-            "measurements": {"n_windows_with_cells": len(win)},
+            "measurements": {"n_windows_with_cells": len(win),
+                             "nuclear_scale": nuclear_scale(totals, cfg.nuclear_area_check_um2)},
         }
         for v in readouts.values():
             if isinstance(v, float) and not math.isfinite(v):
