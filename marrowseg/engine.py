@@ -77,6 +77,8 @@ _DARK_MIN_SHARE = 0.5
 _DARK_MAX_BRIGHT = 0.01
 #: a scan more than this many times coarser than an analyzer's ``max_scan_mpp`` is refused, not flagged
 COARSE_SCAN_REFUSED = 2.0
+#: in a crop or field (``output.small_image_px``), tissue objects down to this share of its area count
+SMALL_FIELD_MIN_OBJECT_FRAC = 0.02
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -312,10 +314,16 @@ def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     side_um = max(h0, w0) * reader.mpp
     mask_mpp = max(reader.mpp, min(tcfg.mpp, side_um / 256))
     view, unreadable = _read_overview(reader, mask_mpp)
+    min_object_um2 = tcfg.min_object_um2
+    if small:
+        # a crop or photographed field is analysed whole; its mask only says whether there is tissue,
+        # and a fragment smaller than a slide's speck limit (a 150 µm clot fragment on white, a
+        # region exported with a transparent surround) is what the field was taken of
+        min_object_um2 = min(min_object_um2, SMALL_FIELD_MIN_OBJECT_FRAC * h0 * w0 * reader.mpp**2)
     mask = tissue_mask(
         view, mask_mpp, min_od=tcfg.min_od, max_od=tcfg.max_od, min_saturation=tcfg.min_saturation,
         max_saturation=tcfg.max_saturation,
-        min_object_um2=tcfg.min_object_um2, max_hole_um2=tcfg.max_hole_um2,
+        min_object_um2=min_object_um2, max_hole_um2=tcfg.max_hole_um2,
         margin_um=tcfg.margin_um, keep_border_objects=small,
     )
     readable = mask.copy()

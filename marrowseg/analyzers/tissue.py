@@ -373,8 +373,14 @@ def classify_tissue(
     # whatever its shape: this cuts peripheral fat spaces whose outer membrane is missing
     # off the open glass they would otherwise join.
     if cfg.envelope_um:
-        # beyond the slide edge counts as tissue here, so the edge does not erode the outline
-        inside = _closing_edt(tissue | ~valid, cfg.envelope_um / class_mpp)
+        # beyond the slide edge counts as tissue here, so the edge does not erode the outline. Beyond
+        # the array nothing erodes either (a fat space the image edge cuts stays closed), except past a
+        # clear run along the border longer than any fat space: that is glass going on, and a glass
+        # margin along the image edge is not closed in as if tissue walled it (a tissue field with a
+        # 50 µm margin of glass read that margin as fat: cellularity 97 -> 79 %)
+        outline = tissue | ~valid
+        inside = _closing_edt(outline, cfg.envelope_um / class_mpp,
+                              open_border=_long_border_gaps(outline, cfg.fat_max_diameter_um / class_mpp))
         glass_cut = bright & ~inside
         if getattr(cfg, "envelope_fat", False) and glass_cut.any():
             # a clear space wider than the closing but walled in by tissue (it reaches
@@ -593,10 +599,33 @@ def _frame(shape: tuple[int, int]) -> np.ndarray:
     return f
 
 
-def _closing_edt(mask: np.ndarray, radius_px: float) -> np.ndarray:
-    """Binary closing by a disk of ``radius_px`` through two Euclidean distance transforms."""
+def _long_border_gaps(mask: np.ndarray, min_run_px: float) -> np.ndarray:
+    """The pixels of ``mask``'s four outermost rows / columns in runs of False longer than ``min_run_px``."""
+    out = np.zeros(mask.shape, bool)
+    for line, hit in ((mask[0, :], out[0, :]), (mask[-1, :], out[-1, :]), (mask[:, 0], out[:, 0]), (mask[:, -1], out[:, -1])):
+        gap = np.concatenate([[False], ~line, [False]])
+        edges = np.flatnonzero(np.diff(gap.astype(np.int8)))
+        for start, stop in zip(edges[::2], edges[1::2], strict=True):
+            if stop - start > min_run_px:
+                hit[start:stop] = True  # a view into out
+    return out
+
+
+def _closing_edt(mask: np.ndarray, radius_px: float, *, open_border: np.ndarray | None = None) -> np.ndarray:
+    """Binary closing by a disk of ``radius_px`` through two Euclidean distance transforms.
+
+    Beyond the array nothing erodes: a region the dilation carries to the border stays closed.
+    ``open_border`` (border pixels) continues past the border as open space that does erode:
+    what is open there stays open.
+    """
     if radius_px <= 0 or not mask.any():
         return mask.copy()
+    if open_border is not None and open_border.any():
+        pad = int(math.ceil(radius_px)) + 1
+        beyond = np.pad(np.zeros(mask.shape, bool), pad, constant_values=True)
+        opened = np.pad(open_border, pad, mode="edge") & beyond
+        dilated = _within(np.pad(mask, pad), radius_px) | (beyond & ~opened)
+        return ~_within(~dilated, radius_px)[pad:-pad, pad:-pad]
     dilated = _within(mask, radius_px)
     if dilated.all():
         return dilated
