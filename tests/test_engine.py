@@ -213,7 +213,7 @@ def test_plan_refuses_a_scan_far_coarser_than_the_analyzer_resolves(stain, scan_
     refused before its upsampled tiles cost minutes (an --mpp of 50 given to a 512-px tile: 1,156 tiles)."""
     from marrowseg import synth
     from marrowseg.analyzers import get_analyzer
-    from marrowseg.engine import COARSE_SCAN_REFUSED
+    from marrowseg.slide_checks import COARSE_SCAN_REFUSED
 
     cfg = load_config(stain)
     analyzer = get_analyzer(stain, cfg)
