@@ -7,8 +7,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "dab_run_off_reference", "scan_too_coarse", "pixel_size_suspect",
-           "out_of_focus", "stain_fallbacks", "stain_hue", "OUT_OF_FOCUS_FLAG_FRAC", "DAB_RUN_FLAG_SCALE"]
+__all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "dab_run_off_reference", "scan_too_coarse",
+           "pixel_size_suspect", "out_of_focus", "stain_fallbacks", "stain_hue", "OUT_OF_FOCUS_FLAG_FRAC",
+           "DAB_RUN_FLAG_SCALE"]
 
 OUT_OF_FOCUS_FLAG_FRAC = 0.1
 """A slide is reported out of focus when at least this share of its judged tissue is."""
