@@ -22,6 +22,7 @@ LAYERS = (
     ("config", "stains"),
     ("tiling", "stain_id", "focus"),
     ("analyzers",),
+    ("slide_checks",),  # what a slide must be before the engine analyses it
     ("engine",),
     ("outputs",),
     ("pipeline", "review", "batch_plan"),
