@@ -85,7 +85,7 @@ def brightfield_check(name: str, view: np.ndarray, tissue: np.ndarray) -> None:
     rgb = view.reshape(-1, 3)
     dark = float((rgb.max(axis=1) <= 40).mean())
     if dark >= _DARK_MIN_SHARE and float((rgb.min(axis=1) >= 180).mean()) < _DARK_MAX_BRIGHT:
-        raise SlideError(f"{name}: {dark:.0%} of it is near black and none is bright glass: a fluorescence or "
+        raise SlideError(f"{name}: {dark:.0%} of it is near black and under {_DARK_MAX_BRIGHT:.0%} is bright glass: a fluorescence or "
                          "dark-field image, not a brightfield scan of a stained slide")
 
 
