@@ -1,8 +1,10 @@
 """What a slide must be before it is analysed: a brightfield colour scan, fine enough, of the stain asked for.
 
-:func:`marrowseg.engine.plan_slide` runs these on the tissue overview. The first three refuse a
-file (one-line :class:`~marrowseg.errors.SlideError`) that would otherwise be measured as if it
-were a slide; the last two only flag and warn.
+:func:`marrowseg.engine.plan_slide` runs these on the tissue overview. A file that would otherwise
+be measured as if it were a slide is refused with a one-line :class:`~marrowseg.errors.SlideError`:
+not a brightfield scan (:func:`brightfield_check`), greyscale for a stain told apart by colour
+(:func:`colour_check`), far coarser than validated (:func:`resolution_check`). A scan somewhat
+too coarse, and colours that look like another stain (:func:`stain_check`), are flagged and warned of.
 """
 
 from __future__ import annotations
