@@ -233,7 +233,7 @@ def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     tissue = {"mask_mpp": mask_mpp, "tissue_frac": frac, "all_tiles": bool(small),
               "stain_check": checks.stain_check(reader.name, view, analyzer.stain),
               "resolution_check": checks.resolution_check(reader.name, float(reader.mpp), analyzer,
-                                                          getattr(reader, "mpp_source", ""))}
+                                                          reader.mpp_source)}
     return SlideLayout(shape_px=shape, mpp=mpp, level0_mpp=float(reader.mpp),
                        level0_shape_px=(int(h0), int(w0)), tile_px=tile_px, overlap_px=overlap_px,
                        map_downsample=analyzer.map_downsample, tiles=tiles, tissue=tissue,

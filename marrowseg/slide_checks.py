@@ -16,7 +16,7 @@ import numpy as np
 
 from marrowseg.analyzers.base import Analyzer
 from marrowseg.errors import NoTissueError, SlideError
-from marrowseg.stain_id import STAIN_OF_CLASS, identify_stain
+from marrowseg.stain_id import STAIN_OF_CLASS, identify_stain, tissue_pixels
 
 __all__ = ["brightfield_check", "colour_check", "stain_check", "resolution_check",
            "STAIN_MISMATCH_CONFIDENCE", "COARSE_SCAN_REFUSED"]
@@ -31,12 +31,12 @@ STAIN_MISMATCH_CONFIDENCE = 0.5
 # channel. Stained tissue reads 76-130 (mbm-dev H&E, Ki67 DAB, BoMBR silver, MoNuSeg); a grey
 # image stored as RGB reads 0, a few levels after JPEG.
 _GREY_MAX_CHROMA = 8
-# A label mask or a painted drawing, not a scan: among the tissue pixels that are neither near-white
-# nor near-black, this share or more takes one of _FLAT_COLOURS exact RGB values that leave a
-# channel at 0. No stain absorbs a colour channel completely over a flat area, and a scan's sensor
-# noise and stain spread keep any exact value rare (mbm-dev, MoNuSeg, Ki67, BoMBR, CMU-1, OS-1,
-# OS-2: the 8 commonest values 0.1-9 % of such pixels, none with a zero channel; the phantoms,
-# which draw no sensor noise, 15-35 %); the DeepLIIF label masks read 95-96 %.
+# A label mask or a painted drawing, not a scan: among the stained tissue pixels (neither glass nor
+# black fill: stain_id.tissue_pixels), this share or more takes one of _FLAT_COLOURS exact RGB values
+# that leave a channel at 0. No stain absorbs a colour channel completely over a flat area, and a
+# scan's sensor noise and stain spread keep any exact value rare (mbm-dev, MoNuSeg, Ki67, BoMBR,
+# CMU-1, OS-1, OS-2: the 8 commonest values 0.1-0.5 % of such pixels, none with a zero channel; the
+# phantoms, which draw no sensor noise, 2-27 %, none with a zero channel); the DeepLIIF label masks 95-96 %.
 _FLAT_COLOURS = 8
 _FLAT_MIN_SHARE = 0.8
 _FLAT_MIN_PIXELS = 500
@@ -75,7 +75,7 @@ def brightfield_check(name: str, view: np.ndarray, tissue: np.ndarray) -> None:
         of the overview is near black with next to no bright glass.
     """
     px = view[tissue]
-    px = px[(px.min(axis=1) < 230) & (px.max(axis=1) > 25)]  # glass, white padding and black fill aside
+    px = px[tissue_pixels(px)]  # glass, white padding and black fill aside
     if len(px) >= _FLAT_MIN_PIXELS:  # the more specific reason first: a mask's background is black too
         values, counts = np.unique(px.astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], np.uint32), return_counts=True)
         top = np.argsort(counts)[::-1][:_FLAT_COLOURS]
