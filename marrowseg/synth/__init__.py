@@ -28,8 +28,9 @@ import numpy as np
 from marrowseg.errors import ConfigError
 from marrowseg.synth import _render, _stains, _world
 from marrowseg.synth._world import CLASSES, STAGES, Params
+from marrowseg.synth.crush import crush_field
 
-__all__ = ["make_phantom", "Phantom", "write_phantom", "parse_seeds", "STAINS", "LABELS", "CELL_CLASSES"]
+__all__ = ["make_phantom", "Phantom", "write_phantom", "parse_seeds", "crush_field", "STAINS", "LABELS", "CELL_CLASSES"]
 
 log = logging.getLogger(__name__)
 
