@@ -165,6 +165,22 @@ def test_qa_flags_and_the_report_name_a_suspect_pixel_size(tmp_path):
     assert not any("pixel size" in line for line in slide_report_lines(metrics))
 
 
+def test_qa_flags_and_the_report_name_crush_left_out(tmp_path):
+    from marrowseg.report.qa import slide_flags
+    from marrowseg.report.slides import SlideOutput
+    from marrowseg.report.wording import slide_report_lines
+
+    metrics = {"stain": "he", "readouts": {}, "areas_um2": {"haematopoietic": 2e6},
+               "measurements": {"crush": {"area_um2": 250_000.0, "share_of_marrow": 0.11}}}
+    assert "crush artefact (0.25 mm², 11% of the marrow left out)" in slide_flags(SlideOutput("s", tmp_path, metrics))
+    assert ("Left out as crush artefact: 0.25 mm² (11% of the marrow), where the haematoxylin runs in parallel "
+            "strands; check it by eye (streaming fibrosis can look the same)") in slide_report_lines(metrics)
+    # a speck below the flag's share is left out in silence
+    metrics["measurements"]["crush"] = {"area_um2": 20_000.0, "share_of_marrow": 0.01}
+    assert not any("crush" in f for f in slide_flags(SlideOutput("s", tmp_path, metrics)))
+    assert not any("crush" in line for line in slide_report_lines(metrics))
+
+
 def test_qa_flags_a_stain_that_looks_like_another(tmp_path):
     from marrowseg.report.qa import slide_flags
     from marrowseg.report.slides import SlideOutput

@@ -9,7 +9,20 @@ from pydantic import Field
 
 from marrowseg.config._base import Strict
 
-__all__ = ["TissueClassesConfig"]
+__all__ = ["CrushConfig", "TissueClassesConfig"]
+
+
+class CrushConfig(Strict):
+    """Crush artefact: marrow whose haematoxylin runs in parallel strands (see :mod:`marrowseg.analyzers.crush`)."""
+
+    sigma_um: float = Field(gt=0, description="Gaussian window of the structure tensor, µm")
+    min_coherence: float = Field(ge=0, le=1, description="least coherence of the haematoxylin's direction (0 none, 1 parallel strands)")
+    min_h_od: float = Field(ge=0, description="least local mean haematoxylin (h_ctx), OD: crushed chromatin is smeared over the whole area")
+    min_support: float = Field(ge=0, le=1, description="least share of the window that is marrow: the edges of fat spaces, glass and bone have a direction of their own")
+    open_um: float = Field(ge=0, description="opening radius of the crushed pixels, µm")
+    min_area_um2: float = Field(ge=0, description="smaller crushed-looking patches stay marrow, µm²")
+    close_um: float = Field(ge=0, description="closing radius that gives the crushed area the marrow strips and small fat spaces inside it, µm")
+    fat_band_um: float = Field(gt=0, description="a fat space is crushed with the marrow when most of the marrow within this distance of it is crushed, µm")
 
 
 class TissueClassesConfig(Strict):
@@ -46,3 +59,4 @@ class TissueClassesConfig(Strict):
     stained_closing_um: float | None = Field(None, gt=0, description="closing radius of the stained pixels before the unstained regions are judged, µm: an IHC counterstain leaves the cytoplasm between nuclei unstained, and those gaps joined the fat spaces into regions judged background; null: off (H&E's eosin stains the cytoplasm)")
     opaque_min_od: float | None = Field(None, gt=0, description="a class pixel this dark (summed RGB OD of its mean colour) and this grey (opaque_min_greyness) is no stain but black fill or marker ink: excluded, and treated as outside the slide; null: off")
     opaque_min_greyness: float = Field(0.85, ge=0, le=1, description="least ratio of the smallest to the largest channel OD of an opaque pixel (1: neutral grey or black; haematoxylin, eosin and DAB stay below 0.75)")
+    crush: CrushConfig | None = Field(None, description="marrow read as crushed is excluded; null: off")

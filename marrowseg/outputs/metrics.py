@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["SCHEMA", "READOUT_UNITS", "build_metrics", "stain_mismatch", "dab_run_off_reference", "scan_too_coarse",
-           "pixel_size_suspect", "out_of_focus", "stain_fallbacks", "stain_hue", "OUT_OF_FOCUS_FLAG_FRAC",
+           "pixel_size_suspect", "crushed", "CRUSH_FLAG_SHARE", "out_of_focus", "stain_fallbacks", "stain_hue", "OUT_OF_FOCUS_FLAG_FRAC",
            "DAB_RUN_FLAG_SCALE"]
 
 OUT_OF_FOCUS_FLAG_FRAC = 0.1
@@ -131,6 +131,25 @@ def pixel_size_suspect(metrics: Any) -> dict[str, Any] | None:
     """
     check = (metrics.get("measurements") or {}).get("nuclear_scale") or {}
     return check if check.get("outside") else None
+
+
+CRUSH_FLAG_SHARE = 0.02
+"""Crush artefact is named when at least this share of the would-be marrow space was left out as crushed."""
+
+
+def crushed(metrics: Any, min_share: float = CRUSH_FLAG_SHARE) -> dict[str, Any] | None:
+    """The crush measurement of an H&E ``metrics.json`` (``measurements.crush``, see
+    :mod:`marrowseg.analyzers.crush`) when at least ``min_share`` of the marrow space and the crushed
+    area together was left out as crushed, else None.
+
+    Returns
+    -------
+    crush : dict or None
+        ``area_um2`` and ``share_of_marrow`` (0..1).
+    """
+    crush = (metrics.get("measurements") or {}).get("crush") or {}
+    share = crush.get("share_of_marrow")
+    return crush if share is not None and share >= min_share else None
 
 
 def out_of_focus(metrics: Any, min_frac: float = OUT_OF_FOCUS_FLAG_FRAC) -> dict[str, Any] | None:

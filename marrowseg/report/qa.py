@@ -17,6 +17,9 @@ at first; they never change a measurement:
 ``pixel size?``
     the slide's nuclei measure outside the range marrow nuclei read at the right pixel size
     (``measurements.nuclear_scale``): every area and density scales with a wrong ``--mpp``;
+``crush artefact``
+    at least 2 % of the H&E marrow space was left out as crushed (``measurements.crush``;
+    :mod:`marrowseg.analyzers.crush`): worth a look, since streaming fibrosis can look the same;
 ``out of focus``
     at least 10 % of the tissue whose sharpness was judged lies in tiles below
     ``tissue.focus_min`` (:mod:`marrowseg.focus`; ``tiles.out_of_focus_frac``);
@@ -55,6 +58,7 @@ from typing import Any
 
 from marrowseg.outputs.metrics import (
     DAB_RUN_FLAG_SCALE,
+    crushed,
     dab_run_off_reference,
     out_of_focus,
     pixel_size_suspect,
@@ -100,6 +104,10 @@ def slide_flags(slide: SlideOutput, *, min_marrow_mm2: float = 0.5, cellularity_
     if scale:
         flags.append(f"pixel size? (nuclei {float(scale['geomean_area_um2']):.0f} µm², marrow "
                      f"{scale['expected_um2'][0]:g}-{scale['expected_um2'][1]:g} at {m.get('slide', {}).get('mpp', '?')} µm/px)")
+    crush = crushed(m)
+    if crush:
+        flags.append(f"crush artefact ({float(crush['area_um2']) / 1e6:.2f} mm², "
+                     f"{100 * float(crush['share_of_marrow']):.0f}% of the marrow left out)")
     blurred = out_of_focus(m)
     if blurred:
         flags.append(f"out of focus ({100 * float(blurred['out_of_focus_frac']):.0f}% of the tissue, "

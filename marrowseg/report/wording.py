@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from marrowseg.outputs.metrics import (
+    crushed,
     dab_run_off_reference,
     out_of_focus,
     pixel_size_suspect,
@@ -170,6 +171,11 @@ def slide_report_lines(metrics: Mapping[str, Any]) -> list[str]:
         lines.append(f"Check the pixel size: the nuclei measure {float(scale['geomean_area_um2']):.0f} µm² on average, "
                      f"outside the {scale['expected_um2'][0]:g}-{scale['expected_um2'][1]:g} µm² of marrow nuclei at "
                      f"{slide.get('mpp', '?')} µm/px; if that pixel size is wrong, so is every area and density above")
+    crush = crushed(metrics)
+    if crush:
+        lines.append(f"Left out as crush artefact: {_num(float(crush['area_um2']) / 1e6, '.2f')} mm² "
+                     f"({100 * float(crush['share_of_marrow']):.0f}% of the marrow), where the haematoxylin runs in "
+                     "parallel strands; check it by eye (streaming fibrosis can look the same)")
     blurred = out_of_focus(metrics)
     if blurred:
         lines.append(f"Check the focus: {100 * float(blurred['out_of_focus_frac']):.0f}% of the tissue looked at is "
