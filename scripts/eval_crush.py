@@ -1,19 +1,22 @@
 #!/usr/bin/env python
-"""How the H&E analyzer reads crushed marrow, and whether it leaves crush out.
+"""How the H&E and E-cadherin analyzers read crushed marrow, and whether they leave crush out.
 
-``eval_crush.py [DIR [--whole]] [--phantoms SEEDS] [--others DATA] [--strength NAME ...] [--set KEY=VALUE ...]``
+``eval_crush.py [DIR [--whole]] [--stain he|ecad] [--phantoms SEEDS] [--others DATA] [--strength NAME ...]
+[--set KEY=VALUE ...]``
 
 No real trephine with outlined crush artefact was at hand, so crush is drawn
 (:func:`marrowseg.synth.crush_field`: squeezed, stretched and smeared by Beer-Lambert absorbance) onto
-real marrow fields (the ``*.png`` crops of DIR, e.g. ``../shared/data/mbm-dev``, at ``--mpp``) and
-onto H&E phantoms. For each field and strength the analyzer (``--set`` applies) reads the intact
-field alone (its area left out as crush is all false), and the intact field with a crushed copy of
-it joined below (a core crushed along one side), with ``he.tissue.crush`` as configured and off:
-cellularity and late erythroid precursors per 100 against the intact field's, the share of the
-crushed band's tissue left out (``band found``) and of the intact part's marrow (``intact part lost``).
+real fields (the ``*.png`` images of DIR at ``--mpp``: H&E marrow ``../shared/data/mbm-dev``, whose four
+crops per source image ``--whole`` joins; DAB IHC ``../shared/data/ihc-ki67``) and onto phantoms of the
+stain. For each field and strength the analyzer (``--set`` applies) reads the intact field alone (its
+area left out as crush is all false), and the intact field with a crushed copy of it joined below (a
+core crushed along one side), with the stain's ``tissue...crush`` as configured and off: two readouts
+against the intact field's (H&E: cellularity and late erythroid precursors per 100 nucleated cells;
+E-cadherin: the left-shift ratio and late erythroid per 100), the share of the crushed band's tissue
+left out (``band found``) and of the intact part's marrow (``intact part lost``).
 
-``--others DATA`` also reads real tissue of other organs (``DATA/monuseg/*.tif``,
-``DATA/wsi/CMU-1-Small-Region.svs``, ``DATA/wsi/OS-1-detail.ome.tif``) for area left out as crush.
+``--others DATA`` also reads other real tissue for area left out as crush: H&E ``DATA/monuseg/*.tif``,
+``DATA/wsi/CMU-1-Small-Region.svs``, ``DATA/wsi/OS-1-detail.ome.tif``; E-cadherin ``DATA/wsi/OS-2-ndpi.ome.tif``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marrowseg.analyzers.he import HEAnalyzer
+from marrowseg.analyzers import get_analyzer
 from marrowseg.config import Config, load_config, parse_overrides
 from marrowseg.engine import analyze_array
 from marrowseg.io import open_slide
@@ -61,17 +64,28 @@ def whole_images(crops: list[Path], mpp: float) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def measure(rgb: np.ndarray, mpp: float, cfg: Config) -> dict:
+#: per stain: the config key of the crush rule, the two readouts compared and their names
+STAIN_SETUP = {
+    "he": ("he.tissue.crush", ("cellularity_pct", "late_per_100"), "cellularity, late per 100"),
+    "ecad": ("ecad.tissue.classes.crush", ("left_shift_ratio", "late_per_100"), "left shift, late per 100"),
+}
+
+
+def measure(rgb: np.ndarray, mpp: float, cfg: Config, stain: str) -> dict:
     """Readouts, crush area (µm²) and the tissue label map (resized to the field) of one field."""
     import cv2
 
-    res = analyze_array(rgb, mpp, HEAnalyzer(cfg.he), cfg, device="cpu", workers=0)
-    t, ro = res.totals, res.readouts
+    analyzer = get_analyzer(stain, cfg)
+    res = analyze_array(rgb, mpp, analyzer, cfg, device="cpu", workers=0)
+    t, ro = res.totals, dict(res.readouts)
+    n = ro.get("nucleated_cells") or 0
+    ro["late_per_100"] = 100.0 * float(t.get("n_late_erythroid", 0)) / n if n else None
+    px_um2 = float(getattr(cfg, stain).mpp) ** 2
     labels = cv2.resize(np.asarray(res.maps["labels"], np.uint8), (rgb.shape[1], rgb.shape[0]),
                         interpolation=cv2.INTER_NEAREST)
-    return {"crush_um2": float(t.get("crush_px", 0)) * float(cfg.he.mpp) ** 2, "labels": labels,
-            "tissue_um2": float(np.count_nonzero(labels)) * mpp**2 + float(t.get("crush_px", 0)) * float(cfg.he.mpp) ** 2,
-            "cellularity": ro.get("cellularity_pct"), "late": ro.get("late_erythroid_per_100")}
+    crush_um2 = float(t.get("crush_px", 0)) * px_um2
+    return {"crush_um2": crush_um2, "labels": labels, "tissue_um2": float(np.count_nonzero(labels)) * mpp**2 + crush_um2,
+            "a": ro.get(STAIN_SETUP[stain][1][0]), "b": ro.get(STAIN_SETUP[stain][1][1])}
 
 
 def _fmt(v: float | None, spec: str = ".1f") -> str:
@@ -80,50 +94,56 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("images_dir", type=Path, nargs="?", default=None, help="folder of real H&E marrow crops (*.png)")
+    ap.add_argument("images_dir", type=Path, nargs="?", default=None, help="folder of real fields (*.png)")
+    ap.add_argument("--stain", choices=sorted(STAIN_SETUP), default="he")
     ap.add_argument("--mpp", type=float, default=0.25, help="pixel size of the crops, µm/px")
     ap.add_argument("--whole", action="store_true", help="join each source image's four MBM crops (its quadrants)")
-    ap.add_argument("--phantoms", default=None, metavar="SEEDS", help="H&E phantoms, e.g. 1000-1004 (1,024 px at 0.5 µm/px)")
-    ap.add_argument("--cellularity", type=float, default=60.0, help="phantom cellularity, %%")
+    ap.add_argument("--phantoms", default=None, metavar="SEEDS",
+                    help="phantoms, e.g. 1000-1004 (H&E 1,024 px at 0.5 µm/px, E-cadherin 2,048 px at 0.25)")
+    ap.add_argument("--cellularity", type=float, default=None, help="phantom cellularity, %% (H&E default 60)")
+    ap.add_argument("--left-shift", type=float, default=0.3, help="E-cadherin phantom left-shift ratio")
     ap.add_argument("--strength", action="append", choices=sorted(STRENGTHS), default=None)
     ap.add_argument("--others", type=Path, default=None, metavar="DATA", help="../shared/data: other organs' tissue")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     strengths = args.strength or ["moderate"]
-    cfg = load_config("he", overrides=parse_overrides(args.set))
-    off = load_config("he", overrides=parse_overrides([*args.set, "he.tissue.crush=null"]))
-    if cfg.he.tissue.crush is None:
-        print("he.tissue.crush is off: 'found' is 0 throughout", file=sys.stderr)
+    stain = args.stain
+    key, _, names = STAIN_SETUP[stain]
+    cfg = load_config(stain, overrides=parse_overrides(args.set))
+    off = load_config(stain, overrides=parse_overrides([*args.set, f"{key}=null"]))
 
     fields: list[tuple[str, np.ndarray, float]] = []
     if args.images_dir is not None:
-        crops = [p for p in sorted(args.images_dir.glob("*.png")) if "_dots" not in p.name]
+        # truth files beside the images: MBM dots, DeepLIIF masks
+        crops = [p for p in sorted(args.images_dir.glob("*.png")) if "_dots" not in p.name and not p.stem.endswith("_gt")]
         if args.whole:
             for stem, rgb in whole_images(crops, args.mpp):
                 fields.append((stem, rgb, args.mpp))
         else:
             fields += [(p.stem, _read(p, args.mpp)[0], args.mpp) for p in crops]
     if args.phantoms:
+        side, mpp = (1024, 0.5) if stain == "he" else (2048, 0.25)
+        kw = {"cellularity_pct": args.cellularity or 60.0} if stain == "he" else {
+            "left_shift_ratio": args.left_shift, "cellularity_pct": args.cellularity}
         for seed in parse_seeds(args.phantoms):
-            ph = make_phantom("he", seed=seed, size_px=(1024, 1024), mpp=0.5, cellularity_pct=args.cellularity)
-            fields.append((f"phantom {seed}", ph.render(0, 0, 1024, 1024), 0.5))
+            ph = make_phantom(stain, seed=seed, size_px=(side, side), mpp=mpp, **kw)
+            fields.append((f"phantom {seed}", ph.render(0, 0, side, side), mpp))
 
-    print("| field | strength | intact: cellularity, late per 100 | + crushed band, rule off | rule on "
-          "| band found | intact part lost |")
+    print(f"| field | strength | intact: {names} | + crushed band, rule off | rule on | band found | intact part lost |")
     print("|---|---|---|---|---|---|---|")
     found_by: dict[str, list[float]] = {s: [] for s in strengths}
     err_by: dict[str, list[tuple[float, float]]] = {s: [] for s in strengths}
     lost_px = lost_of = 0
     false_um2 = 0.0
     for name, rgb, mpp in fields:
-        intact = measure(rgb, mpp, cfg)
+        intact = measure(rgb, mpp, cfg, stain)
         false_um2 += intact["crush_um2"]
         for s in strengths:
             stretch, squeeze, smear, wave = STRENGTHS[s]
             band = crush_field(rgb, mpp, stretch=stretch, squeeze=squeeze, smear_um=smear, wave_um=wave,
                                seed=zlib.crc32(name.encode()) % 1000)
             both = np.vstack([rgb, band])
-            a, b = measure(both, mpp, off), measure(both, mpp, cfg)
+            a, b = measure(both, mpp, off, stain), measure(both, mpp, cfg, stain)
             h = rgb.shape[0]
             tissue_b = a["labels"][h:] != 0
             found = float((b["labels"][h:][tissue_b] == 0).mean()) if tissue_b.any() else 0.0
@@ -131,30 +151,35 @@ def main(argv: list[str] | None = None) -> int:
             lost = int((b["labels"][:h][marrow_i] == 0).sum())
             lost_px, lost_of = lost_px + lost, lost_of + int(marrow_i.sum())
             found_by[s].append(found)
-            if intact["cellularity"] is not None and a["cellularity"] is not None and b["cellularity"] is not None:
-                err_by[s].append((a["cellularity"] - intact["cellularity"], b["cellularity"] - intact["cellularity"]))
-            print(f"| {name} | {s} | {_fmt(intact['cellularity'])}, {_fmt(intact['late'])} | "
-                  f"{_fmt(a['cellularity'])}, {_fmt(a['late'])} | {_fmt(b['cellularity'])}, {_fmt(b['late'])} | "
+            if intact["a"] is not None and a["a"] is not None and b["a"] is not None:
+                err_by[s].append((a["a"] - intact["a"], b["a"] - intact["a"]))
+            spec = ".1f" if stain == "he" else ".3f"
+            print(f"| {name} | {s} | {_fmt(intact['a'], spec)}, {_fmt(intact['b'])} | "
+                  f"{_fmt(a['a'], spec)}, {_fmt(a['b'])} | {_fmt(b['a'], spec)}, {_fmt(b['b'])} | "
                   f"{found:.2f} | {lost / max(int(marrow_i.sum()), 1):.3f} |")
     for s in strengths:
         f = np.asarray(found_by[s])
         if f.size:
             e = np.abs(np.asarray(err_by[s])) if err_by[s] else np.zeros((0, 2))
-            print(f"{s}: band found {f.mean():.2f} mean (min {f.min():.2f}); cellularity off the intact field's, "
-                  f"mean abs {e[:, 0].mean():.1f} -> {e[:, 1].mean():.1f} points (max {e[:, 0].max():.1f} -> "
-                  f"{e[:, 1].max():.1f})" if e.size else f"{s}: band found {f.mean():.2f}")
+            what = names.split(",")[0]
+            print(f"{s}: band found {f.mean():.2f} mean (min {f.min():.2f}); {what} off the intact field's, "
+                  f"mean abs {e[:, 0].mean():.3g} -> {e[:, 1].mean():.3g} (max {e[:, 0].max():.3g} -> "
+                  f"{e[:, 1].max():.3g})" if e.size else f"{s}: band found {f.mean():.2f}")
     if fields:
         print(f"intact fields alone: {false_um2:.0f} µm² left out "
               f"as crush; intact parts beside a band: {lost_px / max(lost_of, 1):.4f} of their marrow")
 
     if args.others is not None:
-        others = sorted((args.others / "monuseg").glob("*.tif"))
-        others += [args.others / "wsi" / "CMU-1-Small-Region.svs", args.others / "wsi" / "OS-1-detail.ome.tif"]
+        if stain == "he":
+            others = sorted((args.others / "monuseg").glob("*.tif"))
+            others += [args.others / "wsi" / "CMU-1-Small-Region.svs", args.others / "wsi" / "OS-1-detail.ome.tif"]
+        else:
+            others = [args.others / "wsi" / "OS-2-ndpi.ome.tif"]
         print("| other tissue | crush µm² | tissue µm² |")
         print("|---|---|---|")
         for p in others:
             rgb, mpp = _read(p, 0.25 if p.parent.name == "monuseg" else None)  # MoNuSeg: 40x, no size in the file
-            m = measure(rgb, mpp, cfg)
+            m = measure(rgb, mpp, cfg, stain)
             print(f"| {p.name} | {m['crush_um2']:.0f} | {m['tissue_um2']:.0f} |")
     return 0
 

@@ -131,3 +131,24 @@ def test_real_marrow_keeps_its_marrow_and_loses_a_crushed_band():
     band_tissue = lab_off[rgb.shape[0]:] != 0
     assert (lab_on[rgb.shape[0]:][band_tissue] == 0).mean() > 0.6
     assert on.report["measurements"]["crush"]["share_of_marrow"] > 0.1
+
+
+def test_ecadherin_leaves_a_crushed_band_out_and_its_false_left_shift_with_it():
+    """Crushed nuclei fail the late-erythroid rules while E-cad+ membranes still count: left in, a
+    crushed band raises the left-shift ratio."""
+    from marrowseg.analyzers.ecad import ECadAnalyzer
+
+    ph = synth.make_phantom("ecad", seed=1003, size_px=(1536, 1536), mpp=0.25, left_shift_ratio=0.3)
+    rgb = ph.render(0, 0, 1536, 1536)
+    both = np.vstack([rgb, synth.crush_field(rgb, 0.25, stretch=1.6, squeeze=0.45, smear_um=8, wave_um=2, seed=3)])
+
+    def run(img, *overrides):
+        cfg = load_config("ecad", overrides=list(overrides))
+        return analyze_array(img, 0.25, ECadAnalyzer(cfg.ecad), cfg, device="cpu", workers=0)
+
+    intact, on, off = run(rgb), run(both), run(both, "ecad.tissue.classes.crush=null")
+    assert intact.report["measurements"]["crush"]["area_um2"] == 0
+    assert on.report["measurements"]["crush"]["area_um2"] > 0
+    ratio = lambda r: r.readouts["left_shift_ratio"]  # noqa: E731
+    assert ratio(off) - ratio(intact) > 0.015  # 0.025 as drawn
+    assert abs(ratio(on) - ratio(intact)) < 0.5 * (ratio(off) - ratio(intact))

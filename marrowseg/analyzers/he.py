@@ -25,8 +25,12 @@ from marrowseg.analyzers import nuclei as nuc
 from marrowseg.analyzers import nuclei_model as nmod
 from marrowseg.analyzers import tissue as tis
 from marrowseg.analyzers.base import LabelClass, TileContext, TileResult
-from marrowseg.analyzers.crush import crush_like, crush_zone, fat_in_crush
-from marrowseg.analyzers.marrow import MarrowAnalyzer, nuclear_log_area_sum, nuclear_scale
+from marrowseg.analyzers.marrow import (
+    MarrowAnalyzer,
+    crush_measurement,
+    nuclear_log_area_sum,
+    nuclear_scale,
+)
 from marrowseg.config.he import CellularityReference, HEConfig, load_cellularity_reference
 from marrowseg.errors import ConfigError
 
@@ -416,23 +420,13 @@ class HEAnalyzer(MarrowAnalyzer):
         )
         crush_c = None
         if cfg.tissue.crush is not None:
-            # before the nuclei: crushed strands are no cells to count
-            cc = cfg.tissue.crush
-            marrow_c, fat_c = labels_c == tis.HAEMATOPOIETIC, labels_c == tis.FAT
-            crush_c = crush_like(d["h_od"], k, d["h_ctx"], marrow_c, class_mpp, cc)
-            crush_c = crush_zone(crush_c, class_mpp, cc.close_um) & (marrow_c | fat_c)
-            crush_c |= fat_in_crush(fat_c, marrow_c, crush_c, class_mpp, cc.fat_band_um)
-            labels_c = np.where(crush_c, np.asarray(tis.EXCLUDED, labels_c.dtype), labels_c)
-            if fat.row.size:  # a squeezed fat space is no adipocyte to count or size
-                keep_fat = ~crush_c[np.clip(np.round(fat.row).astype(int), 0, crush_c.shape[0] - 1),
-                                    np.clip(np.round(fat.col).astype(int), 0, crush_c.shape[1] - 1)]
-                fat = tis.FatObjects(fat.row[keep_fat], fat.col[keep_fat], fat.area_px[keep_fat])
+            labels_c, fat, crush_c = self._leave_out_crush(labels_c, fat, d["h_od"], d["h_ctx"], class_mpp, cfg.tissue.crush)
         labels = tis.upsample_labels(labels_c, k, shape)
         core = ctx.core
         core_labels = labels[core]
         stats = self._tissue_stats(core_labels)
         if crush_c is not None:
-            stats["crush_px"] = int(np.count_nonzero(tis.upsample_labels(crush_c.view(np.uint8), k, shape)[core]))
+            stats["crush_px"] = self._crush_px(crush_c, shape, ctx)
 
         # adipocytes: one per fat space, counted by the tile holding its centroid
         fr = (fat.row + 0.5) * k - 0.5
@@ -614,10 +608,7 @@ class HEAnalyzer(MarrowAnalyzer):
             },
         }
         if self.config.tissue.crush is not None:
-            crush_um2 = g("crush_px") * px_um2
-            # part of areas_um2.excluded; its share of what would have been marrow space
-            out["measurements"]["crush"] = {"area_um2": crush_um2,
-                                            "share_of_marrow": ratio(crush_um2, crush_um2 + marrow_um2)}
+            out["measurements"]["crush"] = crush_measurement(totals, px_um2, marrow_um2)
         if interpretation:
             out["interpretation"] = interpretation
         for v in out["readouts"].values():

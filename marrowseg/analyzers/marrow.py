@@ -17,8 +17,10 @@ import numpy as np
 
 from marrowseg.analyzers import tissue as tis
 from marrowseg.analyzers.base import Analyzer, LabelClass, TileContext
+from marrowseg.analyzers.crush import crush_like, crush_zone, fat_in_crush
 
-__all__ = ["MarrowAnalyzer", "index_runs", "nuclear_log_area_sum", "nuclear_scale", "NUCLEAR_SCALE_MIN_CELLS"]
+__all__ = ["MarrowAnalyzer", "index_runs", "nuclear_log_area_sum", "nuclear_scale", "crush_measurement",
+           "NUCLEAR_SCALE_MIN_CELLS"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,14 @@ def nuclear_log_area_sum(area_um2: np.ndarray) -> float:
     """Sum of ln(nuclear area / µm²) over a tile's cells: with the cell count, additive per tile, so
     the slide's geometric mean nuclear area is an exact sum of per-tile quantities."""
     return float(np.log(np.maximum(np.asarray(area_um2, np.float64), 1e-3)).sum())
+
+
+def crush_measurement(totals: Mapping[str, float], px_um2: float, marrow_um2: float) -> dict[str, Any]:
+    """The slide's area left out as crush artefact (µm², part of the excluded area) and its share of
+    what would have been marrow space (marrow + crush), None without marrow."""
+    crush_um2 = float(totals.get("crush_px", 0)) * px_um2
+    whole = crush_um2 + marrow_um2
+    return {"area_um2": crush_um2, "share_of_marrow": crush_um2 / whole if whole > 0 else None}
 
 
 def nuclear_scale(totals: Mapping[str, float], expected_um2: list[float] | None) -> dict[str, Any]:
@@ -135,6 +145,30 @@ class MarrowAnalyzer(Analyzer):
             "fat_px": int(counts[tis.FAT]),
             "bone_px": int(counts[tis.BONE]),
         }
+
+    def _leave_out_crush(self, labels_c: np.ndarray, fat: tis.FatObjects | None, h_od: np.ndarray, h_ctx: np.ndarray,
+                         class_mpp: float, cfg: Any) -> tuple[np.ndarray, tis.FatObjects | None, np.ndarray]:
+        """Crushed marrow and the fat spaces inside it made excluded (:mod:`marrowseg.analyzers.crush`).
+
+        Called before the nuclei are looked for: crushed strands are no cells to count. Returns the
+        new class labels, the fat spaces less those in the crush (a squeezed space is no adipocyte to
+        count or size), and the crushed class pixels.
+        """
+        marrow_c, fat_c = labels_c == tis.HAEMATOPOIETIC, labels_c == tis.FAT
+        crush_c = crush_like(h_od, self.k, h_ctx, marrow_c, class_mpp, cfg)
+        crush_c = crush_zone(crush_c, class_mpp, cfg.close_um) & (marrow_c | fat_c)
+        crush_c |= fat_in_crush(fat_c, marrow_c, crush_c, class_mpp, cfg.fat_band_um)
+        labels_c = np.where(crush_c, np.asarray(tis.EXCLUDED, labels_c.dtype), labels_c)
+        if fat is not None and fat.row.size:
+            r = np.clip(np.round(fat.row).astype(int), 0, crush_c.shape[0] - 1)
+            c = np.clip(np.round(fat.col).astype(int), 0, crush_c.shape[1] - 1)
+            keep = ~crush_c[r, c]
+            fat = tis.FatObjects(fat.row[keep], fat.col[keep], fat.area_px[keep])
+        return labels_c, fat, crush_c
+
+    def _crush_px(self, crush_c: np.ndarray, shape: tuple[int, int], ctx: TileContext) -> int:
+        """Crushed analysis pixels in the tile's core (additive per tile, as every class area)."""
+        return int(np.count_nonzero(tis.upsample_labels(crush_c.view(np.uint8), self.k, shape)[ctx.core]))
 
     def _map(self, labels: np.ndarray, ctx: TileContext) -> np.ndarray:
         """The core's labels on the slide-aligned grid of every k-th analysis pixel."""

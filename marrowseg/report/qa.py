@@ -18,7 +18,7 @@ at first; they never change a measurement:
     the slide's nuclei measure outside the range marrow nuclei read at the right pixel size
     (``measurements.nuclear_scale``): every area and density scales with a wrong ``--mpp``;
 ``crush artefact``
-    at least 2 % of the H&E marrow space was left out as crushed (``measurements.crush``;
+    at least 2 % of the marrow space was left out as crushed (``measurements.crush``;
     :mod:`marrowseg.analyzers.crush`): worth a look, since streaming fibrosis can look the same;
 ``out of focus``
     at least 10 % of the tissue whose sharpness was judged lies in tiles below

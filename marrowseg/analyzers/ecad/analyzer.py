@@ -69,7 +69,12 @@ from marrowseg.analyzers.ecad.stain import (
     hdab_matrix,
     stains_from_rgb,
 )
-from marrowseg.analyzers.marrow import MarrowAnalyzer, nuclear_log_area_sum, nuclear_scale
+from marrowseg.analyzers.marrow import (
+    MarrowAnalyzer,
+    crush_measurement,
+    nuclear_log_area_sum,
+    nuclear_scale,
+)
 from marrowseg.analyzers.nuclei import faint_nuclei
 from marrowseg.config.ecad import ECadConfig, ECadReference, load_ecad_reference
 
@@ -320,9 +325,15 @@ class ECadAnalyzer(MarrowAnalyzer):
         labels_c, _ = tis.classify_tissue(d["bright"], d["h_ctx"], d["e_ctx"], mpp * k, cfg.tissue.classes,
                                           valid=valid_c, open_border=border_c, clear_od=d.get("clear_od"),
                                           clear_level=self.clear_level)
+        crush_cfg = cfg.tissue.classes.crush
+        crush_c = None
+        if crush_cfg is not None:
+            labels_c, _, crush_c = self._leave_out_crush(labels_c, None, d["h_od"], d["h_ctx"], mpp * k, crush_cfg)
         labels = tis.upsample_labels(labels_c, k, shape)
         core_labels = labels[ctx.core]
         stats = self._tissue_stats(core_labels)
+        if crush_c is not None:
+            stats["crush_px"] = self._crush_px(crush_c, shape, ctx)
 
         allowed = (labels == tis.HAEMATOPOIETIC) | (labels == tis.FAT)
         nuc_labels, table = nuc.detect_nuclei(d["det_od"], mpp, cfg.nuclei, peak_map=d["peak"],
@@ -753,6 +764,8 @@ class ECadAnalyzer(MarrowAnalyzer):
             "measurements": {"n_windows_with_cells": len(win),
                              "nuclear_scale": nuclear_scale(totals, cfg.nuclear_area_check_um2)},
         }
+        if cfg.tissue.classes.crush is not None:
+            out["measurements"]["crush"] = crush_measurement(totals, px_um2, haem_um2 + g("fat_px") * px_um2)
         for v in readouts.values():
             if isinstance(v, float) and not math.isfinite(v):
                 raise AssertionError("non-finite readout")  # ratios guard their denominators
