@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from marrowseg import __version__
+from marrowseg import __version__, stains
 from marrowseg import slide_checks as checks
 from marrowseg.analyzers.base import Analyzer, TileContext, TileResult
 from marrowseg.config import Config, config_hash
@@ -79,7 +79,10 @@ class SlideLayout:
     tiles : list of Tile
         Tiles over tissue, in grid order.
     tissue : dict
-        How tissue was found (mask resolution, fraction, whether it was skipped).
+        How tissue was found (mask resolution, fraction, whether it was skipped), and the white point.
+    white : (float, float, float) or None
+        Intensity of the slide's glass per channel (:func:`marrowseg.stains.white_point`), which
+        every tile is brought to 255 by; None: read as it is.
     """
 
     shape_px: tuple[int, int]
@@ -92,6 +95,13 @@ class SlideLayout:
     tiles: list[Tile]
     tissue: dict[str, Any]
     tissue_mask: np.ndarray | None = field(default=None, repr=False)
+    white: tuple[float, float, float] | None = None
+
+    def read_tile(self, reader: Any, tile: Tile) -> np.ndarray:
+        """A tile as every analysis step sees it: read at ``mpp`` and brought to the slide's white
+        point (:func:`marrowseg.stains.white_balance`; unchanged when ``white`` is None)."""
+        rgb = reader.read_region(tile.origin_px[1], tile.origin_px[0], tile.size_px, tile.size_px, self.mpp)
+        return stains.white_balance(rgb, None if self.white is None else np.asarray(self.white))
 
     @property
     def map_shape_px(self) -> tuple[int, int]:
@@ -230,14 +240,22 @@ def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     # Crops and photographed fields are tissue by intent: analyse all of them and let the
     # analyzer's own classes exclude glass.
     tiles = tiles_over_mask(shape, None if small else mask, tile_px=tile_px, overlap_px=overlap_px)
+    white = white_found = None
+    if tcfg.white_balance:
+        # the glass round the tissue where there is some; a crop's clear fat spaces otherwise
+        w = stains.white_point(view[~mask] if (~mask).sum() >= 50 else view, min_level=tcfg.white_min_level)
+        white_found = None if w is None else [round(float(v), 1) for v in w]
+        if w is not None and float(np.min(w)) < tcfg.white_calibrated:
+            white = tuple(float(v) for v in w)
     tissue = {"mask_mpp": mask_mpp, "tissue_frac": frac, "all_tiles": bool(small),
+              "white_point": {"rgb": white_found, "applied": white is not None},
               "stain_check": checks.stain_check(reader.name, view, analyzer.stain),
               "resolution_check": checks.resolution_check(reader.name, float(reader.mpp), analyzer,
                                                           reader.mpp_source)}
     return SlideLayout(shape_px=shape, mpp=mpp, level0_mpp=float(reader.mpp),
                        level0_shape_px=(int(h0), int(w0)), tile_px=tile_px, overlap_px=overlap_px,
                        map_downsample=analyzer.map_downsample, tiles=tiles, tissue=tissue,
-                       tissue_mask=mask)
+                       tissue_mask=mask, white=white)
 
 
 # ----------------------------------------------------------------------------- sinks
@@ -293,6 +311,7 @@ class _TileDataset(Dataset):
         self.reader = reader
         self.tiles = layout.tiles
         self.mpp = layout.mpp
+        self.read_tile = layout.read_tile
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -302,7 +321,7 @@ class _TileDataset(Dataset):
         r0, c0 = tile.origin_px
         n = tile.size_px
         try:
-            rgb = self.reader.read_region(c0, r0, n, n, self.mpp)
+            rgb = self.read_tile(self.reader, tile)
             err = ""
         except MarrowsegError as exc:
             rgb = np.full((n, n, 3), 255, np.uint8)
@@ -589,7 +608,7 @@ def _prepare_sample(reader: Any, layout: SlideLayout, seed: int, patch_px: int =
     for i in picks:
         t = tiles[i]
         try:
-            rgb = reader.read_region(t.origin_px[1], t.origin_px[0], t.size_px, t.size_px, layout.mpp)
+            rgb = layout.read_tile(reader, t)
         except MarrowsegError:
             continue
         px = rgb.reshape(-1, 3)

@@ -351,7 +351,7 @@ def skimage_rate(path: Path, stain: str, max_tiles: int, engine_tiles: list[dict
     with scikit_image_only():
         t0 = time.perf_counter()
         for t in tiles:
-            rgb = reader.read_region(t.origin_px[1], t.origin_px[0], t.size_px, t.size_px, layout.mpp)
+            rgb = layout.read_tile(reader, t)
             res = analyzer.post(ref(rgb), rgb, layout.context(t))
             for k, v in res.stats.items():
                 totals_ref[k] = totals_ref.get(k, 0) + v

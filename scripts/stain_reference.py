@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Estimate the reference H&E stain vectors (``he.stain.reference_h`` / ``reference_e``) from a folder of images.
 
-``stain_reference.py DIR [--mpp 0.25]``
+``stain_reference.py DIR [--mpp 0.25] [--each] [--set KEY=VALUE ...]``
 
 Every PNG/TIFF image in DIR (files named ``*_dots_*`` are skipped) is read at the H&E analysis
 resolution (``he.mpp``) as ``marrowseg analyze`` reads it, and its pixels are pooled; the Macenko estimate of the pool,
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marrowseg.config import load_config
+from marrowseg.config import load_config, parse_overrides
 from marrowseg.io import open_slide
 from marrowseg.stains import (
     RUIFROK_E,
@@ -30,15 +30,20 @@ from marrowseg.stains import (
     estimate_two_stains,
     od_from_rgb,
     stain_matrix,
+    white_balance,
+    white_point,
 )
 
 
-def read_od(path: Path, mpp: float, analysis_mpp: float) -> np.ndarray:
-    """(N, 3) OD pixels of a whole image at the analysis resolution, read as the engine reads it."""
+def read_od(path: Path, mpp: float, analysis_mpp: float, tissue_cfg) -> np.ndarray:
+    """(N, 3) OD pixels of a whole image at the analysis resolution, read as the engine reads it
+    (brought to its white point when ``tissue.white_balance`` is on; an image is a field, all tissue)."""
     with open_slide(path, mpp=mpp) as reader:
         w, h = reader.dimensions
         f = mpp / analysis_mpp
         rgb = reader.read_region(0, 0, max(1, round(w * f)), max(1, round(h * f)), analysis_mpp)
+    if tissue_cfg.white_balance:
+        rgb = white_balance(rgb, white_point(rgb, min_level=tissue_cfg.white_min_level))
     return od_from_rgb(rgb).reshape(-1, 3)
 
 
@@ -56,13 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("images_dir", type=Path)
     ap.add_argument("--mpp", type=float, default=0.25, help="pixel size of the images, µm/px")
     ap.add_argument("--each", action="store_true", help="also each image's estimate, written as an --hue value")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. tissue.white_balance=false (read against 255, not the white point)")
     args = ap.parse_args(argv)
-    cfg = load_config("he").he
+    config = load_config("he", overrides=parse_overrides(args.set))
+    cfg = config.he
     paths = sorted(p for p in args.images_dir.iterdir()
                    if p.suffix.lower() in (".png", ".tif", ".tiff") and "_dots_" not in p.name)
     if not paths:
         ap.error(f"{args.images_dir}: no PNG or TIFF images")
-    od_by_image = {p.name: read_od(p, args.mpp, cfg.mpp) for p in paths}
+    od_by_image = {p.name: read_od(p, args.mpp, cfg.mpp, config.tissue) for p in paths}
     h, e = estimate(np.concatenate(list(od_by_image.values())), cfg.stain)
     ruifrok = stain_matrix(RUIFROK_H, RUIFROK_E)
     print(f"{len(paths)} images at {cfg.mpp} µm/px")

@@ -29,7 +29,9 @@ SMALL = ["ecad.halo_um=48", "tiling.tile_px=640", "ecad.clusters.min_extent_um=4
 #: which makes a sparse grid of nuclei in an even 0.2 OD counterstain read as bone (acellular matrix);
 #: nor DAB scale (their rings would be brought to the reference membrane level); these tests are about
 #: calls, not the scales (tests/test_counterstain.py, tests/test_ecad_dab_level.py, the phantom tests)
-DRAWN = ["ecad.stain.vectors=standard", "ecad.stain.h_reference_od=null", "ecad.stain.dab_reference_od=null"]
+#: Nor a white point: their flat, even counterstain stands where glass would, and would be taken for it.
+DRAWN = ["ecad.stain.vectors=standard", "ecad.stain.h_reference_od=null", "ecad.stain.dab_reference_od=null",
+         "tissue.white_balance=false"]
 
 
 def _render(h_od: np.ndarray, dab_od: np.ndarray) -> np.ndarray:

@@ -28,6 +28,15 @@ class TissueConfig(_Strict):
         "Laplacian per unit darkness at the analysis resolution) is out of focus; null: no focus check")
     focus_min_tissue_um2: float = Field(
         10000.0, ge=0, description="a tile with less tissue than this in its measured window is not judged, µm²")
+    white_balance: bool = Field(
+        True, description="bring every tile to the slide's glass (white point from the overview's clear pixels, "
+        "marrowseg.stains.white_point): optical densities are then relative to the glass, not to 255")
+    white_min_level: float = Field(
+        200.0, ge=0, le=255, description="least intensity of every channel of a clear pixel, and the darkest "
+        "white point accepted; a field with too few such pixels is read as it is")
+    white_calibrated: float = Field(
+        250.0, ge=0, le=255, description="a white point this bright in every channel is a calibrated scan, read as "
+        "it is (its offset, <= 0.009 OD a channel, is below what the thresholds resolve)")
 
 
 class TilingConfig(_Strict):
