@@ -243,7 +243,7 @@ def plan_slide(reader: Any, analyzer: Analyzer, config: Config) -> SlideLayout:
     white = white_found = None
     if tcfg.white_balance:
         # the glass round the tissue where there is some; a crop's clear fat spaces otherwise
-        w = stains.white_point(view[~mask] if (~mask).sum() >= 50 else view, min_level=tcfg.white_min_level)
+        w = stains.white_point(view, min_level=tcfg.white_min_level, where=~mask if (~mask).sum() >= 50 else None)
         white_found = None if w is None else [round(float(v), 1) for v in w]
         if w is not None and float(np.min(w)) < tcfg.white_calibrated:
             white = tuple(float(v) for v in w)

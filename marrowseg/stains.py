@@ -157,7 +157,8 @@ def scale_to_reference(reference: float, level: float, low: float, high: float) 
 
 
 def white_point(rgb: np.ndarray, *, min_level: float = 215.0, top_frac: float = 0.01,
-                min_pixels: int = 50, max_texture: float | None = 4.0) -> np.ndarray | None:
+                min_pixels: int = 50, max_texture: float | None = 4.0,
+                where: np.ndarray | None = None) -> np.ndarray | None:
     """The intensity of clear glass in an RGB image (the ``I0`` of Beer-Lambert), per channel.
 
     A scanner's glass is rarely 255: white calibration, lamp and a tinted mounting medium leave it
@@ -181,6 +182,8 @@ def white_point(rgb: np.ndarray, *, min_level: float = 215.0, top_frac: float = 
     max_texture : float or None
         Largest standard deviation of the mean intensity over a pixel's 3 x 3 neighbourhood, grey
         levels, of a clear pixel of a 2-D image; None: no flatness test.
+    where : (H, W) bool ndarray, optional
+        Only these pixels may be clear (e.g. outside the tissue mask: the glass).
 
     Returns
     -------
@@ -197,6 +200,8 @@ def white_point(rgb: np.ndarray, *, min_level: float = 215.0, top_frac: float = 
         mean = cv2.blur(grey, (3, 3))
         std = np.sqrt(np.maximum(cv2.blur(grey * grey, (3, 3)) - mean * mean, 0))
         ok &= (std <= np.float32(max_texture)).ravel()
+    if where is not None:
+        ok &= np.asarray(where, bool).ravel()
     clear = px[ok]
     if len(clear) < min_pixels:
         return None

@@ -32,6 +32,11 @@ def test_white_point_is_the_glass_not_the_tissue_nor_a_speck():
     assert (out[120, 0] == 255).all() and out.dtype == np.uint8
     # the gain is per channel and clips at 255
     np.testing.assert_array_equal(out[0, 0], np.clip(np.round(img[0, 0] * 255.0 / white), 0, 255).astype(np.uint8))
+    # only where allowed (the glass outside a tissue mask)
+    outside = np.zeros(img.shape[:2], bool)
+    outside[100:, :] = True
+    np.testing.assert_allclose(stains.white_point(img, where=outside), (240, 228, 246))
+    assert stains.white_point(img, where=~outside) is None
     # a field of tissue only has no white point, and is read as it is
     assert stains.white_point(img[:100]) is None
     assert stains.white_balance(img, None) is img
