@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 #: exit code of a batch that finished with failed slides
 EXIT_FAILURES = 3
 _FIRST = ("slide", "slide_id", "stain", "stain_source", "stain_confidence", "status", "reason")
-_LAST = ("tiles_missing", "stain_looks_like", "stain_hue_deg", "out_of_focus_frac", "mpp", "width", "height", "megapixels", "config_hash", "seconds")
+_LAST = ("tiles_missing", "stain_looks_like", "stain_hue_deg", "out_of_focus_frac", "crush_share", "mpp", "width", "height", "megapixels", "config_hash", "seconds")
 
 
 @dataclass

@@ -172,7 +172,7 @@ def _row(job: SlideJob, **kw: Any) -> dict[str, Any]:
     row = {"slide": job.rel, "slide_id": job.slide_id, "stain": job.stain or "", "stain_source": job.stain_source,
            "stain_confidence": 1.0 if job.stain else None, "status": "failed", "reason": "", "readouts": {},
            "tiles_missing": None, "stain_looks_like": "", "stain_hue_deg": None, "out_of_focus_frac": None,
-           "mpp": None, "width": None, "height": None, "megapixels": 0.0, "config_hash": "", "seconds": None,
+           "crush_share": None, "mpp": None, "width": None, "height": None, "megapixels": 0.0, "config_hash": "", "seconds": None,
            "ran": False, "manifest": dict(job.manifest), "warnings": []}
     row.update(kw)
     return row
@@ -182,8 +182,8 @@ def _row_from_metrics(job: SlideJob, doc: dict[str, Any], *, ran: bool) -> dict[
     b, sl = doc["batch"], doc.get("slide") or {}
     w, h = sl.get("width"), sl.get("height")
     # what a reviewer of summary.csv must see beside the readouts: part of the slide unread or
-    # blurred, or colours that name another stain than the one analysed (engine.plan_slide), and how
-    # far an H&E slide's hue lies from the one its nuclear thresholds were set on
+    # blurred or crushed, or colours that name another stain than the one analysed (engine.plan_slide),
+    # and how far an H&E slide's hue lies from the one its nuclear thresholds were set on
     other = stain_mismatch(doc)
     tiles = doc.get("tiles") or {}
     return _row(job, stain=b["stain"], stain_source=b["stain_source"], stain_confidence=b["stain_confidence"],
@@ -191,7 +191,8 @@ def _row_from_metrics(job: SlideJob, doc: dict[str, Any], *, ran: bool) -> dict[
                 megapixels=(w * h / 1e6) if w and h else 0.0, config_hash=b["config_hash"],
                 seconds=b.get("seconds"), ran=ran, tiles_missing=tiles.get("missing"),
                 stain_looks_like=other["looks_like"] if other else "", stain_hue_deg=stain_hue(doc),
-                out_of_focus_frac=tiles.get("out_of_focus_frac"))
+                out_of_focus_frac=tiles.get("out_of_focus_frac"),
+                crush_share=((doc.get("measurements") or {}).get("crush") or {}).get("share_of_marrow"))
 
 
 def _clean_staging(out_dir: Path, slide_id: str) -> None:
@@ -308,7 +309,8 @@ def process_slide(job: SlideJob, settings: BatchSettings, wait: bool = True) -> 
         ``slide, slide_id, stain, stain_source, stain_confidence, status ('ok' | 'failed' |
         'busy'), reason, readouts, tiles_missing, stain_looks_like (another stain the colours
         name confidently, else ''), stain_hue_deg (H&E: degrees from the development stain, see
-        ``he.stain.reference_angle_deg``), out_of_focus_frac (share of the judged tissue), mpp, width, height, megapixels, config_hash, seconds, ran
+        ``he.stain.reference_angle_deg``), out_of_focus_frac (share of the judged tissue), crush_share (H&E and
+        E-cadherin: share of the marrow space left out as crush artefact), mpp, width, height, megapixels, config_hash, seconds, ran
         (analysed by this call), manifest, warnings`` (log lines of level WARNING and up).
     """
     if job.error:

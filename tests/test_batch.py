@@ -92,16 +92,19 @@ def test_summary_says_when_a_slide_was_not_read_whole_or_looks_like_another_stai
     ok = [r for r in _summary(serial).values() if r["status"] == "ok"]
     assert ok and all(r["tiles_missing"] == "0" and r["stain_looks_like"] == "" for r in ok)
     assert all(float(r["out_of_focus_frac"]) == 0.0 for r in ok)  # the sharp phantoms
+    # nothing crushed; reticulin does not look for crush
+    assert all(float(r["crush_share"]) == 0.0 if r["stain"] in ("he", "ecad") else r["crush_share"] == "" for r in ok)
     # the H&E phantoms are drawn with Macenko's reference eosin, ~12.5 degrees from the development stain; other stains: none
     assert all(10 < float(r["stain_hue_deg"]) < 15 if r["stain"] == "he" else r["stain_hue_deg"] == "" for r in ok)
     doc = {"batch": {"stain": "he", "stain_source": "cli", "stain_confidence": 1.0, "config_hash": "x"},
            "slide": {"width": 10, "height": 10, "mpp": 0.5}, "readouts": {},
            "tiles": {"missing": 2, "out_of_focus_frac": 0.25},
+           "measurements": {"crush": {"area_um2": 5e4, "share_of_marrow": 0.08}},
            "provenance": {"tissue": {"stain_check": {"looks_like": "reticulin", "confidence": 0.9, "mismatch": True}},
                           "prepare": {"stain_hue_deg": {"h": 3.5, "e": 11.25}}}}
     row = _row_from_metrics(SlideJob(tmp_path / "s.tif", "s.tif", "s", "he", "cli"), doc, ran=True)
     assert row["tiles_missing"] == 2 and row["stain_looks_like"] == "reticulin" and row["out_of_focus_frac"] == 0.25
-    assert row["stain_hue_deg"] == 11.25
+    assert row["stain_hue_deg"] == 11.25 and row["crush_share"] == 0.08
 
 
 # ----------------------------------------------------------------------------- plan
