@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import torch
 
@@ -194,8 +195,6 @@ def white_point(rgb: np.ndarray, *, min_level: float = 215.0, top_frac: float = 
     px = rgb.reshape(-1, 3)
     ok = (px >= min_level).all(axis=1)
     if max_texture is not None and rgb.ndim == 3 and min(rgb.shape[:2]) >= 3:
-        import cv2
-
         grey = rgb.astype(np.float32).mean(axis=2)
         mean = cv2.blur(grey, (3, 3))
         std = np.sqrt(np.maximum(cv2.blur(grey * grey, (3, 3)) - mean * mean, 0))
@@ -224,8 +223,6 @@ def white_balance(rgb: np.ndarray, white: np.ndarray | None) -> np.ndarray:
     lut = np.clip(np.round(np.arange(256)[:, None] * gain[None, :]), 0, 255).astype(np.uint8)
     if rgb.dtype != np.uint8:
         raise TypeError(f"white_balance needs uint8 RGB, got {rgb.dtype}")
-    import cv2
-
     # OpenCV's per-channel table lookup, ~10x NumPy's fancy indexing on a tile
     return cv2.LUT(np.ascontiguousarray(rgb), lut.reshape(256, 1, 3))
 

@@ -31,20 +31,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from marrowseg.analyzers.tissue import block_mean
+
 __all__ = ["coherence", "crush_like", "crush_zone", "fat_in_crush"]
-
-
-def _area_mean(img: np.ndarray, k: int) -> np.ndarray:
-    """Mean over k x k blocks, edge-padded to a multiple of ``k`` (the class grid of the tissue maps)."""
-    img = np.ascontiguousarray(img, np.float32)
-    if k <= 1:
-        return img
-    h, w = img.shape
-    ph, pw = (-h) % k, (-w) % k
-    if ph or pw:
-        img = cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_REPLICATE)
-    # OpenCV's area resize by a whole factor is the block mean, ~20x NumPy's reshape-mean
-    return cv2.resize(img, ((w + pw) // k, (h + ph) // k), interpolation=cv2.INTER_AREA)
 
 
 def coherence(h: np.ndarray, weight: np.ndarray, sigma_px: float, grad_sigma_px: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +67,7 @@ def coherence(h: np.ndarray, weight: np.ndarray, sigma_px: float, grad_sigma_px:
     shape = h.shape
 
     def win(x: np.ndarray) -> np.ndarray:
-        x = _area_mean(x, step)
+        x = block_mean(x, step)
         x = cv2.GaussianBlur(x, (0, 0), sigma_px / step, borderType=cv2.BORDER_REFLECT)
         if step == 1:
             return x
@@ -118,7 +107,7 @@ def crush_like(h_od: np.ndarray, k: int, h_ctx: np.ndarray, marrow: np.ndarray, 
     marrow = np.asarray(marrow, bool)
     if not marrow.any():
         return np.zeros_like(marrow)
-    h = _area_mean(h_od, k)[: marrow.shape[0], : marrow.shape[1]]
+    h = block_mean(np.asarray(h_od, np.float32), k)[: marrow.shape[0], : marrow.shape[1]]
     coh, support = coherence(h, marrow, float(cfg.sigma_um) / class_mpp, max(0.5, 1.0 / class_mpp))
     cand = marrow & (coh >= np.float32(cfg.min_coherence)) & (np.asarray(h_ctx) >= np.float32(cfg.min_h_od)) \
         & (support >= np.float32(cfg.min_support))

@@ -62,6 +62,7 @@ __all__ = [
     "BONE",
     "TISSUE_CLASS_NAMES",
     "class_factor",
+    "block_mean",
     "TissueMaps",
     "FatObjects",
     "classify_tissue",
@@ -137,6 +138,19 @@ def _block_reduce_edge(img: np.ndarray, k: int, fn) -> np.ndarray:
         img = np.pad(img, [(0, ph), (0, pw)] + [(0, 0)] * (img.ndim - 2), mode="edge")
     hh, ww = img.shape[0] // k, img.shape[1] // k
     return fn(img.reshape(hh, k, ww, k, *img.shape[2:]), axis=(1, 3))
+
+
+def block_mean(img: np.ndarray, k: int) -> np.ndarray:
+    """Mean over ``k`` x ``k`` blocks, edge-padded to a multiple of ``k`` as :func:`_block_reduce_edge`
+    (the class grid), by OpenCV's area resize (uint8 or float32, one or more channels; same dtype)."""
+    img = np.ascontiguousarray(img)
+    if k <= 1:
+        return img
+    h, w = img.shape[:2]
+    ph, pw = (-h) % k, (-w) % k
+    if ph or pw:
+        img = cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_REPLICATE)
+    return cv2.resize(img, ((w + pw) // k, (h + ph) // k), interpolation=cv2.INTER_AREA)
 
 
 def reference_maps(od_sum: np.ndarray, he: np.ndarray, mpp: float, cfg: Any) -> dict[str, np.ndarray]:
@@ -215,15 +229,8 @@ def opaque_pixels(rgb: np.ndarray, k: int, cfg: Any) -> np.ndarray | None:
     """
     if getattr(cfg, "opaque_min_od", None) is None:
         return None
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    h, w = rgb.shape[:2]
-    if k > 1:
-        # OpenCV's area mean of whole k x k blocks (edge-padded like _block_reduce_edge): ~100x
-        # faster than a float reduction of the tile, to within uint8 rounding of the mean
-        ph, pw = (-h) % k, (-w) % k
-        if ph or pw:
-            rgb = cv2.copyMakeBorder(rgb, 0, ph, 0, pw, cv2.BORDER_REPLICATE)
-        rgb = cv2.resize(rgb, ((w + pw) // k, (h + ph) // k), interpolation=cv2.INTER_AREA)
+    # to within uint8 rounding of the mean: ~100x faster than a float reduction of the tile
+    rgb = block_mean(np.ascontiguousarray(rgb, dtype=np.uint8), k)
     return opaque_colour(rgb, cfg)
 
 
